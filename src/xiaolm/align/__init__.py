@@ -1,0 +1,1 @@
+"""Preference alignment: reward model, DPO family, GRPO."""

@@ -1,0 +1,97 @@
+"""The ``xiaolm`` command: one verb per stage.
+
+Verbs are listed here with a one-line summary and the ``module:function`` that runs them, and imported only when
+called, so ``xiaolm --help`` is instant and a verb's heavy imports (torch, transformers) cost nothing elsewhere.
+Each target takes the remaining argument list and returns an exit code.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (summary, "module:function") or verb -> {subverb: (summary, target)}
+VERBS: dict[str, object] = {
+    "quickstart": ("synthesise stories, train a tokenizer and a small model, and show what it writes", "xiaolm.quickstart:main"),
+    "data": {
+        "synth": ("generate the built-in Chinese children's-story corpus", "xiaolm.data.synth:main"),
+        "prepare": ("ingest, clean, filter, deduplicate and split raw text", "xiaolm.data.prepare:main"),
+        "tokenize": ("encode documents into memory-mapped token shards, in parallel", "xiaolm.data.shards:main"),
+        "instruct": ("build instruction data with checkable constraints from story records", "xiaolm.data.instruct:main"),
+        "pairs": ("build preference pairs: load common layouts or sample on-policy", "xiaolm.data.pairs:main"),
+    },
+    "tokenizer": {
+        "train": ("train a byte-level BPE tokenizer on a corpus", "xiaolm.tokenizer.train:main"),
+    },
+    "presets": ("list the model presets with their parameter counts", "xiaolm.model.llama:presets_main"),
+    "pretrain": ("pretrain a model on token shards (one device or torchrun)", "xiaolm.train.pretrain:main"),
+    "sweep": ("short pretraining trials at several learning rates; names the best", "xiaolm.train.sweep:main"),
+    "sft": ("supervised fine-tuning on chat data, full or LoRA", "xiaolm.train.sft:main"),
+    "reward": ("train a reward model (or `xiaolm reward score` to score responses)", "xiaolm.align.reward:main"),
+    "dpo": ("direct preference optimisation: dpo, ipo, simpo, orpo, kto", "xiaolm.align.dpo:main"),
+    "grpo": ("group-relative policy optimisation with verifiable rewards", "xiaolm.align.grpo:main"),
+    "generate": ("continue a prompt with a trained model", "xiaolm.infer.generate:main"),
+    "chat": ("talk to a chat model in the terminal", "xiaolm.infer.chat:main"),
+    "eval": {
+        "ppl": ("loss, perplexity and bits per character on text or shards", "xiaolm.eval.ppl:main"),
+        "instruct": ("instruction-following and repetition scores on held-out instructions", "xiaolm.eval.instruct:main"),
+        "mc": ("multiple-choice accuracy (C-Eval / CMMLU CSV) by answer likelihood", "xiaolm.eval.mc:main"),
+    },
+    "export": {
+        "hf": ("write a Hugging Face LlamaForCausalLM directory", "xiaolm.export.hf:main"),
+        "gguf": ("write a GGUF file for llama.cpp / Ollama", "xiaolm.export.gguf:main"),
+    },
+    "quantize": ("weight-only int8 / int4 quantisation", "xiaolm.infer.quantize:main"),
+    "serve": ("OpenAI-compatible HTTP server with a web chat page", "xiaolm.serve.app:main"),
+}
+
+
+def _usage(table: dict, prefix: str) -> str:
+    width = max(len(k) for k in table) + 2
+    lines = [f"usage: {prefix} VERB [options]   ({prefix} VERB --help for a verb's options)", "", "verbs:"]
+    for name, entry in table.items():
+        if isinstance(entry, dict):
+            subs = ", ".join(entry)
+            lines.append(f"  {name:<{width}}{subs}")
+            for sub, (summary, _t) in entry.items():
+                lines.append(f"  {'':<{width}}  {sub:<10} {summary}")
+        else:
+            lines.append(f"  {name:<{width}}{entry[0]}")
+    return "\n".join(lines)
+
+
+def _run(target: str, argv: list[str]) -> int:
+    module_name, func_name = target.split(":")
+    module = importlib.import_module(module_name)
+    result = getattr(module, func_name)(argv)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(VERBS, "xiaolm"))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from xiaolm import __version__
+
+        print(f"xiaolm {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    entry = VERBS.get(verb)
+    if entry is None:
+        print(f"xiaolm: unknown verb {verb!r}\n\n{_usage(VERBS, 'xiaolm')}", file=sys.stderr)
+        return 2
+    if isinstance(entry, dict):
+        if not rest or rest[0] in ("-h", "--help"):
+            print(_usage(entry, f"xiaolm {verb}"))
+            return 0
+        sub = entry.get(rest[0])
+        if sub is None:
+            print(f"xiaolm {verb}: unknown verb {rest[0]!r}\n\n{_usage(entry, f'xiaolm {verb}')}", file=sys.stderr)
+            return 2
+        return _run(sub[1], rest[1:])
+    return _run(entry[1], rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

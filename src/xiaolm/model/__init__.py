@@ -1,0 +1,1 @@
+"""The Llama-style decoder, in one readable file (llama.py)."""

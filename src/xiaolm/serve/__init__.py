@@ -1,0 +1,1 @@
+"""Serving: OpenAI-compatible HTTP API and a web chat page."""

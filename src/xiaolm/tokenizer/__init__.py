@@ -1,0 +1,1 @@
+"""Tokenizer: byte-level BPE trained on the corpus, saved as a Hugging Face tokenizer directory."""

@@ -1,0 +1,1 @@
+"""Training loops: pretraining, sweeps, SFT, with checkpoints that resume exactly."""
