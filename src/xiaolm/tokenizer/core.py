@@ -94,8 +94,12 @@ class XTokenizer:
         self.im_start_id = 1
         self.im_end_id = 2
         self.pad_id = self.eot_id
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = fingerprint_of_json(json.loads(tok.to_str()))
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute what derives from the vocabulary (after ``self.tok.add_tokens(...)``, for instance)."""
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.fingerprint = fingerprint_of_json(json.loads(self.tok.to_str()))
 
     # ------------------------------------------------------------------------------------------- encode
 
@@ -149,6 +153,7 @@ class XTokenizer:
         """Write a Hugging Face tokenizer directory plus ``xiaolm_tokenizer.json``. Returns the directory."""
         from xiaolm.utils import atomic_write_json, atomic_write_text
 
+        self._refresh()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / TOKENIZER_FILE, self.tok.to_str(pretty=True))

@@ -1,0 +1,712 @@
+"""Token shards: documents encoded in parallel into flat, memory-mapped token files, and the reader that
+pretraining uses.
+
+``xiaolm data tokenize DIR_OR_FILES... --tokenizer TOKDIR --out SHARDDIR`` writes::
+
+    SHARDDIR/meta.json                    tokenizer fingerprint, dtype, per-split token/document counts, sources
+    SHARDDIR/{split}/shard_NNNNN.bin      raw little-endian uint16 (vocab <= 65,536) or uint32 token ids
+    SHARDDIR/{split}/shard_NNNNN.json     sidecar: dtype, tokens, documents, document offsets, fingerprint, sources
+
+Every document ends with ``<|endoftext|>`` (id 0). A document never spans two shards: a shard closes after the
+document that takes it past ``--shard-tokens``, so a document's tokens are ``bin[offset_i : offset_{i+1}]``.
+
+How the work is split: the main process only reads raw lines and writes shard files; worker processes (one
+tokenizer each, loaded once) parse the lines, encode a whole batch with the Rust ``encode_batch`` and return one
+numpy array per batch. Batches are formed from the input alone and results are written in submission order, so the
+shards are byte-identical for any number of workers. At most a few batches per worker are in flight: the corpus is
+streamed, never held in memory.
+
+Inputs (``resolve_inputs`` / ``iter_documents``, shared with tokenizer training): a prepared corpus directory
+(``train.jsonl`` -> split ``train``, ``val.jsonl`` -> split ``val``), other directories (their ``.jsonl`` and
+``.txt`` files), ``.jsonl`` files (text in ``--field``), ``.txt`` files (one document per line), each optionally
+``.gz``. A malformed record is counted and reported with file and line, never fatal.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from xiaolm.config import opt
+
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+MAX_MALFORMED_LISTED = 1000  # all are counted; the first this many are listed with file and line
+
+# =============================================================================================== input reading
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """One input file and the split its documents go to. ``kind`` is ``jsonl`` or ``txt``."""
+
+    path: Path
+    split: str
+    kind: str
+
+
+def _kind_of(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".txt"):
+        return "txt"
+    return None
+
+
+def resolve_inputs(inputs: Sequence[str | Path], split: str = "train") -> list[TextSource]:
+    """Turn command-line inputs into ``TextSource``s, checking that every one exists and is readable first.
+
+    A directory holding ``train.jsonl`` or ``val.jsonl`` is a prepared corpus and gives splits ``train``/``val``;
+    any other directory contributes its ``.jsonl``/``.txt`` files (sorted, recursively) to ``split``.
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if not inputs:
+        raise ValueError("no inputs given: name a prepared corpus directory or .jsonl/.txt files")
+    sources: list[TextSource] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            prepared = [(path / f"{name}.jsonl", name) for name in ("train", "val")]
+            if any(p.is_file() for p, _ in prepared):
+                sources += [TextSource(p, name, "jsonl") for p, name in prepared if p.is_file()]
+                continue
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind_of(p))
+            if not found:
+                raise ValueError(f"{path}: directory has no train.jsonl/val.jsonl and no .jsonl or .txt files")
+            sources += [TextSource(p, split, _kind_of(p)) for p in found]  # type: ignore[arg-type]
+        elif path.is_file():
+            kind = _kind_of(path)
+            if kind is None:
+                raise ValueError(f"{path}: unsupported input (expected a directory, .jsonl or .txt, optionally .gz); "
+                                 f"convert other formats with `xiaolm data prepare`")
+            sources.append(TextSource(path, split, kind))
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    for source in sources:
+        if not os.access(source.path, os.R_OK):
+            raise PermissionError(f"input not readable: {source.path}")
+    return sources
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def read_line_batches(source: TextSource, batch_lines: int, batch_bytes: int = 8 << 20
+                      ) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(first_line_number, raw_lines)`` batches of at most ``batch_lines`` lines / ~``batch_bytes``."""
+    batch: list[bytes] = []
+    size = 0
+    first = 1
+    with _open_binary(source.path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not batch:
+                first = lineno
+            batch.append(line)
+            size += len(line)
+            if len(batch) >= batch_lines or size >= batch_bytes:
+                yield first, batch
+                batch, size = [], 0
+    if batch:
+        yield first, batch
+
+
+def _field_value(record: object, field: str):
+    """Follow a dotted field path; a list of strings is joined with newlines (e.g. poem ``paragraphs``)."""
+    value = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(part)
+        value = value[part]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = "\n".join(value)
+    return value
+
+
+def parse_lines(path: str, kind: str, field: str, first_lineno: int, lines: Sequence[bytes]
+                ) -> tuple[list[str], list[dict], int]:
+    """Decode raw lines into documents. Returns ``(texts, malformed, empty)`` where ``malformed`` lists
+    ``{file, line, reason}`` and ``empty`` counts JSON records whose text is empty or blank.
+
+    ``.txt``: a line is a document (line ending removed, everything else kept); blank lines separate, they are not
+    documents. ``.jsonl``: the text is ``field`` of each JSON object.
+    """
+    texts: list[str] = []
+    malformed: list[dict] = []
+    empty = 0
+    for lineno, raw in enumerate(lines, first_lineno):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            malformed.append({"file": path, "line": lineno, "reason": f"not UTF-8 (byte {exc.start})"})
+            continue
+        if line.endswith("\n"):
+            line = line[:-2] if line.endswith("\r\n") else line[:-1]
+        if kind == "txt":
+            if line.strip():
+                texts.append(line)
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            malformed.append({"file": path, "line": lineno, "reason": f"not valid JSON: {exc.msg}"})
+            continue
+        try:
+            text = _field_value(record, field)
+        except KeyError:
+            malformed.append({"file": path, "line": lineno, "reason": f"missing field {field!r}"})
+            continue
+        if not isinstance(text, str):
+            malformed.append({"file": path, "line": lineno,
+                              "reason": f"field {field!r} is {type(text).__name__}, not text"})
+            continue
+        if not text.strip():
+            empty += 1
+            continue
+        texts.append(text)
+    return texts, malformed, empty
+
+
+def iter_documents(sources: Iterable[TextSource], field: str = "text", splits: Sequence[str] | None = None,
+                   stats: dict | None = None) -> Iterator[tuple[TextSource, str]]:
+    """Stream ``(source, text)`` for every document of ``sources`` (optionally only the given splits).
+
+    ``stats`` (if given) accumulates ``documents``, ``malformed`` (count), ``malformed_records`` (first ones),
+    ``empty`` and ``chars``.
+    """
+    stats = stats if stats is not None else {}
+    for key in ("documents", "malformed", "empty", "chars"):
+        stats.setdefault(key, 0)
+    stats.setdefault("malformed_records", [])
+    for source in sources:
+        if splits is not None and source.split not in splits:
+            continue
+        for first, lines in read_line_batches(source, batch_lines=4096):
+            texts, malformed, empty = parse_lines(str(source.path), source.kind, field, first, lines)
+            _note_malformed(stats, malformed)
+            stats["empty"] += empty
+            for text in texts:
+                stats["documents"] += 1
+                stats["chars"] += len(text)
+                yield source, text
+
+
+def _note_malformed(stats: dict, malformed: list[dict]) -> None:
+    stats["malformed"] += len(malformed)
+    room = MAX_MALFORMED_LISTED - len(stats["malformed_records"])
+    if room > 0:
+        stats["malformed_records"].extend(malformed[:room])
+
+
+def default_workers() -> int:
+    """All the cores this process may run on (respects CPU affinity and container limits where visible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+# ======================================================================================== encoding (workers)
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, dtype: str) -> None:
+    # One Rust thread per worker process: the parallelism comes from the processes, and nested thread pools
+    # would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from xiaolm.tokenizer import load_tokenizer
+
+    _WORKER["tok"] = load_tokenizer(tokenizer_dir)
+    _WORKER["dtype"] = np.dtype(dtype)
+
+
+def _encode_task(task: tuple) -> dict:
+    """Worker: raw lines -> one flat token array (each document followed by EOT) plus document lengths."""
+    path, kind, field, first_lineno, lines = task
+    tok = _WORKER["tok"]
+    texts, malformed, empty = parse_lines(path, kind, field, first_lineno, lines)
+    # Corpus text is text: a literal "<|endoftext|>" inside a document must not become a document boundary.
+    ids = tok.encode_batch(texts, allow_special=False) if texts else []
+    eot = tok.eot_id
+    for doc in ids:
+        doc.append(eot)
+    lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
+    total = int(lengths.sum())
+    tokens = np.fromiter(chain.from_iterable(ids), dtype=_WORKER["dtype"], count=total)
+    return {
+        "tokens": tokens, "lengths": lengths, "malformed": malformed, "empty": empty,
+        "chars": sum(len(t) for t in texts), "bytes": sum(len(t.encode("utf-8")) for t in texts),
+    }
+
+
+# ============================================================================================= shard writing
+
+
+class _SplitWriter:
+    """Appends documents to ``split_dir/shard_NNNNN.bin``; closes a shard after the document that reaches the
+    size target, writing the ``.bin`` under a temporary name and renaming it when its sidecar is written."""
+
+    def __init__(self, split_dir: Path, dtype: np.dtype, shard_tokens: int, fingerprint: str):
+        self.dir = split_dir
+        self.dtype = dtype
+        self.shard_tokens = max(1, int(shard_tokens))
+        self.fingerprint = fingerprint
+        self.index = 0
+        self.tokens = 0
+        self.documents = 0
+        self.shards: list[str] = []
+        self._fh = None
+        self._shard_tokens = 0
+        self._offsets: list[int] = []
+        self._sources: list[str] = []
+
+    def _open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.dir / f"shard_{self.index:05d}.bin.tmp", "wb")
+        self._shard_tokens = 0
+        self._offsets = []
+        self._sources = []
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, source: str) -> None:
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        doc = 0
+        while doc < len(lengths):
+            if self._fh is None:
+                self._open()
+            # Documents [doc, last] go into this shard; `last` is the first one that reaches the target.
+            room = self.shard_tokens - self._shard_tokens
+            reach = starts[doc] + room
+            last = int(np.searchsorted(ends, reach, side="left"))
+            last = min(last, len(lengths) - 1)
+            lo, hi = int(starts[doc]), int(ends[last])
+            self._offsets.extend((starts[doc:last + 1] - lo + self._shard_tokens).tolist())
+            self._fh.write(np.ascontiguousarray(tokens[lo:hi], dtype=self.dtype).tobytes())
+            self._shard_tokens += hi - lo
+            if source not in self._sources:
+                self._sources.append(source)
+            doc = last + 1
+            if self._shard_tokens >= self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        from xiaolm.utils import atomic_write_json
+
+        assert self._fh is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        name = f"shard_{self.index:05d}"
+        os.replace(self.dir / f"{name}.bin.tmp", self.dir / f"{name}.bin")
+        atomic_write_json(self.dir / f"{name}.json", {
+            "format_version": FORMAT_VERSION,
+            "dtype": self.dtype.name,
+            "byte_order": "little",
+            "tokens": self._shard_tokens,
+            "documents": len(self._offsets),
+            "tokenizer_fingerprint": self.fingerprint,
+            "sources": self._sources,
+            "document_offsets": self._offsets,
+        }, indent=None)
+        self.shards.append(f"{name}.bin")
+        self.tokens += self._shard_tokens
+        self.documents += len(self._offsets)
+        self.index += 1
+
+    def finish(self) -> None:
+        """The final flush: the last, partly filled shard is written too."""
+        if self._fh is not None:
+            self._close_shard()
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            (self.dir / f"shard_{self.index:05d}.bin.tmp").unlink(missing_ok=True)
+
+
+def _clear_previous_output(out: Path) -> None:
+    """Remove shards a previous run left in ``out`` (only files this stage writes)."""
+    (out / META_FILE).unlink(missing_ok=True)
+    if not out.is_dir():
+        return
+    for split_dir in out.iterdir():
+        if split_dir.is_dir():
+            for f in split_dir.glob("shard_*"):
+                if f.is_file() and (f.suffix in (".bin", ".json", ".tmp")):
+                    f.unlink()
+
+
+# ================================================================================================ the stage
+
+
+@dataclass
+class TokenizeConfig:
+    inputs: list[str] = opt([], "prepared corpus directories (train.jsonl/val.jsonl) or .jsonl/.txt files")
+    tokenizer: str = opt("", "tokenizer directory made by `xiaolm tokenizer train`")
+    out: str = opt("", "output directory for meta.json and SPLIT/shard_NNNNN.bin files")
+    workers: int = opt(0, "encoding processes; 0 = all cores")
+    shard_tokens: int = opt(100_000_000, "close a shard after the document that takes it past this many tokens")
+    batch_size: int = opt(1024, "documents (lines) per batch sent to a worker")
+    field: str = opt("text", "JSON field holding the text in .jsonl inputs (dotted path allowed)")
+    split: str = opt("train", "split name for inputs that are not a prepared corpus directory")
+    progress: bool = opt(True, "show a progress bar")
+
+
+def tokenize_to_shards(inputs: Sequence[str | Path], tokenizer_dir, out_dir: str | Path,
+                       workers: int | None = None, **options) -> dict:
+    """Encode ``inputs`` with the tokenizer in ``tokenizer_dir`` into shards under ``out_dir``.
+
+    Returns the report that is also written to ``out_dir/meta.json``. Options: the fields of ``TokenizeConfig``.
+    """
+    tok_path = getattr(tokenizer_dir, "path", tokenizer_dir)  # an XTokenizer is accepted too
+    cfg = TokenizeConfig(inputs=[str(i) for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs)],
+                         tokenizer=str(tok_path), out=str(out_dir), workers=int(workers or 0), **options)
+    return run(cfg)
+
+
+def run(cfg: TokenizeConfig) -> dict:
+    from xiaolm.config import save_config
+    from xiaolm.tokenizer import load_tokenizer
+    from xiaolm.utils import atomic_write_json, log
+
+    # Everything that can be wrong with the inputs is found before any work starts.
+    if not cfg.tokenizer:
+        raise ValueError("no tokenizer given (--tokenizer TOKDIR)")
+    if not cfg.out:
+        raise ValueError("no output directory given (--out SHARDDIR)")
+    tok = load_tokenizer(cfg.tokenizer)
+    sources = resolve_inputs(cfg.inputs, split=cfg.split)
+    workers = cfg.workers if cfg.workers and cfg.workers > 0 else default_workers()
+    dtype = dtype_for_vocab(tok.vocab_size)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_output(out)
+
+    started = time.perf_counter()
+    writers: dict[str, _SplitWriter] = {}
+    stats = {"documents": 0, "malformed": 0, "malformed_records": [], "empty": 0, "chars": 0, "bytes": 0}
+    split_stats: dict[str, dict] = {}
+    total_bytes = sum(s.path.stat().st_size for s in sources)
+
+    def tasks() -> Iterator[tuple[TextSource, tuple]]:
+        for source in sources:
+            for first, lines in read_line_batches(source, batch_lines=max(1, cfg.batch_size)):
+                yield source, (str(source.path), source.kind, cfg.field, first, lines)
+
+    def consume(source: TextSource, result: dict, raw_size: int) -> None:
+        writer = writers.get(source.split)
+        if writer is None:
+            writer = writers[source.split] = _SplitWriter(out / source.split, dtype, cfg.shard_tokens,
+                                                          tok.fingerprint)
+        if len(result["lengths"]):
+            writer.add(result["tokens"], result["lengths"], str(source.path))
+        _note_malformed(stats, result["malformed"])
+        stats["empty"] += result["empty"]
+        stats["documents"] += len(result["lengths"])
+        stats["chars"] += result["chars"]
+        stats["bytes"] += result["bytes"]
+        s = split_stats.setdefault(source.split, {"chars": 0, "bytes": 0})
+        s["chars"] += result["chars"]
+        s["bytes"] += result["bytes"]
+        if bar is not None:
+            bar.update(raw_size)
+
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
+                   disable=None, dynamic_ncols=True)
+    try:
+        if workers == 1:
+            _init_worker_in_process(tok, dtype)
+            for source, task in tasks():
+                consume(source, _encode_task(task), sum(len(x) for x in task[4]))
+        else:
+            import multiprocessing as mp
+
+            # spawn, not fork: a parent that already used the Rust thread pool (tokenizer training in the same
+            # process) must not be forked.
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(str(tok.path), dtype.str)) as pool:
+                pending: deque = deque()
+                for source, task in tasks():
+                    pending.append((source, pool.submit(_encode_task, task), sum(len(x) for x in task[4])))
+                    if len(pending) >= 3 * workers:  # bounded: the corpus is streamed, not loaded
+                        src, fut, size = pending.popleft()
+                        consume(src, fut.result(), size)
+                while pending:
+                    src, fut, size = pending.popleft()
+                    consume(src, fut.result(), size)
+        for writer in writers.values():
+            writer.finish()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        _WORKER.clear()
+    wall = time.perf_counter() - started
+
+    splits = {}
+    for name, writer in sorted(writers.items()):
+        splits[name] = {"tokens": writer.tokens, "documents": writer.documents, "shards": writer.shards,
+                        **split_stats.get(name, {})}
+    total_tokens = sum(s["tokens"] for s in splits.values())
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+                      "path": str(Path(tok.path).resolve()) if tok.path else None},
+        "dtype": dtype.name,
+        "byte_order": "little",
+        "eot_id": tok.eot_id,
+        "splits": splits,
+        "tokens": total_tokens,
+        "documents": stats["documents"],
+        "chars": stats["chars"],
+        "bytes": stats["bytes"],
+        "chars_per_token": round(stats["chars"] / max(1, total_tokens - stats["documents"]), 4),
+        "empty_documents": stats["empty"],
+        "malformed": stats["malformed"],
+        "malformed_records": stats["malformed_records"],
+        "sources": [{"path": str(s.path), "split": s.split, "kind": s.kind} for s in sources],
+        "workers": workers,
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(total_tokens / wall, 1) if wall > 0 else None,
+        "mb_per_s": round(stats["bytes"] / 1e6 / wall, 3) if wall > 0 else None,
+    }
+    save_config(cfg, out / "config.yaml")
+    atomic_write_json(out / META_FILE, meta)
+    if stats["malformed"]:
+        first = stats["malformed_records"][0]
+        log(f"tokenize: {stats['malformed']} malformed record(s) skipped and listed in {out / META_FILE} "
+            f"(first: {first['file']}:{first['line']}: {first['reason']})")
+    return meta
+
+
+def _init_worker_in_process(tok, dtype: np.dtype) -> None:
+    _WORKER["tok"] = tok
+    _WORKER["dtype"] = np.dtype(dtype)
+
+
+# ==================================================================================================== reader
+
+
+class ShardMismatchError(ValueError):
+    """Shards made with a different tokenizer from the one a run uses."""
+
+
+def _describe_expected(expected) -> tuple[str, str]:
+    """(fingerprint, description) of what the caller expects: a fingerprint, an XTokenizer or a tokenizer dir."""
+    if hasattr(expected, "fingerprint"):
+        return expected.fingerprint, f"tokenizer {expected.fingerprint} (vocab {expected.vocab_size}, {expected.path})"
+    if isinstance(expected, Path) or (isinstance(expected, str) and Path(expected).is_dir()):
+        from xiaolm.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(expected)
+        return tok.fingerprint, f"tokenizer {tok.fingerprint} (vocab {tok.vocab_size}, {tok.path})"
+    return str(expected), f"tokenizer {expected}"
+
+
+class TokenShards:
+    """Read-only, memory-mapped view of one split of a shard directory as one long token sequence.
+
+    ``read(start, length)`` returns int64 ids and may span shard boundaries; ``doc_starts`` holds the global start
+    of every document (its tokens run to the next start, the last ``<|endoftext|>`` included), for
+    document-boundary attention masks (``doc_ids``). Pickling re-opens the memory maps instead of copying data.
+    """
+
+    def __init__(self, shard_dir: str | Path, split: str = "train", expect_fingerprint=None):
+        self.shard_dir = Path(shard_dir)
+        self.split = split
+        self._expect = expect_fingerprint
+        self._open()
+        if expect_fingerprint is not None:
+            self.check_tokenizer(expect_fingerprint)
+
+    def _open(self) -> None:
+        meta_path = self.shard_dir / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.shard_dir}: not a shard directory (no {META_FILE}); "
+                                    f"make one with `xiaolm data tokenize`")
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tok_meta = self.meta["tokenizer"]
+        self.fingerprint: str = tok_meta["fingerprint"]
+        self.vocab_size: int = int(tok_meta["vocab_size"])
+        self.tokenizer_path: str | None = tok_meta.get("path")
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self.eot_id = int(self.meta.get("eot_id", 0))
+        split_dir = self.shard_dir / self.split
+        sidecars = sorted(split_dir.glob("shard_*.json")) if split_dir.is_dir() else []
+        if not sidecars:
+            present = ", ".join(f"{k} ({v['tokens']} tokens)" for k, v in self.meta.get("splits", {}).items())
+            raise ValueError(f"{self.shard_dir}: split {self.split!r} has no shards (splits here: {present or 'none'})")
+        self._maps: list[np.memmap] = []
+        starts = [0]
+        doc_starts = []
+        for sidecar_path in sidecars:
+            sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+            bin_path = sidecar_path.with_suffix(".bin")
+            if sidecar.get("tokenizer_fingerprint") != self.fingerprint:
+                raise ShardMismatchError(
+                    f"{sidecar_path}: made with tokenizer {sidecar.get('tokenizer_fingerprint')} but {META_FILE} "
+                    f"says {self.fingerprint}; shards from different runs are mixed in {split_dir}")
+            n = int(sidecar["tokens"])
+            expected_bytes = n * self.dtype.itemsize
+            actual = bin_path.stat().st_size if bin_path.is_file() else -1
+            if actual != expected_bytes:
+                raise ValueError(f"{bin_path}: {'missing' if actual < 0 else f'{actual} bytes'}, expected "
+                                 f"{expected_bytes} ({n} {self.dtype.name} tokens); the shard is truncated or "
+                                 f"incomplete, re-run `xiaolm data tokenize`")
+            self._maps.append(np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(n,)))
+            doc_starts.append(np.asarray(sidecar["document_offsets"], dtype=np.int64) + starts[-1])
+            starts.append(starts[-1] + n)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self.num_tokens = int(self._starts[-1])
+        self.doc_starts = np.concatenate(doc_starts) if doc_starts else np.zeros(0, np.int64)
+        self.num_docs = int(len(self.doc_starts))
+        self.num_shards = len(self._maps)
+
+    def check_tokenizer(self, expected) -> None:
+        """Raise ``ShardMismatchError`` unless the shards were made with ``expected`` (fingerprint, XTokenizer,
+        or tokenizer directory)."""
+        fingerprint, description = _describe_expected(expected)
+        if fingerprint != self.fingerprint:
+            made_by = f"tokenizer {self.fingerprint} (vocab {self.vocab_size}, {self.tokenizer_path})"
+            raise ShardMismatchError(
+                f"{self.shard_dir} was tokenized with {made_by}, but this run expects {description}. "
+                f"Re-run `xiaolm data tokenize ... --tokenizer TOKDIR` with the run's tokenizer, or use the "
+                f"tokenizer that made the shards.")
+
+    # --------------------------------------------------------------------------------------------- reads
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` as int64, across shard boundaries."""
+        start, length = int(start), int(length)
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(f"read({start}, {length}) is outside the {self.num_tokens} tokens of "
+                             f"{self.shard_dir}/{self.split}")
+        out = np.empty(length, dtype=np.int64)
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        filled = 0
+        while filled < length:
+            local = start + filled - int(self._starts[shard])
+            take = min(length - filled, len(self._maps[shard]) - local)
+            out[filled:filled + take] = self._maps[shard][local:local + take]
+            filled += take
+            shard += 1
+        return out
+
+    def random_start(self, rng: np.random.Generator | int | None, length: int) -> int:
+        if not isinstance(rng, np.random.Generator):
+            rng = np.random.default_rng(rng)
+        if length > self.num_tokens:
+            raise ValueError(f"window of {length} tokens is longer than the {self.num_tokens} tokens of "
+                             f"{self.shard_dir}/{self.split}")
+        return int(rng.integers(0, self.num_tokens - length + 1))
+
+    def random_window(self, rng: np.random.Generator | int | None, length: int) -> np.ndarray:
+        """A window of ``length`` tokens at a uniformly random start (documents are concatenated)."""
+        return self.read(self.random_start(rng, length), length)
+
+    def iter_sequential(self, length: int, stride: int | None = None, start: int = 0,
+                        drop_last: bool = True) -> Iterator[np.ndarray]:
+        """Windows of ``length`` tokens from ``start``, every ``stride`` (default ``length``) tokens. With
+        ``drop_last=False`` a final shorter window covers the remaining tokens."""
+        stride = stride or length
+        if length <= 0 or stride <= 0:
+            raise ValueError("length and stride must be positive")
+        pos = int(start)
+        while pos + length <= self.num_tokens:
+            yield self.read(pos, length)
+            pos += stride
+        if not drop_last and pos < self.num_tokens:
+            yield self.read(pos, self.num_tokens - pos)
+
+    def doc_ids(self, start: int, length: int) -> np.ndarray:
+        """The document index of every token in ``[start, start + length)`` (int64), for attention masks that
+        stop at document boundaries: tokens attend only to earlier tokens with the same id."""
+        positions = np.arange(int(start), int(start) + int(length), dtype=np.int64)
+        return np.searchsorted(self.doc_starts, positions, side="right") - 1
+
+    def doc_positions(self, start: int, length: int) -> np.ndarray:
+        """Position of every token within its own document (restarts at 0 at each document start)."""
+        positions = np.arange(int(start), int(start) + int(length), dtype=np.int64)
+        return positions - self.doc_starts[self.doc_ids(start, length)]
+
+    def document(self, index: int) -> np.ndarray:
+        """The tokens of document ``index``, its closing ``<|endoftext|>`` included."""
+        begin = int(self.doc_starts[index])
+        end = int(self.doc_starts[index + 1]) if index + 1 < self.num_docs else self.num_tokens
+        return self.read(begin, end - begin)
+
+    def __getstate__(self):
+        return {"shard_dir": self.shard_dir, "split": self.split}
+
+    def __setstate__(self, state):
+        self.shard_dir = state["shard_dir"]
+        self.split = state["split"]
+        self._expect = None
+        self._open()
+
+    def __repr__(self) -> str:
+        return (f"TokenShards({str(self.shard_dir)!r}, split={self.split!r}, tokens={self.num_tokens}, "
+                f"docs={self.num_docs}, shards={self.num_shards}, dtype={self.dtype.name}, "
+                f"fingerprint={self.fingerprint!r})")
+
+
+# ======================================================================================================= CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    from xiaolm.config import parse_config
+    from xiaolm.utils import fail, human, log
+
+    cfg, _ = parse_config(
+        TokenizeConfig, argv, prog="xiaolm data tokenize",
+        description="Encode documents into memory-mapped token shards, in parallel.\n\n"
+                    "Each document ends with <|endoftext|>; shards are uint16 when the vocabulary fits, else\n"
+                    "uint32, each with a JSON sidecar (tokens, documents, offsets, tokenizer fingerprint).",
+        positionals={"inputs": "DIR_OR_FILES"},
+        epilog="example:\n  xiaolm data tokenize prepared/ --tokenizer tok/ --out shards/",
+    )
+    try:
+        meta = run(cfg)
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    for name, s in meta["splits"].items():
+        log(f"tokenize: {name}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)")
+    log(f"tokenize: {human(meta['tokens'])} tokens ({meta['dtype']}), {meta['chars_per_token']} chars/token, "
+        f"{meta['wall_time_s']:.1f} s with {meta['workers']} worker(s) = {meta['mb_per_s']} MB/s, "
+        f"{human(meta['tokens_per_s'] or 0)} tokens/s; malformed {meta['malformed']}, empty {meta['empty_documents']}"
+        f" -> {Path(cfg.out) / META_FILE}")
+    return 0
