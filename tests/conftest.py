@@ -60,3 +60,20 @@ def shards_dir(tmp_path_factory, prepared_dir, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("shards")
     tokenize_to_shards([str(prepared_dir)], tokenizer_dir, out, workers=2)
     return out
+
+
+TINY_PRETRAIN = [
+    "--preset", "tiny", "--seq-len", "128", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "10",
+    "--eval-tokens", "4096", "--sample-tokens", "16", "--log-every", "10", "--no-progress", "--no-tensorboard",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, shards_dir) -> Path:
+    """A tiny model pretrained for 120 steps on the built-in stories: a RUNDIR for the later stages' tests."""
+    from xiaolm.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    assert main(["pretrain", "--data", str(shards_dir), "--out", str(out), "--max-steps", "120",
+                 "--eval-every", "60", *TINY_PRETRAIN]) == 0
+    return out

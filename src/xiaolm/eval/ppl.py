@@ -1,0 +1,95 @@
+"""``xiaolm eval ppl``: loss, perplexity and bits per character of a model on text or token shards.
+
+Bits per character (and per UTF-8 byte) do not depend on the tokenizer, so they compare models with different
+vocabularies, which per-token loss and perplexity cannot.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from xiaolm.config import opt, parse_config
+from xiaolm.utils import atomic_write_json, fail, pick_device
+
+
+@dataclass
+class PplConfig:
+    run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory")
+    data: list[str] = opt([], "token shard directory, prepared corpus directory, or .jsonl/.txt files")
+    out: Optional[str] = opt(None, "write the result as JSON here")
+    split: str = opt("val", "split to read from a shard or prepared directory (falls back to train)")
+    field: str = opt("text", "JSON field holding the text in .jsonl inputs")
+    max_tokens: int = opt(1_000_000, "evaluate at most this many tokens")
+    seq_len: Optional[int] = opt(None, "window length (default: the model's context)")
+    batch_size: int = opt(8, "windows per forward pass")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
+
+
+def token_stream(data: list[str], tokenizer, split: str, field: str, max_tokens: int) -> tuple[np.ndarray, str]:
+    """Tokens to evaluate (each document followed by end-of-text), and a description of where they came from."""
+    first = Path(data[0])
+    if len(data) == 1 and (first / "meta.json").is_file():
+        from xiaolm.data.shards import TokenShards
+
+        meta_splits = TokenShards(first, "train").meta.get("splits", {})
+        use = split if split in meta_splits else "train"
+        shards = TokenShards(first, use, expect_fingerprint=tokenizer.fingerprint)
+        n = min(shards.num_tokens, max_tokens + 1)
+        return shards.read(0, n), f"{first} ({use} split, {n} tokens)"
+    from xiaolm.data.shards import iter_documents, resolve_inputs
+
+    sources = resolve_inputs(data)
+    splits = {s.split for s in sources}
+    wanted = [split] if split in splits else None
+    ids: list[int] = [tokenizer.eot_id]
+    for _src, text in iter_documents(sources, field=field, splits=wanted):
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eot_id)
+        if len(ids) > max_tokens + 1:
+            break
+    return np.asarray(ids[: max_tokens + 1], dtype=np.int64), ", ".join(str(s.path) for s in sources)
+
+
+def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size: int) -> dict:
+    from xiaolm.train.pretrain import StreamEvaluator
+
+    seq_len = min(seq_len, len(tokens) - 1)
+    return StreamEvaluator(tokens, tokenizer, seq_len, batch_size)(model)
+
+
+def main(argv: list[str]) -> int:
+    from xiaolm.train.checkpoint import CheckpointError, load_model
+
+    cfg, _ = parse_config(
+        PplConfig, argv, "xiaolm eval ppl",
+        "Loss, perplexity and bits per character (tokenizer-independent) on text or token shards.",
+        positionals={"run": "RUNDIR"},
+    )
+    if not cfg.data:
+        raise fail("--data is required (token shards, a prepared corpus, or .jsonl/.txt files)")
+    try:
+        model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
+    except CheckpointError as exc:
+        raise fail(str(exc))
+    try:
+        tokens, where = token_stream(cfg.data, tokenizer, cfg.split, cfg.field, cfg.max_tokens)
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
+        raise fail(str(exc))
+    if len(tokens) < 2:
+        raise fail(f"{where}: no text to evaluate")
+    seq_len = cfg.seq_len or model.config.max_position_embeddings
+    result = evaluate_ppl(model, tokenizer, tokens, seq_len, cfg.batch_size)
+    result = {"model": str(info.path), "data": where, "loss": result["val_loss"], "perplexity": result["val_ppl"],
+              "bits_per_char": result["val_bpc"], "bits_per_byte": result["val_bpb"], "tokens": result["val_tokens"],
+              "chars_per_token": result["chars_per_token"], "seq_len": min(seq_len, len(tokens) - 1)}
+    if cfg.out:
+        atomic_write_json(cfg.out, result)
+    print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+          f"{result['bits_per_char']:.4f} bits/char, {result['bits_per_byte']:.4f} bits/byte "
+          f"over {result['tokens']:,} tokens of {where}", file=sys.stdout)
+    return 0

@@ -1,0 +1,305 @@
+"""Text generation: KV cache, sampling controls, stop strings, batched prompts, and streaming that never prints a
+broken character.
+
+A Han character is three UTF-8 bytes and a byte-level BPE token may hold only part of one, so decoding token by
+token can produce U+FFFD halfway through a character. ``StreamDecoder`` prints only text that is complete and cannot
+still turn into a stop string.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from xiaolm.config import opt
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = opt(200, "tokens to generate at most")
+    temperature: float = opt(0.8, "sampling temperature; 0 is greedy")
+    top_k: int = opt(0, "sample from the k most likely tokens (0: off)")
+    top_p: float = opt(1.0, "nucleus sampling: smallest set of tokens with this much probability (1: off)")
+    repetition_penalty: float = opt(1.0, "divide the logits of tokens already present by this (1: off)")
+    stop: list[str] = opt([], "stop strings (the text ends before the first one)")
+    seed: Optional[int] = opt(None, "random seed for sampling (default: nondeterministic)")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float, valid=None) -> torch.Tensor:
+    """Hugging Face's rule: logits of tokens present in ``context`` are divided by ``penalty`` when positive and
+    multiplied when negative. ``valid`` [B, S] excludes padding from the context."""
+    if penalty == 1.0:
+        return logits
+    weight = torch.ones_like(context) if valid is None else valid.long()
+    present = torch.zeros(logits.shape, dtype=torch.long, device=logits.device).scatter_add_(1, context, weight) > 0
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(present, penalised, logits)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p (so the first token always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------------ core loop
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    pad_id: int,
+    eos_ids: Iterable[int] = (),
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+    should_stop: Optional[Callable[[int, list[int]], bool]] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+) -> list[list[int]]:
+    """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
+
+    A row ends at an ``eos_ids`` token (not included in its output), when ``should_stop(row, new_ids)`` says so,
+    or after ``max_new_tokens``. ``on_token(row, id)`` is called for every token kept (for streaming).
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.device
+    B = len(prompts)
+    longest = max(len(p) for p in prompts)
+    limit = model.config.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        max_new_tokens = max(0, limit - longest)
+    input_ids = torch.full((B, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    context, context_mask = input_ids, mask
+    padded = not bool(mask.all())
+
+    cache = model.new_cache(B, longest + max_new_tokens) if use_cache and max_new_tokens > 0 else None
+    step_ids, step_mask = input_ids, (mask if padded else None)
+    for t in range(max_new_tokens):
+        if cache is not None:
+            logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        else:
+            logits = model(context, attention_mask=context_mask if padded else None, logits_to_keep=1).logits[:, -1]
+        logits = apply_repetition_penalty(logits.float(), context, repetition_penalty, context_mask if padded else None)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        is_eos = torch.isin(nxt, eos)
+        newly_done = ~done & is_eos
+        for i in range(B):  # bookkeeping on the host: B is small next to the forward pass
+            if done[i] or newly_done[i]:
+                continue
+            tok = int(nxt[i])
+            outputs[i].append(tok)
+            if on_token is not None:
+                on_token(i, tok)
+            if should_stop is not None and should_stop(i, outputs[i]):
+                newly_done[i] = True
+        done = done | newly_done
+        if bool(done.all()):
+            break
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        step_ids = nxt[:, None]
+        step_mask = torch.ones_like(step_ids) if padded else None
+        context = torch.cat([context, step_ids], dim=1)
+        context_mask = torch.cat([context_mask, torch.ones_like(step_ids)], dim=1)
+    return outputs
+
+
+# ------------------------------------------------------------------------------------------------ text level
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text deltas that are safe to print.
+
+    Holds back a trailing U+FFFD (an incomplete UTF-8 sequence whose remaining bytes are in the next token) and any
+    tail that might be the beginning of a stop string; ``finish()`` flushes the rest.
+    """
+
+    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            cut = text.find(s)
+            if cut != -1:
+                text = text[:cut]
+                self.stopped = True
+        return text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.text()
+        safe = len(text)
+        while safe > self.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if not self.stopped:
+            for s in self.stop:  # keep back a tail that could still grow into a stop string
+                for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
+                    if text[safe - k : safe] == s[:k]:
+                        safe -= k
+                        break
+        delta = text[self.emitted : safe]
+        self.emitted = safe
+        return delta
+
+    def finish(self) -> str:
+        text = self.text()
+        delta = text[self.emitted :]
+        self.emitted = len(text)
+        return delta
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.eot_id]
+    if getattr(tokenizer, "im_end_id", None) is not None:
+        ids.append(tokenizer.im_end_id)
+    return ids
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling: Optional[SamplingConfig] = None,
+    *,
+    stream: Optional[Callable[[int, str], None]] = None,
+    prompt_ids: Optional[list[list[int]]] = None,
+    eos_ids: Optional[Iterable[int]] = None,
+    use_cache: bool = True,
+) -> list[str]:
+    """Continue each prompt; returns the generated text (prompt excluded, cut at the first stop string).
+
+    ``stream(row, delta)`` receives printable text as it is produced. ``prompt_ids`` overrides the encoding of
+    ``prompts`` (e.g. a chat template already rendered and encoded).
+    """
+    s = sampling or SamplingConfig()
+    ids = prompt_ids if prompt_ids is not None else [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts]
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(s.seed)
+    decoders = [StreamDecoder(tokenizer, s.stop) for _ in ids]
+
+    def on_token(row: int, tok: int) -> None:
+        delta = decoders[row].push(tok)
+        if stream is not None and delta:
+            stream(row, delta)
+
+    generate_ids(
+        model, ids, s.max_new_tokens, pad_id=tokenizer.pad_id,
+        eos_ids=_eos_ids(tokenizer) if eos_ids is None else eos_ids,
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+        generator=generator, use_cache=use_cache, on_token=on_token,
+        should_stop=(lambda row, _ids: decoders[row].stopped) if s.stop else None,
+    )
+    texts = []
+    for row, dec in enumerate(decoders):
+        tail = dec.finish()
+        if stream is not None and tail:
+            stream(row, tail)
+        texts.append(dec.text())
+    return texts
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@dataclass
+class GenerateConfig:
+    run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory")
+    prompt: list[str] = opt([], "prompt text (repeat for several prompts, generated as one batch)")
+    prompts_file: Optional[str] = opt(None, "file with one prompt per line")
+    num_samples: int = opt(1, "samples per prompt")
+    chat: bool = opt(False, "wrap each prompt in the chat template as a user turn")
+    system: Optional[str] = opt(None, "system message for --chat")
+    sampling: SamplingConfig = opt(factory=SamplingConfig)
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
+
+
+def main(argv: list[str]) -> int:
+    from xiaolm.config import parse_config
+    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.utils import fail, pick_device
+
+    cfg, _ = parse_config(
+        GenerateConfig, argv, "xiaolm generate", "Continue a prompt with a trained model (streams to stdout).",
+        positionals={"run": "RUNDIR"},
+    )
+    prompts = list(cfg.prompt)
+    if cfg.prompts_file:
+        try:
+            with open(cfg.prompts_file, encoding="utf-8") as fh:
+                prompts += [line.rstrip("\n") for line in fh if line.strip()]
+        except OSError as exc:
+            raise fail(f"{cfg.prompts_file}: {exc.strerror}")
+    if not prompts:
+        prompts = [""]
+    try:
+        model, tokenizer, _info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
+    except CheckpointError as exc:
+        raise fail(str(exc))
+    prompts = [p for p in prompts for _ in range(cfg.num_samples)]
+    prompt_ids = None
+    if cfg.chat:
+        prompt_ids = []
+        for p in prompts:
+            msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
+            prompt_ids.append(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+    else:
+        prompt_ids = [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts]
+    if len(prompts) == 1:
+        if not cfg.chat:
+            sys.stdout.write(prompts[0])
+        generate(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids,
+                 stream=lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return 0
+    texts = generate(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids)
+    for i, (p, t) in enumerate(zip(prompts, texts)):
+        print(f"--- [{i}] ---")
+        print(("" if cfg.chat else p) + t)
+    return 0

@@ -1,0 +1,240 @@
+"""Checkpoints that survive crashes, and loading a model from any of the places one can live.
+
+A checkpoint is a directory written under a temporary name and renamed into place, and only then named in
+``checkpoints/latest``, so a crash at any moment leaves the previous checkpoint intact and findable. ``meta.json``
+records the sha256 of every file, so a truncated or altered checkpoint is caught on load with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xiaolm.utils import atomic_write_text, sha256_file
+
+MODEL_FILE = "model.safetensors"
+MODEL_CONFIG = "model_config.json"
+TRAINER_FILE = "trainer.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; a tied ``lm_head.weight`` is dropped (safetensors stores no shared tensors)."""
+    sd = model.state_dict()
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    model_config: dict,
+    meta: dict,
+    trainer_state: Optional[dict] = None,
+    keep_last: int = 3,
+    best: bool = False,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    extra_files: Optional[dict[str, bytes]] = None,
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically, update ``latest`` (and ``best``), prune old ones."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    sd = state_dict if state_dict is not None else state_dict_for_save(model)
+    for name, tensor in sd.items():
+        if not torch.isfinite(tensor).all():
+            shutil.rmtree(tmp)
+            raise CheckpointError(f"refusing to save a checkpoint with non-finite values in {name}")
+    save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2), encoding="utf-8")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_FILE)
+    for name, data in (extra_files or {}).items():
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    files = {
+        str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != META_FILE
+    }
+    meta = dict(meta, step=step, files=files, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():  # re-saving the same step (e.g. resumed then interrupted at once)
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    if best:
+        atomic_write_text(root / "best", final.name + "\n")
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    keep = set()
+    for pointer in ("latest", "best"):
+        p = root / pointer
+        if p.exists():
+            keep.add(p.read_text().strip())
+    steps = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-"))
+    for d in steps[:-keep_last]:
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in root.iterdir():  # leftovers of a crash mid-save
+        if d.is_dir() and d.name.startswith(".step-"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """RUNDIR (uses checkpoints/latest or /best) or a checkpoint directory -> the checkpoint directory."""
+    path = Path(path)
+    if (path / META_FILE).is_file() or (path / MODEL_FILE).is_file():
+        return path
+    root = checkpoints_dir(path)
+    pointer = root / which
+    if not pointer.is_file():
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such run directory")
+        raise CheckpointError(f"{path}: no checkpoint found (expected {pointer})")
+    ckpt = root / pointer.read_text().strip()
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{pointer} names {ckpt.name}, which does not exist")
+    return ckpt
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Check every file against the sha256 recorded in meta.json; return the meta."""
+    meta_path = ckpt / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path}: corrupt ({exc.msg})") from None
+    for name, digest in meta.get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{ckpt}: corrupt checkpoint, {name} is missing")
+        if sha256_file(f) != digest:
+            raise CheckpointError(
+                f"{ckpt}: corrupt checkpoint, {name} does not match its recorded sha256 "
+                f"(truncated or altered); use an earlier checkpoint in {ckpt.parent}"
+            )
+    return meta
+
+
+def load_trainer_state(ckpt: Path) -> Optional[dict]:
+    f = ckpt / TRAINER_FILE
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+@dataclass
+class ModelInfo:
+    """What ``load_model`` found: where the weights came from and what the checkpoint says about them."""
+
+    path: Path
+    kind: str  # "xiaolm" | "hf" | "quantized" | "lora"
+    meta: dict = field(default_factory=dict)
+    run_dir: Optional[Path] = None
+
+
+def _find_tokenizer_dir(ckpt: Path) -> Optional[Path]:
+    for cand in (ckpt / "tokenizer", ckpt.parent.parent / "tokenizer", ckpt.parent / "tokenizer", ckpt):
+        if (cand / "tokenizer.json").is_file():
+            return cand
+    return None
+
+
+def load_model(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    which: str = "latest",
+    verify: bool = True,
+    with_tokenizer: bool = True,
+) -> tuple[torch.nn.Module, Any, ModelInfo]:
+    """Load ``(model, tokenizer, info)`` from a RUNDIR, a checkpoint directory, a quantised directory or a
+    Hugging Face Llama directory (continued pretraining / fine-tuning from someone else's model)."""
+    from xiaolm.model.llama import Llama, LlamaConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if (path / "config.json").is_file() and not (path / MODEL_CONFIG).is_file() and not (path / "checkpoints").is_dir():
+        from xiaolm.export.hf import load_hf_llama
+
+        model, tokenizer = load_hf_llama(path, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
+        return model, tokenizer, ModelInfo(path=path, kind="hf")
+    if (path / "quantization.json").is_file():
+        from xiaolm.infer.quantize import load_quantized
+
+        return load_quantized(path, device=device, with_tokenizer=with_tokenizer)
+    ckpt = find_checkpoint(path, which)
+    meta = verify_checkpoint(ckpt) if verify else json.loads((ckpt / META_FILE).read_text())
+    if (ckpt / "adapter" / "adapter_config.json").is_file():
+        from xiaolm.train.lora import load_lora_checkpoint
+
+        return load_lora_checkpoint(ckpt, meta, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
+    cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
+    model = Llama(cfg)
+    sd = load_file(str(ckpt / MODEL_FILE))
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    tokenizer = None
+    if with_tokenizer:
+        from xiaolm.tokenizer import load_tokenizer
+
+        tok_dir = _find_tokenizer_dir(ckpt)
+        if tok_dir is None:
+            raise CheckpointError(f"{ckpt}: no tokenizer found beside the checkpoint")
+        tokenizer = load_tokenizer(tok_dir)
+        want = meta.get("tokenizer_fingerprint")
+        if want and tokenizer.fingerprint != want:
+            raise CheckpointError(
+                f"{ckpt}: trained with tokenizer {want}, but {tok_dir} is {tokenizer.fingerprint}"
+            )
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return model, tokenizer, ModelInfo(path=ckpt, kind="xiaolm", meta=meta, run_dir=run_dir)

@@ -1,0 +1,747 @@
+"""The training engine every training verb shares: pretraining, SFT, reward model, DPO.
+
+A verb supplies three functions and the engine does the rest:
+- ``batch_fn(step, micro) -> dict`` of CPU tensors. It must be a pure function of (step, micro, rank), so resuming
+  needs nothing but the step number to continue with exactly the batches the uninterrupted run would have seen;
+- ``loss_fn(model, batch) -> (loss, metrics)``, the mean loss of the micro-batch and a dict of scalar tensors;
+- ``eval_fn(model, step) -> dict`` (optional), returning at least ``val_loss`` to track the best checkpoint.
+
+The engine owns: device and precision, the AdamW optimiser (fused where available, weight decay on matrices only),
+warmup + decay schedule over the run's real length, gradient accumulation, clipping, a non-finite guard that never
+lets a NaN reach the weights or a checkpoint, DDP/FSDP under torchrun, atomic checkpoints with exact resume, Ctrl-C
+and SIGTERM handling, logging (console progress, metrics.jsonl, TensorBoard), the loss-curve PNG and a report card.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import numpy as np
+import torch
+
+from xiaolm.config import opt, save_config
+from xiaolm.train.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    state_dict_for_save,
+    verify_checkpoint,
+)
+from xiaolm.utils import human, log, pick_device, write_jsonl
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = opt(None, "optimizer steps for the whole run (default: from max_tokens or epochs)")
+    max_tokens: Optional[int] = opt(None, "token budget for the whole run; sets max_steps when that is not given")
+    micro_batch_size: int = opt(16, "sequences per forward/backward on each device")
+    grad_accum_steps: int = opt(1, "micro-batches accumulated per optimizer step (see global_batch_tokens)")
+    global_batch_tokens: Optional[int] = opt(
+        None, "tokens per optimizer step across all devices; sets grad_accum_steps"
+    )
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = opt(100, "linear warmup steps (capped at 10% of the run)")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
+        "cosine", "decay after warmup: cosine, linear, constant, or wsd (constant then linear over the last 20%)"
+    )
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only, never norms or embeddings)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "auto: bf16 autocast on GPUs that support it, else fp32"
+    )
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    compile: bool = opt(False, "torch.compile the model (GPU: faster after a one-off compile)")
+    seed: int = opt(1337, "seed for initialisation and data order")
+    log_every: int = opt(10, "log every N optimizer steps")
+    eval_every: int = opt(200, "evaluate (and save) every N steps; 0: only at the end")
+    save_every: int = opt(0, "also save every N steps (0: at evaluations and the end)")
+    keep_last: int = opt(3, "checkpoints to keep besides the best")
+    resume: bool = opt(False, "continue from OUT's latest checkpoint")
+    stop_at_step: Optional[int] = opt(
+        None, "save and exit at this step, as if interrupted (the schedule still spans max_steps)"
+    )
+    on_nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "a NaN/inf loss or gradient: stop with a message, or skip the step and go on"
+    )
+    max_skipped_steps: int = opt(20, "with on_nonfinite=skip: stop after this many skipped steps")
+    loss_chunk_size: int = opt(0, "rows per chunk for the fused linear + cross-entropy (0: plain)")
+    fsdp: bool = opt(False, "shard parameters with FSDP2 (fully_shard) under torchrun")
+    peak_flops: Optional[float] = opt(None, "device peak FLOP/s for MFU (default: looked up by GPU name)")
+    tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
+    progress: bool = opt(True, "show a progress bar on a terminal")
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Warmup then decay to ``min_lr_ratio * lr`` exactly at ``total_steps`` (the run's real length)."""
+    warmup = min(cfg.warmup_steps, max(1, total_steps // 10))
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return peak
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if cfg.schedule == "cosine":
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return peak - (peak - floor) * progress
+    # wsd: warmup, stable, then linear decay over the last 20% of the run
+    decay_start = 0.8
+    if progress < decay_start:
+        return peak
+    return peak - (peak - floor) * (progress - decay_start) / (1 - decay_start)
+
+
+# ----------------------------------------------------------------------------------------------- devices
+
+
+_PEAK_BF16 = {  # dense bf16 tensor-core FLOP/s by GPU name fragment (datasheets)
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "H800": 989e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 4080": 97e12, "RTX 3090": 71e12, "RTX 3080": 59.5e12,
+    "A6000": 155e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def device_peak_flops(device: str) -> Optional[float]:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for frag, flops in _PEAK_BF16.items():
+        if frag in name:
+            return flops
+    return None
+
+
+def resolve_precision(precision: str, device: str) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain float32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if not device.startswith("cuda"):
+        raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 or fp32")
+    return torch.float16
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_pref: str = "auto") -> DistEnv:
+    """Under torchrun: init the process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv(device=pick_device(device_pref))
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def teardown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when installed), written by rank 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: Optional[int]):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Drop records logged after the checkpoint we resume from: they are about to be redone.
+            kept = [r for r in _read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_jsonl(self.path, kept)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: metrics.jsonl is enough
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record.get("step", 0))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def plot_loss_curve(run_dir: Path, title: str = "") -> Optional[Path]:
+    """loss_curve.png: training loss and validation loss against tokens seen."""
+    records = _read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r.get("kind") == "train" and "loss" in r]
+    val = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", lw=1, alpha=0.8)
+    if val:
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", lw=1.5)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss_curve.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag; the loop saves at the end of the current step and exits cleanly."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self):
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting")
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class FitResult:
+    step: int
+    tokens: int
+    elapsed: float
+    final_loss: Optional[float]
+    best_val_loss: Optional[float]
+    last_eval: dict
+    interrupted: bool
+    exit_code: int
+
+
+class Trainer:
+    """Runs ``batch_fn``/``loss_fn``/``eval_fn`` with everything a long run needs (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        run_dir: str | Path,
+        *,
+        total_steps: int,
+        tokens_per_step: int,
+        dist_env: DistEnv,
+        full_config: Any = None,
+        model_config: Optional[dict] = None,
+        tokenizer=None,
+        flops_per_token: Optional[float] = None,
+        extra_meta: Optional[dict] = None,
+        param_groups: Optional[list[dict]] = None,
+        name: str = "train",
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.env = dist_env
+        self.device = dist_env.device
+        self.full_config = full_config
+        self.model_config = model_config if model_config is not None else model.config.to_dict()
+        self.tokenizer = tokenizer
+        self.flops_per_token = flops_per_token
+        self.extra_meta = extra_meta or {}
+        self.name = name
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.raw_model = model.to(self.device)
+        self.model = self._wrap(self.raw_model)
+        groups = param_groups if param_groups is not None else self.raw_model.param_groups(cfg.weight_decay)
+        self.params = [p for g in groups for p in g["params"]]
+        fused = self.device.startswith("cuda") or self.device == "cpu"
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused if not cfg.fsdp else False
+        )
+        self.fused = fused and not cfg.fsdp
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.peak_flops = cfg.peak_flops or device_peak_flops(self.device)
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _wrap(self, model):
+        if self.cfg.fsdp:
+            if not self.env.distributed:
+                log("note: --fsdp has no effect without torchrun; training unsharded")
+            else:
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                mp = MixedPrecisionPolicy(param_dtype=self.amp_dtype) if self.amp_dtype else MixedPrecisionPolicy()
+                for layer in model.model.layers:
+                    fully_shard(layer, mp_policy=mp)
+                fully_shard(model, mp_policy=mp)
+        wrapped = model
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        if self.env.distributed and not self.cfg.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.env.local_rank] if self.device.startswith("cuda") else None
+            wrapped = DDP(wrapped, device_ids=ids)
+        return wrapped
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def _full_state_dict(self) -> dict:
+        if self.cfg.fsdp and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if getattr(self.raw_model.config, "tie_word_embeddings", False):
+                sd.pop("lm_head.weight", None)
+            return {k: v.contiguous() for k, v in sd.items()}
+        return state_dict_for_save(self.raw_model)
+
+    def _optimizer_state(self) -> dict:
+        if self.cfg.fsdp and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(
+                self.raw_model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        return self.optimizer.state_dict()
+
+    def save(self, step: int, tokens: int, elapsed: float, best: bool, best_val: Optional[float], last_eval: dict):
+        sd = self._full_state_dict()
+        opt_state = self._optimizer_state()
+        if not self.env.is_main:
+            return None
+        trainer_state = {
+            "step": step,
+            "tokens": tokens,
+            "elapsed": elapsed,
+            "optimizer": opt_state,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": _rng_state(),
+            "best_val_loss": best_val,
+            "world_size": self.env.world_size,
+        }
+        meta = {
+            "kind": self.name,
+            "tokens": tokens,
+            "elapsed_s": round(elapsed, 1),
+            "total_steps": self.total_steps,
+            "tokenizer_fingerprint": getattr(self.tokenizer, "fingerprint", None),
+            **{k: v for k, v in last_eval.items() if isinstance(v, (int, float, str))},
+            **self.extra_meta,
+        }
+        return save_checkpoint(
+            self.run_dir, step, self.raw_model, self.model_config, meta, trainer_state,
+            keep_last=self.cfg.keep_last, best=best, state_dict=sd,
+        )
+
+    def _restore(self) -> Optional[dict]:
+        try:
+            ckpt = find_checkpoint(self.run_dir)
+        except CheckpointError:
+            log(f"--resume: no checkpoint in {self.run_dir} yet; starting from scratch")
+            return None
+        verify_checkpoint(ckpt)
+        state = load_trainer_state(ckpt)
+        if state is None:
+            raise CheckpointError(f"{ckpt}: holds weights only (no trainer.pt); cannot resume training from it")
+        from safetensors.torch import load_file
+
+        sd = load_file(str(ckpt / "model.safetensors"))
+        if self.cfg.fsdp and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.raw_model, sd, options=opts)
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.raw_model.load_state_dict(sd, strict=False)
+            if hasattr(self.raw_model, "tie_weights"):
+                self.raw_model.tie_weights()
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("world_size", 1) == self.env.world_size:
+            _set_rng_state(state["rng"])
+        log(f"resumed from {ckpt} (step {state['step']}, {human(state['tokens'])} tokens)")
+        return state
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def fit(
+        self,
+        batch_fn: Callable[[int, int], dict],
+        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+        eval_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None,
+    ) -> FitResult:
+        cfg, env = self.cfg, self.env
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main and self.full_config is not None:
+            save_config(self.full_config, self.run_dir / "config.yaml")
+        start_step, tokens, elapsed_before, best_val = 0, 0, 0.0, None
+        if cfg.resume:
+            state = self._restore()
+            if state is not None:
+                start_step, tokens = state["step"], state["tokens"]
+                elapsed_before, best_val = state["elapsed"], state.get("best_val_loss")
+        metrics = MetricsLog(self.run_dir, env.is_main, cfg.tensorboard, start_step if cfg.resume else None)
+        accum = max(1, cfg.grad_accum_steps)
+        stop = _StopFlag().install()
+        progress = _Progress(self.total_steps, start_step, enabled=env.is_main and cfg.progress)
+        dev_type = self.device.split(":")[0]
+
+        nonfinite = torch.zeros((), device=self.device)
+        skipped_total = 0
+        interval_loss = torch.zeros((), device=self.device)
+        interval_metrics: dict[str, torch.Tensor] = {}
+        interval_steps, interval_tokens = 0, 0
+        t_interval = time.perf_counter()
+        t_start = time.perf_counter()
+        last_eval: dict = {}
+        last_loss: Optional[float] = None
+        exit_code, interrupted = 0, False
+        step = start_step
+        self.model.train()
+        try:
+            while step < self.total_steps:
+                lr = lr_at(step, cfg, self.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = torch.zeros((), device=self.device)
+                step_tokens = 0
+                for micro in range(accum):
+                    batch = _to_device(batch_fn(step, micro), self.device)
+                    step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
+                    sync_ctx = (
+                        self.model.no_sync()
+                        if env.distributed and not cfg.fsdp and micro < accum - 1
+                        else contextlib.nullcontext()
+                    )
+                    with sync_ctx:
+                        with self.autocast():
+                            loss, extra = loss_fn(self.model, batch)
+                        scaled = loss / accum
+                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    step_loss += loss.detach().float() / accum
+                    for k, v in (extra or {}).items():
+                        interval_metrics[k] = interval_metrics.get(k, 0) + v.detach().float() / accum
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=dev_type != "mps")
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                    grad_norm = grad_norm.full_tensor()
+                bad = ~torch.isfinite(step_loss)
+                if self.scaler is None:
+                    bad = bad | ~torch.isfinite(grad_norm)
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                elif self.fused:
+                    # The fused AdamW kernel skips the whole update when found_inf is set: no host sync needed.
+                    self.optimizer.found_inf = bad.float()
+                    self.optimizer.step()
+                elif not bool(bad):
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                nonfinite += bad.float()
+                interval_loss += torch.where(bad, torch.zeros_like(step_loss), step_loss)
+                interval_steps += 1
+                step += 1
+                tokens += step_tokens * env.world_size
+                interval_tokens += step_tokens * env.world_size
+                progress.update(step)
+
+                is_last = step == self.total_steps
+                want_log = step % max(1, cfg.log_every) == 0 or is_last
+                want_eval = eval_fn is not None and (is_last or (cfg.eval_every > 0 and step % cfg.eval_every == 0))
+                stopping = stop.signum is not None or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
+                want_save = is_last or want_eval or stopping or (cfg.save_every > 0 and step % cfg.save_every == 0)
+                n_bad = 0
+                if want_log or want_save:
+                    if env.distributed:  # every rank agrees on divergence; the logged loss is the global mean
+                        import torch.distributed as dist
+
+                        dist.all_reduce(nonfinite)
+                        dist.all_reduce(interval_loss)
+                        interval_loss /= env.world_size
+                    n_bad = int(nonfinite.item())  # the one host sync, at log/save points only
+                    if n_bad:
+                        skipped_total += n_bad
+                        nonfinite.zero_()
+                        where = f"between steps {step - interval_steps + 1} and {step}"
+                        if cfg.on_nonfinite == "stop" or skipped_total > cfg.max_skipped_steps:
+                            raise TrainingDiverged(
+                                f"non-finite loss or gradient {where} (the update was skipped, so the weights and "
+                                f"every checkpoint stay finite). Lower --lr, raise --warmup-steps, or pass "
+                                f"--on-nonfinite skip; resume from the last checkpoint with --resume."
+                            )
+                        log(f"warning: skipped {n_bad} step(s) with a non-finite loss or gradient {where}")
+                if want_log:
+                    good_steps = max(1, interval_steps - n_bad)
+                    now = time.perf_counter()
+                    dt = max(now - t_interval, 1e-9)
+                    loss_val = float(interval_loss.item()) / good_steps
+                    last_loss = loss_val
+                    tok_s = interval_tokens / dt
+                    record = {
+                        "kind": "train", "step": step, "tokens": tokens, "loss": round(loss_val, 6),
+                        "lr": lr, "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tok_s, 1),
+                        "elapsed_s": round(elapsed_before + now - t_start, 2),
+                    }
+                    for k, v in interval_metrics.items():
+                        record[k] = round(float(v) / interval_steps, 6)
+                    if self.flops_per_token and self.peak_flops:
+                        record["mfu"] = round(self.flops_per_token * tok_s / env.world_size / self.peak_flops, 4)
+                    if env.is_main:
+                        metrics.write(record)
+                    progress.show(record, self.total_steps, elapsed_before + now - t_start, step - start_step)
+                    interval_loss.zero_()
+                    interval_metrics = {}
+                    interval_steps, interval_tokens = 0, 0
+                    t_interval = time.perf_counter()
+                improved = False
+                if want_eval:
+                    self.model.eval()
+                    with torch.no_grad(), self.autocast():
+                        last_eval = eval_fn(self.raw_model, step) or {}
+                    self.model.train()
+                    val = last_eval.get("val_loss")
+                    if val is not None and (best_val is None or val < best_val):
+                        best_val, improved = val, True
+                    if env.is_main:
+                        metrics.write({"kind": "eval", "step": step, "tokens": tokens, **last_eval})
+                    progress.show_eval(step, last_eval)
+                    t_interval = time.perf_counter()  # evaluation time is not training throughput
+                if want_save:
+                    elapsed = elapsed_before + time.perf_counter() - t_start
+                    path = self.save(step, tokens, elapsed, improved, best_val, last_eval)
+                    if path is not None:
+                        progress.note(f"saved {path}")
+                    t_interval = time.perf_counter()
+                if stopping and not is_last:
+                    interrupted = True
+                    if stop.signum is not None:
+                        exit_code = 128 + stop.signum
+                        log(f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
+                            f"continue with the same command and --resume")
+                    else:
+                        log(f"stopped at step {step} as asked (--stop-at-step); continue with --resume")
+                    break
+        finally:
+            stop.restore()
+            progress.close()
+            metrics.close()
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        if env.is_main:
+            plot_loss_curve(self.run_dir, title=f"{self.name}: {self.run_dir.name}")
+        return FitResult(step, tokens, elapsed, last_loss, best_val, last_eval, interrupted, exit_code)
+
+
+def _to_device(batch: dict, device: str) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            if device.startswith("cuda"):
+                v = v.pin_memory().to(device, non_blocking=True)
+            else:
+                v = v.to(device)
+        out[k] = v
+    return out
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def show(self, rec: dict, total: int, elapsed: float, steps_done: int) -> None:
+        if not self.enabled:
+            return
+        eta = elapsed / max(1, steps_done) * (total - rec["step"]) if steps_done else 0
+        parts = {
+            "loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": human(rec["tokens_per_s"]),
+        }
+        if "mfu" in rec:
+            parts["mfu"] = f"{100 * rec['mfu']:.1f}%"
+        if self.bar is not None:
+            self.bar.set_postfix(parts, refresh=True)
+        else:
+            text = " ".join(f"{k} {v}" for k, v in parts.items())
+            log(f"step {rec['step']:>6}/{total} {text} eta {_fmt_time(eta)}")
+
+    def show_eval(self, step: int, ev: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = " ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
+        self.note(f"eval @ {step}: {scalars}")
+        for sample in ev.get("samples", []) if isinstance(ev.get("samples"), list) else []:
+            self.note(f"  > {sample}")
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            log(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def resolve_steps(cfg: TrainConfig, tokens_per_step: int, default_steps: Optional[int] = None) -> int:
+    """max_steps if given; else max_tokens / tokens per step; else the verb's default (e.g. from epochs)."""
+    if cfg.max_steps is not None:
+        return int(cfg.max_steps)
+    if cfg.max_tokens is not None:
+        return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+    if default_steps is not None:
+        return int(default_steps)
+    raise ValueError("set --max-steps or --max-tokens")

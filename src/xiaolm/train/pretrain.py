@@ -1,0 +1,335 @@
+"""``xiaolm pretrain``: train the model from scratch (or continue a model) on token shards.
+
+Data order is a pure function of (seed, step): the training split is cut into non-overlapping windows of
+``seq_len + 1`` tokens, each epoch visits them in a seeded permutation, and optimizer step ``s`` takes the next
+``global batch`` windows, rank ``r`` its own disjoint slice. So ``--resume`` needs only the step to continue with
+the very batches the uninterrupted run would have seen, and N processes see exactly what one process accumulating
+N micro-batches sees.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from xiaolm.config import opt, parse_config
+from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, setup_distributed, teardown_distributed
+from xiaolm.utils import count_params, fail, human, log, seed_everything
+
+DEFAULT_PROMPTS = ["从前，有一个小女孩叫莉莉。", "小明和他的狗", "有一天，小猫"]
+
+
+@dataclass
+class ModelSection:
+    preset: str = opt("24m", "model size preset (xiaolm presets lists them): tiny, quickstart, 9m, 24m, 58m, "
+                             "microstories, 134m, 256m")
+    seq_len: int = opt(512, "context length in tokens")
+    tie_word_embeddings: bool = opt(True, "share the input embedding with the output head")
+    rope_theta: float = opt(10000.0, "RoPE base")
+    hidden_size: Optional[int] = opt(None, "override the preset's hidden size")
+    intermediate_size: Optional[int] = opt(None, "override the preset's MLP size")
+    num_hidden_layers: Optional[int] = opt(None, "override the preset's layer count")
+    num_attention_heads: Optional[int] = opt(None, "override the preset's attention heads")
+    num_key_value_heads: Optional[int] = opt(None, "override the preset's key/value heads (GQA)")
+    doc_mask: bool = opt(False, "keep attention inside each document of a packed window (positions restart too)")
+    init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
+
+
+@dataclass
+class EvalSection:
+    eval_tokens: int = opt(131072, "validation tokens per evaluation")
+    eval_batch_size: int = opt(16, "sequences per validation forward pass")
+    prompts: list[str] = opt(DEFAULT_PROMPTS, "openings sampled at each evaluation")
+    sample_tokens: int = opt(64, "tokens generated per opening at each evaluation")
+    sample_temperature: float = opt(0.0, "temperature of those samples (0: greedy, comparable across evaluations)")
+
+
+@dataclass
+class PretrainConfig:
+    data: str = opt(None, "token shard directory (xiaolm data tokenize)")
+    tokenizer: Optional[str] = opt(None, "tokenizer directory (default: the one the shards name)")
+    out: str = opt("runs/pretrain", "run directory: checkpoints, metrics.jsonl, config.yaml, loss_curve.png")
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    lr_sweep: list[float] = opt([], "run short trials at these learning rates instead (see xiaolm sweep)")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class WindowSampler:
+    """Deterministic, resumable, rank-disjoint windows of ``seq_len + 1`` tokens from a token stream."""
+
+    def __init__(self, shards, seq_len: int, seed: int, micro_batch: int, accum: int, env: DistEnv,
+                 doc_mask: bool = False, eot_id: int = 0):
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        self.micro_batch, self.accum, self.env = micro_batch, accum, env
+        self.num_windows = (shards.num_tokens - 1) // seq_len
+        if self.num_windows < 1:
+            raise ValueError(f"{shards.num_tokens} tokens are too few for one window of {seq_len + 1}")
+        self.doc_mask, self.eot_id = doc_mask, eot_id
+        self._epoch, self._perm = -1, None
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accum * self.env.world_size
+
+    def window_id(self, g: int) -> int:
+        epoch, pos = divmod(g, self.num_windows)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._epoch = epoch
+        return int(self._perm[pos])
+
+    def epochs_at(self, step: int) -> float:
+        return step * self.global_batch / self.num_windows
+
+    def __call__(self, step: int, micro: int) -> dict:
+        first = step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
+        rows = np.stack([
+            self.shards.read(self.window_id(g) * self.seq_len, self.seq_len + 1)
+            for g in range(first, first + self.micro_batch)
+        ])
+        rows = torch.from_numpy(rows.astype(np.int64))
+        batch = {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
+        if self.doc_mask:
+            from xiaolm.model.llama import doc_ids_from_tokens
+
+            batch["doc_ids"] = doc_ids_from_tokens(batch["input_ids"], self.eot_id)
+        return batch
+
+
+def lm_loss(model, batch: dict, chunk: int = 0):
+    out = model(batch["input_ids"], targets=batch["targets"], doc_ids=batch.get("doc_ids"), loss_chunk_size=chunk)
+    return out.loss, {}
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+class StreamEvaluator:
+    """Loss, perplexity and bits per character over the first ``max_tokens`` of a token stream.
+
+    Bits per character divides the total negative log-likelihood (in bits) by the characters those tokens decode
+    to, counting each end-of-text token as one character (a document separator, like a newline): a measure that
+    does not depend on the tokenizer, so runs with different vocabularies compare.
+    """
+
+    def __init__(self, tokens: np.ndarray, tokenizer, seq_len: int, batch_size: int, doc_mask: bool = False):
+        n_windows = (len(tokens) - 1) // seq_len
+        if n_windows < 1:
+            raise ValueError(f"evaluation needs more than {seq_len} tokens, got {len(tokens)}")
+        used = tokens[: n_windows * seq_len + 1].astype(np.int64)
+        self.windows = torch.from_numpy(
+            np.stack([used[i * seq_len : (i + 1) * seq_len + 1] for i in range(n_windows)])
+        )
+        self.batch_size, self.doc_mask, self.eot_id = batch_size, doc_mask, tokenizer.eot_id
+        targets = used[1:]
+        n_eot = int((targets == tokenizer.eot_id).sum())
+        self.chars = len(tokenizer.decode(targets.tolist(), skip_special_tokens=True)) + n_eot
+        self.bytes = len(tokenizer.decode(targets.tolist(), skip_special_tokens=True).encode("utf-8")) + n_eot
+        self.tokens = len(targets)
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        from xiaolm.model.llama import doc_ids_from_tokens
+
+        device = model.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i in range(0, len(self.windows), self.batch_size):
+            rows = self.windows[i : i + self.batch_size].to(device)
+            x, y = rows[:, :-1], rows[:, 1:]
+            doc_ids = doc_ids_from_tokens(x, self.eot_id) if self.doc_mask else None
+            logits = model(x, doc_ids=doc_ids).logits
+            total += torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="sum"
+            ).double()
+        nats = float(total)
+        loss = nats / self.tokens
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50)),
+            "val_bpc": nats / math.log(2) / self.chars,
+            "val_bpb": nats / math.log(2) / self.bytes,
+            "val_tokens": self.tokens,
+            "chars_per_token": self.chars / self.tokens,
+        }
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the token frequency distribution: the loss of a model that ignores context."""
+    counts = np.bincount(tokens.astype(np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def sample_openings(model, tokenizer, prompts: list[str], max_new: int, temperature: float) -> list[str]:
+    from xiaolm.infer.generate import SamplingConfig, generate
+
+    if not prompts or max_new <= 0:
+        return []
+    was_training = model.training
+    model.eval()
+    texts = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new, temperature=temperature, seed=0))
+    model.train(was_training)
+    return [p + t.replace("\n", " ") for p, t in zip(prompts, texts)]
+
+
+# ----------------------------------------------------------------------------------------------- build
+
+
+def _open_data(cfg: PretrainConfig):
+    import json
+
+    from xiaolm.data.shards import TokenShards
+    from xiaolm.tokenizer import load_tokenizer
+
+    data = Path(cfg.data)
+    if not (data / "meta.json").is_file():
+        raise fail(f"--data {data}: not a token shard directory (make one with xiaolm data tokenize)")
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    tok_dir = cfg.tokenizer or meta.get("tokenizer", {}).get("path")
+    if not tok_dir:
+        raise fail(f"--tokenizer is required: {data}/meta.json does not name the tokenizer")
+    if not Path(tok_dir).is_dir():
+        raise fail(f"--tokenizer {tok_dir}: no such directory")
+    tokenizer = load_tokenizer(tok_dir)
+    train = TokenShards(data, "train", expect_fingerprint=tokenizer.fingerprint)
+    val = None
+    if meta.get("splits", {}).get("val", {}).get("tokens", 0) > cfg.model.seq_len + 1:
+        val = TokenShards(data, "val", expect_fingerprint=tokenizer.fingerprint)
+    return tokenizer, train, val
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer):
+    from xiaolm.model.llama import Llama, preset_config
+
+    m = cfg.model
+    if m.init_from:
+        from xiaolm.train.checkpoint import load_model
+
+        model, init_tok, _ = load_model(m.init_from, device="cpu", dtype=torch.float32)
+        if init_tok is not None and init_tok.fingerprint != tokenizer.fingerprint:
+            raise fail(f"--init-from {m.init_from} uses tokenizer {init_tok.fingerprint}, the shards use "
+                       f"{tokenizer.fingerprint}: tokenise the data with the model's tokenizer")
+        if model.config.max_position_embeddings < m.seq_len:
+            model.config.max_position_embeddings = m.seq_len
+        return model
+    overrides = {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                             "num_attention_heads", "num_key_value_heads") if getattr(m, k)}
+    mcfg = preset_config(
+        m.preset, vocab_size=vocab_size, max_position_embeddings=m.seq_len, rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id,
+        pad_token_id=tokenizer.pad_id, **overrides,
+    )
+    return Llama(mcfg)
+
+
+def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
+    """Run pretraining as configured; returns the run's summary (also written to RUNDIR/summary.json)."""
+    from xiaolm.model.llama import count_parameters, flops_per_token
+
+    if cfg.lr_sweep:
+        from xiaolm.train.sweep import sweep
+
+        return sweep(cfg)
+    if not cfg.data:
+        raise fail("--data SHARDDIR is required")
+    env = env or setup_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    tokenizer, train_shards, val_shards = _open_data(cfg)
+    model = build_model(cfg, tokenizer.vocab_size, tokenizer)
+    mcfg = model.config
+    t = cfg.train
+    seq = cfg.model.seq_len
+    if t.global_batch_tokens:
+        per_micro = t.micro_batch_size * seq * env.world_size
+        t.grad_accum_steps = max(1, round(t.global_batch_tokens / per_micro))
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * env.world_size * seq
+    total_steps = resolve_steps(t, tokens_per_step, default_steps=None if t.max_tokens or t.max_steps else
+                                max(1, train_shards.num_tokens // tokens_per_step))
+    sampler = WindowSampler(train_shards, seq, t.seed, t.micro_batch_size, t.grad_accum_steps, env,
+                            doc_mask=cfg.model.doc_mask, eot_id=tokenizer.eot_id)
+    eval_source = val_shards if val_shards is not None else train_shards
+    if val_shards is None:
+        log("warning: the shards have no 'val' split; validation uses the start of the training data")
+    n_eval = min(cfg.eval.eval_tokens + 1, eval_source.num_tokens)
+    evaluator = StreamEvaluator(eval_source.read(0, n_eval), tokenizer, seq, cfg.eval.eval_batch_size,
+                                cfg.model.doc_mask)
+    sample_n = min(train_shards.num_tokens, 2_000_000)
+    h_unigram = unigram_entropy(train_shards.read(0, sample_n), mcfg.vocab_size)
+    n = count_parameters(mcfg)
+    fpt = flops_per_token(mcfg, seq)
+
+    def eval_fn(m, step):
+        result = evaluator(m)
+        result["samples"] = sample_openings(m, tokenizer, cfg.eval.prompts, cfg.eval.sample_tokens,
+                                            cfg.eval.sample_temperature)
+        return result
+
+    out = Path(cfg.out)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(out / "tokenizer")
+        log(f"model {cfg.model.preset if not cfg.model.init_from else cfg.model.init_from}: "
+            f"{n['total'] / 1e6:.2f}M parameters ({n['body'] / 1e6:.2f}M without embeddings), "
+            f"vocab {mcfg.vocab_size}, context {seq}")
+        log(f"data: {human(train_shards.num_tokens)} training tokens, {human(tokens_per_step)} tokens/step "
+            f"({t.micro_batch_size} x {t.grad_accum_steps} accum x {env.world_size} proc x {seq}), "
+            f"{total_steps} steps = {sampler.epochs_at(total_steps):.2f} epochs; device {env.device}")
+    trainer = Trainer(
+        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
+        tokenizer=tokenizer, flops_per_token=fpt, name="pretrain",
+        extra_meta={"unigram_entropy": h_unigram, "params": n["total"]},
+    )
+    chunk = t.loss_chunk_size
+    result = trainer.fit(sampler, lambda m, b: lm_loss(m, b, chunk), eval_fn)
+    summary = {
+        "run": str(out), "steps": result.step, "total_steps": total_steps, "tokens": result.tokens,
+        "wall_s": round(result.elapsed, 1), "tokens_per_s": round(result.tokens / max(result.elapsed, 1e-9), 1),
+        "params": n["total"], "params_body": n["body"], "preset": cfg.model.preset,
+        "final_train_loss": result.final_loss, "best_val_loss": result.best_val_loss,
+        "unigram_entropy": h_unigram, "epochs": round(sampler.epochs_at(result.step), 3),
+        "device": env.device, "world_size": env.world_size, "interrupted": result.interrupted,
+        "exit_code": result.exit_code,
+        **{k: v for k, v in result.last_eval.items() if k.startswith("val_") or k == "chars_per_token"},
+        "samples": result.last_eval.get("samples", []),
+    }
+    if env.is_main:
+        from xiaolm.train.report import write_report
+        from xiaolm.utils import atomic_write_json
+
+        atomic_write_json(out / "summary.json", summary)
+        write_report(out, summary, cfg)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    cfg, _ = parse_config(
+        PretrainConfig, argv, "xiaolm pretrain",
+        "Pretrain a Llama-style model on token shards. Runs on CUDA, MPS or CPU; under torchrun "
+        "(torchrun --nproc_per_node N -m xiaolm pretrain ...) it trains with DDP, or FSDP2 with --fsdp.",
+    )
+    env = setup_distributed(cfg.train.device)
+    try:
+        summary = pretrain(cfg, env)
+    except Exception as exc:  # noqa: BLE001 - one clear line for the known failure kinds
+        from xiaolm.train.checkpoint import CheckpointError
+        from xiaolm.train.loop import TrainingDiverged
+
+        if isinstance(exc, (TrainingDiverged, CheckpointError, ValueError)):
+            raise fail(str(exc), code=1)
+        raise
+    finally:
+        teardown_distributed()
+    if env.is_main and not cfg.lr_sweep:
+        from xiaolm.train.report import print_summary
+
+        print_summary(summary, file=sys.stdout)
+    return int(summary.get("exit_code", 0))
