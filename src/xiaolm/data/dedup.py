@@ -1,0 +1,269 @@
+"""Exact and near-duplicate removal: a content hash, then MinHash LSH over character n-gram shingles.
+
+Exact: the key is a 128-bit BLAKE2b hash of the cleaned text with all whitespace removed, so copies that differ
+only in spacing or line breaks are exact duplicates.
+
+Near: each document (whitespace removed) becomes the set of its character ``ngram``-grams (default 5; 1 is
+refused, because single characters would make most Chinese text look alike; a document shorter than ``ngram``
+is one shingle). Its MinHash signature uses datasketch's ``affine32`` scheme (``datasketch.MinHash``'s own
+permutations: MurmurHash3 finaliser, then ``a*h + b mod 2**32``), but is computed for a whole batch of documents
+at once with numpy instead of one Python call per shingle: every shingle is hashed by a vectorised FNV-style
+hash over the code points, and each permutation is applied to all shingles of the batch and reduced per document
+with ``np.minimum.reduceat``. The signatures are identical to what ``MinHash.update_batch`` computes from the same
+shingle hashes (a test checks this), and they go into ``datasketch.MinHashLSH`` as ``LeanMinHash`` objects.
+
+A candidate from the LSH index counts as a duplicate only if its estimated Jaccard similarity (the share of equal
+signature slots) reaches ``threshold``; LSH alone also returns some pairs below it. Because of that check the LSH
+bands are chosen for recall (``false_negative_weight`` 0.9: 14 bands of 9 rows at 128 permutations and threshold
+0.8, which makes a pair with Jaccard 0.85 a candidate 97% of the time; datasketch's balanced default, 9 bands of 13
+rows, finds only 69% of them). Documents are checked in
+order against the documents kept so far, so the first copy is kept and every dropped document names the kept
+one it matched.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from xiaolm.config import opt
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_SCHEME = "affine32"
+_CHUNK_CHARS = 150_000
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = opt(True, "drop exact duplicates (same text ignoring whitespace)")
+    near: bool = opt(True, "drop near-duplicates found by MinHash LSH")
+    ngram: int = opt(5, "shingle size in characters for near-duplicate detection (at least 2)")
+    threshold: float = opt(0.8, "Jaccard similarity of shingle sets at or above which documents are near-duplicates")
+    num_perm: int = opt(128, "MinHash permutations (more: finer similarity estimates, slower)")
+    seed: int = opt(1, "seed of the MinHash permutations")
+    false_negative_weight: float = opt(0.9, "how much datasketch's choice of LSH bands and rows weighs missed "
+                                            "pairs against spurious candidates (0-1); candidates are verified "
+                                            "against the threshold, so recall is favoured")
+
+
+def validate_dedup(cfg: DedupConfig) -> None:
+    if cfg.ngram < 2:
+        raise ValueError(f"dedup.ngram must be at least 2 (single characters make most Chinese text look "
+                         f"duplicate), got {cfg.ngram}")
+    if not 0.0 < cfg.threshold <= 1.0:
+        raise ValueError(f"dedup.threshold must be in (0, 1], got {cfg.threshold}")
+    if not 0.0 < cfg.false_negative_weight < 1.0:
+        raise ValueError(f"dedup.false_negative_weight must be between 0 and 1, got {cfg.false_negative_weight}")
+    if cfg.num_perm < 16:
+        raise ValueError(f"dedup.num_perm must be at least 16, got {cfg.num_perm}")
+
+
+def exact_key(text: str) -> bytes:
+    """Hash of the text with whitespace removed."""
+    return hashlib.blake2b("".join(text.split()).encode("utf-8"), digest_size=16).digest()
+
+
+# ----------------------------------------------------------------------------------------------- hashing
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, as datasketch's affine32 scheme applies it before permuting."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _fold32(h: np.ndarray) -> np.ndarray:
+    return (h ^ (h >> np.uint64(32))).astype(np.uint32)
+
+
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    """32-bit hashes of the character ``ngram``-grams of ``text`` with whitespace removed (one per position)."""
+    chars = "".join(text.split())
+    if not chars:
+        return np.zeros(0, dtype=np.uint32)
+    cps = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    n = min(ngram, len(cps))
+    m = len(cps) - n + 1
+    h = np.full(m, _FNV_OFFSET, dtype=np.uint64)
+    for j in range(n):
+        h = (h ^ cps[j:j + m]) * _FNV_PRIME
+    return _fold32(h)
+
+
+def _batch_shingles(texts: Sequence[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """All shingle hashes of a batch, concatenated, and each document's count (same as shingle_hashes per text).
+
+    The code points of all documents are hashed in one pass; positions whose n-gram would run into the next
+    document are dropped. Documents shorter than ``ngram`` are hashed on their own (one shingle each).
+    """
+    stripped = ["".join(t.split()) for t in texts]
+    lengths = np.fromiter((len(s) for s in stripped), dtype=np.int64, count=len(stripped))
+    counts = np.maximum(lengths - ngram + 1, 0)
+    short = np.flatnonzero((lengths > 0) & (lengths < ngram))
+    cps = np.frombuffer("".join(stripped).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    m = len(cps) - ngram + 1
+    if m > 0:
+        h = np.full(m, _FNV_OFFSET, dtype=np.uint64)
+        for j in range(ngram):
+            h = (h ^ cps[j:j + m]) * _FNV_PRIME
+        ends = np.cumsum(lengths)
+        doc_of = np.repeat(np.arange(len(stripped)), lengths)[:m]
+        valid = np.arange(m) + ngram <= ends[doc_of]
+        hashes = _fold32(h[valid])
+    else:
+        hashes = np.zeros(0, dtype=np.uint32)
+    if len(short):
+        # Splice each short document's single shingle in at its place (documents are contiguous in order).
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        pieces, last = [], 0
+        for i in short:
+            pieces.append(hashes[last:offsets[i]])
+            pieces.append(shingle_hashes(stripped[i], ngram))
+            last = offsets[i]
+        pieces.append(hashes[last:])
+        hashes = np.concatenate(pieces)
+        counts = counts.copy()
+        counts[short] = 1
+    return hashes, counts
+
+
+class MinHasher:
+    """Batch MinHash signatures in datasketch's affine32 scheme."""
+
+    def __init__(self, num_perm: int = 128, seed: int = 1, ngram: int = 5):
+        from datasketch import MinHash
+
+        self.num_perm, self.seed, self.ngram = num_perm, seed, ngram
+        a, b = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
+        self.a = np.asarray(a, dtype=np.uint32)
+        self.b = np.asarray(b, dtype=np.uint32)
+        self.empty = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+
+    def signatures_from_hashes(self, hashes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """``[len(counts), num_perm]`` uint32 signatures; a document with no shingles gets the empty signature.
+
+        One permutation at a time over all shingles of the batch, then a per-document ``minimum.reduceat``: this
+        keeps every numpy pass contiguous (about 20x faster than a ``[shingles x num_perm]`` block).
+        """
+        sigs = np.tile(self.empty, (len(counts), 1))
+        nonempty = np.flatnonzero(counts > 0)
+        if len(nonempty) == 0:
+            return sigs
+        mixed = _fmix32(hashes.astype(np.uint32))
+        starts = (np.cumsum(counts) - counts)[nonempty].astype(np.int64)
+        permuted = np.empty_like(mixed)
+        columns = np.empty((self.num_perm, len(nonempty)), dtype=np.uint32)
+        for k in range(self.num_perm):
+            np.multiply(mixed, self.a[k], out=permuted)
+            permuted += self.b[k]
+            columns[k] = np.minimum.reduceat(permuted, starts)
+        sigs[nonempty] = columns.T
+        return sigs
+
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        """Signatures of ``texts``, computed in chunks of about ``_CHUNK_CHARS`` characters (cache-sized: about
+        twice as fast as one big chunk)."""
+        out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
+        start = 0
+        while start < len(texts):
+            end, size = start, 0
+            while end < len(texts) and (end == start or size + len(texts[end]) <= _CHUNK_CHARS):
+                size += len(texts[end])
+                end += 1
+            hashes, counts = _batch_shingles(texts[start:end], self.ngram)
+            out[start:end] = self.signatures_from_hashes(hashes, counts)
+            start = end
+        return out
+
+
+# ------------------------------------------------------------------------------------------- the index
+
+
+@dataclass
+class Verdict:
+    """What the deduplicator decided for one document."""
+
+    kind: str | None  # None (kept), "exact" or "near"
+    match: int | None = None  # index (in order of arrival) of the kept document it duplicates
+    similarity: float | None = None  # estimated Jaccard for near duplicates
+
+
+class Deduplicator:
+    """Checks documents, in order, against those kept so far. ``check(texts)`` returns one Verdict each.
+
+    Kept documents get consecutive ids 0, 1, 2, ... in arrival order; a Verdict's ``match`` is such an id.
+    """
+
+    def __init__(self, cfg: DedupConfig | None = None):
+        self.cfg = cfg or DedupConfig()
+        validate_dedup(self.cfg)
+        self.kept = 0
+        self._exact: dict[bytes, int] = {}
+        if self.cfg.near:
+            from datasketch import MinHashLSH
+
+            self.hasher = MinHasher(self.cfg.num_perm, self.cfg.seed, self.cfg.ngram)
+            weights = (1.0 - self.cfg.false_negative_weight, self.cfg.false_negative_weight)
+            self.lsh = MinHashLSH(threshold=self.cfg.threshold, num_perm=self.cfg.num_perm, weights=weights)
+            self._sigs = np.zeros((1024, self.cfg.num_perm), dtype=np.uint32)
+
+    def _store(self, sig: np.ndarray) -> None:
+        if self.kept >= len(self._sigs):
+            grown = np.zeros((2 * len(self._sigs), self.cfg.num_perm), dtype=np.uint32)
+            grown[: len(self._sigs)] = self._sigs
+            self._sigs = grown
+        self._sigs[self.kept] = sig
+
+    def check(self, texts: Sequence[str]) -> list[Verdict]:
+        from datasketch import LeanMinHash
+
+        verdicts: list[Verdict] = []
+        sigs = self.hasher.signatures(texts) if self.cfg.near and len(texts) else None
+        # Exact duplicates inside this batch must not be compared by LSH before the first copy is indexed,
+        # so documents are handled strictly in order.
+        for i, text in enumerate(texts):
+            key = exact_key(text) if self.cfg.exact else None
+            if key is not None and key in self._exact:
+                verdicts.append(Verdict("exact", self._exact[key], 1.0))
+                continue
+            lean = None
+            if sigs is not None:
+                lean = LeanMinHash(seed=self.cfg.seed, hashvalues=sigs[i], scheme=_SCHEME)
+                candidates = self.lsh.query(lean)
+                if candidates:
+                    ids = np.array(sorted(candidates), dtype=np.int64)
+                    sims = (self._sigs[ids] == sigs[i][None, :]).mean(axis=1)
+                    best = int(np.argmax(sims))  # first of the best: the earliest kept document
+                    if sims[best] >= self.cfg.threshold:
+                        verdicts.append(Verdict("near", int(ids[best]), float(sims[best])))
+                        continue
+            doc_id = self.kept
+            if key is not None:
+                self._exact[key] = doc_id
+            if lean is not None:
+                self.lsh.insert(doc_id, lean, check_duplication=False)
+                self._store(sigs[i])
+            self.kept += 1
+            verdicts.append(Verdict(None))
+        return verdicts
+
+
+def estimated_jaccard(a: str, b: str, cfg: DedupConfig | None = None) -> float:
+    """MinHash estimate of the Jaccard similarity of two texts' shingle sets (for tests and diagnostics)."""
+    cfg = cfg or DedupConfig()
+    sigs = MinHasher(cfg.num_perm, cfg.seed, cfg.ngram).signatures([a, b])
+    return float((sigs[0] == sigs[1]).mean())
+
+
+def jaccard(a: str, b: str, ngram: int = 5) -> float:
+    """Exact Jaccard similarity of two texts' character n-gram sets (whitespace removed)."""
+    sa, sb = set(shingle_hashes(a, ngram).tolist()), set(shingle_hashes(b, ngram).tolist())
+    if not sa and not sb:
+        return 1.0
+    return len(sa & sb) / len(sa | sb)

@@ -1,0 +1,397 @@
+"""``xiaolm data prepare``: raw text in, clean deduplicated documents split into train and validation out.
+
+Pipeline, streaming in input order (so the output order is deterministic):
+
+    read (readers.iter_records) -> clean (clean.Cleaner) -> split documents over max_chars (or drop them)
+    -> filters (clean.filter_reason) -> exact and near-duplicate removal (dedup.Deduplicator) -> train/val
+
+Outputs in ``OUT``: ``train.jsonl`` and ``val.jsonl`` (records ``{"text", "id", "source"}``; ``id`` is a hash of
+the text, ``source`` is ``file:line`` or ``file#row``, with ``/pN`` for the N-th piece of a split document),
+``report.json`` and ``config.yaml`` (the resolved config, itself a valid ``--config`` recipe).
+
+Train/validation split: a document goes to validation when ``stable_hash(text) % 10000 <
+round(val_fraction * 10000)``. It depends on nothing but the document's own text, so adding or removing other data
+never moves a document between splits. There is deliberately no "at least N validation documents" option: topping
+the split up would break that rule; a tiny corpus gets a tiny (possibly empty) validation set and the report says
+so in ``warnings``.
+
+Accounting, checked by the tests: ``documents_in + pieces_added_by_split == documents_kept + sum(dropped) +
+duplicates_exact + duplicates_near`` where ``pieces_added_by_split`` is the number of extra documents made by
+splitting long ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from xiaolm.config import ConfigError, opt, parse_config, save_config
+from xiaolm.data.clean import FILTER_RULES, Cleaner, CleanConfig, FilterConfig, filter_reasons, split_long, \
+    validate_filters
+from xiaolm.data.dedup import DedupConfig, Deduplicator, validate_dedup
+from xiaolm.data.readers import TXT_MODES, InputError, ReadLog, iter_records, read_options_from, resolve_inputs
+from xiaolm.utils import atomic_write_json, fail, log, stable_hash
+
+SPLIT_BUCKETS = 10_000
+BATCH_DOCS = 1024
+MAX_EXAMPLES = 20
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = opt([], "input files, directories (recursive), globs, or hf:NAME datasets "
+                                ".txt .jsonl .json .csv .parquet, each optionally .gz")
+    out: str = opt("", "output directory for train.jsonl, val.jsonl, report.json, config.yaml")
+    field: str = opt("text", "field path of the text in each record: story_zh, modern, paragraphs (a list is "
+                             "joined), nested a.b.c; ignored for .txt")
+    joiner: str = opt("", "string placed between the items of a list field (\"\" suits Chinese lines)")
+    txt_mode: Literal["line", "paragraph", "file", "chapter"] = opt(
+        "line", "how a .txt file is cut into documents: one per line, per blank-line paragraph, per file, or per "
+                "chapter (a line matching chapter_regex starts a new one)")
+    chapter_regex: str = opt(r"第.+回", "heading regex for txt_mode chapter, matched at the start of a line")
+    json_key: str | None = opt(None, "key of the record list in a .json file holding one object (default: its "
+                                     "only list-valued key)")
+    csv_delimiter: str = opt(",", "field delimiter of .csv inputs")
+    hf_split: str = opt("train", "split to load for hf:NAME inputs")
+    hf_config: str | None = opt(None, "configuration name for hf:NAME inputs")
+    hf_cache_dir: str | None = opt(None, "cache directory for hf:NAME inputs")
+    val_fraction: float = opt(0.02, "share of documents (by text hash, stable as data is added) sent to "
+                                    "val.jsonl")
+    quiet: bool = opt(False, "no progress bar or summary")
+    max_malformed_listed: int = opt(10_000, "malformed records listed in full in report.json (all are counted)")
+    clean: CleanConfig = opt(factory=CleanConfig, help="cleaning")
+    filters: FilterConfig = opt(factory=FilterConfig, help="quality filters")
+    dedup: DedupConfig = opt(factory=DedupConfig, help="deduplication")
+
+
+# -------------------------------------------------------------------------------------------- config
+
+
+def _leaf_paths(cls, prefix: str = "") -> dict[str, list[str]]:
+    """leaf name -> the dotted paths that have that name (sections are the fields whose default is a dataclass)."""
+    found: dict[str, list[str]] = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        factory = f.default_factory  # type: ignore[misc]
+        section = factory() if factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(section):
+            for name, paths in _leaf_paths(type(section), path + ".").items():
+                found.setdefault(name, []).extend(paths)
+        else:
+            found.setdefault(f.name, []).append(path)
+    return found
+
+
+def apply_overrides(cfg: PrepareConfig, overrides: dict[str, Any]) -> PrepareConfig:
+    """A copy of ``cfg`` with ``overrides`` applied: top-level names (``field``), dotted paths
+    (``"filters.min_chars"``), or the bare name of a nested option when it is unique (``min_chars``)."""
+    cfg = dataclasses.replace(cfg, clean=dataclasses.replace(cfg.clean), filters=dataclasses.replace(cfg.filters),
+                              dedup=dataclasses.replace(cfg.dedup))
+    leaves = _leaf_paths(PrepareConfig)
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if "." in key:
+            path = key
+        elif key in leaves and len(leaves[key]) == 1:
+            path = leaves[key][0]
+        elif key in leaves:
+            raise TypeError(f"prepare(): option {key!r} is ambiguous; use one of {leaves[key]}")
+        elif key in ("clean", "filters", "dedup"):
+            path = key
+        else:
+            raise TypeError(f"prepare(): unknown option {key!r}")
+        *parents, name = path.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        if not hasattr(node, name):
+            raise TypeError(f"prepare(): unknown option {key!r}")
+        setattr(node, name, value)
+    return cfg
+
+
+def validate_config(cfg: PrepareConfig) -> None:
+    """Raise ValueError naming the option for settings out of range."""
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.txt_mode not in TXT_MODES:
+        raise ValueError(f"txt_mode must be one of {TXT_MODES}, got {cfg.txt_mode!r}")
+    try:
+        re.compile(cfg.chapter_regex)
+    except re.error as exc:
+        raise ValueError(f"chapter_regex {cfg.chapter_regex!r} is not a valid regular expression: {exc}") from None
+    validate_filters(cfg.filters)
+    validate_dedup(cfg.dedup)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """The split rule: depends only on the text, so it never changes when other documents come or go."""
+    return stable_hash(text) % SPLIT_BUCKETS < round(val_fraction * SPLIT_BUCKETS)
+
+
+def document_id(text: str) -> str:
+    return f"{stable_hash(text):016x}"
+
+
+class _SplitWriter:
+    """train.jsonl / val.jsonl written to temporary files in OUT and renamed into place at the end."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.paths = {}
+        self.handles = {}
+        self.counts = {"train": 0, "val": 0}
+        self.chars = {"train": 0, "val": 0}
+        for split in ("train", "val"):
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{split}.jsonl.", suffix=".tmp")
+            self.paths[split] = tmp
+            self.handles[split] = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, split: str, record: dict) -> None:
+        self.handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.counts[split] += 1
+        self.chars[split] += len(record["text"])
+
+    def commit(self) -> None:
+        for split, fh in self.handles.items():
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(self.paths[split], self.out_dir / f"{split}.jsonl")
+
+    def abort(self) -> None:
+        for split, fh in self.handles.items():
+            fh.close()
+            try:
+                os.unlink(self.paths[split])
+            except FileNotFoundError:
+                pass
+
+
+@dataclass
+class _Candidate:
+    text: str
+    source: str
+    file: str
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | None = None,
+            **overrides: Any) -> dict:
+    """Run the pipeline and return the report (also written to ``out_dir/report.json``).
+
+    ``overrides`` set config options by name (``field="story_zh"``, ``min_chars=5``, ``**{"dedup.threshold":
+    0.9}``). Raises :class:`~xiaolm.data.readers.InputError` for a missing or unreadable input, before any output
+    is written, and ValueError for an option out of range.
+    """
+    started = time.perf_counter()
+    cfg = apply_overrides(cfg or PrepareConfig(), overrides)
+    cfg.inputs = [str(i) for i in inputs]
+    cfg.out = str(out_dir)
+    validate_config(cfg)
+    read_options = read_options_from(cfg)
+    files = resolve_inputs(cfg.inputs, hf_split=cfg.hf_split, hf_config=cfg.hf_config,
+                           hf_cache_dir=cfg.hf_cache_dir)  # every input checked before any work
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    collector = ReadLog(max_listed=cfg.max_malformed_listed)
+    cleaner = Cleaner(cfg.clean)
+    dedup = Deduplicator(cfg.dedup) if (cfg.dedup.exact or cfg.dedup.near) else None
+    fcfg = cfg.filters
+
+    counts = {
+        "documents_in": 0, "characters_in": 0, "characters_after_cleaning": 0, "long_documents_split": 0,
+        "pieces_added_by_split": 0, "duplicates_exact": 0, "duplicates_near": 0,
+    }
+    dropped = {rule: 0 for rule in FILTER_RULES}
+    per_file: dict[str, dict] = {}
+    kept_sources: list[str] = []  # dedup id -> source, for the near-duplicate examples
+    examples: list[dict] = []
+    timings = {"read_clean_filter": 0.0, "dedup": 0.0, "write": 0.0}
+
+    writer = _SplitWriter(out)
+    progress = None
+    if not cfg.quiet:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(desc="prepare", unit=" doc", file=sys.stderr, dynamic_ncols=True)
+    try:
+        records = iter_records(files, collector=collector, **read_options)
+        batch: list[_Candidate] = []
+
+        def flush() -> None:
+            t0 = time.perf_counter()
+            reasons = filter_reasons([c.text for c in batch], fcfg)
+            survivors = []
+            for cand, reason in zip(batch, reasons):
+                if reason is None:
+                    survivors.append(cand)
+                else:
+                    dropped[reason] += 1
+            t1 = time.perf_counter()
+            timings["read_clean_filter"] += t1 - t0
+            verdicts = dedup.check([c.text for c in survivors]) if dedup is not None else [None] * len(survivors)
+            t2 = time.perf_counter()
+            timings["dedup"] += t2 - t1
+            for cand, verdict in zip(survivors, verdicts):
+                if verdict is not None and verdict.kind is not None:
+                    counts[f"duplicates_{verdict.kind}"] += 1
+                    if verdict.kind == "near" and len(examples) < MAX_EXAMPLES:
+                        examples.append({"dropped": cand.source, "kept": kept_sources[verdict.match],
+                                         "similarity": round(verdict.similarity, 3)})
+                    continue
+                if verdict is not None:
+                    kept_sources.append(cand.source)
+                split = "val" if is_validation(cand.text, cfg.val_fraction) else "train"
+                writer.write(split, {"text": cand.text, "id": document_id(cand.text), "source": cand.source})
+                stats = per_file[cand.file]
+                stats["documents_kept"] += 1
+                stats["characters_kept"] += len(cand.text)
+            timings["write"] += time.perf_counter() - t2
+            batch.clear()
+
+        t_read = time.perf_counter()
+        for rec in records:
+            stats = per_file.setdefault(rec.source_file, {"documents_in": 0, "documents_kept": 0,
+                                                          "characters_in": 0, "characters_kept": 0})
+            stats["documents_in"] += 1
+            stats["characters_in"] += len(rec.text)
+            counts["documents_in"] += 1
+            counts["characters_in"] += len(rec.text)
+            text = cleaner(rec.text)
+            counts["characters_after_cleaning"] += len(text)
+            pieces = [text]
+            if fcfg.max_chars and len(text) > fcfg.max_chars and fcfg.too_long == "split":
+                pieces = split_long(text, fcfg.max_chars)
+                counts["long_documents_split"] += 1
+                counts["pieces_added_by_split"] += len(pieces) - 1
+            for n, piece in enumerate(pieces, 1):
+                source = rec.source if len(pieces) == 1 else f"{rec.source}/p{n}"
+                batch.append(_Candidate(piece, source, rec.source_file))
+            if progress is not None:
+                progress.update(1)
+            if len(batch) >= BATCH_DOCS:
+                timings["read_clean_filter"] += time.perf_counter() - t_read
+                flush()
+                t_read = time.perf_counter()
+        timings["read_clean_filter"] += time.perf_counter() - t_read
+        flush()
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+    wall = time.perf_counter() - started
+    kept = writer.counts["train"] + writer.counts["val"]
+    warnings = list(collector.warnings)
+    if counts["documents_in"] == 0:
+        warnings.append("no documents were read: check --field and the inputs")
+    if cfg.val_fraction > 0 and writer.counts["val"] == 0 and kept > 0:
+        warnings.append(f"val.jsonl is empty: {kept} documents at val_fraction {cfg.val_fraction} gave none "
+                        "(the split is by text hash and is not topped up)")
+    files_report = []
+    for item in files:
+        stats = per_file.get(item.path, {"documents_in": 0, "documents_kept": 0, "characters_in": 0,
+                                         "characters_kept": 0})
+        read_stats = collector.files.get(item.path)
+        files_report.append({"file": item.path, "format": item.format + (".gz" if item.compressed else ""),
+                             **stats, "malformed": read_stats.malformed if read_stats else 0})
+    report = {
+        "inputs": cfg.inputs,
+        "out": str(out),
+        "documents_in": counts["documents_in"],
+        "documents_kept": kept,
+        "characters_in": counts["characters_in"],
+        "characters_after_cleaning": counts["characters_after_cleaning"],
+        "characters_kept": writer.chars["train"] + writer.chars["val"],
+        "long_documents_split": counts["long_documents_split"],
+        "pieces_added_by_split": counts["pieces_added_by_split"],
+        "dropped": dropped,
+        "duplicates_exact": counts["duplicates_exact"],
+        "duplicates_near": counts["duplicates_near"],
+        "near_duplicate_examples": examples,
+        "malformed_count": collector.malformed_total,
+        "malformed_by_reason": collector.by_reason,
+        "malformed": [m.to_dict() for m in collector.malformed],
+        "files": files_report,
+        "train": {"documents": writer.counts["train"], "characters": writer.chars["train"]},
+        "val": {"documents": writer.counts["val"], "characters": writer.chars["val"]},
+        "val_fraction": cfg.val_fraction,
+        "wall_seconds": round(wall, 3),
+        "documents_per_second": round(counts["documents_in"] / wall, 1) if wall > 0 else None,
+        "dedup_documents_per_second": (round((kept + counts["duplicates_exact"] + counts["duplicates_near"])
+                                             / timings["dedup"], 1) if timings["dedup"] > 0 else None),
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "warnings": warnings,
+    }
+    atomic_write_json(out / "report.json", report)
+    save_config(cfg, out / "config.yaml")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _summary(report: dict) -> str:
+    lines = [
+        f"documents in {report['documents_in']:,} ({report['characters_in']:,} chars) -> kept "
+        f"{report['documents_kept']:,} ({report['characters_kept']:,} chars): train {report['train']['documents']:,}, "
+        f"val {report['val']['documents']:,}",
+        "dropped: " + ", ".join(f"{k} {v:,}" for k, v in report["dropped"].items())
+        + f"; duplicates exact {report['duplicates_exact']:,}, near {report['duplicates_near']:,}",
+        f"malformed records: {report['malformed_count']:,}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in report['malformed_by_reason'].items())})"
+           if report["malformed_count"] else ""),
+        f"{report['wall_seconds']:.1f} s, {report['documents_per_second'] or 0:,.0f} documents/s",
+    ]
+    return "\n".join(lines)
+
+
+EPILOG = """examples:
+  xiaolm data prepare stories.jsonl --field story_zh --out data/prepared
+  xiaolm data prepare ../shared/data/classic_novels --txt-mode chapter --chapter-regex '第.+回' --out novels
+  xiaolm data prepare '宋词/ci.song.*.json' --field paragraphs --to-simplified --out ci
+  xiaolm data prepare hf:adam89/TinyStoriesChinese --field story_zh --out tinystories
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_config(
+        PrepareConfig, argv, prog="xiaolm data prepare",
+        description="Ingest raw Chinese text, clean it, filter it, remove exact and near duplicates, and split "
+                    "it into train.jsonl / val.jsonl with a report.json of what was kept and dropped.",
+        positionals={"inputs": "INPUT"}, epilog=EPILOG,
+    )
+    if not cfg.out:
+        raise fail("--out DIR is required")
+    try:
+        report = prepare(cfg.inputs, cfg.out, cfg)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    except (ValueError, ConfigError) as exc:
+        raise fail(str(exc)) from None
+    if not cfg.quiet:
+        log(_summary(report))
+        for warning in report["warnings"]:
+            log(f"warning: {warning}")
+        log(f"wrote {cfg.out}/train.jsonl, val.jsonl, report.json, config.yaml")
+    if report["documents_kept"] == 0:
+        log("xiaolm: error: no documents kept; see report.json")
+        return 1
+    return 0
