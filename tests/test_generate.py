@@ -124,3 +124,10 @@ def test_generate_text_api_streams_what_it_returns(tokenizer_dir):
     assert [streamed.get(0, ""), streamed.get(1, "")] == texts
     again = generate(model, tok, ["从前", "小明"], SamplingConfig(max_new_tokens=16, temperature=0.7, seed=3))
     assert again == texts
+
+
+def test_static_cache_decoding_equals_default_decoding():
+    model = _model(seed=9)
+    prompts = _prompts()
+    kw = dict(pad_id=0, eos_ids=[], temperature=0.0)
+    assert generate_ids(model, prompts, 16, static_cache=True, **kw) == generate_ids(model, prompts, 16, **kw)

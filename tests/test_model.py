@@ -159,3 +159,38 @@ def test_bad_shapes_are_rejected():
         LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("7b")
+
+
+def test_static_cache_equals_dynamic_cache_with_padding():
+    """The fixed-shape cache (for compiled / CUDA-graph decoding) computes what the growing cache computes."""
+    torch.manual_seed(6)
+    model = Llama(preset_config("tiny", vocab_size=150, max_position_embeddings=64)).eval()
+    x = torch.randint(1, 150, (3, 12))
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    steps = torch.randint(1, 150, (3, 6))
+    outs = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cache = model.new_cache(3, 20, static=static)
+            logits = [model(x, attention_mask=mask, cache=cache).logits]
+            for t in range(steps.shape[1]):
+                logits.append(model(steps[:, t : t + 1], attention_mask=torch.ones(3, 1, dtype=torch.long),
+                                    cache=cache).logits)
+            outs[static] = torch.cat(logits, 1)
+    real = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)], 1).bool()
+    assert (outs[True] - outs[False])[real].abs().max() < 1e-5
+
+
+def test_flex_attention_document_mask_equals_sdpa_mask():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(7)
+    model = Llama(preset_config("tiny", vocab_size=100, max_position_embeddings=64)).eval()
+    x = torch.randint(1, 100, (2, 32))
+    x[0, 9] = x[0, 20] = x[1, 14] = 0
+    doc_ids = doc_ids_from_tokens(x, 0)
+    with torch.no_grad():
+        plain = model(x, doc_ids=doc_ids).logits
+        model.attn_impl = "flex"
+        flex = model(x, doc_ids=doc_ids).logits
+    assert (plain - flex).abs().max() < 1e-5

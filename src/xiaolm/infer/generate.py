@@ -85,11 +85,15 @@ def generate_ids(
     use_cache: bool = True,
     should_stop: Optional[Callable[[int, list[int]], bool]] = None,
     on_token: Optional[Callable[[int, int], None]] = None,
+    static_cache: bool = False,
+    compile_step: bool = False,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
 
     A row ends at an ``eos_ids`` token (not included in its output), when ``should_stop(row, new_ids)`` says so,
     or after ``max_new_tokens``. ``on_token(row, id)`` is called for every token kept (for streaming).
+    ``static_cache`` keeps every decode step's shapes fixed and ``compile_step`` compiles that step (on CUDA with
+    CUDA graphs, ``mode="reduce-overhead"``): the fast path for GPUs, where a small model's decode is launch-bound.
     """
     if not prompts:
         return []
@@ -107,41 +111,66 @@ def generate_ids(
         input_ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, longest - len(p):] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
+    eos_set = set(eos_ids)
     outputs: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     context, context_mask = input_ids, mask
     padded = not bool(mask.all())
 
-    cache = model.new_cache(B, longest + max_new_tokens) if use_cache and max_new_tokens > 0 else None
+    static = static_cache or compile_step
+    cache = None
+    if use_cache and max_new_tokens > 0:
+        cache = model.new_cache(B, longest + max_new_tokens, static=static)
+    decode = _decode_step(model, compile_step) if cache is not None and static else None
     step_ids, step_mask = input_ids, (mask if padded else None)
     for t in range(max_new_tokens):
-        if cache is not None:
+        if decode is not None and t > 0:
+            logits = decode(step_ids, cache)
+        elif cache is not None:
             logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         else:
             logits = model(context, attention_mask=context_mask if padded else None, logits_to_keep=1).logits[:, -1]
         logits = apply_repetition_penalty(logits.float(), context, repetition_penalty, context_mask if padded else None)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        is_eos = torch.isin(nxt, eos)
-        newly_done = ~done & is_eos
-        for i in range(B):  # bookkeeping on the host: B is small next to the forward pass
-            if done[i] or newly_done[i]:
+        tokens = nxt.tolist()  # the one host sync per step: the host decides who stops (eos, stop strings)
+        for i, tok in enumerate(tokens):
+            if done[i]:
                 continue
-            tok = int(nxt[i])
+            if tok in eos_set:
+                done[i] = True
+                continue
             outputs[i].append(tok)
             if on_token is not None:
                 on_token(i, tok)
             if should_stop is not None and should_stop(i, outputs[i]):
-                newly_done[i] = True
-        done = done | newly_done
-        if bool(done.all()):
+                done[i] = True
+        if all(done):
             break
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if any(done):  # finished rows keep decoding padding (cheaper than reshaping the batch)
+            nxt = torch.where(torch.tensor(done, device=device), torch.full_like(nxt, pad_id), nxt)
         step_ids = nxt[:, None]
         step_mask = torch.ones_like(step_ids) if padded else None
         context = torch.cat([context, step_ids], dim=1)
         context_mask = torch.cat([context_mask, torch.ones_like(step_ids)], dim=1)
     return outputs
+
+
+_COMPILED: dict = {}
+
+
+def _decode_step(model, compile_step: bool):
+    """One decode step with fixed shapes (static cache, one token per row, every row valid)."""
+
+    def step(ids, cache):
+        return model(ids, cache=cache, logits_to_keep=1).logits[:, -1]
+
+    if not compile_step:
+        return step
+    key = id(model)
+    if key not in _COMPILED:
+        mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+        _COMPILED[key] = torch.compile(step, mode=mode, dynamic=False)
+    return _COMPILED[key]
 
 
 # ------------------------------------------------------------------------------------------------ text level

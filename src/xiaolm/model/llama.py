@@ -166,21 +166,33 @@ def apply_rotary(q, k, cos, sin):
 
 
 class KVCache:
-    """A preallocated (static) key/value cache: one [B, kv_heads, max_len, head_dim] pair per layer.
+    """A preallocated key/value cache: one [B, kv_heads, max_len, head_dim] pair per layer.
 
-    Slots are filled left to right; ``length`` counts the filled slots, the same for every row (left padding keeps
-    rows aligned). ``valid`` marks which slots hold real tokens, so padded slots are never attended to.
+    Slots fill left to right, at the same slot for every row (left padding keeps rows aligned); ``valid`` marks
+    the slots that hold real tokens, so padding is never attended to.
+
+    Two modes compute the same thing. The default attends over the filled slots only (shapes grow by one each
+    step: cheapest in eager mode). ``static=True`` always attends over all ``max_len`` slots with a mask and keeps
+    the write position in a tensor, so every decode step has identical shapes and no Python-side state changes:
+    what ``torch.compile(mode="reduce-overhead")`` needs to capture the step in a CUDA graph.
     """
 
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device, dtype, static: bool = False):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self.length = 0
+        self.length = 0  # dynamic mode: filled slots (static mode counts in ``slot`` instead)
+        self.static = static
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # static mode: next slot to write
+        self.slots = torch.arange(max_len, device=device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: Optional[torch.Tensor] = None):
+        if self.static:
+            self.k[layer].index_copy_(2, write, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, write, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} > {self.max_len} slots")
@@ -205,14 +217,17 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache]):
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], write: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v, write)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = _flex_attention(q, k, v, mask, gqa=self.n_kv != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.n_kv != self.n_heads:  # grouped-query attention: each kv head serves a group of query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
@@ -242,8 +257,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, write=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, write)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -284,6 +299,32 @@ def build_attention_mask(
     return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
 
 
+_FLEX = {}
+
+
+def _flex_attention(q, k, v, block_mask, gqa: bool):
+    """FlexAttention, compiled on GPU (a fused kernel that skips fully masked blocks); eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        if "compiled" not in _FLEX:
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+        return _FLEX["compiled"](q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def document_block_mask(doc_ids: torch.Tensor):
+    """A FlexAttention block mask: causal and inside each packed document (same rule as build_attention_mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = doc_ids.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+
+
 def doc_ids_from_tokens(input_ids: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Document index per position in a packed window: a new document starts after each end-of-text token."""
     ends = (input_ids == eot_id).long()
@@ -318,6 +359,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.attn_impl = "sdpa"  # "flex": FlexAttention for packed-document masks (a runtime choice, not saved)
         self.apply(self._init_weights)
         # GPT-2 style: scale the residual-stream output projections by depth so activations stay O(1).
         scale = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
@@ -352,6 +394,9 @@ class Llama(nn.Module):
         tokens only and is recorded in the cache. ``doc_ids`` [B, T] restricts attention to each packed document.
         """
         B, T = input_ids.shape
+        write = None
+        if cache is not None and cache.static:
+            return self._hidden_states_static(input_ids, position_ids, attention_mask, cache)
         past = cache.length if cache is not None else 0
         key_valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
@@ -366,14 +411,36 @@ class Llama(nn.Module):
                 position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = build_attention_mask(T, past + T, input_ids.device, key_valid=key_valid, doc_ids=doc_ids)
+        if doc_ids is not None and cache is None and key_valid is None and self.attn_impl == "flex":
+            mask = document_block_mask(doc_ids)
+        else:
+            mask = build_attention_mask(T, past + T, input_ids.device, key_valid=key_valid, doc_ids=doc_ids)
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, write)
         if cache is not None:
             cache.length = past + T
+        return self.model.norm(x)
+
+    def _hidden_states_static(self, input_ids, position_ids, attention_mask, cache: KVCache) -> torch.Tensor:
+        """Fixed-shape path: write at ``cache.slot`` and attend over every slot through a mask (see KVCache)."""
+        B, T = input_ids.shape
+        write = cache.slot + torch.arange(T, device=input_ids.device)
+        new_valid = (attention_mask.bool() if attention_mask is not None
+                     else torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
+        cache.valid.index_copy_(1, write, new_valid)
+        if position_ids is None:
+            position_ids = (cache.valid.long().cumsum(1) - 1).clamp(min=0).index_select(1, write)
+        q_slot = write[None, None, :, None]
+        k_slot = cache.slots[None, None, None, :]
+        mask = ((k_slot <= q_slot) & cache.valid[:, None, None, :]) | (k_slot == q_slot)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, write)
+        cache.slot.add_(T)  # a tensor, so a compiled step never sees changing Python state
         return self.model.norm(x)
 
     def forward(
@@ -404,9 +471,10 @@ class Llama(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(logits, loss)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                  static: bool = False) -> KVCache:
         dtype = dtype or self.model.embed_tokens.weight.dtype
-        return KVCache(self.config, batch_size, max_len, self.device, dtype)
+        return KVCache(self.config, batch_size, max_len, self.device, dtype, static=static)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices only (not norms, not the embedding): the usual AdamW split."""

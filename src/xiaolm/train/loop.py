@@ -17,9 +17,11 @@ import contextlib
 import json
 import math
 import os
+import queue
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,7 @@ class TrainConfig:
     )
     max_skipped_steps: int = opt(20, "with on_nonfinite=skip: stop after this many skipped steps")
     loss_chunk_size: int = opt(0, "rows per chunk for the fused linear + cross-entropy (0: plain)")
+    prefetch: int = opt(2, "batches prepared ahead by a background thread (pinned on GPU); 0 disables")
     fsdp: bool = opt(False, "shard parameters with FSDP2 (fully_shard) under torchrun")
     peak_flops: Optional[float] = opt(None, "device peak FLOP/s for MFU (default: looked up by GPU name)")
     tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
@@ -526,6 +529,8 @@ class Trainer:
         last_loss: Optional[float] = None
         exit_code, interrupted = 0, False
         step = start_step
+        feed = _Prefetcher(batch_fn, start_step, self.total_steps, accum, cfg.prefetch,
+                           pin=self.device.startswith("cuda"))
         self.model.train()
         try:
             while step < self.total_steps:
@@ -535,7 +540,7 @@ class Trainer:
                 step_loss = torch.zeros((), device=self.device)
                 step_tokens = 0
                 for micro in range(accum):
-                    batch = _to_device(batch_fn(step, micro), self.device)
+                    batch = _to_device(feed.get(step, micro), self.device)
                     step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
                     sync_ctx = (
                         self.model.no_sync()
@@ -656,6 +661,7 @@ class Trainer:
                         log(f"stopped at step {step} as asked (--stop-at-step); continue with --resume")
                     break
         finally:
+            feed.close()
             stop.restore()
             progress.close()
             metrics.close()
@@ -666,15 +672,67 @@ class Trainer:
 
 
 def _to_device(batch: dict, device: str) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            if device.startswith("cuda"):
-                v = v.pin_memory().to(device, non_blocking=True)
-            else:
-                v = v.to(device)
-        out[k] = v
-    return out
+    non_blocking = device.startswith("cuda")
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _pin(batch: dict) -> dict:
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Prefetcher:
+    """Prepares the next batches on a background thread so the device never waits for data.
+
+    ``batch_fn`` is a pure function of (step, micro), so batches can be made ahead in order; with ``depth`` 0
+    they are made on demand. Pinned host memory lets the copy to the GPU overlap with compute.
+    """
+
+    _END = object()
+
+    def __init__(self, batch_fn, start_step: int, total_steps: int, accum: int, depth: int, pin: bool):
+        self.batch_fn, self.pin, self.depth = batch_fn, pin, depth
+        if depth <= 0:
+            return
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        order = ((s, m) for s in range(start_step, total_steps) for m in range(accum))
+        self.thread = threading.Thread(target=self._run, args=(order,), daemon=True, name="xiaolm-prefetch")
+        self.thread.start()
+
+    def _make(self, step, micro):
+        batch = self.batch_fn(step, micro)
+        return _pin(batch) if self.pin else batch
+
+    def _run(self, order):
+        try:
+            for step, micro in order:
+                item = (step, micro, self._make(step, micro))
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as exc:  # surfaced in get()
+            self.q.put((None, None, exc))
+
+    def get(self, step: int, micro: int) -> dict:
+        if self.depth <= 0:
+            return self._make(step, micro)
+        s, m, item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        if (s, m) != (step, micro):
+            raise RuntimeError(f"prefetcher out of order: wanted {(step, micro)}, got {(s, m)}")
+        return item
+
+    def close(self) -> None:
+        if self.depth > 0:
+            self.stop.set()
+            self.thread.join(timeout=5)
 
 
 class _Progress:

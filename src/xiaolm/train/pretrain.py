@@ -12,7 +12,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ class ModelSection:
     num_attention_heads: Optional[int] = opt(None, "override the preset's attention heads")
     num_key_value_heads: Optional[int] = opt(None, "override the preset's key/value heads (GQA)")
     doc_mask: bool = opt(False, "keep attention inside each document of a packed window (positions restart too)")
+    attn_impl: Literal["sdpa", "flex"] = opt("sdpa", "attention kernel for --doc-mask: sdpa (dense mask) or flex "
+                                                     "(FlexAttention, skips masked blocks on GPU)")
     init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
 
 
@@ -245,6 +247,7 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
     seed_everything(cfg.train.seed)
     tokenizer, train_shards, val_shards = _open_data(cfg)
     model = build_model(cfg, tokenizer.vocab_size, tokenizer)
+    model.attn_impl = cfg.model.attn_impl
     mcfg = model.config
     t = cfg.train
     seq = cfg.model.seq_len
