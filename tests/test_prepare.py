@@ -192,12 +192,21 @@ def test_split_is_stable_when_data_is_added(tmp_path):
     assert all(is_validation(d["text"], 0.1) for d in read_split(tmp_path / "b", "val"))
 
 
-def test_output_is_deterministic(tmp_path):
-    src = jsonl(tmp_path / "in.jsonl", [{"text": s} for s in STORIES * 2])
-    prepare([str(src)], tmp_path / "x", quiet=True, val_fraction=0.3)
-    prepare([str(src)], tmp_path / "y", quiet=True, val_fraction=0.3)
+def test_output_is_deterministic_and_independent_of_workers(tmp_path, monkeypatch):
+    import xiaolm.data.prepare as prep
+
+    monkeypatch.setattr(prep, "BATCH_DOCS", 7)  # many small batches through the worker pool
+    records = [{"text": s} for s in STORIES * 2] + [{"text": LONG_DOC}] + [{"text": "短"}]
+    records += [{"text": s[::-1] + s} for s in STORIES]
+    src = jsonl(tmp_path / "in.jsonl", records)
+    reports = [prepare([str(src)], tmp_path / name, quiet=True, val_fraction=0.3, workers=workers, max_chars=300)
+               for name, workers in (("x", 0), ("y", 0), ("z", 2))]
+    assert reports[2]["workers"] == 2
+    for key in ("documents_kept", "dropped", "duplicates_exact", "duplicates_near", "pieces_added_by_split"):
+        assert reports[0][key] == reports[1][key] == reports[2][key], key
     for name in ("train.jsonl", "val.jsonl"):
-        assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
+        x = (tmp_path / "x" / name).read_bytes()
+        assert x == (tmp_path / "y" / name).read_bytes() == (tmp_path / "z" / name).read_bytes()
 
 
 def test_mixed_formats_and_per_file_counts(tmp_path):
@@ -206,15 +215,17 @@ def test_mixed_formats_and_per_file_counts(tmp_path):
 
     (tmp_path / "in").mkdir()
     jsonl(tmp_path / "in" / "a.jsonl", [{"modern": STORIES[0]}, {"modern": 7}])
-    (tmp_path / "in" / "b.json").write_text(json.dumps([{"modern": STORIES[1]}], ensure_ascii=False), "utf-8")
+    (tmp_path / "in" / "b.json").write_text(json.dumps([{"paragraphs": [STORIES[1][:20], STORIES[1][20:]]}],
+                                                       ensure_ascii=False), "utf-8")
     (tmp_path / "in" / "c.csv").write_text(f"modern\n{STORIES[2]}\n{STORIES[0]}\n", encoding="utf-8")
     pq.write_table(pa.table({"modern": [STORIES[3]]}), tmp_path / "in" / "d.parquet")
-    report = prepare([str(tmp_path / "in")], tmp_path / "out", field="modern", quiet=True)
+    report = prepare([str(tmp_path / "in")], tmp_path / "out", field="modern|paragraphs", quiet=True)
     per_file = {Path(f["file"]).name: (f["documents_in"], f["documents_kept"], f["malformed"]) for f in report["files"]}
     assert per_file == {"a.jsonl": (1, 1, 1), "b.json": (1, 1, 0), "c.csv": (2, 1, 0), "d.parquet": (1, 1, 0)}
     assert report["duplicates_exact"] == 1  # c.csv's second row repeats a.jsonl's story
     assert report["malformed"] == [{"file": str(tmp_path / "in" / "a.jsonl"), "line": 2,
                                     "reason": "non-string field: 'modern' is int"}]
+    assert STORIES[1] in [d["text"] for d in all_docs(tmp_path / "out")]  # the paragraphs, joined
 
 
 def test_missing_input_fails_before_any_work(tmp_path):

@@ -164,6 +164,9 @@ def test_field_paths():
     assert extract_field(rec, "prompt:") == ("colon key", None)
     assert extract_field(rec, "turns.0.value") == ("你好", None)
     assert extract_field("整条记录", "") == ("整条记录", None)
+    assert extract_field(rec, "modern|a.b.c|paragraphs") == ("深", None)  # first alternative present
+    assert extract_field(rec, "x|y")[1].startswith("missing field: none of 'x|y'")
+    assert extract_field(rec, "n|a.b.c")[1].startswith("non-string")  # present but wrong type: no fallback
     for path, reason in [("a.b.x", "missing field"), ("missing", "missing field"), ("n", "non-string"),
                          ("none", "non-string"), ("mixed", "non-string"), ("turns.5.value", "missing field"),
                          ("n.x", "missing field")]:

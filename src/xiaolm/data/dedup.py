@@ -220,11 +220,15 @@ class Deduplicator:
             self._sigs = grown
         self._sigs[self.kept] = sig
 
-    def check(self, texts: Sequence[str]) -> list[Verdict]:
+    def check(self, texts: Sequence[str], signatures: np.ndarray | None = None) -> list[Verdict]:
+        """Verdicts for ``texts`` in order; ``signatures`` may be given when computed elsewhere (a worker process
+        running :class:`MinHasher` with the same settings)."""
         from datasketch import LeanMinHash
 
         verdicts: list[Verdict] = []
-        sigs = self.hasher.signatures(texts) if self.cfg.near and len(texts) else None
+        sigs = None
+        if self.cfg.near and len(texts):
+            sigs = signatures if signatures is not None else self.hasher.signatures(texts)
         # Exact duplicates inside this batch must not be compared by LSH before the first copy is indexed,
         # so documents are handled strictly in order.
         for i, text in enumerate(texts):

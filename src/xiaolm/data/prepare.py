@@ -28,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,12 +36,13 @@ from typing import Any, Literal
 from xiaolm.config import ConfigError, opt, parse_config, save_config
 from xiaolm.data.clean import FILTER_RULES, Cleaner, CleanConfig, FilterConfig, filter_reasons, split_long, \
     validate_filters
-from xiaolm.data.dedup import DedupConfig, Deduplicator, validate_dedup
+from xiaolm.data.dedup import DedupConfig, Deduplicator, MinHasher, validate_dedup
 from xiaolm.data.readers import TXT_MODES, InputError, ReadLog, iter_records, read_options_from, resolve_inputs
 from xiaolm.utils import atomic_write_json, fail, log, stable_hash
 
 SPLIT_BUCKETS = 10_000
 BATCH_DOCS = 1024
+PARALLEL_MIN_BYTES = 16 << 20  # inputs smaller than this are cleaned in the main process
 MAX_EXAMPLES = 20
 
 
@@ -50,8 +52,10 @@ class PrepareConfig:
                                 ".txt .jsonl .json .csv .parquet, each optionally .gz")
     out: str = opt("", "output directory for train.jsonl, val.jsonl, report.json, config.yaml")
     field: str = opt("text", "field path of the text in each record: story_zh, modern, paragraphs (a list is "
-                             "joined), nested a.b.c; ignored for .txt")
-    joiner: str = opt("", "string placed between the items of a list field (\"\" suits Chinese lines)")
+                             "joined), nested a.b.c, alternatives modern|paragraphs (first present); ignored for "
+                             ".txt")
+    joiner: str = opt("", "string placed between the items of a list field (\"\" suits Chinese lines; \\n means "
+                          "a newline)")
     txt_mode: Literal["line", "paragraph", "file", "chapter"] = opt(
         "line", "how a .txt file is cut into documents: one per line, per blank-line paragraph, per file, or per "
                 "chapter (a line matching chapter_regex starts a new one)")
@@ -64,6 +68,9 @@ class PrepareConfig:
     hf_cache_dir: str | None = opt(None, "cache directory for hf:NAME inputs")
     val_fraction: float = opt(0.02, "share of documents (by text hash, stable as data is added) sent to "
                                     "val.jsonl")
+    workers: int = opt(-1, "extra processes that clean, filter and MinHash while the main process reads and "
+                           "deduplicates in input order (0: none; -1: automatic, cores-1 up to 3 for inputs of "
+                           "16 MB or more, else none)")
     quiet: bool = opt(False, "no progress bar or summary")
     max_malformed_listed: int = opt(10_000, "malformed records listed in full in report.json (all are counted)")
     clean: CleanConfig = opt(factory=CleanConfig, help="cleaning")
@@ -127,11 +134,18 @@ def validate_config(cfg: PrepareConfig) -> None:
         re.compile(cfg.chapter_regex)
     except re.error as exc:
         raise ValueError(f"chapter_regex {cfg.chapter_regex!r} is not a valid regular expression: {exc}") from None
+    if cfg.workers < -1:
+        raise ValueError(f"workers must be -1 (automatic), 0 or more, got {cfg.workers}")
     validate_filters(cfg.filters)
     validate_dedup(cfg.dedup)
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _unescape(joiner: str) -> str:
+    """``\\n`` and ``\\t`` typed on a command line mean a newline and a tab."""
+    return joiner.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -163,10 +177,13 @@ class _SplitWriter:
         self.chars[split] += len(record["text"])
 
     def commit(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
         for split, fh in self.handles.items():
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
+            os.chmod(self.paths[split], 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
             os.replace(self.paths[split], self.out_dir / f"{split}.jsonl")
 
     def abort(self) -> None:
@@ -179,10 +196,84 @@ class _SplitWriter:
 
 
 @dataclass
-class _Candidate:
-    text: str
-    source: str
-    file: str
+class _Cleaned:
+    """What a worker returns for one batch of raw records."""
+
+    texts: list[str]  # documents that passed the filters (pieces of split documents are separate)
+    sources: list[str]
+    files: list[str]
+    signatures: Any  # numpy [len(texts), num_perm] or None when near-dedup is off
+    characters_after_cleaning: int
+    long_documents_split: int
+    pieces_added_by_split: int
+    dropped: dict[str, int]
+    seconds: float
+
+
+class _BatchWorker:
+    """Clean, split, filter and MinHash one batch of raw records; runs in the main process or in a pool."""
+
+    def __init__(self, clean_cfg: CleanConfig, filter_cfg: FilterConfig, dedup_cfg: DedupConfig):
+        self.cleaner = Cleaner(clean_cfg)
+        self.filters = filter_cfg
+        self.hasher = MinHasher(dedup_cfg.num_perm, dedup_cfg.seed, dedup_cfg.ngram) if dedup_cfg.near else None
+
+    def __call__(self, raw: list[tuple[str, str, str]]) -> _Cleaned:
+        start = time.perf_counter()
+        fcfg = self.filters
+        texts, sources, files = [], [], []
+        after_cleaning = long_split = pieces_added = 0
+        for text, source, file in raw:
+            text = self.cleaner(text)
+            after_cleaning += len(text)
+            pieces = [text]
+            if fcfg.max_chars and len(text) > fcfg.max_chars and fcfg.too_long == "split":
+                pieces = split_long(text, fcfg.max_chars)
+                long_split += 1
+                pieces_added += len(pieces) - 1
+            for n, piece in enumerate(pieces, 1):
+                texts.append(piece)
+                sources.append(source if len(pieces) == 1 else f"{source}/p{n}")
+                files.append(file)
+        dropped = {rule: 0 for rule in FILTER_RULES}
+        keep = []
+        for i, reason in enumerate(filter_reasons(texts, fcfg)):
+            if reason is None:
+                keep.append(i)
+            else:
+                dropped[reason] += 1
+        texts = [texts[i] for i in keep]
+        signatures = self.hasher.signatures(texts) if self.hasher is not None else None
+        return _Cleaned(texts, [sources[i] for i in keep], [files[i] for i in keep], signatures, after_cleaning,
+                        long_split, pieces_added, dropped, time.perf_counter() - start)
+
+
+_worker: _BatchWorker | None = None
+
+
+def _init_worker(clean_cfg: CleanConfig, filter_cfg: FilterConfig, dedup_cfg: DedupConfig) -> None:
+    global _worker
+    _worker = _BatchWorker(clean_cfg, filter_cfg, dedup_cfg)
+
+
+def _work(raw: list[tuple[str, str, str]]) -> _Cleaned:
+    assert _worker is not None
+    return _worker(raw)
+
+
+def _auto_workers(files: list) -> int:
+    """Worker processes for cleaning and hashing: none for small inputs (a pool costs more than it saves), else
+    one per core beside the main process, at most 3 (the main process's deduplication is then the limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores < 2:
+        return 0
+    size = 0
+    for item in files:
+        if item.format == "hf":
+            size = PARALLEL_MIN_BYTES
+            break
+        size += os.path.getsize(item.path) * (4 if item.compressed else 1)
+    return min(cores - 1, 3) if size >= PARALLEL_MIN_BYTES else 0
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -202,16 +293,15 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     cfg.out = str(out_dir)
     validate_config(cfg)
     read_options = read_options_from(cfg)
+    read_options["joiner"] = _unescape(cfg.joiner)
     files = resolve_inputs(cfg.inputs, hf_split=cfg.hf_split, hf_config=cfg.hf_config,
                            hf_cache_dir=cfg.hf_cache_dir)  # every input checked before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    workers = cfg.workers if cfg.workers >= 0 else _auto_workers(files)
 
     collector = ReadLog(max_listed=cfg.max_malformed_listed)
-    cleaner = Cleaner(cfg.clean)
     dedup = Deduplicator(cfg.dedup) if (cfg.dedup.exact or cfg.dedup.near) else None
-    fcfg = cfg.filters
-
     counts = {
         "documents_in": 0, "characters_in": 0, "characters_after_cleaning": 0, "long_documents_split": 0,
         "pieces_added_by_split": 0, "duplicates_exact": 0, "duplicates_near": 0,
@@ -220,75 +310,86 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     per_file: dict[str, dict] = {}
     kept_sources: list[str] = []  # dedup id -> source, for the near-duplicate examples
     examples: list[dict] = []
-    timings = {"read_clean_filter": 0.0, "dedup": 0.0, "write": 0.0}
+    timings = {"read": 0.0, "clean_filter_minhash": 0.0, "dedup": 0.0, "write": 0.0}
+
+    def raw_batches():
+        batch: list[tuple[str, str, str]] = []
+        t0 = time.perf_counter()
+        for rec in iter_records(files, collector=collector, **read_options):
+            stats = per_file.get(rec.source_file)
+            if stats is None:
+                stats = per_file[rec.source_file] = {"documents_in": 0, "documents_kept": 0, "characters_in": 0,
+                                                     "characters_kept": 0}
+            stats["documents_in"] += 1
+            stats["characters_in"] += len(rec.text)
+            counts["documents_in"] += 1
+            counts["characters_in"] += len(rec.text)
+            batch.append((rec.text, rec.source, rec.source_file))
+            if len(batch) >= BATCH_DOCS:
+                timings["read"] += time.perf_counter() - t0
+                yield batch
+                t0 = time.perf_counter()
+                batch = []
+        timings["read"] += time.perf_counter() - t0
+        if batch:
+            yield batch
+
+    def handle(result: _Cleaned, n_raw: int) -> None:
+        timings["clean_filter_minhash"] += result.seconds
+        counts["characters_after_cleaning"] += result.characters_after_cleaning
+        counts["long_documents_split"] += result.long_documents_split
+        counts["pieces_added_by_split"] += result.pieces_added_by_split
+        for rule, n in result.dropped.items():
+            dropped[rule] += n
+        t1 = time.perf_counter()
+        verdicts = (dedup.check(result.texts, result.signatures) if dedup is not None
+                    else [None] * len(result.texts))
+        t2 = time.perf_counter()
+        timings["dedup"] += t2 - t1
+        for text, source, file, verdict in zip(result.texts, result.sources, result.files, verdicts):
+            if verdict is not None and verdict.kind is not None:
+                counts[f"duplicates_{verdict.kind}"] += 1
+                if verdict.kind == "near" and len(examples) < MAX_EXAMPLES:
+                    examples.append({"dropped": source, "kept": kept_sources[verdict.match],
+                                     "similarity": round(verdict.similarity, 3)})
+                continue
+            if verdict is not None:
+                kept_sources.append(source)
+            split = "val" if is_validation(text, cfg.val_fraction) else "train"
+            writer.write(split, {"text": text, "id": document_id(text), "source": source})
+            per_file[file]["documents_kept"] += 1
+            per_file[file]["characters_kept"] += len(text)
+        timings["write"] += time.perf_counter() - t2
+        if progress is not None:
+            progress.update(n_raw)
 
     writer = _SplitWriter(out)
     progress = None
     if not cfg.quiet:
         from tqdm.auto import tqdm
 
-        progress = tqdm(desc="prepare", unit=" doc", file=sys.stderr, dynamic_ncols=True)
+        progress = tqdm(desc="prepare", unit=" doc", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
-        records = iter_records(files, collector=collector, **read_options)
-        batch: list[_Candidate] = []
+        if workers == 0:
+            worker = _BatchWorker(cfg.clean, cfg.filters, cfg.dedup)
+            for raw in raw_batches():
+                handle(worker(raw), len(raw))
+        else:
+            import multiprocessing
 
-        def flush() -> None:
-            t0 = time.perf_counter()
-            reasons = filter_reasons([c.text for c in batch], fcfg)
-            survivors = []
-            for cand, reason in zip(batch, reasons):
-                if reason is None:
-                    survivors.append(cand)
-                else:
-                    dropped[reason] += 1
-            t1 = time.perf_counter()
-            timings["read_clean_filter"] += t1 - t0
-            verdicts = dedup.check([c.text for c in survivors]) if dedup is not None else [None] * len(survivors)
-            t2 = time.perf_counter()
-            timings["dedup"] += t2 - t1
-            for cand, verdict in zip(survivors, verdicts):
-                if verdict is not None and verdict.kind is not None:
-                    counts[f"duplicates_{verdict.kind}"] += 1
-                    if verdict.kind == "near" and len(examples) < MAX_EXAMPLES:
-                        examples.append({"dropped": cand.source, "kept": kept_sources[verdict.match],
-                                         "similarity": round(verdict.similarity, 3)})
-                    continue
-                if verdict is not None:
-                    kept_sources.append(cand.source)
-                split = "val" if is_validation(cand.text, cfg.val_fraction) else "train"
-                writer.write(split, {"text": cand.text, "id": document_id(cand.text), "source": cand.source})
-                stats = per_file[cand.file]
-                stats["documents_kept"] += 1
-                stats["characters_kept"] += len(cand.text)
-            timings["write"] += time.perf_counter() - t2
-            batch.clear()
-
-        t_read = time.perf_counter()
-        for rec in records:
-            stats = per_file.setdefault(rec.source_file, {"documents_in": 0, "documents_kept": 0,
-                                                          "characters_in": 0, "characters_kept": 0})
-            stats["documents_in"] += 1
-            stats["characters_in"] += len(rec.text)
-            counts["documents_in"] += 1
-            counts["characters_in"] += len(rec.text)
-            text = cleaner(rec.text)
-            counts["characters_after_cleaning"] += len(text)
-            pieces = [text]
-            if fcfg.max_chars and len(text) > fcfg.max_chars and fcfg.too_long == "split":
-                pieces = split_long(text, fcfg.max_chars)
-                counts["long_documents_split"] += 1
-                counts["pieces_added_by_split"] += len(pieces) - 1
-            for n, piece in enumerate(pieces, 1):
-                source = rec.source if len(pieces) == 1 else f"{rec.source}/p{n}"
-                batch.append(_Candidate(piece, source, rec.source_file))
-            if progress is not None:
-                progress.update(1)
-            if len(batch) >= BATCH_DOCS:
-                timings["read_clean_filter"] += time.perf_counter() - t_read
-                flush()
-                t_read = time.perf_counter()
-        timings["read_clean_filter"] += time.perf_counter() - t_read
-        flush()
+            # Batches go out in order and come back in order; at most 2 per worker are in flight, so memory
+            # stays bounded however large the corpus.
+            with multiprocessing.Pool(workers, initializer=_init_worker,
+                                      initargs=(cfg.clean, cfg.filters, cfg.dedup)) as pool:
+                pending: deque = deque()
+                for raw in raw_batches():
+                    pending.append((pool.apply_async(_work, (raw,)), len(raw)))
+                    if len(pending) >= 2 * workers + 1:
+                        job, n_raw = pending.popleft()
+                        handle(job.get(), n_raw)
+                while pending:
+                    job, n_raw = pending.popleft()
+                    handle(job.get(), n_raw)
         writer.commit()
     except BaseException:
         writer.abort()
@@ -338,6 +439,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
         "dedup_documents_per_second": (round((kept + counts["duplicates_exact"] + counts["duplicates_near"])
                                              / timings["dedup"], 1) if timings["dedup"] > 0 else None),
         "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "workers": workers,
         "warnings": warnings,
     }
     atomic_write_json(out / "report.json", report)

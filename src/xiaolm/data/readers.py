@@ -19,7 +19,8 @@ Formats (each also gzip-compressed as ``NAME.EXT.gz``):
   ``datasets.load_dataset(NAME, hf_config, split=hf_split, cache_dir=hf_cache_dir)``.
 
 The text of a record is chosen by a field path: ``story_zh``, ``modern``, nested ``a.b.c`` (a numeric component
-indexes a list), or ``""`` for a record that is itself a string. A list of strings is joined with ``joiner``
+indexes a list), ``""`` for a record that is itself a string, or alternatives ``modern|paragraphs`` (the first the
+record has; lets inputs of different layouts share one run). A list of strings is joined with ``joiner``
 (default ``""``, right for lines of Chinese verse).
 
 A malformed record (bad JSON, missing field, non-string field, non-UTF-8 bytes, bad CSV row) is never fatal and
@@ -278,7 +279,23 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike | InputFile], *, hf_split:
 
 
 def extract_field(record: Any, path: str, joiner: str = "") -> tuple[str | None, str | None]:
-    """Return ``(text, None)`` or ``(None, reason)`` for the value at ``path`` (dotted) in ``record``."""
+    """Return ``(text, None)`` or ``(None, reason)`` for the value at ``path`` (dotted) in ``record``.
+
+    ``path`` may list alternatives, ``modern|paragraphs``: the first one the record has is used (so inputs of
+    different layouts can share one run).
+    """
+    if "|" in path:
+        first_reason = None
+        for alternative in path.split("|"):
+            text, reason = _extract_one(record, alternative, joiner)
+            if reason is None or not reason.startswith("missing field"):
+                return text, reason
+            first_reason = first_reason or reason
+        return None, f"missing field: none of '{path}' ({first_reason.split('(', 1)[-1]}"
+    return _extract_one(record, path, joiner)
+
+
+def _extract_one(record: Any, path: str, joiner: str) -> tuple[str | None, str | None]:
     value = record
     if path:
         rest = path
@@ -512,7 +529,7 @@ class _Reader:
         except csv.Error as exc:
             self.bad(1, f"bad CSV row: header: {exc}; file skipped")
             return
-        column = header.index(self.field) if self.field in header else None
+        column = next((header.index(f) for f in self.field.split("|") if f in header), None)
         if column is None:
             self.seen_keys = header[:20]
         previous_end = reader.line_num
@@ -568,8 +585,9 @@ class _Reader:
             self.bad(None, f"unreadable file: {exc}; file skipped")
             return
         names = pf.schema_arrow.names
-        top = self.field.split(".", 1)[0] if self.field else None
-        if top is None or top not in names:
+        tops = [f.split(".", 1)[0] for f in self.field.split("|")] if self.field else []
+        columns = [t for t in dict.fromkeys(tops) if t in names]
+        if not columns:
             self.seen_keys = names[:20]
 
             def empties():
@@ -579,7 +597,7 @@ class _Reader:
             return
 
         def rows():
-            for batch in pf.iter_batches(columns=[top], batch_size=4096):
+            for batch in pf.iter_batches(columns=columns, batch_size=4096):
                 yield from batch.to_pylist()
         try:
             yield from self._iter_rows(rows())
