@@ -3,7 +3,11 @@
 Pipeline, streaming in input order (so the output order is deterministic):
 
     read (readers.iter_records) -> clean (clean.Cleaner) -> split documents over max_chars (or drop them)
-    -> filters (clean.filter_reason) -> exact and near-duplicate removal (dedup.Deduplicator) -> train/val
+    -> filters (clean.filter_reasons) -> exact and near-duplicate removal (dedup.Deduplicator) -> train/val
+
+Records are read in batches; cleaning, filtering and the MinHash signatures of a batch can run in worker processes
+(``workers``), while reading, deduplication (against everything kept so far) and writing stay in the main process
+and in input order, so the output is the same for any number of workers.
 
 Outputs in ``OUT``: ``train.jsonl`` and ``val.jsonl`` (records ``{"text", "id", "source"}``; ``id`` is a hash of
 the text, ``source`` is ``file:line`` or ``file#row``, with ``/pN`` for the N-th piece of a split document),
