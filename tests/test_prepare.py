@@ -134,6 +134,8 @@ def test_pipeline_counts_every_rule_and_duplicate(tmp_path):
     assert report["dropped"] == {"empty": 1, "too_short": 1, "too_long": 0, "low_cjk": 1, "repeated_lines": 1,
                                  "repeated_ngrams": 1}
     assert report["duplicates_exact"] == 2 and report["duplicates_near"] == 1
+    assert report["dropped_examples"]["too_short"] == [f"{src}:10"]
+    assert report["dropped_examples"]["repeated_ngrams"] == [f"{src}:13"]
     assert report["long_documents_split"] == 1 and report["pieces_added_by_split"] >= 4
     assert report["malformed_count"] == 1 and report["malformed"][0]["line"] == len(records)
     # Every document is accounted for exactly once.

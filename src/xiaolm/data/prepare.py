@@ -48,6 +48,7 @@ SPLIT_BUCKETS = 10_000
 BATCH_DOCS = 1024
 PARALLEL_MIN_BYTES = 16 << 20  # inputs smaller than this are cleaned in the main process
 MAX_EXAMPLES = 20
+MAX_EXAMPLES_PER_RULE = 5
 
 
 @dataclass
@@ -211,6 +212,7 @@ class _Cleaned:
     long_documents_split: int
     pieces_added_by_split: int
     dropped: dict[str, int]
+    dropped_sources: dict[str, list[str]]  # the first few per rule, for the report's examples
     seconds: float
 
 
@@ -240,16 +242,20 @@ class _BatchWorker:
                 sources.append(source if len(pieces) == 1 else f"{source}/p{n}")
                 files.append(file)
         dropped = {rule: 0 for rule in FILTER_RULES}
+        dropped_sources: dict[str, list[str]] = {}
         keep = []
         for i, reason in enumerate(filter_reasons(texts, fcfg)):
             if reason is None:
                 keep.append(i)
             else:
                 dropped[reason] += 1
+                examples = dropped_sources.setdefault(reason, [])
+                if len(examples) < MAX_EXAMPLES_PER_RULE:
+                    examples.append(sources[i])
         texts = [texts[i] for i in keep]
         signatures = self.hasher.signatures(texts) if self.hasher is not None else None
         return _Cleaned(texts, [sources[i] for i in keep], [files[i] for i in keep], signatures, after_cleaning,
-                        long_split, pieces_added, dropped, time.perf_counter() - start)
+                        long_split, pieces_added, dropped, dropped_sources, time.perf_counter() - start)
 
 
 _worker: _BatchWorker | None = None
@@ -312,6 +318,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     }
     dropped = {rule: 0 for rule in FILTER_RULES}
     per_file: dict[str, dict] = {}
+    dropped_examples: dict[str, list[str]] = {}
     kept_sources: list[str] = []  # dedup id -> source, for the near-duplicate examples
     examples: list[dict] = []
     timings = {"read": 0.0, "clean_filter_minhash": 0.0, "dedup": 0.0, "write": 0.0}
@@ -345,6 +352,9 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
         counts["pieces_added_by_split"] += result.pieces_added_by_split
         for rule, n in result.dropped.items():
             dropped[rule] += n
+        for rule, sources in result.dropped_sources.items():
+            room = MAX_EXAMPLES_PER_RULE - len(dropped_examples.setdefault(rule, []))
+            dropped_examples[rule].extend(sources[:max(room, 0)])
         t1 = time.perf_counter()
         verdicts = (dedup.check(result.texts, result.signatures) if dedup is not None
                     else [None] * len(result.texts))
@@ -428,6 +438,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
         "long_documents_split": counts["long_documents_split"],
         "pieces_added_by_split": counts["pieces_added_by_split"],
         "dropped": dropped,
+        "dropped_examples": dropped_examples,
         "duplicates_exact": counts["duplicates_exact"],
         "duplicates_near": counts["duplicates_near"],
         "near_duplicate_examples": examples,
