@@ -1,0 +1,366 @@
+"""Loaders for the chat / instruction layouts people bring, into one shape: a list of OpenAI-style messages.
+
+Layouts (detected per record, or forced with ``fmt``):
+
+- ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}``
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system"?}``
+- ``openai``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}], ...}``; any other fields
+  (our instruction data keeps ``constraints`` and ``story_id`` there) are kept as ``Conversation.meta``.
+
+Files may be JSON Lines, a JSON array (pretty-printed or not), or one JSON object; the extension does not decide
+(``Belle_open_source_1k.json`` is JSON Lines). A malformed record is reported with its file, line and reason and
+skipped; it never stops the load. A conversation whose last user turn has no answer is kept with that turn trimmed,
+and that is reported too.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+FORMATS = ("auto", "alpaca", "sharegpt", "openai")
+
+# ShareGPT speaker names seen in the wild -> OpenAI roles.
+_SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+    "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+}
+_OPENAI_ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that does not fit its layout; the message is the reason."""
+
+
+@dataclass
+class Conversation:
+    """One chat sample: ``messages`` alternate user/assistant after an optional system message."""
+
+    messages: list[dict]
+    where: str  # "path:line", for messages about this sample
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        """Everything before the final assistant answer (the answer's prompt at evaluation)."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return self.messages[:-1]
+        return list(self.messages)
+
+    @property
+    def reference(self) -> Optional[str]:
+        """The final assistant answer, if the sample has one."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return self.messages[-1]["content"]
+        return None
+
+
+@dataclass
+class Problem:
+    where: str  # "path:line"
+    reason: str
+    action: str = "skipped"  # or "trimmed"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason} ({self.action})"
+
+
+@dataclass
+class LoadReport:
+    path: str
+    format: str = "?"
+    loaded: int = 0
+    skipped: int = 0
+    trimmed: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def summary(self, show: int = 5) -> str:
+        lines = [f"{self.path}: {self.loaded} conversations ({self.format}), {self.skipped} malformed skipped"
+                 + (f", {self.trimmed} trimmed" if self.trimmed else "")]
+        for p in self.problems[:show]:
+            lines.append(f"  {p}")
+        if len(self.problems) > show:
+            lines.append(f"  ... and {len(self.problems) - show} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "format": self.format, "loaded": self.loaded, "skipped": self.skipped,
+                "trimmed": self.trimmed, "problems": [str(p) for p in self.problems[:100]]}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def iter_json_records(path: str | Path) -> Iterator[tuple[int, object, Optional[str]]]:
+    """Yield ``(line, record, error)`` for every record of a JSON Lines file, a JSON array or a single object.
+
+    ``error`` is a reason string for a record that could not be parsed (then ``record`` is None). A JSON array with a
+    syntax error yields the records before the error, then one error at the line where parsing stopped.
+    """
+    path = Path(path)
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt", encoding="utf-8-sig") as fh:
+            text = fh.read()
+    else:
+        text = path.read_text(encoding="utf-8-sig")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        yield from _iter_array(text)
+        return
+    if stripped.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # several objects: JSON Lines
+        if isinstance(whole, dict):
+            line = text[: len(text) - len(stripped)].count("\n") + 1
+            yield line, whole, None
+            return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line), None
+        except json.JSONDecodeError as exc:
+            yield lineno, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+
+
+def _iter_array(text: str) -> Iterator[tuple[int, object, Optional[str]]]:
+    """Walk a top-level JSON array element by element, tracking the line each element starts on."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    line = text.count("\n", 0, pos) + 1
+    n = len(text)
+
+    def skip_ws(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    i = skip_ws(pos)
+    line += text.count("\n", pos, i)
+    if i < n and text[i] == "]":
+        return
+    while i < n:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            yield exc.lineno, None, f"not valid JSON ({exc.msg} at column {exc.colno}); the rest of the file is unread"
+            return
+        yield line, obj, None
+        j = skip_ws(end)
+        if j < n and text[j] == ",":
+            j = skip_ws(j + 1)
+        elif j < n and text[j] == "]":
+            return
+        else:
+            where = text.count("\n", 0, j) + 1
+            yield where, None, "not valid JSON (expected ',' or ']' between array elements); the rest is unread"
+            return
+        line += text.count("\n", i, j)
+        i = j
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def detect_format(record: object) -> Optional[str]:
+    """``alpaca``, ``sharegpt`` or ``openai`` by the record's keys; None when none fits."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("messages"), list):
+        first = next((m for m in record["messages"] if isinstance(m, dict)), {})
+        return "sharegpt" if "from" in first and "role" not in first else "openai"
+    if isinstance(record.get("conversations"), list):
+        first = next((m for m in record["conversations"] if isinstance(m, dict)), {})
+        return "openai" if "role" in first and "from" not in first else "sharegpt"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    return None
+
+
+def _text(value: object, what: str) -> str:
+    if isinstance(value, list):  # OpenAI content parts: keep the text parts
+        parts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) != len(value) or not all(isinstance(p, str) for p in parts):
+            raise RecordError(f"{what} has non-text content parts")
+        value = "".join(parts)
+    if not isinstance(value, str):
+        raise RecordError(f"{what} is {type(value).__name__}, expected a string")
+    return value
+
+
+def from_alpaca(rec: dict) -> list[dict]:
+    for key in ("instruction", "output"):
+        if key not in rec:
+            raise RecordError(f"missing field '{key}'")
+    instruction = _text(rec["instruction"], "field 'instruction'").strip()
+    extra = _text(rec.get("input") or "", "field 'input'").strip()
+    output = _text(rec["output"], "field 'output'")
+    if not instruction and not extra:
+        raise RecordError("empty 'instruction' and 'input'")
+    if not output.strip():
+        raise RecordError("empty 'output'")
+    messages = []
+    if rec.get("system"):
+        messages.append({"role": "system", "content": _text(rec["system"], "field 'system'")})
+    for k, turn in enumerate(rec.get("history") or []):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise RecordError(f"'history[{k}]' is not a [question, answer] pair")
+        messages.append({"role": "user", "content": _text(turn[0], f"'history[{k}][0]'")})
+        messages.append({"role": "assistant", "content": _text(turn[1], f"'history[{k}][1]'")})
+    messages.append({"role": "user", "content": f"{instruction}\n{extra}" if instruction and extra else instruction or extra})
+    messages.append({"role": "assistant", "content": output})
+    return messages
+
+
+def from_sharegpt(rec: dict) -> list[dict]:
+    key = "conversations" if "conversations" in rec else "messages"
+    turns = rec.get(key)
+    if not isinstance(turns, list):
+        raise RecordError("missing field 'conversations' (a list)")
+    messages = []
+    if rec.get("system"):
+        messages.append({"role": "system", "content": _text(rec["system"], "field 'system'")})
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecordError(f"'{key}[{k}]' needs 'from' and 'value'")
+        speaker = str(turn["from"]).lower()
+        role = _SHAREGPT_ROLES.get(speaker)
+        if role is None:
+            raise RecordError(f"'{key}[{k}].from' is {turn['from']!r} (tool turns are not supported)")
+        messages.append({"role": role, "content": _text(turn["value"], f"'{key}[{k}].value'")})
+    return messages
+
+
+def from_openai(rec: dict) -> list[dict]:
+    key = "messages" if "messages" in rec else "conversations"
+    turns = rec.get(key)
+    if not isinstance(turns, list):
+        raise RecordError("missing field 'messages' (a list)")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise RecordError(f"'{key}[{k}]' needs 'role' and 'content'")
+        role = turn["role"]
+        if role not in _OPENAI_ROLES:
+            raise RecordError(f"'{key}[{k}].role' is {role!r}, expected one of {list(_OPENAI_ROLES)}")
+        messages.append({"role": role, "content": _text(turn["content"], f"'{key}[{k}].content'")})
+    return messages
+
+
+_CONVERTERS = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai}
+
+
+def validate_messages(messages: list[dict], require_answer: bool = True) -> tuple[list[dict], Optional[str]]:
+    """Check the turn structure. Returns ``(messages, note)``; ``note`` says what was trimmed, if anything.
+
+    Rules: at most one system message and only first; then user and assistant alternate, starting with user; no
+    empty turn. A final user turn with no answer is trimmed when ``require_answer``; a conversation left without any
+    assistant turn is an error.
+    """
+    if not messages:
+        raise RecordError("no messages")
+    body = messages
+    if messages[0]["role"] == "system":
+        body = messages[1:]
+    for k, m in enumerate(body):
+        if m["role"] == "system":
+            raise RecordError(f"a system message at turn {k + 1}; only the first message may be one")
+        want = "user" if k % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise RecordError(f"turn {k + 1} is '{m['role']}', expected '{want}' (turns must alternate, user first)")
+        if not m["content"].strip():
+            raise RecordError(f"turn {k + 1} ('{m['role']}') is empty")
+    if not body:
+        raise RecordError("no user turn")
+    note = None
+    if require_answer and body[-1]["role"] == "user":
+        if len(body) == 1:
+            raise RecordError("no assistant answer")
+        messages = messages[:-1]
+        note = "last user turn has no answer"
+    return messages, note
+
+
+def convert_record(rec: object, fmt: str = "auto", require_answer: bool = True) -> tuple[list[dict], Optional[str], str]:
+    """One record -> ``(messages, note, format)``; raises RecordError with the reason."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"a record must be a JSON object, got {type(rec).__name__}")
+    layout = detect_format(rec) if fmt == "auto" else fmt
+    if layout is None:
+        raise RecordError(f"no known layout (keys {sorted(rec)[:6]}); expected alpaca, sharegpt or openai fields")
+    messages = _CONVERTERS[layout](rec)
+    messages, note = validate_messages(messages, require_answer)
+    return messages, note, layout
+
+
+_KNOWN_KEYS = {"messages", "conversations", "instruction", "input", "output", "system", "history"}
+
+
+def load_file(path: str | Path, fmt: str = "auto", require_answer: bool = True) -> tuple[list[Conversation], LoadReport]:
+    """All conversations of one file, and a report of what was skipped or trimmed and why."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    report = LoadReport(path=str(path))
+    out: list[Conversation] = []
+    seen_formats: dict[str, int] = {}
+    for line, rec, error in iter_json_records(path):
+        where = f"{path}:{line}"
+        if error is not None:
+            report.skipped += 1
+            report.problems.append(Problem(where, error))
+            continue
+        try:
+            messages, note, layout = convert_record(rec, fmt, require_answer)
+        except RecordError as exc:
+            report.skipped += 1
+            report.problems.append(Problem(where, str(exc)))
+            continue
+        if note:
+            report.trimmed += 1
+            report.problems.append(Problem(where, note, "trimmed"))
+        seen_formats[layout] = seen_formats.get(layout, 0) + 1
+        meta = {k: v for k, v in rec.items() if k not in _KNOWN_KEYS}
+        out.append(Conversation(messages, where, meta))
+    report.loaded = len(out)
+    report.format = "+".join(sorted(seen_formats, key=lambda k: -seen_formats[k])) or (fmt if fmt != "auto" else "?")
+    return out, report
+
+
+def expand_paths(paths: list[str], split: str = "train") -> list[Path]:
+    """Files named directly, or inside directories. An instruction-data directory (``xiaolm data instruct``) gives
+    its ``{split}.jsonl``; any other directory gives all its ``*.json`` / ``*.jsonl`` files."""
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            own = path / f"{split}.jsonl"
+            if own.is_file():
+                files.append(own)
+                continue
+            found = sorted(q for q in path.iterdir() if q.is_file() and q.name.endswith((".json", ".jsonl", ".gz")))
+            if not found:
+                raise FileNotFoundError(f"{path}: no .json or .jsonl files in this directory")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or directory")
+    return files
+
+
+def load_conversations(paths: list[str | Path], fmt: str = "auto", require_answer: bool = True,
+                       ) -> tuple[list[Conversation], list[LoadReport]]:
+    """Conversations of several files (in order) and one report per file."""
+    convs: list[Conversation] = []
+    reports = []
+    for p in paths:
+        c, r = load_file(p, fmt, require_answer)
+        convs.extend(c)
+        reports.append(r)
+    return convs, reports
