@@ -1,0 +1,619 @@
+"""``xiaolm serve``: an OpenAI-compatible HTTP API and a web chat page for a trained model.
+
+Endpoints (the OpenAI schema, so the official ``openai`` client, LangChain, Open WebUI & co. work unchanged):
+
+- ``POST /v1/chat/completions``  chat in ChatML; ``stream: true`` sends ``chat.completion.chunk`` events over SSE
+  ending in ``data: [DONE]``
+- ``POST /v1/completions``       plain continuation (``text_completion``); the prompt gets ``<|endoftext|>``
+  prepended, as documents in the training shards start after one
+- ``GET  /v1/models``, ``GET /v1/models/{id}``, ``GET /health``
+- ``GET  /``                     the chat page (``serve/static``; nothing is fetched from the internet)
+
+Every failure a client can cause (bad JSON, a wrong type, a missing field, an unknown model, a prompt that does not
+fit the context window, a full queue) is a 4xx with OpenAI's error body ``{"error": {"message", "type", "param",
+"code"}}``, and the server carries on. Generation runs in :class:`xiaolm.serve.engine.Engine`: one worker thread,
+a queue, and batches of up to ``--max-batch`` rows.
+
+``create_app(...)`` builds the app without opening a socket (tests use it with Starlette's TestClient);
+``BackgroundServer(app)`` runs it with uvicorn on a free loopback port in a thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from xiaolm.config import opt
+from xiaolm.serve.engine import Engine, EngineClosed, GenerationRequest, QueueFull, SamplingParams, Sequence
+from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+KEEPALIVE_SECONDS = 5.0  # an SSE comment while a streamed request waits in the queue (lets proxies and us notice)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The page may load only what this server serves: a stray CDN link would be blocked, not silently fetched.
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+class APIError(Exception):
+    """An error reported to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _TYPE_TAGS)
+
+
+def _param_path(loc: tuple) -> str:
+    """``('messages', 0, 'content', 'str')`` -> ``messages.0.content`` (pydantic adds union-member tags)."""
+    parts = []
+    for part in loc:
+        if _is_type_tag(part):
+            break
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def validation_error(exc) -> APIError:
+    """The first problem pydantic found, worded like OpenAI's messages."""
+    errors = exc.errors()
+    first = errors[0]
+    param = _param_path(tuple(first.get("loc", ()))) or None
+    if first.get("type") == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    tags = [str(part) for e in errors if _param_path(tuple(e.get("loc", ()))) == param
+            for part in e.get("loc", ())[len(param.split(".")) if param else 0:][:1] if _is_type_tag(part)]
+    if tags:  # a union (e.g. prompt: string, list of strings, token ids): name the accepted forms
+        forms = ", ".join(dict.fromkeys(tags))
+        return APIError(400, f"Invalid type for '{param}': expected one of {forms}.", param=param, code="invalid_type")
+    detail = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    message = f"Invalid value for '{param}': {detail}."
+    if len(errors) > 1 and any(_param_path(tuple(e.get("loc", ()))) != param for e in errors):
+        message += f" ({len(errors)} problems in all; fix this one first.)"
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+async def _parse_body(request, schema):
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "We could not parse the JSON body of your request. (The body must be a JSON object "
+                            "sent with Content-Type: application/json.)", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.",
+                       code="invalid_json")
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+# ------------------------------------------------------------------------------------------------ the app
+
+
+@dataclass
+class _Served:
+    """What the routes need; kept on ``app.state.served``."""
+
+    engine: Engine
+    tokenizer: Any
+    model_name: str
+    context_length: int
+    default_max_tokens: int
+    request_timeout: float
+    created: int
+    device: str
+
+
+def create_app(
+    run: Optional[str | Path] = None,
+    *,
+    model=None,
+    tokenizer=None,
+    model_name: Optional[str] = None,
+    device: str = "cpu",
+    dtype=None,
+    checkpoint: str = "latest",
+    max_batch: int = 8,
+    max_queue: int = 256,
+    default_max_tokens: int = 512,
+    request_timeout: float = 600.0,
+):
+    """The FastAPI app serving ``run`` (loaded with ``load_model``) or an already loaded ``model`` + ``tokenizer``.
+
+    ``model_name`` is the id clients send as ``model`` (default: the run directory's name). ``default_max_tokens``
+    applies to chat requests that set no ``max_tokens`` (clamped to what the context window leaves).
+    ``request_timeout`` bounds how long one request may wait and generate, in seconds.
+    """
+    if model is None:
+        if run is None:
+            raise ValueError("create_app needs a run directory or a loaded model and tokenizer")
+        from xiaolm.train.checkpoint import load_model
+
+        model, tokenizer, _info = load_model(run, device=device, dtype=dtype, which=checkpoint)
+    if tokenizer is None:
+        raise ValueError("create_app needs the tokenizer that goes with the model")
+    if model_name is None:
+        model_name = Path(run).resolve().name if run is not None else "xiaolm"
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    served = _Served(engine=engine, tokenizer=tokenizer, model_name=model_name,
+                     context_length=engine.context_length, default_max_tokens=int(default_max_tokens),
+                     request_timeout=float(request_timeout), created=int(time.time()), device=str(model.device))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="xiaolm", description="OpenAI-compatible API for a xiaolm model", lifespan=lifespan)
+    app.state.served = served
+    app.state.engine = engine
+
+    # ---------------------------------------------------------------------------------- error handlers
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request, exc):
+        err = validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = APIError(exc.status_code, str(exc.detail), param=None, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, exc):
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    # ------------------------------------------------------------------------------------ small routes
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.model_name, "context_length": served.context_length,
+                "device": served.device, **engine.snapshot()}
+
+    def _model_card() -> dict:
+        return {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "xiaolm",
+                "max_model_len": served.context_length}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        _check_model(model_id, served)
+        return _model_card()
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # ----------------------------------------------------------------------------------- completions
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body: ChatCompletionRequest = await _parse_body(request, ChatCompletionRequest)
+        _check_model(body.model, served)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported by this server.", param="logprobs",
+                           code="unsupported_parameter")
+        messages = []
+        for i, m in enumerate(body.messages):
+            try:
+                text = m.text()
+            except ValueError as exc:
+                raise APIError(400, str(exc), param=f"messages.{i}.content", code="invalid_value") from None
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        explicit = body.requested_max_tokens()
+        max_tokens = _resolve_max_tokens(len(prompt_ids), explicit, served, "messages",
+                                         "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
+        n = body.n or 1
+        gen = _submit(served, [prompt_ids] * n, [max_tokens] * n, body)
+        meta = _ResponseMeta("chatcmpl-" + gen.id, int(time.time()), served.model_name)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_chat_stream(gen, meta, n, len(prompt_ids), include_usage, served),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)
+        await _collect(gen, request, served)
+        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
+                    "finish_reason": s.finish_reason} for s in gen.sequences]
+        return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+                "choices": choices, "usage": _usage(len(prompt_ids), gen.sequences)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body: CompletionRequest = await _parse_body(request, CompletionRequest)
+        _check_model(body.model, served)
+        if body.logprobs is not None:
+            raise APIError(400, "logprobs are not supported by this server.", param="logprobs",
+                           code="unsupported_parameter")
+        if body.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model.", param="suffix",
+                           code="unsupported_parameter")
+        try:
+            prompts = body.prompt_list()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
+        explicit = body.max_tokens if "max_tokens" in body.model_fields_set else None
+        n = body.n or 1
+        prompt_ids, echoes, limits = [], [], []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = [tokenizer.eot_id] + tokenizer.encode(p)
+                echo = p
+            else:
+                bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
+                if not p or bad:
+                    raise APIError(400, f"prompt {i} holds token ids outside the vocabulary (0..{tokenizer.vocab_size - 1})"
+                                   if bad else f"prompt {i} is an empty token list", param="prompt", code="invalid_value")
+                ids = list(p)
+                echo = tokenizer.decode(ids, skip_special_tokens=True)
+            limit = _resolve_max_tokens(len(ids), explicit, served, "prompt", "max_tokens",
+                                        default=body.max_tokens)
+            for _ in range(n):
+                prompt_ids.append(ids)
+                echoes.append(echo if body.echo else "")
+                limits.append(limit)
+        gen = _submit(served, prompt_ids, limits, body)
+        meta = _ResponseMeta("cmpl-" + gen.id, int(time.time()), served.model_name)
+        prompt_tokens = sum(len(prompt_ids[i]) for i in range(0, len(prompt_ids), n))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_completion_stream(gen, meta, echoes, prompt_tokens, include_usage, served),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)
+        await _collect(gen, request, served)
+        choices = [{"index": s.index, "text": echoes[s.index] + s.text, "logprobs": None,
+                    "finish_reason": s.finish_reason} for s in gen.sequences]
+        return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+                "choices": choices, "usage": _usage(prompt_tokens, gen.sequences)}
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------ route helpers
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class _ResponseMeta:
+    id: str
+    created: int
+    model: str
+
+
+def _check_model(name: str, served: _Served) -> None:
+    if name != served.model_name:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{served.model_name}' "
+                            f"(see GET /v1/models).", param="model", code="model_not_found")
+
+
+def _resolve_max_tokens(prompt_tokens: int, explicit: Optional[int], served: _Served, prompt_param: str,
+                        max_param: str, default: Optional[int] = None) -> int:
+    """OpenAI's rule: a prompt plus an explicit max_tokens that overflow the context is rejected
+    (context_length_exceeded); without an explicit max_tokens the default is clamped to what is left."""
+    ctx = served.context_length
+    if prompt_tokens >= ctx:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt is "
+                            f"{prompt_tokens} tokens, which leaves no room for a completion. Please shorten it.",
+                       param=prompt_param, code="context_length_exceeded")
+    if explicit is not None:
+        if prompt_tokens + explicit > ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{prompt_tokens + explicit} tokens ({prompt_tokens} in the prompt, {explicit} in the "
+                                f"completion). Please reduce the length of the prompt or of {max_param}.",
+                           param=max_param, code="context_length_exceeded")
+        return explicit
+    wanted = default if default is not None else served.default_max_tokens
+    return max(1, min(wanted, ctx - prompt_tokens))
+
+
+def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body) -> GenerationRequest:
+    params = SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        seed=body.seed,
+        ignore_eos=bool(body.ignore_eos),
+    )
+    gen = GenerationRequest(served.tokenizer, prompts, limits, params, body.stop_list())
+    try:
+        served.engine.submit(gen)
+    except QueueFull as exc:
+        raise APIError(429, f"{exc}; retry shortly.", type="rate_limit_error", code="queue_full") from None
+    except EngineClosed:
+        raise APIError(503, "the server is shutting down.", type="server_error", code="shutting_down") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), code="context_length_exceeded") from None
+    return gen
+
+
+def _usage(prompt_tokens: int, sequences: list[Sequence]) -> dict:
+    completion = sum(s.tokens for s in sequences)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def _collect(gen: GenerationRequest, request, served: _Served) -> None:
+    """Wait for a non-streamed request; a client that hangs up cancels it, and so does the timeout."""
+    deadline = time.monotonic() + served.request_timeout
+    errors: list[str] = []
+    try:
+        while True:
+            event = await gen.next_event(timeout=0.5)
+            if event is None:
+                if await request.is_disconnected():
+                    gen.cancel()
+                if time.monotonic() > deadline:
+                    gen.cancel()
+                    raise APIError(504, f"the request did not finish within {served.request_timeout:.0f} s.",
+                                   type="server_error", code="timeout")
+                continue
+            if event.kind == "done":
+                break
+            if event.kind == "error":
+                errors.append(event.text)
+    finally:
+        gen.cancel()  # no-op when finished; frees the rows if this handler was cancelled
+    if errors:
+        raise APIError(500, errors[0], type="server_error", code="generation_failed")
+    if any(s.finish_reason == "cancelled" for s in gen.sequences) and not await request.is_disconnected():
+        raise APIError(503, "the request was cancelled because the server is shutting down.", type="server_error",
+                       code="shutting_down")
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _events_with_keepalive(gen: GenerationRequest, served: _Served) -> AsyncIterator[Any]:
+    """The request's events; ``None`` now and then while nothing happens (becomes an SSE comment)."""
+    deadline = time.monotonic() + served.request_timeout
+    while True:
+        event = await gen.next_event(timeout=KEEPALIVE_SECONDS)
+        if event is None:
+            if time.monotonic() > deadline:
+                gen.cancel()
+                raise TimeoutError(f"the request did not finish within {served.request_timeout:.0f} s")
+            yield None
+            continue
+        if event.kind == "done":
+            return
+        yield event
+
+
+def _stream_error(message: str, code: str) -> str:
+    return _sse(APIError(500, message, type="server_error", code=code).body())
+
+
+async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prompt_tokens: int,
+                       include_usage: bool, served: _Served) -> AsyncIterator[str]:
+    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None) -> dict:
+        obj = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+               "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if include_usage:
+            obj["usage"] = None
+        return obj
+
+    try:
+        for index in range(n):
+            yield _sse(chunk(index, {"role": "assistant", "content": ""}))
+        async for event in _events_with_keepalive(gen, served):
+            if event is None:
+                yield ": keep-alive\n\n"
+            elif event.kind == "delta":
+                yield _sse(chunk(event.index, {"content": event.text}))
+            elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
+                yield _sse(chunk(event.index, {}, event.finish_reason))
+            elif event.kind == "finish" and event.finish_reason == "cancelled":
+                yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
+            elif event.kind == "error":
+                yield _stream_error(event.text, "generation_failed")
+        if include_usage:
+            yield _sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                        "model": meta.model, "choices": [], "usage": _usage(prompt_tokens, gen.sequences)})
+        yield "data: [DONE]\n\n"
+    except TimeoutError as exc:
+        yield _stream_error(str(exc), "timeout")
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancel()  # the client went away (this generator was cancelled) or we are done: free the rows
+
+
+async def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes: list[str], prompt_tokens: int,
+                             include_usage: bool, served: _Served) -> AsyncIterator[str]:
+    def chunk(index: int, text: str, finish_reason: Optional[str] = None) -> dict:
+        obj = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+               "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+        if include_usage:
+            obj["usage"] = None
+        return obj
+
+    try:
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield _sse(chunk(index, echo))
+        async for event in _events_with_keepalive(gen, served):
+            if event is None:
+                yield ": keep-alive\n\n"
+            elif event.kind == "delta":
+                yield _sse(chunk(event.index, event.text))
+            elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
+                yield _sse(chunk(event.index, "", event.finish_reason))
+            elif event.kind == "finish" and event.finish_reason == "cancelled":
+                yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
+            elif event.kind == "error":
+                yield _stream_error(event.text, "generation_failed")
+        if include_usage:
+            yield _sse({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+                        "choices": [], "usage": _usage(prompt_tokens, gen.sequences)})
+        yield "data: [DONE]\n\n"
+    except TimeoutError as exc:
+        yield _stream_error(str(exc), "timeout")
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.cancel()
+
+
+# ------------------------------------------------------------------------------------ running the server
+
+
+class BackgroundServer:
+    """Run an app with uvicorn on a free loopback port in a background thread (tests, notebooks, benchmarks).
+
+    ``with BackgroundServer(app) as server: httpx.get(server.url + "/health")``. The socket is bound before the
+    thread starts, so there is no race for the port.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 start_timeout: float = 30.0):
+        self.app, self.host, self.port, self.log_level, self.start_timeout = app, host, port, log_level, start_timeout
+        self.url = ""
+        self._server = None
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "BackgroundServer":
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}"
+        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                        name="xiaolm-uvicorn")
+        self._thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@dataclass
+class ServeConfig:
+    run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory to serve")
+    host: str = opt("127.0.0.1", "address to listen on (the API has no authentication: keep it on loopback unless "
+                                 "you know who can reach it)")
+    port: int = opt(8000, "TCP port")
+    model_name: Optional[str] = opt(None, "the model id clients send in `model` (default: the run directory's name)")
+    device: str = opt("auto", "auto, cpu, cuda or mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "weights dtype: auto is bfloat16 on a GPU that supports it, float32 otherwise")
+    checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
+    max_batch: int = opt(8, "rows (requests x n) generated together in one batch")
+    max_queue: int = opt(256, "rows allowed to wait for a batch; beyond that requests get HTTP 429")
+    default_max_tokens: int = opt(512, "max_tokens of a chat request that sets none (clamped to the context left)")
+    request_timeout: float = opt(600.0, "seconds one request may wait and generate before it is cancelled")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn log level")
+
+
+def _pick_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def main(argv: list[str]) -> int:
+    from xiaolm.config import parse_config
+    from xiaolm.train.checkpoint import CheckpointError
+    from xiaolm.utils import fail, log, pick_device
+
+    cfg, _ = parse_config(
+        ServeConfig, argv, "xiaolm serve",
+        "Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,\n"
+        "/health) with a web chat page at /. Requests are queued and generated in batches by one worker.",
+        positionals={"run": "RUNDIR"},
+        epilog="example:\n  xiaolm serve runs/sft --port 8000\n  open http://127.0.0.1:8000/  (or point any OpenAI "
+               "client at http://127.0.0.1:8000/v1)",
+    )
+    if not cfg.run:
+        raise fail("no model given (xiaolm serve RUNDIR)")
+    if cfg.max_batch < 1 or cfg.max_queue < 1:
+        raise fail("--max-batch and --max-queue must be at least 1")
+    if not 0 <= cfg.port <= 65535:
+        raise fail(f"--port {cfg.port} is not a TCP port")
+    try:
+        device = pick_device(cfg.device)
+    except RuntimeError as exc:
+        raise fail(str(exc))
+    try:
+        app = create_app(cfg.run, model_name=cfg.model_name, device=device, dtype=_pick_dtype(cfg.dtype, device),
+                         checkpoint=cfg.checkpoint, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                         default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc))
+    import uvicorn
+
+    served = app.state.served
+    if cfg.host not in LOOPBACK_HOSTS:
+        log(f"serve: warning: listening on {cfg.host}; anyone who can reach it can use the model (no authentication)")
+    shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    log(f"serve: model '{served.model_name}' on {served.device}, context {served.context_length} tokens, "
+        f"batches of up to {cfg.max_batch}")
+    log(f"serve: chat page http://{shown_host}:{cfg.port}/   API http://{shown_host}:{cfg.port}/v1")
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    except OSError as exc:  # port in use, address not available
+        raise fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic models.
+
+Only requests are modelled: validation is where a schema earns its keep (a wrong type or a missing field becomes a
+400 naming the field). Responses are plain dicts built in ``app.py``, in exactly the shape OpenAI's documentation
+and its Python client use.
+
+Unknown fields are tolerated and ignored (``extra="allow"``), so clients that send newer OpenAI options
+(``frequency_penalty``, ``tools``, ``response_format``, ...) still get an answer. A few extensions that vLLM and
+llama.cpp also accept are honoured: ``top_k``, ``repetition_penalty`` and ``ignore_eos``.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 16  # choices per request; each choice is one row of a generation batch
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Tolerant):
+    include_usage: bool = False
+
+
+class TextPart(_Tolerant):
+    """One element of a message's ``content`` list; only text parts are meaningful to a text-only model."""
+
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(_Tolerant):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        """The message's text; a list of content parts is joined, and a non-text part is an error."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content part of type {part.type!r} is not supported (this model reads text only)")
+            pieces.append(part.text)
+        return "".join(pieces)
+
+
+class _SamplingRequest(_Tolerant):
+    """What chat and text completions share."""
+
+    model: str
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    # extensions (vLLM / llama.cpp spelling)
+    top_k: Optional[int] = Field(None, ge=0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    ignore_eos: Optional[bool] = False
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value):
+        if isinstance(value, list) and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(value)}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
+    logprobs: Optional[bool] = None
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_SamplingRequest):
+    # A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's four forms).
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    def prompt_list(self) -> list[Union[str, list[int]]]:
+        """The prompts as a list whose items are strings or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("prompt is an empty list")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # one tokenised prompt
+        return list(p)

@@ -1,0 +1,343 @@
+// 小LM chat page: talks to this server's /v1/chat/completions with stream: true and renders the SSE deltas as they
+// arrive (fetch + ReadableStream; TextDecoder in streaming mode, so a character split across network packets is
+// never shown broken). Plain text only (textContent), no external resources.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  messages: $("messages"), empty: $("empty"), input: $("input"), send: $("send"), stop: $("stop"),
+  clear: $("clear"), system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
+  topP: $("top-p"), topPValue: $("top-p-value"), maxTokens: $("max-tokens"), modelName: $("model-name"),
+  modelContext: $("model-context"), dot: $("status-dot"), composer: $("composer"),
+};
+
+const state = {
+  model: null,        // id from /v1/models
+  context: null,      // max_model_len
+  history: [],        // [{role, content}] of finished turns (the system prompt is added per request)
+  controller: null,   // AbortController of the request in flight
+};
+
+const SETTINGS_KEY = "xiaolm-chat-settings";
+
+// ------------------------------------------------------------------------------------------- settings
+
+function loadSettings() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "{}");
+    if (typeof saved.system === "string") els.system.value = saved.system;
+    if (saved.temperature != null) els.temperature.value = saved.temperature;
+    if (saved.topP != null) els.topP.value = saved.topP;
+    if (saved.maxTokens != null) els.maxTokens.value = saved.maxTokens;
+  } catch (_) { /* private mode or corrupt value: keep the defaults */ }
+  showSliderValues();
+}
+
+function saveSettings() {
+  try {
+    localStorage.setItem(SETTINGS_KEY, JSON.stringify({
+      system: els.system.value, temperature: els.temperature.value, topP: els.topP.value,
+      maxTokens: els.maxTokens.value,
+    }));
+  } catch (_) { /* storage unavailable: settings last for this page only */ }
+}
+
+function showSliderValues() {
+  els.temperatureValue.textContent = Number(els.temperature.value).toFixed(2);
+  els.topPValue.textContent = Number(els.topP.value).toFixed(2);
+}
+
+function maxTokens() {
+  let n = parseInt(els.maxTokens.value, 10);
+  if (!Number.isFinite(n) || n < 1) n = 256;
+  if (state.context) n = Math.min(n, state.context - 1);
+  return n;
+}
+
+// ------------------------------------------------------------------------------------------ rendering
+
+function nearBottom() {
+  const m = els.messages;
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+}
+
+function scrollDown(force) {
+  if (force || nearBottom()) els.messages.scrollTop = els.messages.scrollHeight;
+}
+
+function copyText(text, button) {
+  const done = () => {
+    const old = button.textContent;
+    button.textContent = "已复制";
+    setTimeout(() => { button.textContent = old; }, 1200);
+  };
+  if (navigator.clipboard && window.isSecureContext) {
+    navigator.clipboard.writeText(text).then(done, () => fallbackCopy(text) && done());
+  } else if (fallbackCopy(text)) {
+    done();
+  }
+}
+
+function fallbackCopy(text) {
+  const area = document.createElement("textarea");
+  area.value = text;
+  area.setAttribute("readonly", "");
+  area.style.position = "fixed";
+  area.style.opacity = "0";
+  document.body.appendChild(area);
+  area.select();
+  let ok = false;
+  try { ok = document.execCommand("copy"); } catch (_) { ok = false; }
+  area.remove();
+  return ok;
+}
+
+// A message bubble: {root, body, foot, text()}.
+function addMessage(role, text) {
+  els.empty.hidden = true;
+  const root = document.createElement("div");
+  root.className = `msg ${role}`;
+  root.dataset.role = role;
+  const head = document.createElement("div");
+  head.className = "msg-head";
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "你" : "小LM";
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.className = "copy";
+  copy.textContent = "复制";
+  copy.title = "复制这条消息";
+  const body = document.createElement("div");
+  body.className = "msg-body";
+  body.textContent = text;
+  const foot = document.createElement("div");
+  foot.className = "msg-foot";
+  copy.addEventListener("click", () => copyText(body.textContent, copy));
+  head.append(who, copy);
+  root.append(head, body, foot);
+  els.messages.appendChild(root);
+  scrollDown(true);
+  return { root, body, foot };
+}
+
+function setBusy(busy) {
+  els.send.disabled = busy;
+  els.send.hidden = busy;
+  els.stop.hidden = !busy;
+}
+
+// ------------------------------------------------------------------------------------------ streaming
+
+// Parse SSE text into events; returns the unparsed remainder (an event not yet complete).
+function takeEvents(buffer, onData) {
+  const parts = buffer.split(/\r?\n\r?\n/);
+  const rest = parts.pop();
+  for (const part of parts) {
+    const data = part.split(/\r?\n/)
+      .filter((line) => line.startsWith("data:"))
+      .map((line) => line.slice(5).replace(/^ /, ""))
+      .join("\n");
+    if (data) onData(data);   // comment lines (": keep-alive") carry no data
+  }
+  return rest;
+}
+
+async function readError(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error) return { message: body.error.message || `HTTP ${response.status}`, code: body.error.code };
+  } catch (_) { /* not JSON */ }
+  return { message: `HTTP ${response.status}`, code: null };
+}
+
+// POST the conversation. A small model has a short context window, so when the server answers
+// context_length_exceeded the oldest turns are left out (one user/assistant pair at a time), and as a last resort
+// max_tokens is left to the server (it then uses what the window has left). Returns {response, dropped}.
+async function postChat(turn, signal) {
+  const system = els.system.value.trim();
+  let history = state.history.slice();
+  let dropped = 0;
+  let limit = maxTokens();
+  for (let attempt = 0; attempt <= state.history.length / 2 + 1; attempt++) {
+    const messages = [];
+    if (system) messages.push({ role: "system", content: system });
+    messages.push(...history, turn);
+    const request = {
+      model: state.model, messages, stream: true, stream_options: { include_usage: true },
+      temperature: Number(els.temperature.value), top_p: Number(els.topP.value),
+    };
+    if (limit !== null) request.max_tokens = limit;
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request), signal,
+    });
+    if (response.ok) return { response, dropped };
+    const error = await readError(response);
+    if (error.code !== "context_length_exceeded") throw new Error(error.message);
+    if (history.length >= 2) {
+      history = history.slice(2);
+      dropped += 1;
+    } else if (limit !== null) {
+      limit = null;
+    } else {
+      throw new Error(`${error.message}（这条消息太长了，请缩短后再发）`);
+    }
+  }
+  throw new Error("对话超出了模型的上下文长度");
+}
+
+async function send() {
+  const text = els.input.value.trim();
+  if (!text || state.controller) return;
+  if (!state.model) {
+    await loadModel();
+    if (!state.model) return;
+  }
+  saveSettings();
+  els.input.value = "";
+  autosize();
+  addMessage("user", text);
+  const turn = { role: "user", content: text };
+
+  const reply = addMessage("assistant", "");
+  reply.root.dataset.state = "streaming";
+  const controller = new AbortController();
+  state.controller = controller;
+  setBusy(true);
+  const started = performance.now();
+  let firstTokenAt = null;
+  let content = "";
+  let finish = null;
+  let usage = null;
+  let failure = null;
+  let dropped = 0;
+
+  try {
+    const posted = await postChat(turn, controller.signal);
+    dropped = posted.dropped;
+    const reader = posted.response.body.getReader();
+    const decoder = new TextDecoder("utf-8");
+    let buffer = "";
+    let finished = false;
+    while (!finished) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      buffer = takeEvents(buffer, (data) => {
+        if (data === "[DONE]") { finished = true; return; }
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices || []) {
+          if (choice.index !== 0) continue;
+          const delta = (choice.delta && choice.delta.content) || "";
+          if (delta) {
+            if (firstTokenAt === null) firstTokenAt = performance.now();
+            content += delta;
+            reply.body.textContent = content.trimStart();   // small models like to open with blank lines
+            scrollDown(false);
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      });
+    }
+    if (!finished) throw new Error("连接在回答结束前中断了（connection closed early）");
+  } catch (err) {
+    failure = err;
+  } finally {
+    state.controller = null;
+    setBusy(false);
+  }
+
+  const seconds = (performance.now() - started) / 1000;
+  content = content.trim();
+  reply.body.textContent = content;
+  if (failure && failure.name === "AbortError") {
+    reply.root.dataset.state = "stopped";
+    reply.foot.textContent = "已停止 (stopped)";
+    if (content) state.history.push(turn, { role: "assistant", content });
+  } else if (failure) {
+    reply.root.dataset.state = "error";
+    reply.root.classList.add("error");
+    const msg = document.createElement("div");
+    msg.className = "msg-error";
+    msg.textContent = `出错了：${failure.message}`;
+    reply.root.appendChild(msg);
+    if (!els.input.value) els.input.value = text;   // give the message back so it can be re-sent
+  } else {
+    reply.root.dataset.state = "done";
+    state.history.push(turn, { role: "assistant", content });
+    const parts = [];
+    if (usage) {
+      parts.push(`${usage.completion_tokens} tokens`);
+      if (seconds > 0) parts.push(`${(usage.completion_tokens / seconds).toFixed(1)} tokens/s`);
+    }
+    if (firstTokenAt !== null) parts.push(`首字 ${((firstTokenAt - started) / 1000).toFixed(2)} s`);
+    if (finish === "length") parts.push("达到长度上限 (length)");
+    if (dropped) parts.push(`已省略较早的 ${dropped} 轮对话（上下文长度有限）`);
+    if (!content) parts.push("（模型没有生成文字）");
+    reply.foot.textContent = parts.join(" · ");
+  }
+  scrollDown(false);
+  els.input.focus();
+}
+
+function stop() {
+  if (state.controller) state.controller.abort();
+}
+
+function clearChat() {
+  stop();
+  state.history = [];
+  for (const node of [...els.messages.querySelectorAll(".msg")]) node.remove();
+  els.empty.hidden = false;
+  els.input.focus();
+}
+
+// ----------------------------------------------------------------------------------------- the model
+
+async function loadModel() {
+  try {
+    const response = await fetch("/v1/models");
+    if (!response.ok) throw new Error((await readError(response)).message);
+    const body = await response.json();
+    const card = body.data[0];
+    state.model = card.id;
+    state.context = card.max_model_len || null;
+    els.modelName.textContent = card.id;
+    els.modelContext.textContent = state.context ? `上下文 ${state.context} tokens` : "";
+    if (state.context) els.maxTokens.max = String(state.context - 1);
+    els.dot.className = "dot ok";
+    els.dot.title = "已连接";
+  } catch (err) {
+    els.modelName.textContent = `无法连接服务器：${err.message}`;
+    els.dot.className = "dot bad";
+    els.dot.title = "未连接";
+  }
+}
+
+// ------------------------------------------------------------------------------------------- wiring
+
+function autosize() {
+  els.input.style.height = "auto";
+  els.input.style.height = `${Math.min(els.input.scrollHeight, 192)}px`;
+}
+
+els.composer.addEventListener("submit", (event) => { event.preventDefault(); send(); });
+els.input.addEventListener("keydown", (event) => {
+  // While an input method is composing (拼音 candidates), Enter confirms the candidate: it must not send.
+  if (event.isComposing || event.keyCode === 229) return;
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    send();
+  }
+});
+els.input.addEventListener("input", autosize);
+els.stop.addEventListener("click", stop);
+els.clear.addEventListener("click", clearChat);
+for (const el of [els.temperature, els.topP]) el.addEventListener("input", showSliderValues);
+for (const el of [els.system, els.temperature, els.topP, els.maxTokens]) el.addEventListener("change", saveSettings);
+
+loadSettings();
+loadModel();
+els.input.focus();
