@@ -22,6 +22,7 @@ VERBS: dict[str, object] = {
     "tokenizer": {
         "train": ("train a byte-level BPE tokenizer on a corpus", "xiaolm.tokenizer.train:main"),
     },
+    "pipeline": ("run prepare -> tokenizer -> tokenize -> pretrain from one route recipe", "xiaolm.pipeline:main"),
     "presets": ("list the model presets with their parameter counts", "xiaolm.model.llama:presets_main"),
     "pretrain": ("pretrain a model on token shards (one device or torchrun)", "xiaolm.train.pretrain:main"),
     "sweep": ("short pretraining trials at several learning rates; names the best", "xiaolm.train.sweep:main"),

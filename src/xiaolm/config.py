@@ -243,6 +243,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str,
         flags = []
         if "." in name:
             flags.append(f"--{name}")
+            if "_" in name:
+                flags.append(f"--{name.replace('_', '-')}")
         if short_counts[short] == 1 and f.metadata.get("short", True):
             flags.append(f"--{short.replace('_', '-')}")
             if "_" in short:

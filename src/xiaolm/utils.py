@@ -14,6 +14,14 @@ from typing import Any, Iterable, Iterator
 # ------------------------------------------------------------------------------------------------ files
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give a temporary file the usual permissions (mkstemp makes it 0600), then rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename: readers see the old or the new file."""
     path = Path(path)
@@ -24,7 +32,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -50,7 +58,7 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
             for rec in records:
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 n += 1
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
