@@ -348,6 +348,18 @@ def test_missing_input_fails_before_work(tmp_path, capsys):
         load_tokenizer(tmp_path / "no_tokenizer_here")
 
 
+def test_large_corpus_is_sampled_evenly_within_the_budget(corpus_dir, tmp_path):
+    total_bytes = (corpus_dir / "train.jsonl").stat().st_size
+    budget_mb = total_bytes / 4 / 1e6
+    t = train_tokenizer([str(corpus_dir)], tmp_path / "t", vocab_size=400, max_train_mb=budget_mb, progress=False)
+    training = t.info["training"]
+    assert 0.2 < training["sampled_fraction"] < 0.35
+    longest_doc = max(len(d.encode("utf-8")) for d in make_docs(1500, 0))
+    assert budget_mb * 1e6 * 0.5 < training["bytes"] <= budget_mb * 1e6 + longest_doc
+    # An even sample reads through (nearly) the whole file instead of taking its first quarter.
+    assert training["documents_read"] > 0.8 * 1500 and training["documents"] < 0.4 * 1500
+
+
 def test_too_small_vocab_is_refused(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer([str(corpus_dir)], tmp_path / "t", vocab_size=200)

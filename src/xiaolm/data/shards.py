@@ -446,11 +446,7 @@ def run(cfg: TokenizeConfig) -> dict:
             for source, task in tasks():
                 consume(source, _encode_task(task), sum(len(x) for x in task[4]))
         else:
-            import multiprocessing as mp
-
-            # spawn, not fork: a parent that already used the Rust thread pool (tokenizer training in the same
-            # process) must not be forked.
-            ctx = mp.get_context("spawn")
+            ctx = _process_context()
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(str(tok.path), dtype.str)) as pool:
                 pending: deque = deque()
@@ -508,6 +504,18 @@ def run(cfg: TokenizeConfig) -> dict:
         log(f"tokenize: {stats['malformed']} malformed record(s) skipped and listed in {out / META_FILE} "
             f"(first: {first['file']}:{first['line']}: {first['reason']})")
     return meta
+
+
+def _process_context():
+    """``fork`` on Linux (instant start, works from notebooks and ``python -``), ``spawn`` elsewhere. Forking a
+    parent that already used the Rust thread pool is safe here because workers never use that pool: they set
+    TOKENIZERS_PARALLELISM=false before their first encode, and tokenizers itself disables the pool in forked
+    children."""
+    import multiprocessing as mp
+
+    if sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 def _init_worker_in_process(tok, dtype: np.dtype) -> None:
