@@ -1,0 +1,150 @@
+"""Figures of the built-in story corpus (``xiaolm data synth``), and the builder of its keyword lists.
+
+    python bench/synth_stats.py                       # table for 10,000 stories (and speed at 50,000)
+    python bench/synth_stats.py --num 20000 --seed 3  # another run
+    python bench/synth_stats.py --build-keywords      # refresh synth_assets/keywords.json
+
+The table: generation speed (stories/s, one process), average length, the share of distinct stories, the exact
+maximum pairwise overlap of character 5-gram sets (containment |A&B|/min(|A|,|B|) and Jaccard, every pair,
+see ``max_ngram_overlap``), distinct jieba words (containing a CJK character), how often each feature and plot
+occurs, and whether every declared word is a jieba token of its story.
+
+``--build-keywords`` keeps, for each part of speech, only the listed words whose jieba dictionary tag is exactly
+v / n / a, and records for each word the jieba tokens that swallow it in generated text (很漂亮, 快快乐乐, 小/苗种
+...), so that the generator declares a word only when the story also uses it as a word of its own. It prints
+the words it dropped. The word lists themselves are curated by hand in the JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from xiaolm.data import synth  # noqa: E402
+
+CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+def _jieba():
+    import jieba
+
+    jieba.setLogLevel(60)
+    jieba.initialize()
+    return jieba
+
+
+def build_keywords(num: int, seeds: list[int]) -> None:
+    jieba = _jieba()
+    import jieba.posseg
+
+    tags = jieba.posseg.dt.word_tag_tab
+    path = synth.ASSETS / "keywords.json"
+    lists = json.loads(path.read_text(encoding="utf-8"))
+    texts = [r["story_zh"] for seed in seeds for r in synth.iter_stories(num, seed)]
+    swallowing: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    whole = collections.Counter()
+    seen = collections.Counter()
+    words = {w for pos in lists for w in lists[pos]}
+    finder = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
+    for text in texts:
+        spans, pos = [], 0
+        for tok in jieba.lcut(text):
+            spans.append((pos, pos + len(tok), tok))
+            pos += len(tok)
+        exact = {(a, b) for a, b, _ in spans}
+        for word in words:
+            start = text.find(word)
+            while start >= 0:
+                end = start + len(word)
+                seen[word] += 1
+                if (start, end) in exact:
+                    whole[word] += 1
+                else:
+                    cover = "".join(t for a, b, t in spans if b > start and a < end)
+                    swallowing[word][cover] += 1
+                start = text.find(word, start + 1)
+    out, dropped = {}, []
+    for pos, entries in lists.items():
+        out[pos] = {}
+        for word in entries:
+            if tags.get(word) != pos:
+                dropped.append(f"{word} (jieba tag {tags.get(word)}, wanted {pos})")
+                continue
+            out[pos][word] = sorted(swallowing[word])
+    path.write_text(json.dumps(out, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    print(f"keywords: {', '.join(f'{p}: {len(w)}' for p, w in out.items())} -> {path}")
+    print("dropped:", "; ".join(dropped) or "none")
+    never = [w for pos in out for w in out[pos] if whole[w] == 0]
+    print(f"never used as a word of its own in {len(texts):,} stories: {' '.join(never) or 'none'}")
+
+
+def table(num: int, seed: int, speed_num: int) -> None:
+    t0 = time.perf_counter()
+    bank = synth.load_bank()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    records = synth.generate_stories(num, seed)
+    gen_s = time.perf_counter() - t0
+    rows = [("assets load", f"{load_s * 1000:.0f} ms")]
+    rows.append((f"generate {num:,}", f"{gen_s:.2f} s = {num / gen_s:,.0f} stories/s"))
+    if speed_num:
+        t0 = time.perf_counter()
+        count = sum(1 for _ in synth.iter_stories(speed_num, seed + 1))
+        s = time.perf_counter() - t0
+        rows.append((f"generate {speed_num:,}", f"{s:.2f} s = {count / s:,.0f} stories/s"))
+    texts = [r["story_zh"] for r in records]
+    lengths = sorted(len(t) for t in texts)
+    rows.append(("length (chars)", f"mean {sum(lengths) / len(lengths):.0f}, min {lengths[0]}, "
+                                   f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}"))
+    rows.append(("distinct stories", f"{len(set(texts)) / len(texts):.2%}"))
+    t0 = time.perf_counter()
+    overlap = synth.max_ngram_overlap(texts, n=5)
+    rows.append(("max 5-gram containment", f"{overlap['containment']:.3f} (pair {overlap['containment_pair']})"))
+    rows.append(("max 5-gram Jaccard", f"{overlap['jaccard']:.3f} (pair {overlap['jaccard_pair']})"))
+    rows.append(("pairs with containment >", ", ".join(f"{k}: {v}" for k, v in overlap["pairs_above"].items())
+                 + f" of {overlap['pairs']:,} ({time.perf_counter() - t0:.1f} s)"))
+    jieba = _jieba()
+    vocab = collections.Counter()
+    bad_words = 0
+    for rec in records:
+        tokens = jieba.lcut(rec["story_zh"])
+        vocab.update(t for t in tokens if CJK.search(t))
+        token_set = set(tokens)
+        bad_words += sum(1 for w in rec["instruction"]["words"] if w not in token_set)
+    rows.append(("distinct jieba words", f"{len(vocab):,}"))
+    rows.append(("declared words not jieba tokens", f"{bad_words} of {3 * len(records):,}"))
+    feats = collections.Counter(f for r in records for f in r["instruction"]["features"])
+    rows.append(("features", ", ".join(f"{f} {feats[f] / num:.0%}" for f in synth.FEATURES)))
+    mismatched = sum(1 for r in records if synth.detect_features(r["story_zh"]) != r["instruction"]["features"])
+    rows.append(("features not read back", f"{mismatched}"))
+    width = max(len(k) for k, _ in rows)
+    print(f"xiaolm data synth, seed {seed}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if overlap["containment_pair"]:
+        a, b = overlap["containment_pair"]
+        print("\nmost alike pair (containment):\n" + texts[a] + "\n~~\n" + texts[b])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num", type=int, default=10_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speed-num", type=int, default=50_000, help="also time this many stories (0: skip)")
+    ap.add_argument("--build-keywords", action="store_true")
+    args = ap.parse_args()
+    if args.build_keywords:
+        build_keywords(args.num, [101, 202, 303])
+    else:
+        table(args.num, args.seed, args.speed_num)
+
+
+if __name__ == "__main__":
+    main()
