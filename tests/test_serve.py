@@ -170,6 +170,19 @@ def test_streaming_completion_never_sends_a_broken_character(client):
     assert sum(d.count("\ufffd") for d in deltas) == whole.count("\ufffd")
 
 
+def test_sse_lines_survive_clients_that_split_on_unicode_line_breaks():
+    """httpx's aiter_lines (and anything using str.splitlines) also breaks lines at U+2028, U+2029 and U+0085;
+    a model can emit those, so the server escapes them and a data line always arrives whole."""
+    from xiaolm.serve.app import _sse
+
+    text = "一\u2028二\x85三\u2029四\n五\x1c六"
+    event = _sse({"choices": [{"text": text}]})
+    assert event.endswith("\n\n") and event.startswith("data: ")
+    line = event[:-2]
+    assert line.splitlines() == [line]
+    assert json.loads(line[len("data: "):])["choices"][0]["text"] == text
+
+
 def test_stop_strings_end_the_text(client):
     req = {"model": MODEL, "prompt": "从前，有一只小兔子", "temperature": 0, "max_tokens": 40, "ignore_eos": True}
     full = client.post("/v1/completions", json=req).json()["choices"][0]["text"]

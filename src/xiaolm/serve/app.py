@@ -402,8 +402,16 @@ async def _collect(gen: GenerationRequest, request, served: _Served) -> None:
                        code="shutting_down")
 
 
+# SSE splits events on CR/LF only, but many clients read lines with str.splitlines() (httpx's aiter_lines does),
+# which also breaks at these; JSON may escape them, so it does, and the text arrives whole everywhere.
+_SPLITLINES_EXTRA = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    text = json.dumps(obj, ensure_ascii=False)  # control characters below U+0020 are escaped by json already
+    for char, escaped in _SPLITLINES_EXTRA.items():
+        text = text.replace(char, escaped)
+    return f"data: {text}\n\n"
 
 
 async def _events_with_keepalive(gen: GenerationRequest, served: _Served) -> AsyncIterator[Any]:

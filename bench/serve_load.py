@@ -1,0 +1,300 @@
+"""Load test for `xiaolm serve`: N concurrent streaming chat clients on loopback, against a server it starts itself.
+
+For each --max-batch value the script starts `python -m xiaolm serve RUNDIR --host 127.0.0.1 --port P` in a
+subprocess, waits for /health, sends one warm-up request, then runs --clients concurrent asyncio + httpx clients
+that together send --requests streaming chat completions (stream_options.include_usage, ignore_eos so every answer
+is --max-tokens long and rows are comparable). It stops issuing requests after --time-limit seconds; every request
+has its own timeout. Measured per configuration:
+
+  requests/s      completed requests / wall time
+  TTFT p50 / p95  time to first token: request sent -> first non-empty content delta
+  tokens/s        completion tokens (from the usage chunk) / wall time, all clients together
+  rows/batch      the engine's mean batch size (from /health: rows finished / batches)
+  errors          non-200 answers, error events, streams without [DONE], timeouts, exceptions (target: 0)
+
+The first --max-batch value, by default 1 (a plain queue: one request at a time), is the baseline; the last column
+is tokens/s against it, measured in the same run. Batching is static (a batch runs until all its rows end), so with
+C clients the batches settle around C/2 rows: half the clients wait while the other half's batch finishes.
+
+    python bench/serve_load.py RUNDIR                       # any RUNDIR / HF / quantised dir
+    python bench/serve_load.py                              # builds a tiny random-weight model first (not timed)
+    python bench/serve_load.py RUNDIR --clients 16 --requests 64 --max-tokens 64 --max-batch 1 4 16
+
+Only 127.0.0.1 is used. Exit status 1 if any request failed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+HOST = "127.0.0.1"
+PROMPTS = [
+    "给我讲一个关于小猫的故事。", "小明今天去公园做了什么？", "请用三句话介绍一下春天。", "为什么天空是蓝色的？",
+    "写一首关于月亮的短诗。", "小兔子和小乌龟谁跑得快？", "怎样才能交到好朋友？", "讲一个勇敢的小女孩的故事。",
+]
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+def build_tiny_run(root: Path, preset: str, context: int) -> Path:
+    """A random-weight model with a real tokenizer trained on the built-in stories: enough to load-test the server
+    (the text is gibberish; speed does not care)."""
+    import torch
+
+    from xiaolm.data.synth import write_stories
+    from xiaolm.model.llama import Llama, preset_config
+    from xiaolm.tokenizer.train import train_tokenizer
+    from xiaolm.train.checkpoint import save_checkpoint
+
+    stories = root / "stories.jsonl"
+    write_stories(stories, num=400, seed=0)
+    tokenizer = train_tokenizer([str(stories)], root / "tokenizer", vocab_size=1024, field="story_zh")
+    run = root / "run"
+    torch.manual_seed(0)
+    cfg = preset_config(preset, vocab_size=tokenizer.vocab_size, max_position_embeddings=context)
+    model = Llama(cfg)
+    tokenizer.save(run / "tokenizer")
+    save_checkpoint(run, 0, model, cfg.to_dict(), {"tokenizer_fingerprint": tokenizer.fingerprint})
+    return run
+
+
+# ------------------------------------------------------------------------------------------ the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`xiaolm serve` in a subprocess, stopped (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, run: str, max_batch: int, device: str, start_timeout: float):
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.cmd = [sys.executable, "-m", "xiaolm", "serve", run, "--host", HOST, "--port", str(self.port),
+                    "--max-batch", str(max_batch), "--device", device, "--log-level", "warning",
+                    "--model-name", "bench", "--max-queue", "4096"]
+        self.start_timeout = start_timeout
+        self.log = tempfile.TemporaryFile()
+
+    def __enter__(self) -> "ServerProcess":
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"the server did not answer /health within {self.start_timeout:.0f} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+# ----------------------------------------------------------------------------------------- the clients
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float | None = None
+    latency: float = 0.0
+    tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class Run:
+    results: list[Result] = field(default_factory=list)
+    wall: float = 0.0
+
+
+async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, timeout: float) -> Result:
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0.8, "top_p": 0.95}
+    started = time.perf_counter()
+    seen = {"ttft": None, "tokens": 0, "done": False}
+
+    async def stream() -> str:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return f"HTTP {r.status_code}: {r.text[:200]}"
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue  # blank separators and ": keep-alive" comments
+                data = line[6:]
+                if data == "[DONE]":
+                    seen["done"] = True
+                    return ""
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return f"error event: {chunk['error'].get('message')}"
+                if chunk.get("usage"):
+                    seen["tokens"] = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    if seen["ttft"] is None and choice.get("delta", {}).get("content"):
+                        seen["ttft"] = time.perf_counter() - started
+        return ""
+
+    try:
+        error = await asyncio.wait_for(stream(), timeout)
+    except asyncio.TimeoutError:
+        error = f"timed out after {timeout:.0f} s"
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    latency = time.perf_counter() - started
+    if not error and not seen["done"]:
+        error = "stream ended without [DONE]"
+    if not error and seen["tokens"] != max_tokens:
+        error = f"usage says {seen['tokens']} tokens, expected {max_tokens}"
+    return Result(not error, seen["ttft"], latency, seen["tokens"], error)
+
+
+async def warm_up(url: str) -> Result:
+    async with httpx.AsyncClient(base_url=url) as http:
+        return await one_request(http, PROMPTS[0], 4, 60)
+
+
+async def load(url: str, clients: int, requests: int, max_tokens: int, time_limit: float,
+               request_timeout: float) -> Run:
+    run = Run()
+    issued = 0
+    deadline = time.perf_counter() + time_limit
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            prompt = PROMPTS[issued % len(PROMPTS)]
+            issued += 1
+            run.results.append(await one_request(http, prompt, max_tokens, request_timeout))
+
+    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        run.wall = time.perf_counter() - started
+    return run
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", help="RUNDIR / checkpoint / HF / quantised dir (default: build a tiny "
+                                               "random-weight model)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default 16)")
+    parser.add_argument("--requests", type=int, default=96, help="requests in all, per configuration (default 96)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 4, 8, 16],
+                        help="server --max-batch values to compare; the first is the baseline (default 1 4 8 16)")
+    parser.add_argument("--time-limit", type=float, default=120.0,
+                        help="stop issuing requests after this many seconds, per configuration (default 120)")
+    parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--device", default="cpu", help="server device (default cpu)")
+    parser.add_argument("--preset", default="tiny", help="preset of the built model when no RUNDIR is given")
+    parser.add_argument("--context", type=int, default=256, help="context of the built model (default 256)")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args()
+    if not 1 <= args.clients <= 256:
+        parser.error("--clients must be between 1 and 256")
+    if args.requests < 1 or args.max_tokens < 1 or any(b < 1 for b in args.max_batch):
+        parser.error("--requests, --max-tokens and --max-batch must be positive")
+
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        run_dir = args.run
+        if run_dir is None:
+            print(f"building a random-weight '{args.preset}' model (context {args.context}) ...", file=sys.stderr)
+            run_dir = str(build_tiny_run(Path(tmp), args.preset, args.context))
+        rows = []
+        for max_batch in args.max_batch:
+            with ServerProcess(run_dir, max_batch, args.device, start_timeout=180) as server:
+                warm = asyncio.run(warm_up(server.url))
+                if not warm.ok:
+                    raise SystemExit(f"warm-up request failed: {warm.error}\n{server.output()}")
+                before = server.health()
+                run = asyncio.run(load(server.url, args.clients, args.requests, args.max_tokens, args.time_limit,
+                                       args.request_timeout))
+                after = server.health()
+            ok = [r for r in run.results if r.ok]
+            errors = [r for r in run.results if not r.ok]
+            ttfts = [r.ttft for r in ok if r.ttft is not None]
+            batches = after["batches"] - before["batches"]
+            rows.append({
+                "max_batch": max_batch, "clients": args.clients, "requests": len(run.results), "ok": len(ok),
+                "errors": len(errors), "error_samples": sorted({e.error for e in errors})[:3],
+                "wall_s": run.wall, "requests_per_s": len(ok) / run.wall if run.wall else 0.0,
+                "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+                "latency_mean_s": statistics.fmean(r.latency for r in ok) if ok else float("nan"),
+                "tokens_per_s": sum(r.tokens for r in ok) / run.wall if run.wall else 0.0,
+                "rows_per_batch": (after["rows_finished"] - before["rows_finished"]) / batches if batches else 0.0,
+            })
+
+    base = rows[0]["tokens_per_s"] or float("nan")
+    header = (f"{'max-batch':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'wall s':>7} {'req/s':>7} "
+              f"{'TTFT p50':>9} {'TTFT p95':>9} {'latency':>8} {'tokens/s':>9} {'rows/batch':>10} {'vs first':>8}")
+    print(f"\nserve load test: {args.clients} concurrent streaming clients, {args.requests} requests of "
+          f"{args.max_tokens} tokens, device {args.device}, model {args.run or 'tiny random-weight (built)'}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['max_batch']:>9} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['wall_s']:>7.2f} "
+              f"{r['requests_per_s']:>7.2f} {r['ttft_p50_s']:>8.3f}s {r['ttft_p95_s']:>8.3f}s "
+              f"{r['latency_mean_s']:>7.2f}s {r['tokens_per_s']:>9.1f} {r['rows_per_batch']:>10.2f} "
+              f"{r['tokens_per_s'] / base:>7.2f}x")
+        for sample in r["error_samples"]:
+            print(f"{'':>9} error: {sample}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
