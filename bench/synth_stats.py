@@ -70,6 +70,16 @@ def build_keywords(num: int, seeds: list[int]) -> None:
                     cover = "".join(t for a, b, t in spans if b > start and a < end)
                     swallowing[word][cover] += 1
                 start = text.find(word, start + 1)
+    # a noun directly before a name (小羊毛毛 -> 小/羊毛/毛, 同学X) is too rare to be sure of in a
+    # sample: check every species + name pair
+    bank = synth.load_bank()
+    names = bank.words["animal_names"] + bank.words["boys"] + bank.words["girls"]
+    for species in [row[0] for row in bank.records["animals"]] + ["小鸟", "小花猫", "小鸭子", "小蚂蚁", "小伙伴", "同学", "好朋友"]:
+        for word in {w for w in words if w in species or species in w}:
+            for name in names:
+                joined = species + name
+                if word not in jieba.lcut(joined):
+                    swallowing[word][joined] += 1
     out, dropped = {}, []
     for pos, entries in lists.items():
         out[pos] = {}
