@@ -14,7 +14,7 @@ tokens (checked):
 Corpus: the real texts in ../shared/data when present (the `modern` side of the classical bitext and the lines of
 the classic novels), else synthetic Chinese text. Usage:
 
-    python bench/tokenize_throughput.py [--tokenizer TOKDIR] [--max-mb 20] [--workers N]
+    python bench/tokenize_throughput.py [--tokenizer TOKDIR] [--corpus FILE.jsonl] [--max-mb 20] [--workers N]
 
 Without --tokenizer a 8,192-token tokenizer is trained on the corpus first (not timed).
 """
@@ -95,6 +95,8 @@ def per_line_loop(jsonl: Path, encode, eos_id: int) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", help="tokenizer directory (default: train an 8,192-token one on the corpus)")
+    parser.add_argument("--corpus", help="a .jsonl file with a `text` field (e.g. a prepared train.jsonl) instead "
+                                         "of the default real/synthetic corpus")
     parser.add_argument("--max-mb", type=float, default=20.0, help="corpus size in MB of UTF-8 text")
     parser.add_argument("--workers", type=int, default=0, help="processes for the parallel row (0 = all cores)")
     parser.add_argument("--repeat", type=int, default=1, help="time each row this many times, report the best")
@@ -105,10 +107,21 @@ def main() -> int:
     from xiaolm.tokenizer.train import train_tokenizer
 
     max_bytes = int(args.max_mb * 1e6)
-    texts, description = real_corpus(max_bytes)
+    if args.corpus:
+        texts, size = [], 0
+        for line in open(args.corpus, encoding="utf-8"):
+            if size >= max_bytes:
+                break
+            text = json.loads(line)["text"]
+            texts.append(text)
+            size += len(text.encode("utf-8"))
+        description = f"{args.corpus} (`text` field)"
+    else:
+        texts, description = real_corpus(max_bytes)
     if not texts:
         texts, description = synthetic_corpus(max_bytes)
     workers = args.workers or default_workers()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="xiaolm_bench_") as tmp:
         tmp = Path(tmp)
         jsonl = tmp / "corpus.jsonl"
@@ -162,7 +175,8 @@ def main() -> int:
     base = rows[0][2]
     print(f"\ncorpus: {description}")
     print(f"        {len(texts):,} documents, {nbytes / 1e6:.1f} MB UTF-8, {rows[0][3]:,} tokens "
-          f"(vocab {tok.vocab_size}); cores available: {default_workers()}\n")
+          f"(vocab {tok.vocab_size}); cores available: {default_workers()}; load average before/after: "
+          f"{load_before:.1f}/{os.getloadavg()[0]:.1f} (other work on the machine slows every row)\n")
     header = f"| {'method':<66} | procs | {'seconds':>7} | {'MB/s':>6} | {'tokens/s':>10} | vs per-line |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")

@@ -409,7 +409,9 @@ def run(cfg: TokenizeConfig) -> dict:
     writers: dict[str, _SplitWriter] = {}
     stats = {"documents": 0, "malformed": 0, "malformed_records": [], "empty": 0, "chars": 0, "bytes": 0}
     split_stats: dict[str, dict] = {}
-    total_bytes = sum(s.path.stat().st_size for s in sources)
+    # The bar counts raw input bytes; a gzip file's uncompressed size is unknown, so then there is no total.
+    compressed = any(s.path.name.lower().endswith(".gz") for s in sources)
+    total_bytes = None if compressed else sum(s.path.stat().st_size for s in sources)
 
     def tasks() -> Iterator[tuple[TextSource, tuple]]:
         for source in sources:
