@@ -38,6 +38,7 @@ class QuickstartConfig:
     seq_len: Optional[int] = opt(None, "context length (default: 256 on CPU, 512 on GPU)")
     micro_batch_size: Optional[int] = opt(None, "sequences per step (default: 16 on CPU, 64 on GPU)")
     lr: Optional[float] = opt(None, "peak learning rate (default: 3e-3 on CPU, 2e-3 on GPU)")
+    max_steps: Optional[int] = opt(None, "train exactly this many steps instead of sizing the run to the time budget")
     seed: int = opt(0, "seed for the corpus, the model and sampling")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     max_new_tokens: int = opt(160, "tokens written per opening")
@@ -159,13 +160,16 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     t_cfg.device, t_cfg.seed, t_cfg.lr = device, cfg.seed, cfg.lr
     t_cfg.micro_batch_size, t_cfg.warmup_steps, t_cfg.min_lr_ratio = cfg.micro_batch_size, 50, 0.1
     t_cfg.log_every, t_cfg.keep_last, t_cfg.tensorboard = 25, 1, False
-    pcfg.eval.eval_tokens, pcfg.eval.sample_tokens = 32_768, 48
-    step_s = calibrate_step_time(pcfg)
-    # Evaluations take ~5% of the budget; leave that out of the step count.
-    t_cfg.max_steps = max(20, int(cfg.time_budget * 0.95 / step_s))
-    t_cfg.eval_every = max(10, t_cfg.max_steps // 5)
-    t = _stage(f"5/5 pretraining the {cfg.preset} preset on {device}: {t_cfg.max_steps} steps "
-               f"(~{step_s * 1000:.0f} ms each, budget {cfg.time_budget:.0f} s)")
+    pcfg.eval.eval_tokens, pcfg.eval.sample_tokens = 16_384, 48
+    if cfg.max_steps:
+        t_cfg.max_steps, plan = cfg.max_steps, f"{cfg.max_steps} steps"
+    else:
+        step_s = calibrate_step_time(pcfg)
+        # Evaluations, samples and checkpoints take ~15% of the budget; leave that out of the step count.
+        t_cfg.max_steps = max(20, int(cfg.time_budget * 0.85 / step_s))
+        plan = f"{t_cfg.max_steps} steps (~{step_s * 1000:.0f} ms each, budget {cfg.time_budget:.0f} s)"
+    t_cfg.eval_every = max(10, t_cfg.max_steps // 4)
+    t = _stage(f"5/5 pretraining the {cfg.preset} preset on {device}: {plan}")
     summary = pretrain(pcfg)
     timings["pretrain_s"] = time.perf_counter() - t
 
