@@ -94,7 +94,11 @@ def test_chat_run_stops_at_im_end_and_generates_with_the_template(tiny_run, tmp_
     from xiaolm.infer.generate import generate_ids
 
     run = _chat_copy(tiny_run, tmp_path / "sft_run")
+    (run / "eval").mkdir()
+    (run / "eval" / "cmmlu.json").write_text(json.dumps({"accuracy": 0.2488, "chance": 0.25}))
     out = export_hf(run, tmp_path / "hf_chat")
+    card = (out / "README.md").read_text()
+    assert "| cmmlu | accuracy 24.88% (chance 25%) |" in card and "- chat" in card
     ours, tok, _ = load_model(run)
     conf = json.loads((out / "config.json").read_text())
     gen = json.loads((out / "generation_config.json").read_text())

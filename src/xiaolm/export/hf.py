@@ -224,7 +224,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params: int) -> str:
+def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params: int, where: str = ".") -> str:
     """README.md: what the model is, how it was trained, how well it does, how to run it, what it cannot do."""
     run_dir = src.run_dir
     lines = [
@@ -238,7 +238,7 @@ def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params
         f"# {name}",
         "",
         f"A small Chinese {'chat' if chat else 'base (not instruction-tuned)'} language model trained from scratch "
-        f"with [xiaolm](https://github.com/) (小LM): a Llama-style decoder ({params / 1e6:.2f}M parameters) in the "
+        f"with xiaolm (小LM): a Llama-style decoder ({params / 1e6:.2f}M parameters) in the "
         "standard `LlamaForCausalLM` layout, so it loads with transformers, vLLM, llama.cpp (after GGUF export) and "
         "anything else that reads Llama.",
         "",
@@ -265,7 +265,7 @@ def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params
         "stage": meta.get("kind"),
         "optimizer steps": meta.get("step") or summary.get("steps"),
         "tokens seen": meta.get("tokens") or summary.get("tokens"),
-        "wall time (s)": summary.get("wall_s") or meta.get("elapsed_s"),
+        "wall time (s)": round(float(summary.get("wall_s") or meta.get("elapsed_s") or 0), 1) or None,
         "device": summary.get("device"),
         "tokenizer fingerprint": meta.get("tokenizer_fingerprint"),
     }
@@ -307,8 +307,8 @@ def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'tok = AutoTokenizer.from_pretrained("{name}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'tok = AutoTokenizer.from_pretrained("{where}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
     ]
     if chat:
         lines += [
@@ -334,6 +334,9 @@ def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params
         "A small model trained briefly on a narrow corpus: it writes fluent-looking text in the style of its "
         "training data but knows little, makes things up, and should not be relied on for facts or advice. "
         "Multiple-choice benchmark scores of models this size sit near the 25% chance level.",
+        "",
+        "(Evaluation files written to `RUNDIR/eval/*.json`, e.g. `xiaolm eval mc RUNDIR --data CMMLU "
+        "--out RUNDIR/eval/cmmlu.json`, are listed in the Evaluation section of this card.)",
         "",
     ]
     return "\n".join(lines)
@@ -399,7 +402,7 @@ def export_hf(
         atomic_write_json(conf_path, conf)
     params = sum(t.numel() for t in tensors.values())
     title = name or (src.run_dir.name if src.run_dir is not None else out.name)
-    atomic_write_text(out / "README.md", model_card(title, cfg, src, chat, dtype, params))
+    atomic_write_text(out / "README.md", model_card(title, cfg, src, chat, dtype, params, where=f"./{out.name}"))
     return out
 
 
