@@ -229,7 +229,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str,
         short_counts[short] = short_counts.get(short, 0) + 1
     group = parser.add_argument_group("options (also settable in a --config recipe)")
     for name, f, tp in leaves:
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         default = _default_of(f)
         inner, optional = _unwrap_optional(tp)
         if name in positionals:
@@ -252,7 +252,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str,
         elif "." not in name:
             flags.append(f"--{name.replace('_', '-')}")
         kwargs: dict[str, Any] = {"dest": name.replace(".", "__"), "default": argparse.SUPPRESS}
-        shown = "" if default in (None, "", []) else f" (default: {default})"
+        shown = "" if default in (None, "", []) else f" (default: {default})".replace("%", "%%")
         if get_origin(inner) is Literal:
             kwargs["choices"] = [str(c) for c in get_args(inner)]
         if inner is bool:

@@ -204,7 +204,7 @@ def load_model(
     if (path / "quantization.json").is_file():
         from xiaolm.infer.quantize import load_quantized
 
-        return load_quantized(path, device=device, with_tokenizer=with_tokenizer)
+        return load_quantized(path, device=device, with_tokenizer=with_tokenizer, dtype=dtype)
     ckpt = find_checkpoint(path, which)
     meta = verify_checkpoint(ckpt) if verify else json.loads((ckpt / META_FILE).read_text())
     if (ckpt / "adapter" / "adapter_config.json").is_file():

@@ -1,0 +1,71 @@
+"""Every registered verb exists and explains its options; the config system reads recipes and flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from xiaolm.cli import VERBS, main
+from xiaolm.config import ConfigError, config_from_dict, opt, parse_config
+
+
+def _all_verbs():
+    for name, entry in VERBS.items():
+        if isinstance(entry, dict):
+            for sub in entry:
+                yield [name, sub]
+        else:
+            yield [name]
+
+
+@pytest.mark.parametrize("verb", list(_all_verbs()), ids=lambda v: " ".join(v))
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*verb, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and len(out) > 200
+
+
+def test_top_level_help_lists_every_verb(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in VERBS:
+        assert name in out
+    assert main(["nonsense"]) == 2
+
+
+@dataclass
+class _Inner:
+    lr: float = opt(1e-3, "rate")
+    max_steps: Optional[int] = opt(None, "steps")
+    compile: bool = opt(False, "compile")
+
+
+@dataclass
+class _Outer:
+    data: str = opt("", "data")
+    kind: Literal["a", "b"] = opt("a", "kind")
+    rates: list[float] = opt([], "rates")
+    train: _Inner = field(default_factory=_Inner)
+
+
+def test_flags_override_recipe_override_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: from-recipe\ntrain:\n  lr: 0.5\n  max_steps: 7\n")
+    cfg, _ = parse_config(_Outer, ["--config", str(recipe), "--max-steps", "9", "--rates", "1e-4,3e-4",
+                                   "--compile", "--kind", "b"], "t", "d")
+    assert cfg.data == "from-recipe" and cfg.train.lr == 0.5 and cfg.train.max_steps == 9
+    assert cfg.train.compile is True and cfg.kind == "b" and cfg.rates == [1e-4, 3e-4]
+    cfg, _ = parse_config(_Outer, ["--train.max-steps", "3", "--train.lr", "2e-3"], "t", "d")
+    assert cfg.train.max_steps == 3 and cfg.train.lr == 2e-3
+
+
+def test_bad_recipes_name_the_field():
+    with pytest.raises(ConfigError, match=r"config\.train: unknown key\(s\) \['lrr'\]"):
+        config_from_dict(_Outer, {"train": {"lrr": 1}})
+    with pytest.raises(ConfigError, match=r"config\.train\.max_steps"):
+        config_from_dict(_Outer, {"train": {"max_steps": "many"}})
+    with pytest.raises(ConfigError, match="not one of"):
+        config_from_dict(_Outer, {"kind": "c"})
