@@ -219,3 +219,10 @@ def test_bad_data_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert "not a token shard directory" in capsys.readouterr().err
+
+
+def test_prefetching_changes_nothing(shards_dir, tmp_path):
+    args = ["--max-steps", "6", "--log-every", "1", "--eval-every", "0"]
+    assert _pretrain(shards_dir, tmp_path / "p0", *args, "--prefetch", "0") == 0
+    assert _pretrain(shards_dir, tmp_path / "p3", *args, "--prefetch", "3") == 0
+    assert _train_losses(tmp_path / "p0") == _train_losses(tmp_path / "p3")

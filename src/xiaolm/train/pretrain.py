@@ -38,7 +38,7 @@ class ModelSection:
     num_key_value_heads: Optional[int] = opt(None, "override the preset's key/value heads (GQA)")
     doc_mask: bool = opt(False, "keep attention inside each document of a packed window (positions restart too)")
     attn_impl: Literal["sdpa", "flex"] = opt("sdpa", "attention kernel for --doc-mask: sdpa (dense mask) or flex "
-                                                     "(FlexAttention, skips masked blocks on GPU)")
+                                                     "(FlexAttention, skips masked blocks; CUDA only)")
     init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
 
 
@@ -247,6 +247,8 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
     seed_everything(cfg.train.seed)
     tokenizer, train_shards, val_shards = _open_data(cfg)
     model = build_model(cfg, tokenizer.vocab_size, tokenizer)
+    if cfg.model.attn_impl == "flex" and not env.device.startswith("cuda"):
+        raise fail("--attn-impl flex trains on CUDA only (FlexAttention has no backward pass on CPU); use sdpa")
     model.attn_impl = cfg.model.attn_impl
     mcfg = model.config
     t = cfg.train
