@@ -87,7 +87,7 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard parameters with FSDP2 (fully_shard) under torchrun")
     peak_flops: Optional[float] = opt(None, "device peak FLOP/s for MFU (default: looked up by GPU name)")
     tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
-    progress: bool = opt(True, "show a progress bar on a terminal")
+    progress: bool = opt(True, "a progress bar on a terminal (off: plain log lines, as in files and CI logs)")
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -515,7 +515,7 @@ class Trainer:
         metrics = MetricsLog(self.run_dir, env.is_main, cfg.tensorboard, start_step if cfg.resume else None)
         accum = max(1, cfg.grad_accum_steps)
         stop = _StopFlag().install()
-        progress = _Progress(self.total_steps, start_step, enabled=env.is_main and cfg.progress)
+        progress = _Progress(self.total_steps, start_step, enabled=env.is_main, bar=cfg.progress)
         dev_type = self.device.split(":")[0]
 
         nonfinite = torch.zeros((), device=self.device)
@@ -738,10 +738,10 @@ class _Prefetcher:
 class _Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files)."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, total: int, start: int, enabled: bool, bar: bool = True):
+        self.enabled = enabled  # rank 0 prints; ``bar`` False gives plain lines even on a terminal
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
