@@ -803,3 +803,18 @@ def resolve_steps(cfg: TrainConfig, tokens_per_step: int, default_steps: Optiona
     if default_steps is not None:
         return int(default_steps)
     raise ValueError("set --max-steps or --max-tokens")
+
+
+def run_training(train_fn: Callable[[Any, DistEnv], dict], cfg: Any) -> tuple[dict, DistEnv]:
+    """Run a training verb's function under torchrun or alone: set up the process group, turn the known failure
+    kinds (divergence, a bad checkpoint, bad input) into one clear line, and always tear down."""
+    from xiaolm.utils import fail
+
+    env = setup_distributed(cfg.train.device)
+    try:
+        summary = train_fn(cfg, env)
+    except (TrainingDiverged, CheckpointError, ValueError) as exc:
+        raise fail(str(exc), code=1)
+    finally:
+        teardown_distributed()
+    return summary, env

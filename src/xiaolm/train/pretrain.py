@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, parse_config
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, setup_distributed, teardown_distributed
+from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
 from xiaolm.utils import count_params, fail, human, log, seed_everything
 
 DEFAULT_PROMPTS = ["从前，有一个小女孩叫莉莉。", "小明和他的狗", "有一天，小猫"]
@@ -321,18 +321,7 @@ def main(argv: list[str]) -> int:
         "Pretrain a Llama-style model on token shards. Runs on CUDA, MPS or CPU; under torchrun "
         "(torchrun --nproc_per_node N -m xiaolm pretrain ...) it trains with DDP, or FSDP2 with --fsdp.",
     )
-    env = setup_distributed(cfg.train.device)
-    try:
-        summary = pretrain(cfg, env)
-    except Exception as exc:  # noqa: BLE001 - one clear line for the known failure kinds
-        from xiaolm.train.checkpoint import CheckpointError
-        from xiaolm.train.loop import TrainingDiverged
-
-        if isinstance(exc, (TrainingDiverged, CheckpointError, ValueError)):
-            raise fail(str(exc), code=1)
-        raise
-    finally:
-        teardown_distributed()
+    summary, env = run_training(pretrain, cfg)
     if env.is_main and not cfg.lr_sweep:
         from xiaolm.train.report import print_summary
 
