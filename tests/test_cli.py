@@ -69,3 +69,18 @@ def test_bad_recipes_name_the_field():
         config_from_dict(_Outer, {"train": {"max_steps": "many"}})
     with pytest.raises(ConfigError, match="not one of"):
         config_from_dict(_Outer, {"kind": "c"})
+
+
+def _greedy():
+    return _Inner(lr=0.25, compile=True)
+
+
+@dataclass
+class _WithFactory:
+    train: _Inner = field(default_factory=_greedy)
+
+
+def test_a_flag_overlays_a_sections_own_defaults():
+    """Setting one option of a section keeps the section's other defaults (not the class's)."""
+    cfg, _ = parse_config(_WithFactory, ["--max-steps", "4"], "t", "d")
+    assert cfg.train.max_steps == 4 and cfg.train.lr == 0.25 and cfg.train.compile is True

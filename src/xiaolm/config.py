@@ -143,13 +143,24 @@ def config_from_dict(cls, data: dict | None, where: str = "config"):
         tp = hints[f.name]
         inner, _ = _unwrap_optional(tp)
         if _is_dataclass_type(inner) and isinstance(data[key], dict):
-            kwargs[f.name] = config_from_dict(inner, data[key], f"{where}.{f.name}")
+            # A section's own default (e.g. greedy sampling for an eval) is the base the given keys overlay.
+            default = _default_of(f)
+            base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+            kwargs[f.name] = config_from_dict(inner, _overlay(base, data[key]), f"{where}.{f.name}")
         else:
             kwargs[f.name] = _convert(data[key], tp, f"{where}.{f.name}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        k2 = k.replace("-", "_")
+        out[k2] = _overlay(out[k2], v) if isinstance(v, dict) and isinstance(out.get(k2), dict) else v
+    return out
 
 
 def config_to_dict(obj) -> dict:
