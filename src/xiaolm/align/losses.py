@@ -42,7 +42,7 @@ def _smoothed_logsigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.
     return loss
 
 
-# ------------------------------------------------------------------------------------------------ paired, with a reference
+# -------------------------------------------------------------------------------------------- paired, with a reference
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -67,7 +67,7 @@ def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-# ------------------------------------------------------------------------------------------------ paired, reference-free
+# ---------------------------------------------------------------------------------------------- paired, reference-free
 
 
 def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float = 2.0, gamma: float = 0.5,
