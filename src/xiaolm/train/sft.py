@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, parse_config
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, setup_distributed, teardown_distributed
+from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
 from xiaolm.utils import fail, human, log, seed_everything, stable_hash
 
 
@@ -572,18 +572,7 @@ def main(argv: list[str]) -> int:
         "  xiaolm sft runs/pretrain --data alpaca.json sharegpt.jsonl --lora --merge --out runs/sft-lora",
         positionals={"run": "RUNDIR"},
     )
-    env = setup_distributed(cfg.train.device)
-    try:
-        summary = sft(cfg, env)
-    except Exception as exc:  # noqa: BLE001 - one clear line for the known failure kinds
-        from xiaolm.train.checkpoint import CheckpointError
-        from xiaolm.train.loop import TrainingDiverged
-
-        if isinstance(exc, (TrainingDiverged, CheckpointError, ValueError)):
-            raise fail(str(exc), code=1)
-        raise
-    finally:
-        teardown_distributed()
+    summary, env = run_training(sft, cfg)
     if env.is_main:
         from xiaolm.train.report import print_summary
 
