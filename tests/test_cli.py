@@ -84,3 +84,11 @@ def test_a_flag_overlays_a_sections_own_defaults():
     """Setting one option of a section keeps the section's other defaults (not the class's)."""
     cfg, _ = parse_config(_WithFactory, ["--max-steps", "4"], "t", "d")
     assert cfg.train.max_steps == 4 and cfg.train.lr == 0.25 and cfg.train.compile is True
+
+
+def test_a_section_overlay_keeps_unset_fields_at_none():
+    # A recipe that sets one key of a nested section must not turn that section's unset (None) fields into errors.
+    from xiaolm.pipeline import PipelineConfig
+
+    cfg = config_from_dict(PipelineConfig, {"pretrain": {"train": {"lr": 1e-3}}})
+    assert cfg.pretrain.data is None and cfg.pretrain.train.lr == 1e-3

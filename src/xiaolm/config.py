@@ -147,6 +147,8 @@ def config_from_dict(cls, data: dict | None, where: str = "config"):
             default = _default_of(f)
             base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
             kwargs[f.name] = config_from_dict(inner, _overlay(base, data[key]), f"{where}.{f.name}")
+        elif data[key] is None and _default_of(f) is None:
+            kwargs[f.name] = None  # an unset field left at its own None default (e.g. from a section overlay)
         else:
             kwargs[f.name] = _convert(data[key], tp, f"{where}.{f.name}")
     try:
