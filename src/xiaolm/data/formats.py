@@ -182,6 +182,21 @@ def detect_format(record: object) -> Optional[str]:
     return None
 
 
+def system_and_history(rec: dict, text=None) -> list[dict]:
+    """The messages before the last question of an Alpaca-style record: optional ``system``, then ``history`` as
+    [question, answer] pairs. ``text`` converts each value (default: this module's checked text)."""
+    text = text or _text
+    messages = []
+    if rec.get("system"):
+        messages.append({"role": "system", "content": text(rec["system"], "field 'system'")})
+    for k, turn in enumerate(rec.get("history") or []):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            raise RecordError(f"'history[{k}]' is not a [question, answer] pair")
+        messages.append({"role": "user", "content": text(turn[0], f"'history[{k}][0]'")})
+        messages.append({"role": "assistant", "content": text(turn[1], f"'history[{k}][1]'")})
+    return messages
+
+
 def _text(value: object, what: str) -> str:
     if isinstance(value, list):  # OpenAI content parts: keep the text parts
         parts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
@@ -204,14 +219,7 @@ def from_alpaca(rec: dict) -> list[dict]:
         raise RecordError("empty 'instruction' and 'input'")
     if not output.strip():
         raise RecordError("empty 'output'")
-    messages = []
-    if rec.get("system"):
-        messages.append({"role": "system", "content": _text(rec["system"], "field 'system'")})
-    for k, turn in enumerate(rec.get("history") or []):
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-            raise RecordError(f"'history[{k}]' is not a [question, answer] pair")
-        messages.append({"role": "user", "content": _text(turn[0], f"'history[{k}][0]'")})
-        messages.append({"role": "assistant", "content": _text(turn[1], f"'history[{k}][1]'")})
+    messages = system_and_history(rec)
     messages.append({"role": "user", "content": f"{instruction}\n{extra}" if instruction and extra else instruction or extra})
     messages.append({"role": "assistant", "content": output})
     return messages

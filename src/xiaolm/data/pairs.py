@@ -117,14 +117,12 @@ def _answer_text(value, what: str) -> str:
 
 
 def _prompt_from_text(rec: dict, key: str) -> list[dict]:
-    messages = []
-    if rec.get("system"):
-        messages.append({"role": "system", "content": _text(rec["system"], "field 'system'")})
-    for k, turn in enumerate(rec.get("history") or []):
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-            raise PairError(f"'history[{k}]' is not a [question, answer] pair")
-        messages.append({"role": "user", "content": _text(turn[0], f"'history[{k}][0]'")})
-        messages.append({"role": "assistant", "content": _text(turn[1], f"'history[{k}][1]'")})
+    from xiaolm.data.formats import RecordError, system_and_history
+
+    try:
+        messages = system_and_history(rec, _text)
+    except RecordError as exc:
+        raise PairError(str(exc)) from None
     messages.append({"role": "user", "content": _text(rec[key], f"field '{key}'")})
     return messages
 

@@ -181,6 +181,20 @@ def _find_tokenizer_dir(ckpt: Path) -> Optional[Path]:
     return None
 
 
+def load_run_tokenizer(ckpt: Path, meta: dict):
+    """The tokenizer saved beside checkpoint ``ckpt``, checked against the fingerprint the run trained with."""
+    from xiaolm.tokenizer import load_tokenizer
+
+    tok_dir = _find_tokenizer_dir(ckpt)
+    if tok_dir is None:
+        raise CheckpointError(f"{ckpt}: no tokenizer found beside the checkpoint")
+    tokenizer = load_tokenizer(tok_dir)
+    want = meta.get("tokenizer_fingerprint")
+    if want and tokenizer.fingerprint != want:
+        raise CheckpointError(f"{ckpt}: trained with tokenizer {want}, but {tok_dir} is {tokenizer.fingerprint}")
+    return tokenizer
+
+
 def load_model(
     path: str | Path,
     device: str = "cpu",
@@ -223,18 +237,6 @@ def load_model(
     model.tie_weights()
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
-    tokenizer = None
-    if with_tokenizer:
-        from xiaolm.tokenizer import load_tokenizer
-
-        tok_dir = _find_tokenizer_dir(ckpt)
-        if tok_dir is None:
-            raise CheckpointError(f"{ckpt}: no tokenizer found beside the checkpoint")
-        tokenizer = load_tokenizer(tok_dir)
-        want = meta.get("tokenizer_fingerprint")
-        if want and tokenizer.fingerprint != want:
-            raise CheckpointError(
-                f"{ckpt}: trained with tokenizer {want}, but {tok_dir} is {tokenizer.fingerprint}"
-            )
+    tokenizer = load_run_tokenizer(ckpt, meta) if with_tokenizer else None
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     return model, tokenizer, ModelInfo(path=ckpt, kind="xiaolm", meta=meta, run_dir=run_dir)

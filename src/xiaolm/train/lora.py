@@ -97,7 +97,7 @@ def load_lora_checkpoint(ckpt: Path, meta: dict, device: str = "cpu", dtype: Opt
     from safetensors.torch import load_file
 
     from xiaolm.model.llama import Llama, LlamaConfig
-    from xiaolm.train.checkpoint import MODEL_CONFIG, MODEL_FILE, CheckpointError, ModelInfo, _find_tokenizer_dir
+    from xiaolm.train.checkpoint import MODEL_CONFIG, MODEL_FILE, CheckpointError, ModelInfo, load_run_tokenizer
 
     ckpt = Path(ckpt)
     cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
@@ -115,17 +115,7 @@ def load_lora_checkpoint(ckpt: Path, meta: dict, device: str = "cpu", dtype: Opt
         model = merge_lora(model)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
-    tokenizer = None
-    if with_tokenizer:
-        from xiaolm.tokenizer import load_tokenizer
-
-        tok_dir = _find_tokenizer_dir(ckpt)
-        if tok_dir is None:
-            raise CheckpointError(f"{ckpt}: no tokenizer found beside the checkpoint")
-        tokenizer = load_tokenizer(tok_dir)
-        want = meta.get("tokenizer_fingerprint")
-        if want and tokenizer.fingerprint != want:
-            raise CheckpointError(f"{ckpt}: trained with tokenizer {want}, but {tok_dir} is {tokenizer.fingerprint}")
+    tokenizer = load_run_tokenizer(ckpt, meta) if with_tokenizer else None
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     return model, tokenizer, ModelInfo(path=ckpt, kind="lora", meta=meta, run_dir=run_dir)
 
