@@ -118,6 +118,7 @@ def test_summarise_counts_each_constraint_and_the_references():
     assert result["constraints"]["开头"]["rate"] == 1.0
     assert result["all_constraints"] == {"n": 2, "met": 1, "rate": 0.5, "counts": "rule checks"}
     assert result["unscored"] == {"摘要": 1}
+    assert result["words"] == {"asked": 6, "used": 5, "rate": 5 / 6}  # 小猫 is the one word missing
     assert result["references"] == 2 and result["bleu4"] == pytest.approx(100.0)
     table = format_table(result)
-    assert "词汇" in table and "50.0%" in table and "BLEU-4" in table
+    assert "词汇" in table and "50.0%" in table and "83.3%" in table and "BLEU-4" in table

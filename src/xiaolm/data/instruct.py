@@ -89,29 +89,39 @@ def _posseg():
     return pseg
 
 
-def word_candidates(text: str) -> dict[str, list[str]]:
+def word_candidates(text: str, counts: Optional[dict] = None) -> dict[str, list[str]]:
     """Distinct verbs, nouns and adjectives of ``text`` (jieba tags v, n, a), two or more Han characters each, in
-    order of first appearance."""
+    order of first appearance. ``counts``, when given, receives how often each one occurs."""
     pseg = _posseg()
     found: dict[str, list[str]] = {"verb": [], "noun": [], "adj": []}
     kinds = {"v": "verb", "n": "noun", "a": "adj"}
-    seen = set()
+    seen: dict[str, int] = {}
     for pair in pseg.lcut(text, HMM=False):
         word, flag = pair.word, pair.flag
         kind = kinds.get(flag)
-        if kind is None or word in seen or len(word) < 2 or word in _COMMON or not _HAN_ONLY.match(word):
+        if kind is None or len(word) < 2 or word in _COMMON or not _HAN_ONLY.match(word):
             continue
-        seen.add(word)
-        found[kind].append(word)
+        if word not in seen:
+            found[kind].append(word)
+        seen[word] = seen.get(word, 0) + 1
+    if counts is not None:
+        counts.update(seen)
     return found
+
+
+def _central_word(words: list[str], counts: dict, rng: random.Random) -> str:
+    """One of ``words``, drawn in proportion to how often the story uses it: the words a story is built around
+    (its object, its feeling) are the ones an instruction names, not a word it used once in passing."""
+    return rng.choices(words, weights=[counts.get(w, 1) ** 2 for w in words])[0]
 
 
 def story_constraints(record: dict, text: str, rng: random.Random, cfg: InstructConfig) -> dict:
     """Every constraint this story can offer (one choice of words and sentence, drawn with ``rng``)."""
     out: dict = {}
-    cands = word_candidates(text)
+    counts: dict[str, int] = {}
+    cands = word_candidates(text, counts)
     if all(cands.values()):
-        out["词汇"] = [rng.choice(cands["verb"]), rng.choice(cands["noun"]), rng.choice(cands["adj"])]
+        out["词汇"] = [_central_word(cands[k], counts, rng) for k in ("verb", "noun", "adj")]
     features = (record.get("instruction") or {}).get("features") or []
     names = [FEATURE_NAMES[f] for f in features if f in FEATURE_NAMES]
     if names:

@@ -98,6 +98,7 @@ def summarise(samples: list[dict], responses: list[str], markers: bool = False) 
     ``samples`` (each ``{"constraints": {...}, "reference": str|None}``)."""
     per: dict[str, dict] = {}
     all_met = all_n = 0
+    words_asked = words_used = 0  # 词汇 word by word: progress shows here long before all three words land together
     unscored: dict[str, int] = {}
     scores = []
     for sample, text in zip(samples, responses):
@@ -106,6 +107,9 @@ def summarise(samples: list[dict], responses: list[str], markers: bool = False) 
         ref = sample.get("reference")
         ref_s = score_response(cons, ref, markers=markers) if ref else None
         scores.append(s)
+        for w in cons.get("词汇") or []:
+            words_asked += 1
+            words_used += int(w in text)
         for name, ok in s["checks"].items():
             row = per.setdefault(name, {"n": 0, "met": 0, "ref_n": 0, "ref_met": 0})
             row["n"] += 1
@@ -134,6 +138,8 @@ def summarise(samples: list[dict], responses: list[str], markers: bool = False) 
         "all_constraints": {"n": all_n, "met": all_met, "rate": all_met / all_n if all_n else None,
                             "counts": "rule checks" + (" + marker checks" if markers else "")},
         "unscored": unscored,
+        "words": {"asked": words_asked, "used": words_used,
+                  "rate": words_used / words_asked if words_asked else None},
         "repetition": aggregate_repetition([s["repetition"] for s in scores]),
     }
     with_refs = [(h, r) for h, r in zip(responses, refs) if r]
@@ -223,6 +229,9 @@ def format_table(result: dict, title: str = "") -> str:
     lines.append(f"{'constraint':<16}{'kind':>7}{'n':>6}{'met':>9}{'ref':>9}")
     for name, row in result["constraints"].items():
         lines.append(f"{name:<16}{row['kind']:>7}{row['n']:>6}{_pct(row['rate']):>9}{_pct(row['reference_rate']):>9}")
+    w = result.get("words") or {}
+    if w.get("asked"):
+        lines.append(f"{'词汇, per word':<16}{'rule':>7}{w['asked']:>6}{_pct(w['rate']):>9}")
     a = result["all_constraints"]
     lines.append(f"{'all constraints':<16}{'':>7}{a['n']:>6}{_pct(a['rate']):>9}   ({a['counts']})")
     if result.get("unscored"):
