@@ -78,3 +78,54 @@ def tiny_run(tmp_path_factory, shards_dir) -> Path:
     assert main(["pretrain", "--data", str(shards_dir), "--out", str(out), "--max-steps", "120",
                  "--eval-every", "60", *TINY_PRETRAIN]) == 0
     return out
+
+
+# The instruction-tuning and alignment headlines share one story model: pretrained on the built-in stories, then
+# SFT on instructions built from them. Budgets are CPU-sized (a few minutes on 2 cores) and every seed is fixed.
+# Instructions keep each constraint with probability 0.3 (at least one), so many carry one or two constraints: with
+# three or four, "all met" is out of reach of a sub-1M-parameter model and could not show a difference.
+HEADLINE_PRETRAIN_STEPS = 300
+HEADLINE_SFT_STEPS = 600
+HEADLINE_EVAL_LIMIT = None  # every held-out instruction (about 200)
+
+
+@pytest.fixture(scope="session")
+def story_sft(tmp_path_factory, stories_file, shards_dir) -> dict:
+    """``{"base": RUNDIR, "sft": SFTDIR, "instruct": DIR}`` for the headline tests."""
+    from xiaolm.cli import main
+
+    root = tmp_path_factory.mktemp("story_sft")
+    quiet = ["--no-progress", "--no-tensorboard", "--log-every", "100"]
+    assert main(["data", "instruct", str(stories_file), "--out", str(root / "instruct"),
+                 "--samples-per-story", "3", "--keep-prob", "0.3", "--seed", "0"]) == 0
+    assert main(["pretrain", "--data", str(shards_dir), "--out", str(root / "base"), "--preset", "quickstart",
+                 "--seq-len", "512", "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "30",
+                 "--max-steps", str(HEADLINE_PRETRAIN_STEPS), "--eval-every", "0", "--eval-tokens", "8192",
+                 "--sample-tokens", "0", "--train.seed", "0", *quiet]) == 0
+    assert main(["sft", str(root / "base"), "--data", str(root / "instruct"), "--out", str(root / "sft"),
+                 "--max-steps", str(HEADLINE_SFT_STEPS), "--lr", "1e-3", "--warmup-steps", "30",
+                 "--micro-batch-size", "8", "--seq-len", "512", "--eval-every", "0", "--sample-prompts", "0",
+                 "--train.seed", "0", *quiet]) == 0
+    return {"base": root / "base", "sft": root / "sft", "instruct": root / "instruct"}
+
+
+@pytest.fixture(scope="session")
+def heldout_eval(story_sft):
+    """``heldout_eval(run, style="chat")``: the instruction eval of a model on the headline's held-out instructions
+    (greedy, 200 new tokens), computed once per run and prompt style and shared by the headline tests."""
+    from xiaolm.eval.instruct import evaluate_instruct, load_eval_samples
+    from xiaolm.infer.generate import SamplingConfig
+    from xiaolm.train.checkpoint import load_model
+
+    samples, _ = load_eval_samples([str(story_sft["instruct"] / "heldout.jsonl")], limit=HEADLINE_EVAL_LIMIT)
+    cache: dict[str, dict] = {}
+
+    def evaluate(run, style: str = "chat") -> dict:
+        key = f"{run}:{style}"
+        if key not in cache:
+            model, tokenizer, _ = load_model(run)
+            greedy = SamplingConfig(max_new_tokens=200, temperature=0.0, seed=0)
+            cache[key] = evaluate_instruct(model, tokenizer, samples, style, greedy, batch_size=48)
+        return cache[key]
+
+    return evaluate

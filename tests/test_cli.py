@@ -6,8 +6,12 @@ from typing import Literal, Optional
 
 import pytest
 
+from pathlib import Path
+
 from xiaolm.cli import VERBS, main
 from xiaolm.config import ConfigError, config_from_dict, opt, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _all_verbs():
@@ -92,3 +96,21 @@ def test_a_section_overlay_keeps_unset_fields_at_none():
 
     cfg = config_from_dict(PipelineConfig, {"pretrain": {"train": {"lr": 1e-3}}})
     assert cfg.pretrain.data is None and cfg.pretrain.train.lr == 1e-3
+
+
+def test_every_recipe_in_configs_loads_with_its_verb():
+    import yaml
+
+    from xiaolm.align.dpo import DPOConfig
+    from xiaolm.align.grpo import GRPOConfig
+    from xiaolm.align.reward import RewardConfig
+    from xiaolm.pipeline import PipelineConfig
+    from xiaolm.train.sft import SFTConfig
+
+    kinds = {"tinystories": PipelineConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
+             "grpo": GRPOConfig}
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(recipes) >= 6
+    for path in recipes:
+        cls = kinds[path.stem.split("-")[0]]
+        config_from_dict(cls, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))

@@ -25,8 +25,8 @@ def instruct_dir(tmp_path_factory, stories_file):
 
 def _args(tiny_run, instruct_dir, out, *extra):
     return ["grpo", str(tiny_run), "--prompts", str(instruct_dir), "--out", str(out), "--group-size", "4",
-            "--prompts-per-step", "3", "--micro-batch-size", "6", "--max-new-tokens", "20", "--lr", "1e-3",
-            "--kl-beta", "0.1", *FAST, *extra]
+            "--prompts-per-step", "6", "--micro-batch-size", "6", "--max-new-tokens", "20", "--lr", "1e-3",
+            "--kl-beta", "0.1", "--word-credit", "1.0", "--markers", *FAST, *extra]
 
 
 def test_grpo_runs_logs_and_writes_a_policy(tmp_path, tiny_run, instruct_dir, capsys):
@@ -51,7 +51,7 @@ def test_grpo_runs_logs_and_writes_a_policy(tmp_path, tiny_run, instruct_dir, ca
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert len(evals) == 2 and "val_all_met" in evals[-1]
     s = json.loads((out / "summary.json").read_text())
-    assert s["batches_sampled"] == 2 and s["generation"]["samples"] == 24 and s["generation"]["samples_per_s"] > 0
+    assert s["batches_sampled"] == 2 and s["generation"]["samples"] == 48 and s["generation"]["samples_per_s"] > 0
     assert s["excluded_heldout"] == 0 and "Samples" in (out / "report.md").read_text()
     assert len(list((out / "rollouts").glob("batch-*.pt"))) == 1  # only the latest batch is kept
     from xiaolm.train.checkpoint import load_model

@@ -133,7 +133,7 @@ def instruct_dir(tmp_path_factory, stories_file):
     return out
 
 
-ONPOLICY = ["--k", "3", "--limit", "12", "--max-new-tokens", "24", "--min-margin", "0.0", "--batch-size", "18",
+ONPOLICY = ["--k", "3", "--limit", "16", "--max-new-tokens", "24", "--min-margin", "0.0", "--batch-size", "18",
             "--device", "cpu"]
 
 
@@ -145,7 +145,7 @@ def test_on_policy_pairs(tmp_path, tiny_run, instruct_dir, capsys):
     assert "samples/s" in printed and "tokens/s" in printed
     report = json.loads(out.with_name("pairs.jsonl.report.json").read_text())
     g = report["generation"]
-    usable = 12 - report["prompts_too_long"]  # the tiny model's context is 128 tokens: a long prompt may not fit
+    usable = 16 - report["prompts_too_long"]  # the tiny model's context is 128 tokens: a long prompt may not fit
     assert usable >= 8 and g["samples"] == 3 * usable and g["samples_per_s"] > 0 and g["tokens_per_s"] > 0
     assert report["heldout_files"] == [str(instruct_dir / "heldout.jsonl")]
     pairs = list(read_jsonl(out))

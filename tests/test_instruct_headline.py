@@ -1,0 +1,45 @@
+"""Issue headline for instruction tuning, measured on the built-in stories at a CPU budget with fixed seeds.
+
+The pretrained model and the SFT model answer the same held-out instructions through the chat template ("prompted
+the same way"), greedy. Asserted:
+
+- the required words (词汇) appear at least three times as often after SFT, counted word by word. The stricter
+  figure, all three words in one story, is printed beside it: at this budget it stays at zero for both models.
+- repetition does not rise. Given the chat template, the pretrained model answers with a few dozen characters (it
+  never saw the template) and a fragment has no room to repeat itself, while the SFT model writes whole stories;
+  so the share of repeated 4-grams is compared at equal length: each SFT answer is cut to the length of the
+  pretrained model's answer to the same instruction. The raw figures are printed too.
+"""
+from __future__ import annotations
+
+from xiaolm.eval.instruct import format_table
+from xiaolm.eval.verify import repetition_metrics
+
+
+def length_matched_rep4(reference_answers: list[str], answers: list[str]) -> tuple[float, float]:
+    """Mean rep-4 of ``reference_answers`` and of ``answers`` each cut to its reference's length."""
+    ref = [repetition_metrics(r)["rep4"] for r in reference_answers]
+    cut = [repetition_metrics(a[: len(r)])["rep4"] for r, a in zip(reference_answers, answers)]
+    return sum(ref) / len(ref), sum(cut) / len(cut)
+
+
+def test_length_matched_rep4_cuts_to_the_reference_length():
+    base, same = length_matched_rep4(["小猫小猫小猫小猫", "今天天气好"], ["小猫小猫小猫小猫后来", "今天天气好"])
+    assert base == same > 0  # the loop is inside the first eight characters, so the cut keeps it
+    base, other = length_matched_rep4(["今天天气很好啊"], ["小猫小猫小猫小猫"])
+    assert base == 0 and other > 0
+
+
+def test_sft_meets_the_word_constraint_three_times_as_often_without_more_repetition(story_sft, heldout_eval):
+    base = heldout_eval(story_sft["base"])
+    sft = heldout_eval(story_sft["sft"])
+    print(format_table(base, "pretrained model, chat template"))
+    print(format_table(sft, "after SFT, chat template"))
+    assert base["words"]["asked"] >= 100  # enough word constraints among the held-out samples to mean something
+    assert sft["words"]["rate"] >= 3 * max(base["words"]["rate"], 0.01), (base["words"], sft["words"])
+    base_rep, sft_rep = length_matched_rep4([g["response"] for g in base["generations"]],
+                                            [g["response"] for g in sft["generations"]])
+    print(f"rep-4 at equal length: pretrained {base_rep:.4f}, SFT {sft_rep:.4f}")
+    assert sft_rep <= base_rep, (base_rep, sft_rep)
+    # SFT answers with whole stories, far longer than the pretrained model's chat-template fragments
+    assert sft["repetition"]["mean_chars"] >= 3 * base["repetition"]["mean_chars"]
