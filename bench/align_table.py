@@ -65,10 +65,12 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=6, help="samples per prompt for the pairs")
     ap.add_argument("--max-new-tokens", type=int, default=200, help="answer length when sampling and evaluating")
     ap.add_argument("--word-credit", type=float, default=1.0, help="verifier partial credit for required words")
-    ap.add_argument("--min-margin", type=float, default=0.3, help="minimum score margin of a pair")
+    ap.add_argument("--repetition-weight", type=float, default=3.0, help="verifier penalty per share of repeated 4-grams")
+    ap.add_argument("--min-margin", type=float, default=0.25, help="minimum score margin of a pair")
     ap.add_argument("--dpo-epochs", type=float, default=2.0)
     ap.add_argument("--dpo-lr", type=float, default=1e-4)
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=0.3)
+    ap.add_argument("--sft-weight", type=float, default=1.0, help="DPO: weight of the chosen answers' NLL")
     ap.add_argument("--grpo-steps", type=int, default=60)
     ap.add_argument("--grpo-prompts-per-step", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=6)
@@ -97,7 +99,8 @@ def main() -> int:
     times["pairs"] = run(["data", "pairs", "--policy", args.sft, "--prompts", args.instruct, "--out", str(pairs),
                           "--limit", str(args.prompts), "--k", str(args.k),
                           "--max-new-tokens", str(args.max_new_tokens),
-                          "--word-credit", str(args.word_credit), "--min-margin", str(args.min_margin),
+                          "--word-credit", str(args.word_credit), "--repetition-weight", str(args.repetition_weight),
+                          "--min-margin", str(args.min_margin),
                           "--batch-size", "128", "--sampling.seed", str(args.seed)])
     report["pairs"] = json.loads((out / "pairs.jsonl.report.json").read_text())
     runs = {"SFT": args.sft}
@@ -107,13 +110,15 @@ def main() -> int:
         report["reward_builtin"] = json.loads((out / "rm" / "summary.json").read_text())
     if "dpo" not in args.skip:
         times["dpo"] = run(["dpo", args.sft, "--data", str(pairs), "--out", str(out / "dpo"), "--epochs",
-                            str(args.dpo_epochs), "--lr", str(args.dpo_lr), "--beta", str(args.beta), *quiet, *seed])
+                            str(args.dpo_epochs), "--lr", str(args.dpo_lr), "--beta", str(args.beta),
+                            "--sft-weight", str(args.sft_weight), "--heldout-fraction", "0", *quiet, *seed])
         runs["SFT+DPO"] = str(out / "dpo")
     if "grpo" not in args.skip:
         times["grpo"] = run(["grpo", args.sft, "--prompts", args.instruct, "--out", str(out / "grpo"), "--max-steps",
                              str(args.grpo_steps), "--prompts-per-step", str(args.grpo_prompts_per_step),
                              "--group-size", str(args.group_size), "--lr", str(args.grpo_lr), "--kl-beta",
-                             str(args.kl_beta), "--word-credit", str(args.word_credit), "--max-new-tokens",
+                             str(args.kl_beta), "--word-credit", str(args.word_credit), "--repetition-weight",
+                             str(args.repetition_weight), "--max-new-tokens",
                              str(args.max_new_tokens), *quiet, *seed])
         runs["SFT+GRPO"] = str(out / "grpo")
         report["grpo"] = json.loads((out / "grpo" / "summary.json").read_text())
