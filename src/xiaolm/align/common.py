@@ -165,6 +165,11 @@ class RewardWeights:
     word_credit: float = 0.0  # plus this times the share of the 词汇 words present (partial credit)
     markers: bool = False  # count the marker checks (悲伤的结局, 寓意, ...) too
 
+    @classmethod
+    def of(cls, cfg) -> "RewardWeights":
+        """The weights a stage's config carries under the same names (pairs, DPO rounds, GRPO)."""
+        return cls(cfg.repetition_weight, cfg.all_met_bonus, cfg.word_credit, cfg.markers)
+
 
 def rule_reward(constraints: dict, text: str, weights: Optional[RewardWeights] = None) -> float:
     """``xiaolm.eval.verify.constraint_reward`` (share of checks met + bonus when all are met - repetition; -1 for an

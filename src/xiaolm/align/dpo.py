@@ -49,8 +49,6 @@ import torch
 
 from xiaolm.align.common import (
     EncodeCounts,
-    PolicySampling,
-    RewardWeights,
     Sequence,
     build_sequence,
     items_for,
@@ -61,6 +59,7 @@ from xiaolm.align.common import (
     steps_for_epochs,
 )
 from xiaolm.config import opt, parse_config
+from xiaolm.data.pairs import OnPolicyOptions
 from xiaolm.infer.generate import SamplingConfig
 from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
@@ -68,26 +67,6 @@ from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_h
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.5, "kto": 0.1, "simpo": 2.0, "orpo": 0.1}
-
-
-@dataclass
-class OnPolicySection:
-    """How pairs are sampled from the current policy (round 1 without --data, and every later round)."""
-
-    k: int = opt(4, "responses sampled per prompt")
-    greedy: bool = opt(False, "also score the policy's greedy answer as one more candidate")
-    min_margin: float = opt(0.5, "keep a pair only when the chosen response scores at least this much higher")
-    mode: Literal["best-worst", "reference"] = opt("best-worst", "best vs worst sample, or reference answer vs worst")
-    scorer: Literal["verifier", "reward", "both"] = opt("verifier", "rule-based verifier, reward model, or both")
-    reward_model: Optional[str] = opt(None, "reward model RMDIR for scorer reward / both")
-    reward_model_weight: float = opt(1.0, "weight of the reward model's score with scorer both")
-    repetition_weight: float = opt(1.0, "verifier score: minus this times the share of repeated 4-grams")
-    all_met_bonus: float = opt(0.5, "verifier score: bonus when every checked constraint is met")
-    word_credit: float = opt(0.0, "verifier score: plus this times the share of required words present")
-    markers: bool = opt(False, "verifier score: count the marker checks too")
-    limit: Optional[int] = opt(None, "prompts per round (default: all training prompts)")
-    batch_size: int = opt(64, "sequences generated together")
-    sampling: PolicySampling = field(default_factory=PolicySampling)
 
 
 @dataclass
@@ -126,7 +105,7 @@ class DPOConfig:
     prompts: list[str] = opt([], "training prompts for on-policy pairs (a `xiaolm data instruct` DIR or its "
                                  "train.jsonl): round 1 without --data, and every later round")
     heldout_prompts: list[str] = opt([], "prompts never sampled from (default: heldout.jsonl beside --prompts)")
-    pairs: OnPolicySection = field(default_factory=OnPolicySection)
+    pairs: OnPolicyOptions = field(default_factory=OnPolicyOptions)
     lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: float = opt(32.0, "LoRA alpha")
@@ -501,11 +480,10 @@ def _encode(cfg: DPOConfig, tokenizer, pairs, labelled, held_pairs, seq: int, se
 
 def _sample_pairs(cfg: DPOConfig, policy, tokenizer, prompt_set, round_index: int,
                   device_note: str) -> tuple[list, dict]:
-    from xiaolm.data.pairs import Scorer, build_onpolicy_pairs
+    from xiaolm.data.pairs import build_onpolicy_pairs
 
     p = cfg.pairs
-    weights = RewardWeights(p.repetition_weight, p.all_met_bonus, p.word_credit, p.markers)
-    scorer = Scorer(p.scorer, weights, p.reward_model, p.reward_model_weight, device=str(policy.device))
+    scorer = p.make_scorer(str(policy.device))
     prompts = prompt_set.prompts
     if p.limit is not None and len(prompts) > p.limit:  # a different slice of the prompts each round
         start = ((round_index - 1) * p.limit) % len(prompts)

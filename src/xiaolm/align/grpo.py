@@ -123,7 +123,7 @@ class Rollouts:
         self.current: Optional[tuple[int, dict]] = None
         self.gen_stats = SamplingStats()
         self.batches_sampled = 0
-        self.weights = RewardWeights(cfg.repetition_weight, cfg.all_met_bonus, cfg.word_credit, cfg.markers)
+        self.weights = RewardWeights.of(cfg)
         self.scorer = None
         if cfg.reward_model:
             from xiaolm.data.pairs import Scorer

@@ -294,15 +294,9 @@ def prompt_key(prompt: list[dict]) -> str:
 
 
 @dataclass
-class PairsConfig:
-    data: list[str] = opt([], "preference files to normalise into one pair format (layouts: prompt/chosen/rejected, "
-                              "LLaMA-Factory, MedicalGPT, minimind, KTO labelled); or use --policy for on-policy pairs")
-    policy: Optional[str] = opt(None, "SFT RUNDIR to sample on-policy pairs from (with --prompts)")
-    prompts: list[str] = opt([], "training prompts: a `xiaolm data instruct` DIR (its train.jsonl) or OpenAI-messages "
-                                 "files whose records keep their `constraints`")
-    heldout: list[str] = opt([], "held-out files whose stories / prompts must never be used (default: heldout.jsonl "
-                                 "beside the prompts)")
-    out: str = opt("data/pairs.jsonl", "output JSON Lines file (a report and the config are written beside it)")
+class OnPolicyOptions:
+    """How on-policy pairs are sampled and scored: ``xiaolm data pairs --policy`` and every round of iterative DPO."""
+
     mode: Literal["best-worst", "reference"] = opt(
         "best-worst", "best-worst: best vs worst of the k samples; reference: the prompt's reference answer vs the "
                       "worst sample (Chinese_LLM_From_Scratch's recipe)")
@@ -317,9 +311,29 @@ class PairsConfig:
     all_met_bonus: float = opt(0.5, "verifier score: bonus when every checked constraint is met")
     word_credit: float = opt(0.0, "verifier score: plus this times the share of required words (词汇) present")
     markers: bool = opt(False, "verifier score: count the marker checks (悲伤的结局, 寓意, 转折, 伏笔, 冲突) too")
-    limit: Optional[int] = opt(None, "use at most this many prompts (the first ones)")
+    limit: Optional[int] = opt(None, "use at most this many prompts (iterative DPO: per round, a different slice "
+                                     "each round)")
     batch_size: int = opt(64, "sequences generated together")
     sampling: PolicySampling = field(default_factory=PolicySampling)
+
+    def make_scorer(self, device: str) -> "Scorer":
+        """The scorer these options describe (raises ValueError when a reward model is asked for but not given)."""
+        from xiaolm.align.common import RewardWeights
+
+        return Scorer(self.scorer, RewardWeights.of(self), self.reward_model, self.reward_model_weight,
+                      device=device)
+
+
+@dataclass
+class PairsConfig(OnPolicyOptions):
+    data: list[str] = opt([], "preference files to normalise into one pair format (layouts: prompt/chosen/rejected, "
+                              "LLaMA-Factory, MedicalGPT, minimind, KTO labelled); or use --policy for on-policy pairs")
+    policy: Optional[str] = opt(None, "SFT RUNDIR to sample on-policy pairs from (with --prompts)")
+    prompts: list[str] = opt([], "training prompts: a `xiaolm data instruct` DIR (its train.jsonl) or OpenAI-messages "
+                                 "files whose records keep their `constraints`")
+    heldout: list[str] = opt([], "held-out files whose stories / prompts must never be used (default: heldout.jsonl "
+                                 "beside the prompts)")
+    out: str = opt("data/pairs.jsonl", "output JSON Lines file (a report and the config are written beside it)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     checkpoint: str = opt("latest", "which checkpoint of the policy RUNDIR: latest or best")
 
@@ -517,7 +531,6 @@ def _normalise(cfg: PairsConfig) -> dict:
 
 
 def _on_policy(cfg: PairsConfig) -> dict:
-    from xiaolm.align.common import RewardWeights
     from xiaolm.train.checkpoint import CheckpointError, load_model
     from xiaolm.utils import pick_device
 
@@ -537,9 +550,8 @@ def _on_policy(cfg: PairsConfig) -> dict:
         model, tokenizer, info = load_model(cfg.policy, device=device, which=cfg.checkpoint)
     except CheckpointError as exc:
         raise fail(str(exc))
-    weights = RewardWeights(cfg.repetition_weight, cfg.all_met_bonus, cfg.word_credit, cfg.markers)
     try:
-        scorer = Scorer(cfg.scorer, weights, cfg.reward_model, cfg.reward_model_weight, device=device)
+        scorer = cfg.make_scorer(device)
     except ValueError as exc:
         raise fail(str(exc))
     log(f"sampling {cfg.k} responses to each of {len(pset.prompts)} training prompts from {cfg.policy} on {device}")
