@@ -174,14 +174,14 @@ class RewardWeights:
 def rule_reward(constraints: dict, text: str, weights: Optional[RewardWeights] = None) -> float:
     """``xiaolm.eval.verify.constraint_reward`` (share of checks met + bonus when all are met - repetition; -1 for an
     empty answer), plus optional partial credit for each required word that appears."""
-    from xiaolm.eval.verify import constraint_reward
+    from xiaolm.eval.verify import constraint_reward, words_present
 
     w = weights or RewardWeights()
     score = constraint_reward(constraints, text, repetition_weight=w.repetition_weight,
                               all_met_bonus=w.all_met_bonus, markers=w.markers)
     words = constraints.get("词汇") or []
     if w.word_credit and words and text.strip():
-        score += w.word_credit * sum(1 for word in words if word in text) / len(words)
+        score += w.word_credit * words_present(text, words) / len(words)
     return score
 
 

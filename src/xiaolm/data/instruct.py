@@ -110,9 +110,9 @@ def word_candidates(text: str, counts: Optional[dict] = None) -> dict[str, list[
 
 
 def _central_word(words: list[str], counts: dict, rng: random.Random) -> str:
-    """One of ``words``, drawn in proportion to how often the story uses it: the words a story is built around
-    (its object, its feeling) are the ones an instruction names, not a word it used once in passing."""
-    return rng.choices(words, weights=[counts.get(w, 1) ** 2 for w in words])[0]
+    """One of ``words``, drawn in proportion to the square of how often the story uses it: the words a story is
+    built around (its object, its feeling) are the ones an instruction names, not a word it used once in passing."""
+    return rng.choices(words, weights=[counts[w] ** 2 for w in words])[0]
 
 
 def story_constraints(record: dict, text: str, rng: random.Random, cfg: InstructConfig) -> dict:

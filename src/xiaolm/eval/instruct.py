@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from xiaolm.config import opt, parse_config
-from xiaolm.eval.verify import aggregate_repetition, check_names, repetition_metrics, score_response
+from xiaolm.eval.verify import aggregate_repetition, repetition_metrics, score_response, words_present
 from xiaolm.infer.generate import SamplingConfig
 
 
@@ -107,9 +107,9 @@ def summarise(samples: list[dict], responses: list[str], markers: bool = False) 
         ref = sample.get("reference")
         ref_s = score_response(cons, ref, markers=markers) if ref else None
         scores.append(s)
-        for w in cons.get("词汇") or []:
-            words_asked += 1
-            words_used += int(w in text)
+        words = cons.get("词汇") or []
+        words_asked += len(words)
+        words_used += words_present(text, words)
         for name, ok in s["checks"].items():
             row = per.setdefault(name, {"n": 0, "met": 0, "ref_n": 0, "ref_met": 0})
             row["n"] += 1

@@ -67,8 +67,14 @@ def _squash(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ checks
 
 
+def words_present(text: str, words: Iterable[str]) -> int:
+    """How many of ``words`` appear in ``text``."""
+    return sum(w in text for w in words)
+
+
 def has_words(text: str, words: Iterable[str]) -> bool:
-    return all(w in text for w in words)
+    words = list(words)
+    return words_present(text, words) == len(words)
 
 
 def has_sentence(text: str, sentence: str) -> bool:
