@@ -340,18 +340,20 @@ def load_file(path: str | Path, fmt: str = "auto", require_answer: bool = True) 
     return out, report
 
 
-def expand_paths(paths: list[str], split: str = "train") -> list[Path]:
+def expand_paths(paths: list[str], split: Optional[str] = "train", skip_reports: bool = False) -> list[Path]:
     """Files named directly, or inside directories. An instruction-data directory (``xiaolm data instruct``) gives
-    its ``{split}.jsonl``; any other directory gives all its ``*.json`` / ``*.jsonl`` files."""
+    its ``{split}.jsonl`` (unless ``split`` is None); any other directory gives all its ``*.json`` / ``*.jsonl``
+    files, less the ``*.report.json`` files xiaolm writes beside its outputs when ``skip_reports``."""
     files: list[Path] = []
     for p in paths:
         path = Path(p)
         if path.is_dir():
             own = path / f"{split}.jsonl"
-            if own.is_file():
+            if split is not None and own.is_file():
                 files.append(own)
                 continue
-            found = sorted(q for q in path.iterdir() if q.is_file() and q.name.endswith((".json", ".jsonl", ".gz")))
+            found = sorted(q for q in path.iterdir() if q.is_file() and q.name.endswith((".json", ".jsonl", ".gz"))
+                           and not (skip_reports and q.name.endswith(".report.json")))
             if not found:
                 raise FileNotFoundError(f"{path}: no .json or .jsonl files in this directory")
             files.extend(found)

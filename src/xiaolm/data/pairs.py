@@ -258,20 +258,10 @@ def load_preference_file(path: str | Path) -> tuple[list[dict], list[dict], Pair
 
 
 def expand_pair_paths(paths: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            found = sorted(q for q in path.iterdir() if q.is_file() and q.name.endswith((".json", ".jsonl", ".gz"))
-                           and not q.name.endswith(".report.json"))
-            if not found:
-                raise FileNotFoundError(f"{path}: no .json or .jsonl files in this directory")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
-    return files
+    """Preference files named directly or inside directories (every .json/.jsonl there but xiaolm's reports)."""
+    from xiaolm.data.formats import expand_paths
+
+    return expand_paths(paths, split=None, skip_reports=True)
 
 
 def load_preferences(paths: list[str]) -> tuple[list[dict], list[dict], list[PairReport]]:
