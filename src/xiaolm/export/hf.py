@@ -33,7 +33,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from xiaolm.config import opt, parse_config
-from xiaolm.utils import atomic_write_json, atomic_write_text, fail, log
+from xiaolm.utils import atomic_output, atomic_write_json, atomic_write_text, fail, log
 
 # Trainer names (meta.json "kind") of runs whose model answers in ChatML turns.
 CHAT_KINDS = {"sft", "lora", "dpo", "ipo", "simpo", "orpo", "kto", "grpo", "align", "chat"}
@@ -380,7 +380,8 @@ def export_hf(
     torch_dtype = DTYPES[dtype]
     tensors = {k: v.detach().to("cpu", torch_dtype).contiguous().clone() for k, v in sd.items()
                if not k.endswith("rotary_emb.inv_freq")}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_output(out / "model.safetensors") as part:  # normal permissions, never a half-written file
+        save_file(tensors, str(part), metadata={"format": "pt"})
     atomic_write_json(out / "config.json", hf_config_dict(cfg, dtype, eos_id, bos_id, pad_id))
     gen = {
         "bos_token_id": bos_id,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from xiaolm.config import opt, parse_config, save_config
 from xiaolm.model.llama import Llama
-from xiaolm.utils import atomic_write_json, fail, log
+from xiaolm.utils import atomic_output, atomic_write_json, fail, log
 
 QUANT_FILE = "quantization.json"
 FORMAT = "xiaolm-weight-only"
@@ -303,7 +303,8 @@ def quantize_run(run: str | Path, out: str | Path, bits: int, group_size: int = 
     tensors, table = quantize_state_dict(model, bits, group_size, embedding_bits)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "quantization": FORMAT})
+    with atomic_output(out / "model.safetensors") as part:  # normal permissions, never a half-written file
+        save_file(tensors, str(part), metadata={"format": "pt", "quantization": FORMAT})
     atomic_write_text(out / "model_config.json", json.dumps(model.config.to_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")

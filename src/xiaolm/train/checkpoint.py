@@ -6,6 +6,7 @@ records the sha256 of every file, so a truncated or altered checkpoint is caught
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from xiaolm.utils import atomic_write_text, sha256_file
+from xiaolm.utils import atomic_output, atomic_write_text, log, sha256_file
 
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -63,15 +64,43 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    previous = _pointed(root, "latest")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    sd = state_dict if state_dict is not None else state_dict_for_save(model)
-    for name, tensor in sd.items():
-        if not torch.isfinite(tensor).all():
-            shutil.rmtree(tmp)
-            raise CheckpointError(f"refusing to save a checkpoint with non-finite values in {name}")
-    save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    try:
+        tmp.mkdir()
+        sd = state_dict if state_dict is not None else state_dict_for_save(model)
+        for name, tensor in sd.items():
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"refusing to save a checkpoint with non-finite values in {name}")
+        _write_files(tmp, step, sd, model_config, meta, trainer_state, extra_files)
+        if final.exists():  # re-saving the same step (e.g. resumed then interrupted at once)
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        atomic_write_text(root / "latest", final.name + "\n")
+        if best:
+            atomic_write_text(root / "best", final.name + "\n")
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space a retry needs
+        if not _disk_full(exc):
+            raise
+        if final.is_dir() and _pointed(root, "latest") != final.name:  # complete; only the pointer is missing
+            raise CheckpointError(f"no space left on device while writing {root / 'latest'}; checkpoint "
+                                  f"{final.name} is complete and --resume will find it") from None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointError(f"no space left on device while writing {final}; {kept}") from None
+    _prune(root, keep_last)
+    return final
+
+
+def _write_files(tmp: Path, step: int, sd: dict, model_config: dict, meta: dict,
+                 trainer_state: Optional[dict], extra_files: Optional[dict[str, bytes]]) -> None:
+    with atomic_output(tmp / MODEL_FILE) as part:
+        save_file(sd, str(part), metadata={"format": "pt"})
     (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2), encoding="utf-8")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_FILE)
@@ -88,18 +117,25 @@ def save_checkpoint(
         if p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-    if final.exists():  # re-saving the same step (e.g. resumed then interrupted at once)
-        old = root / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    atomic_write_text(root / "latest", final.name + "\n")
-    if best:
-        atomic_write_text(root / "best", final.name + "\n")
-    _prune(root, keep_last)
-    return final
+
+
+def _pointed(root: Path, pointer: str) -> Optional[str]:
+    """The checkpoint a pointer file names, if it names one that exists."""
+    p = root / pointer
+    name = p.read_text().strip() if p.is_file() else ""
+    return name if name and (root / name).is_dir() else None
+
+
+# A full disk shows as ENOSPC (EDQUOT for a quota) from Python and safetensors, but torch.save reports only a
+# short write: "[enforce fail at inline_container.cc:...] . unexpected pos N vs M".
+_DISK_FULL_TEXT = ("no space left", "os error 28", "storagefull", "unexpected pos", "failed writing file")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return any(t in text for t in _DISK_FULL_TEXT)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -129,11 +165,51 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
     if not pointer.is_file():
         if not path.exists():
             raise CheckpointError(f"{path}: no such run directory")
+        if which == "latest" and step_checkpoints(root):
+            return newest_verified_checkpoint(root)
         raise CheckpointError(f"{path}: no checkpoint found (expected {pointer})")
     ckpt = root / pointer.read_text().strip()
     if not ckpt.is_dir():
-        raise CheckpointError(f"{pointer} names {ckpt.name}, which does not exist")
+        raise CheckpointError(f"{pointer} names {ckpt.name}, which does not exist; pick another checkpoint "
+                              f"with --resume-from STEP")
     return ckpt
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """The ``step-N`` checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-"))
+
+
+def newest_verified_checkpoint(root: Path) -> Path:
+    """Without a ``latest`` pointer (a full disk can stop a save between the checkpoint and its pointer), the
+    newest checkpoint whose files match their sha256."""
+    for ckpt in reversed(step_checkpoints(root)):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as exc:
+            log(f"note: passing over {ckpt.name}: {exc}")
+            continue
+        log(f"note: {root / 'latest'} is missing; using {ckpt.name}, the newest checkpoint that verifies")
+        return ckpt
+    raise CheckpointError(f"{root}: no latest pointer, and no checkpoint there verifies")
+
+
+def resolve_checkpoint_choice(run_dir: str | Path, choice: str) -> Path:
+    """``--resume-from``: a step number of RUNDIR's checkpoints, or a checkpoint (or run) directory."""
+    text = str(choice).strip()
+    if text.isdigit():
+        root = checkpoints_dir(run_dir)
+        ckpt = root / step_dir_name(int(text))
+        if not ckpt.is_dir():
+            have = ", ".join(d.name.removeprefix("step-").lstrip("0") or "0" for d in step_checkpoints(root))
+            raise CheckpointError(f"--resume-from {text}: no checkpoint {ckpt} (steps saved: {have or 'none'})")
+        return ckpt
+    path = Path(text)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume-from {text}: not a step number or a checkpoint directory")
+    return find_checkpoint(path)
 
 
 def verify_checkpoint(ckpt: Path) -> dict:

@@ -32,8 +32,11 @@ import torch
 
 from xiaolm.config import opt, save_config
 from xiaolm.train.checkpoint import (
+    MODEL_CONFIG,
     CheckpointError,
     find_checkpoint,
+    resolve_checkpoint_choice,
+    step_checkpoints,
     load_trainer_state,
     save_checkpoint,
     state_dict_for_save,
@@ -75,6 +78,9 @@ class TrainConfig:
     save_every: int = opt(0, "also save every N steps (0: at evaluations and the end)")
     keep_last: int = opt(3, "checkpoints to keep besides the best")
     resume: bool = opt(False, "continue from OUT's latest checkpoint")
+    resume_from: Optional[str] = opt(
+        None, "continue from this checkpoint instead (implies --resume): a step number or a checkpoint directory"
+    )
     stop_at_step: Optional[int] = opt(
         None, "save and exit at this step, as if interrupted (the schedule still spans max_steps)"
     )
@@ -355,6 +361,7 @@ class Trainer:
         extra_meta: Optional[dict] = None,
         param_groups: Optional[list[dict]] = None,
         name: str = "train",
+        new_run_hint: str = "start a new run with another --out",
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -368,6 +375,9 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.extra_meta = extra_meta or {}
         self.name = name
+        self.new_run_hint = new_run_hint
+        self._resume_ckpt: Optional[Path] = None
+        self._resume_checked = False
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.raw_model = model.to(self.device)
         self.model = self._wrap(self.raw_model)
@@ -459,13 +469,59 @@ class Trainer:
             keep_last=self.cfg.keep_last, best=best, state_dict=sd,
         )
 
-    def _restore(self) -> Optional[dict]:
-        try:
-            ckpt = find_checkpoint(self.run_dir)
-        except CheckpointError:
+    @property
+    def resuming(self) -> bool:
+        return bool(self.cfg.resume or self.cfg.resume_from)
+
+    def resume_checkpoint(self) -> Optional[Path]:
+        """The checkpoint a --resume / --resume-from run continues from, verified and checked against the run as
+        configured now (None: nothing to resume). Call it before writing anything into the run directory: a
+        resume that does not fit is refused while the run is still intact."""
+        if not self._resume_checked:
+            self._resume_ckpt = self._find_resume_checkpoint()
+            self._resume_checked = True
+        return self._resume_ckpt
+
+    def _find_resume_checkpoint(self) -> Optional[Path]:
+        if not self.resuming:
+            return None
+        if self.cfg.resume_from:
+            ckpt = resolve_checkpoint_choice(self.run_dir, self.cfg.resume_from)
+        elif not step_checkpoints(self.run_dir / "checkpoints"):
             log(f"--resume: no checkpoint in {self.run_dir} yet; starting from scratch")
             return None
-        verify_checkpoint(ckpt)
+        else:
+            ckpt = find_checkpoint(self.run_dir)
+        meta = verify_checkpoint(ckpt)
+        self._check_fits(ckpt, meta)
+        return ckpt
+
+    # Run settings besides the model config that a resumed run must share with its checkpoint.
+    RESUME_KEYS = ("seq_len",)
+
+    def _check_fits(self, ckpt: Path, meta: dict) -> None:
+        have = getattr(self.tokenizer, "fingerprint", None)
+        want = meta.get("tokenizer_fingerprint")
+        if want and have and want != have:
+            raise CheckpointError(
+                f"--resume: {ckpt} was trained with tokenizer {want}, but this run's data and tokenizer are "
+                f"{have}; resume with the data and tokenizer the run started with, or {self.new_run_hint}")
+        config_file = ckpt / MODEL_CONFIG
+        saved = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        asked = json.loads(json.dumps(self.model_config))
+        diffs = [f"{k} {saved.get(k)!r} -> {asked.get(k)!r}"
+                 for k in sorted(set(saved) | set(asked)) if saved and saved.get(k) != asked.get(k)]
+        diffs += [f"{k} {meta[k]!r} -> {self.extra_meta[k]!r}" for k in self.RESUME_KEYS
+                  if k in meta and k in self.extra_meta and meta[k] != self.extra_meta[k]]
+        if diffs:
+            raise CheckpointError(
+                f"--resume: {ckpt} was saved with other settings than asked for now ({', '.join(diffs)}); "
+                f"resume with the run's own settings (see {self.run_dir / 'config.yaml'}), or {self.new_run_hint}")
+
+    def _restore(self) -> Optional[dict]:
+        ckpt = self.resume_checkpoint()
+        if ckpt is None:
+            return None
         state = load_trainer_state(ckpt)
         if state is None:
             raise CheckpointError(f"{ckpt}: holds weights only (no trainer.pt); cannot resume training from it")
@@ -503,16 +559,17 @@ class Trainer:
         eval_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None,
     ) -> FitResult:
         cfg, env = self.cfg, self.env
+        self.resume_checkpoint()  # before config.yaml is rewritten
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main and self.full_config is not None:
             save_config(self.full_config, self.run_dir / "config.yaml")
         start_step, tokens, elapsed_before, best_val = 0, 0, 0.0, None
-        if cfg.resume:
+        if self.resuming:
             state = self._restore()
             if state is not None:
                 start_step, tokens = state["step"], state["tokens"]
                 elapsed_before, best_val = state["elapsed"], state.get("best_val_loss")
-        metrics = MetricsLog(self.run_dir, env.is_main, cfg.tensorboard, start_step if cfg.resume else None)
+        metrics = MetricsLog(self.run_dir, env.is_main, cfg.tensorboard, start_step if self.resuming else None)
         accum = max(1, cfg.grad_accum_steps)
         stop = _StopFlag().install()
         progress = _Progress(self.total_steps, start_step, enabled=env.is_main, bar=cfg.progress)

@@ -279,6 +279,13 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
         return result
 
     out = Path(cfg.out)
+    trainer = Trainer(
+        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
+        tokenizer=tokenizer, flops_per_token=fpt, name="pretrain",
+        extra_meta={"unigram_entropy": h_unigram, "params": n["total"], "seq_len": seq},
+        new_run_hint=f"start a new run with another --out (--init-from {out} starts one from these weights)",
+    )
+    trainer.resume_checkpoint()  # a resume that does not fit is refused before tokenizer/ is written
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / "tokenizer")
@@ -288,11 +295,6 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
         log(f"data: {human(train_shards.num_tokens)} training tokens, {human(tokens_per_step)} tokens/step "
             f"({t.micro_batch_size} x {t.grad_accum_steps} accum x {env.world_size} proc x {seq}), "
             f"{total_steps} steps = {sampler.epochs_at(total_steps):.2f} epochs; device {env.device}")
-    trainer = Trainer(
-        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
-        tokenizer=tokenizer, flops_per_token=fpt, name="pretrain",
-        extra_meta={"unigram_entropy": h_unigram, "params": n["total"]},
-    )
     chunk = t.loss_chunk_size
     result = trainer.fit(sampler, lambda m, b: lm_loss(m, b, chunk), eval_fn)
     summary = {

@@ -31,6 +31,7 @@ def sweep(cfg) -> dict:
         trial.lr_sweep = []
         trial.train.lr = lr
         trial.train.resume = False
+        trial.train.resume_from = None
         trial.out = str(base / f"lr-{lr:g}")
         trial.eval.prompts = []
         log(f"\n=== sweep trial lr={lr:g} -> {trial.out}")

@@ -1,0 +1,179 @@
+"""Run directories a resume, a missing pointer or a full disk cannot break: a resume that does not fit the run is
+refused before anything in the run directory changes, a checkpoint without ``latest`` is still found, a full disk
+says so in one line and leaves the previous checkpoint intact, and published weights get normal permissions."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xiaolm.cli import main
+from xiaolm.train.checkpoint import find_checkpoint, load_model, verify_checkpoint
+
+from conftest import TINY_PRETRAIN
+
+SHORT = [*TINY_PRETRAIN, "--eval-every", "0", "--eval-tokens", "1024", "--sample-tokens", "0"]
+
+
+def _pretrain(shards, out, *extra):
+    return main(["pretrain", "--data", str(shards), "--out", str(out), *SHORT, *extra])
+
+
+def _tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused(capsys, *call) -> str:
+    with pytest.raises(SystemExit) as exc:
+        _pretrain(*call)
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, shards_dir) -> Path:
+    """4 steps, checkpoints at 2 and 4: the run every test here copies."""
+    out = tmp_path_factory.mktemp("short_run") / "run"
+    assert _pretrain(shards_dir, out, "--max-steps", "4", "--save-every", "2") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_shards(tmp_path_factory, tokenizer_dir, prepared_dir) -> Path:
+    """Shards made by a tokenizer with the same vocabulary size but different ids (two tokens swapped)."""
+    from xiaolm.data.shards import tokenize_to_shards
+
+    root = tmp_path_factory.mktemp("other_tok")
+    tok = root / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    data = json.loads((tok / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tok / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    (tok / "xiaolm_tokenizer.json").unlink(missing_ok=True)
+    tokenize_to_shards([str(prepared_dir)], tok, root / "shards", workers=1, progress=False)
+    return root / "shards"
+
+
+def test_resume_with_shards_of_another_tokenizer_is_refused_before_touching_the_run(
+        short_run, other_tokenizer_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    before = _tree_hash(run)
+    err = _refused(capsys, other_tokenizer_shards, run, "--max-steps", "6", "--resume")
+    assert "tokenizer" in err and err.count("\n") == 1, err
+    assert _tree_hash(run) == before  # tokenizer/, config.yaml, checkpoints: all untouched
+    load_model(run)
+
+
+def test_resume_with_a_changed_model_config_names_the_fields_and_touches_nothing(
+        short_run, shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    before = _tree_hash(run)
+    err = _refused(capsys, shards_dir, run, "--max-steps", "6", "--hidden-size", "96", "--resume")
+    assert "hidden_size" in err and "64" in err and "96" in err and "--init-from" in err, err
+    assert err.count("\n") == 1, err
+    assert _tree_hash(run) == before
+    err = _refused(capsys, shards_dir, run, "--max-steps", "6", "--seq-len", "64", "--resume")
+    assert "seq_len" in err and "128" in err and "64" in err, err
+    assert _tree_hash(run) == before
+    # The unchanged command still resumes.
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--resume") == 0
+    assert find_checkpoint(run).name == "step-00000006"
+
+
+def test_a_checkpoint_without_latest_pointer_is_found_and_resume_from_picks_an_earlier_one(
+        short_run, shards_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").unlink()  # what a full disk leaves after the checkpoint itself was renamed into place
+    assert find_checkpoint(run).name == "step-00000004"
+    # A newer checkpoint that does not verify is passed over for the newest one that does.
+    shutil.copytree(ckpts / "step-00000004", ckpts / "step-00000005")
+    weights = ckpts / "step-00000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert find_checkpoint(run).name == "step-00000004"
+    shutil.rmtree(ckpts / "step-00000005")
+    capsys.readouterr()
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--resume") == 0
+    assert "step-00000004 (step 4" in capsys.readouterr().err
+    # --resume-from STEP goes back to an earlier checkpoint (and implies --resume).
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--resume-from", "2") == 0
+    err = capsys.readouterr().err
+    assert "step-00000002 (step 2" in err
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+    # ... or a checkpoint directory given by path.
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--resume-from",
+                     str(ckpts / "step-00000006")) == 0
+    assert "step-00000006 (step 6" in capsys.readouterr().err
+    err = _refused(capsys, shards_dir, run, "--max-steps", "6", "--resume-from", "3")
+    assert "step-00000003" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch-enforce"])
+def test_full_disk_while_writing_a_checkpoint_is_one_line_and_the_previous_one_survives(
+        shards_dir, tmp_path, monkeypatch, capsys, failure):
+    import xiaolm.train.checkpoint as ck
+
+    real_save_file, real_torch_save = ck.save_file, ck.torch.save
+    calls = {"n": 0}
+
+    def full_disk_save_file(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (step 4): half a file, then the disk is full
+            Path(filename).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    def full_disk_torch_save(obj, f, *a, **k):
+        if calls["n"] >= 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2944 vs 2838")
+        return real_torch_save(obj, f, *a, **k)
+
+    def counting_save_file(tensors, filename, metadata=None):
+        calls["n"] += 1
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    if failure == "enospc":
+        monkeypatch.setattr(ck, "save_file", full_disk_save_file)
+    else:
+        monkeypatch.setattr(ck, "save_file", counting_save_file)
+        monkeypatch.setattr(ck.torch, "save", full_disk_torch_save)
+    run = tmp_path / "run"
+    err = _refused(capsys, shards_dir, run, "--max-steps", "6", "--save-every", "2")
+    lines = [x for x in err.splitlines() if x.startswith("xiaolm: error:")]
+    assert len(lines) == 1, err
+    assert "no space left on device while writing" in lines[0] and "step-00000004" in lines[0], err
+    assert "the previous checkpoint step-00000002 is intact" in lines[0], err
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written leftovers
+    verify_checkpoint(find_checkpoint(run))
+    assert find_checkpoint(run).name == "step-00000002"
+    monkeypatch.undo()
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--save-every", "2", "--resume") == 0
+    assert find_checkpoint(run).name == "step-00000006"
+
+
+def test_weights_in_checkpoints_and_exports_get_normal_permissions(short_run, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    normal = 0o666 & ~umask
+    ckpt = find_checkpoint(short_run)
+    for f in ckpt.iterdir():
+        assert f.stat().st_mode & 0o777 == normal, f
+    out = tmp_path / "hf"
+    assert main(["export", "hf", str(short_run), str(out)]) == 0
+    for f in out.iterdir():
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == normal, f
