@@ -473,9 +473,21 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
 
 def _encode(cfg: DPOConfig, tokenizer, pairs, labelled, held_pairs, seq: int, seed: int):
     if cfg.loss == "kto":
-        return (encode_labelled(tokenizer, pairs, labelled, seq, seed),
-                encode_labelled(tokenizer, held_pairs, [], seq, seed + 1))
-    return encode_pairs(tokenizer, pairs, seq), encode_pairs(tokenizer, held_pairs, seq)
+        train, held = (encode_labelled(tokenizer, pairs, labelled, seq, seed),
+                       encode_labelled(tokenizer, held_pairs, [], seq, seed + 1))
+        _note_dropped("training examples", 2 * len(pairs) + len(labelled), len(train), seq)
+        _note_dropped("held-out examples", 2 * len(held_pairs), len(held), seq)
+        return train, held
+    train, held = encode_pairs(tokenizer, pairs, seq), encode_pairs(tokenizer, held_pairs, seq)
+    _note_dropped("training pairs", len(pairs), len(train), seq)
+    _note_dropped("held-out pairs", len(held_pairs), len(held), seq)
+    return train, held
+
+
+def _note_dropped(what: str, given: int, kept: int, seq: int) -> None:
+    if kept < given:
+        log(f"note: {given - kept} of {given} {what} dropped: the prompt leaves no room for a response within "
+            f"--seq-len {seq}")
 
 
 def _sample_pairs(cfg: DPOConfig, policy, tokenizer, prompt_set, round_index: int,

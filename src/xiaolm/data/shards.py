@@ -24,10 +24,12 @@ Inputs (``resolve_inputs`` / ``iter_documents``, shared with tokenizer training)
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import sys
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -106,21 +108,31 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def read_line_batches(source: TextSource, batch_lines: int, batch_bytes: int = 8 << 20
-                      ) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield ``(first_line_number, raw_lines)`` batches of at most ``batch_lines`` lines / ~``batch_bytes``."""
+def read_line_batches(source: TextSource, batch_lines: int, batch_bytes: int = 8 << 20,
+                      errors: list[dict] | None = None) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(first_line_number, raw_lines)`` batches of at most ``batch_lines`` lines / ~``batch_bytes``.
+
+    With ``errors`` a damaged compressed stream (a truncated .gz) ends the file instead of the run: the lines read
+    so far are yielded and ``{file, line, reason}`` is appended, as ``xiaolm data prepare`` reports it."""
     batch: list[bytes] = []
     size = 0
     first = 1
-    with _open_binary(source.path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not batch:
-                first = lineno
-            batch.append(line)
-            size += len(line)
-            if len(batch) >= batch_lines or size >= batch_bytes:
-                yield first, batch
-                batch, size = [], 0
+    lineno = 0
+    try:
+        with _open_binary(source.path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not batch:
+                    first = lineno
+                batch.append(line)
+                size += len(line)
+                if len(batch) >= batch_lines or size >= batch_bytes:
+                    yield first, batch
+                    batch, size = [], 0
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        if errors is None:
+            raise
+        errors.append({"file": str(source.path), "line": lineno + 1,
+                       "reason": f"unreadable file: {exc}; rest of file skipped"})
     if batch:
         yield first, batch
 
@@ -197,8 +209,11 @@ def iter_documents(sources: Iterable[TextSource], field: str = "text", splits: S
     for source in sources:
         if splits is not None and source.split not in splits:
             continue
-        for first, lines in read_line_batches(source, batch_lines=4096):
+        unreadable: list[dict] = []
+        for first, lines in read_line_batches(source, batch_lines=4096, errors=unreadable):
             texts, malformed, empty = parse_lines(str(source.path), source.kind, field, first, lines)
+            _note_malformed(stats, unreadable)
+            unreadable.clear()
             _note_malformed(stats, malformed)
             stats["empty"] += empty
             for text in texts:
@@ -285,6 +300,8 @@ class _SplitWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.dir / f"shard_{self.index:05d}.bin.tmp", "wb")
         self._shard_tokens = 0
+        self._hash = hashlib.sha256()
+        self._min_id, self._max_id = None, None
         self._offsets = []
         self._sources = []
 
@@ -302,13 +319,23 @@ class _SplitWriter:
             last = min(last, len(lengths) - 1)
             lo, hi = int(starts[doc]), int(ends[last])
             self._offsets.extend((starts[doc:last + 1] - lo + self._shard_tokens).tolist())
-            self._fh.write(np.ascontiguousarray(tokens[lo:hi], dtype=self.dtype).tobytes())
+            self._write(np.ascontiguousarray(tokens[lo:hi], dtype=self.dtype))
             self._shard_tokens += hi - lo
             if source not in self._sources:
                 self._sources.append(source)
             doc = last + 1
             if self._shard_tokens >= self.shard_tokens:
                 self._close_shard()
+
+    def _write(self, ids: np.ndarray) -> None:
+        """Write ids, keeping the shard's checksum and id range for the sidecar (readers check ids cheaply)."""
+        data = ids.tobytes()
+        self._fh.write(data)
+        self._hash.update(data)
+        if len(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            self._min_id = lo if self._min_id is None else min(self._min_id, lo)
+            self._max_id = hi if self._max_id is None else max(self._max_id, hi)
 
     def _close_shard(self) -> None:
         from xiaolm.utils import atomic_write_json
@@ -327,6 +354,9 @@ class _SplitWriter:
             "tokens": self._shard_tokens,
             "documents": len(self._offsets),
             "tokenizer_fingerprint": self.fingerprint,
+            "min_id": self._min_id,
+            "max_id": self._max_id,
+            "sha256": self._hash.hexdigest(),
             "sources": self._sources,
             "document_offsets": self._offsets,
         }, indent=None)
@@ -415,8 +445,12 @@ def run(cfg: TokenizeConfig) -> dict:
 
     def tasks() -> Iterator[tuple[TextSource, tuple]]:
         for source in sources:
-            for first, lines in read_line_batches(source, batch_lines=max(1, cfg.batch_size)):
+            unreadable: list[dict] = []
+            for first, lines in read_line_batches(source, batch_lines=max(1, cfg.batch_size), errors=unreadable):
                 yield source, (str(source.path), source.kind, cfg.field, first, lines)
+            for err in unreadable:
+                log(f"tokenize: {err['file']}:{err['line']}: {err['reason']}")
+            _note_malformed(stats, unreadable)
 
     def consume(source: TextSource, result: dict, raw_size: int) -> None:
         writer = writers.get(source.split)
@@ -477,6 +511,8 @@ def run(cfg: TokenizeConfig) -> dict:
         splits[name] = {"tokens": writer.tokens, "documents": writer.documents, "shards": writer.shards,
                         **split_stats.get(name, {})}
     total_tokens = sum(s["tokens"] for s in splits.values())
+    if total_tokens == 0:
+        raise ValueError(_nothing_written(cfg, out, stats))
     meta = {
         "format_version": FORMAT_VERSION,
         "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
@@ -506,6 +542,18 @@ def run(cfg: TokenizeConfig) -> dict:
         log(f"tokenize: {stats['malformed']} malformed record(s) skipped and listed in {out / META_FILE} "
             f"(first: {first['file']}:{first['line']}: {first['reason']})")
     return meta
+
+
+def _nothing_written(cfg: TokenizeConfig, out: Path, stats: dict) -> str:
+    """Why a tokenize run produced no tokens, for its error message."""
+    why = f"{stats['malformed']} malformed record(s)"
+    if stats["malformed_records"]:
+        first = stats["malformed_records"][0]
+        why += f" (first: {first['file']}:{first['line']}: {first['reason']})"
+    why += f", {stats['empty']} empty"
+    if cfg.field != "text" or stats["malformed"]:
+        why += f"; the text is read from field {cfg.field!r} (--field)"
+    return f"no tokens written to {out}: the inputs hold no documents: {why}"
 
 
 def _process_context():
@@ -595,6 +643,7 @@ class TokenShards:
                                  f"{expected_bytes} ({n} {self.dtype.name} tokens); the shard is truncated or "
                                  f"incomplete, re-run `xiaolm data tokenize`")
             self._maps.append(np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(n,)))
+            self._check_ids(bin_path, sidecar, self._maps[-1])
             doc_starts.append(np.asarray(sidecar["document_offsets"], dtype=np.int64) + starts[-1])
             starts.append(starts[-1] + n)
         self._starts = np.asarray(starts, dtype=np.int64)
@@ -602,6 +651,18 @@ class TokenShards:
         self.doc_starts = np.concatenate(doc_starts) if doc_starts else np.zeros(0, np.int64)
         self.num_docs = int(len(self.doc_starts))
         self.num_shards = len(self._maps)
+
+    def _check_ids(self, bin_path: Path, sidecar: dict, tokens: np.ndarray) -> None:
+        """Ids at or beyond the vocabulary would index past the embedding: refuse them now. The sidecar's recorded
+        range makes this free; sidecars written before it was recorded cost one scan of their shard."""
+        top = sidecar.get("max_id")
+        if top is None and len(tokens):
+            top = int(tokens.max())
+        if top is not None and top >= self.vocab_size:
+            raise ValueError(
+                f"{bin_path}: token ids up to {top}, beyond the vocabulary of {self.vocab_size} of tokenizer "
+                f"{self.fingerprint}; the shard is damaged or from another tokenizer (check with "
+                f"`xiaolm data verify {self.shard_dir}`, or re-run `xiaolm data tokenize`)")
 
     def check_tokenizer(self, expected) -> None:
         """Raise ``ShardMismatchError`` unless the shards were made with ``expected`` (fingerprint, XTokenizer,
@@ -719,4 +780,87 @@ def main(argv: list[str] | None = None) -> int:
         f"{meta['wall_time_s']:.1f} s with {meta['workers']} worker(s) = {meta['mb_per_s']} MB/s, "
         f"{human(meta['tokens_per_s'] or 0)} tokens/s; malformed {meta['malformed']}, empty {meta['empty_documents']}"
         f" -> {Path(cfg.out) / META_FILE}")
+    return 0
+
+
+# ================================================================================================ verify
+
+
+def verify_shards(shard_dir: str | Path) -> tuple[list[str], dict]:
+    """Check every shard of every split against its sidecar: size, sha256 (where recorded) and token ids within
+    the vocabulary. Returns ``(problems, counts)``; each problem names its file."""
+    from xiaolm.utils import sha256_file
+
+    shard_dir = Path(shard_dir)
+    meta_path = shard_dir / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{shard_dir}: not a shard directory (no {META_FILE}); "
+                                f"make one with `xiaolm data tokenize`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    vocab = int(meta["tokenizer"]["vocab_size"])
+    fingerprint = meta["tokenizer"]["fingerprint"]
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    problems: list[str] = []
+    counts = {"shards": 0, "tokens": 0, "no_checksum": 0, "vocab_size": vocab}
+    for split in sorted(meta.get("splits", {})):
+        listed = meta["splits"][split].get("shards", [])
+        for name in listed:
+            bin_path = shard_dir / split / name
+            sidecar_path = bin_path.with_suffix(".json")
+            if not bin_path.is_file() or not sidecar_path.is_file():
+                missing = "missing" if not bin_path.is_file() else "its sidecar is missing"
+                problems.append(f"{bin_path}: listed in {META_FILE} but {missing}")
+                continue
+            sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+            n = int(sidecar["tokens"])
+            size = bin_path.stat().st_size
+            if size != n * dtype.itemsize:
+                problems.append(f"{bin_path}: {size} bytes, expected {n * dtype.itemsize} ({n} tokens); truncated")
+                continue
+            if sidecar.get("tokenizer_fingerprint") != fingerprint:
+                problems.append(f"{sidecar_path}: made with tokenizer {sidecar.get('tokenizer_fingerprint')}, "
+                                f"{META_FILE} says {fingerprint}")
+            digest = sidecar.get("sha256")
+            if digest is None:
+                counts["no_checksum"] += 1
+            elif sha256_file(bin_path) != digest:
+                problems.append(f"{bin_path}: does not match the sha256 recorded in {sidecar_path.name} "
+                                f"(damaged after it was written)")
+            tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+            top = int(tokens.max()) if n else -1
+            if top >= vocab:
+                beyond = int((tokens >= vocab).sum())
+                problems.append(f"{bin_path}: {beyond} token id(s) beyond the vocabulary of {vocab} "
+                                f"(largest {top})")
+            counts["shards"] += 1
+            counts["tokens"] += n
+    return problems, counts
+
+
+@dataclass
+class VerifyConfig:
+    shard_dir: str = opt("", "token shard directory made by `xiaolm data tokenize`")
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    from xiaolm.config import parse_config
+    from xiaolm.utils import fail, log
+
+    cfg, _ = parse_config(VerifyConfig, argv, prog="xiaolm data verify",
+                          description="Check token shards: sizes, sha256 checksums, token ids within the vocabulary.",
+                          positionals={"shard_dir": "SHARDDIR"})
+    if not cfg.shard_dir:
+        raise fail("give the shard directory: xiaolm data verify SHARDDIR")
+    try:
+        problems, counts = verify_shards(cfg.shard_dir)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise fail(str(exc) if not isinstance(exc, KeyError) else f"{cfg.shard_dir}: {META_FILE} lacks {exc}")
+    for problem in problems:
+        log(f"verify: {problem}")
+    if problems:
+        raise fail(f"{cfg.shard_dir}: {len(problems)} problem(s) in {counts['shards']} shard(s) (listed above)",
+                   code=1)
+    unchecked = f", {counts['no_checksum']} without a recorded checksum (older shards)" if counts["no_checksum"] else ""
+    log(f"verify: {cfg.shard_dir}: ok: {counts['shards']} shard(s), {counts['tokens']:,} tokens, checksums match"
+        f"{unchecked}, every id below the vocabulary of {counts['vocab_size']}")
     return 0

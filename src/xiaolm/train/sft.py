@@ -422,6 +422,22 @@ class _LoraTrainer(Trainer):
 # ---------------------------------------------------------------------------------------------- main
 
 
+BAD_RECORDS_FILE = "bad_records.txt"
+
+
+def _list_bad_records(reports, path: Path) -> None:
+    """The console shows the first few problems of each file; the full list goes to ``path``."""
+    from xiaolm.utils import atomic_write_text
+
+    problems = [str(p) for r in reports for p in r.problems]
+    if not problems:
+        return
+    atomic_write_text(path, "\n".join(problems) + "\n")
+    skipped = sum(r.skipped for r in reports)
+    trimmed = f" ({len(problems) - skipped} more trimmed)" if len(problems) > skipped else ""
+    log(f"{skipped} malformed record(s) skipped in all{trimmed}; the full list is in {path}")
+
+
 def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     """Run SFT as configured; returns the summary (also written to OUT/summary.json)."""
     from xiaolm.train.checkpoint import CheckpointError, load_model
@@ -492,6 +508,7 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / "tokenizer")
+        _list_bad_records(reports, out / BAD_RECORDS_FILE)
         log(f"base model {cfg.run} ({info.kind}): {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable"
             + (f" (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {','.join(cfg.lora_targets)})" if cfg.lora else ""))
         log(f"data: {train_stats.kept} training conversations ({train_stats.truncated} truncated, "
