@@ -84,7 +84,7 @@ def save_checkpoint(
         atomic_write_text(root / "latest", final.name + "\n")
         if best:
             atomic_write_text(root / "best", final.name + "\n")
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors raises its own SafetensorError, torch a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space a retry needs
         if not _disk_full(exc):
             raise
@@ -126,8 +126,9 @@ def _pointed(root: Path, pointer: str) -> Optional[str]:
     return name if name and (root / name).is_dir() else None
 
 
-# A full disk shows as ENOSPC (EDQUOT for a quota) from Python and safetensors, but torch.save reports only a
-# short write: "[enforce fail at inline_container.cc:...] . unexpected pos N vs M".
+# A full disk shows as ENOSPC (EDQUOT for a quota) from Python, as "No space left on device (os error 28)" in a
+# SafetensorError, and from torch.save only as a short write: "[enforce fail at inline_container.cc:672] .
+# unexpected pos N vs M" (all three seen on a full tmpfs).
 _DISK_FULL_TEXT = ("no space left", "os error 28", "storagefull", "unexpected pos", "failed writing file")
 
 
