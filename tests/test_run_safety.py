@@ -181,3 +181,39 @@ def test_weights_in_checkpoints_and_exports_get_normal_permissions(short_run, tm
     for f in out.iterdir():
         if f.is_file():
             assert f.stat().st_mode & 0o777 == normal, f
+
+
+def _chat_and_pairs(root: Path) -> tuple[Path, Path]:
+    from xiaolm.utils import write_jsonl
+
+    chat = [{"messages": [{"role": "user", "content": f"讲第{i}个故事。"},
+                          {"role": "assistant", "content": "从前有一只小猫。"}]} for i in range(30)]
+    pairs = [{"prompt": [{"role": "user", "content": f"第{i}个问题？"}], "chosen": "好的故事。",
+              "rejected": "小猫小猫小猫"} for i in range(30)]
+    write_jsonl(root / "chat.jsonl", chat)
+    write_jsonl(root / "pairs.jsonl", pairs)
+    return root / "chat.jsonl", root / "pairs.jsonl"
+
+
+@pytest.mark.parametrize("verb", ["sft", "dpo"])
+def test_fine_tune_resume_from_another_base_is_refused_before_touching_the_run(
+        verb, short_run, other_tokenizer_shards, tmp_path, capsys):
+    chat, pairs = _chat_and_pairs(tmp_path)
+    other_base = tmp_path / "other_base"  # same config, another tokenizer
+    assert _pretrain(other_tokenizer_shards, other_base, "--max-steps", "2") == 0
+    data = chat if verb == "sft" else pairs
+    quiet = ["--no-progress", "--no-tensorboard", "--device", "cpu", "--micro-batch-size", "4", "--max-steps", "2",
+             "--eval-every", "0", "--data", str(data)]
+    if verb == "sft":
+        quiet += ["--sample-prompts", "0"]
+    run = tmp_path / "run"
+    assert main([verb, str(short_run), "--out", str(run), *quiet, "--stop-at-step", "1"]) == 0
+    before = _tree_hash(run)
+    with pytest.raises(SystemExit) as exc:
+        main([verb, str(other_base), "--out", str(run), *quiet, "--resume"])
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "tokenizer" in err.splitlines()[-1], err
+    assert _tree_hash(run) == before
+    assert main([verb, str(short_run), "--out", str(run), *quiet, "--resume"]) == 0
+    assert find_checkpoint(run).name == "step-00000002"

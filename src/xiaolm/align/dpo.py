@@ -437,17 +437,18 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
             result.update(instruct_metrics(m, tokenizer, eval_samples, cfg.eval_max_new_tokens))
         return result
 
+    trainer = trainer_cls(t, model, run_dir, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
+                          full_config=cfg, model_config=base.config.to_dict(), tokenizer=tokenizer,
+                          param_groups=param_groups, name="dpo",
+                          extra_meta={"base": base_name, "loss": cfg.loss, "beta": settings.beta,
+                                      "round": round_index, "lora": lora_info})
+    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in the run is written
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(run_dir / "tokenizer")
         log(f"round {round_index}: {cfg.loss} (beta {settings.beta}) on {len(train_data)} training "
             f"{'examples' if cfg.loss == 'kto' else 'pairs'}, {len(held_data)} held-out; {total_steps} steps of "
             f"{batches.global_batch}; device {env.device} -> {run_dir}")
-    trainer = trainer_cls(t, model, run_dir, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
-                          full_config=cfg, model_config=base.config.to_dict(), tokenizer=tokenizer,
-                          param_groups=param_groups, name="dpo",
-                          extra_meta={"base": base_name, "loss": cfg.loss, "beta": settings.beta,
-                                      "round": round_index, "lora": lora_info})
     result = trainer.fit(batches, lambda m, b: preference_loss(m, b, settings), eval_fn)
     trained = trainer.raw_model
     if cfg.lora:

@@ -505,6 +505,12 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         "packing": cfg.packing, "padding_share": round(pad_share, 4), "seq_len": seq,
         "overlong_rule": cfg.overlong, "files": [r.to_dict() for r in reports],
     }
+    trainer = trainer_cls(
+        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
+        model_config=base_model.config.to_dict(), tokenizer=tokenizer, param_groups=param_groups, name="sft",
+        extra_meta={"base": str(cfg.run), "lora": lora_info},
+    )
+    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / "tokenizer")
@@ -517,11 +523,6 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         log(f"batching: {'packed' if cfg.packing else 'padded'}, {batches.units_per_epoch} "
             f"{'rows' if cfg.packing else 'conversations'} per epoch, padding {100 * pad_share:.1f}% of tokens; "
             f"{total_steps} steps = {batches.epochs_at(total_steps):.2f} epochs; device {env.device}")
-    trainer = trainer_cls(
-        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
-        model_config=base_model.config.to_dict(), tokenizer=tokenizer, param_groups=param_groups, name="sft",
-        extra_meta={"base": str(cfg.run), "lora": lora_info},
-    )
     chunk = t.loss_chunk_size
     result = trainer.fit(batches, lambda m, b: sft_loss(m, b, chunk), eval_fn)
     summary = {
