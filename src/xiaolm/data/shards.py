@@ -511,6 +511,9 @@ def run(cfg: TokenizeConfig) -> dict:
         splits[name] = {"tokens": writer.tokens, "documents": writer.documents, "shards": writer.shards,
                         **split_stats.get(name, {})}
     total_tokens = sum(s["tokens"] for s in splits.values())
+    # A file's unreadable end is noted when reading stops, before its last batches come back from the workers.
+    order = {str(src.path): i for i, src in enumerate(sources)}
+    stats["malformed_records"].sort(key=lambda r: (order.get(r["file"], len(order)), r["line"]))
     if total_tokens == 0:
         raise ValueError(_nothing_written(cfg, out, stats))
     meta = {
