@@ -195,17 +195,18 @@ def _chat_and_pairs(root: Path) -> tuple[Path, Path]:
     return root / "chat.jsonl", root / "pairs.jsonl"
 
 
-@pytest.mark.parametrize("verb", ["sft", "dpo"])
+@pytest.mark.parametrize("verb", ["sft", "dpo", "reward", "grpo"])
 def test_fine_tune_resume_from_another_base_is_refused_before_touching_the_run(
         verb, short_run, other_tokenizer_shards, tmp_path, capsys):
     chat, pairs = _chat_and_pairs(tmp_path)
     other_base = tmp_path / "other_base"  # same config, another tokenizer
     assert _pretrain(other_tokenizer_shards, other_base, "--max-steps", "2") == 0
-    data = chat if verb == "sft" else pairs
     quiet = ["--no-progress", "--no-tensorboard", "--device", "cpu", "--micro-batch-size", "4", "--max-steps", "2",
-             "--eval-every", "0", "--data", str(data)]
-    if verb == "sft":
-        quiet += ["--sample-prompts", "0"]
+             "--eval-every", "0"]
+    quiet += {"sft": ["--data", str(chat), "--sample-prompts", "0"], "dpo": ["--data", str(pairs)],
+              "reward": ["--data", str(pairs)],
+              "grpo": ["--prompts", str(chat), "--group-size", "2", "--prompts-per-step", "2",
+                       "--max-new-tokens", "4"]}[verb]
     run = tmp_path / "run"
     assert main([verb, str(short_run), "--out", str(run), *quiet, "--stop-at-step", "1"]) == 0
     before = _tree_hash(run)

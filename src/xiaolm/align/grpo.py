@@ -329,6 +329,10 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
         return instruct_metrics(m, tokenizer, eval_samples, cfg.eval_max_new_tokens) if eval_samples else {}
 
     tokens_per_step = rows * (context // 2)
+    trainer = Trainer(t, policy, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
+                      full_config=cfg, tokenizer=tokenizer, name="grpo",
+                      extra_meta={"base": str(cfg.run), "group_size": cfg.group_size, "kl_beta": cfg.kl_beta})
+    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / "tokenizer")
@@ -336,9 +340,6 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
             f"samples per batch, {mu} update(s) per batch, {total_steps} steps "
             f"({math.ceil(total_steps / mu)} batches of samples); micro-batches of {micro} x {t.grad_accum_steps}; "
             f"KL beta {cfg.kl_beta}; device {env.device}")
-    trainer = Trainer(t, policy, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
-                      full_config=cfg, tokenizer=tokenizer, name="grpo",
-                      extra_meta={"base": str(cfg.run), "group_size": cfg.group_size, "kl_beta": cfg.kl_beta})
     rollouts.model = trainer.raw_model
     accum = t.grad_accum_steps
     result = trainer.fit(rollouts, lambda m, b: grpo_loss(m, b, cfg, accum), eval_fn if eval_samples else None)

@@ -314,6 +314,10 @@ def train_reward(cfg: RewardConfig, env: Optional[DistEnv] = None) -> dict:
         return {"val_loss": r["loss"], "val_accuracy": r["accuracy"], "val_margin": r["margin"]}
 
     out = Path(cfg.out)
+    trainer = Trainer(t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
+                      full_config=cfg, tokenizer=tokenizer, name="reward",
+                      extra_meta={"base": str(cfg.run), "head": "score: last real token -> scalar"})
+    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / "tokenizer")
@@ -321,9 +325,6 @@ def train_reward(cfg: RewardConfig, env: Optional[DistEnv] = None) -> dict:
             f"{len(train_enc)} training pairs, {len(held_enc)} held-out ({how}); "
             f"{train_enc.truncated + held_enc.truncated} pairs longer than {seq} tokens kept their end; "
             f"{total_steps} steps; device {env.device}")
-    trainer = Trainer(t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
-                      full_config=cfg, tokenizer=tokenizer, name="reward",
-                      extra_meta={"base": str(cfg.run), "head": "score: last real token -> scalar"})
     result = trainer.fit(batches, lambda m, b: reward_loss(m, b, cfg.center_coef), eval_fn)
     model = trainer.raw_model
     train_sub = EncodedPairs(train_enc.chosen[: cfg.train_eval_pairs], train_enc.rejected[: cfg.train_eval_pairs])
