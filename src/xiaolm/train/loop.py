@@ -14,6 +14,7 @@ and SIGTERM handling, logging (console progress, metrics.jsonl, TensorBoard), th
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -872,6 +873,12 @@ def run_training(train_fn: Callable[[Any, DistEnv], dict], cfg: Any) -> tuple[di
         summary = train_fn(cfg, env)
     except (TrainingDiverged, CheckpointError, ValueError) as exc:
         raise fail(str(exc), code=1)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or getattr(cfg, "out", "the run directory")
+        raise fail(f"no space left on device while writing {where}; the last checkpoint saved is intact: free "
+                   f"some space and continue with --resume", code=1)
     finally:
         teardown_distributed()
     return summary, env
