@@ -237,3 +237,25 @@ def test_full_disk_while_writing_metrics_is_one_line(shards_dir, tmp_path, monke
     assert len(lines) == 1 and "no space left on device" in lines[0] and "metrics.jsonl" in lines[0], err
     assert "--resume" in lines[0]
     assert find_checkpoint(run).name == "step-00000002"
+
+
+def test_full_disk_while_writing_the_latest_pointer_names_the_complete_checkpoint(
+        shards_dir, tmp_path, monkeypatch, capsys):
+    import xiaolm.train.checkpoint as ck
+
+    real = ck.atomic_write_text
+
+    def full_at_step_4(path, text):
+        if text.strip() == "step-00000004":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(ck, "atomic_write_text", full_at_step_4)
+    run = tmp_path / "run"
+    err = _refused(capsys, shards_dir, run, "--max-steps", "6", "--save-every", "2")
+    line = [x for x in err.splitlines() if x.startswith("xiaolm: error:")][-1]
+    assert "no space left on device" in line and "step-00000004 is complete" in line and "--resume-from 4" in line
+    monkeypatch.undo()
+    verify_checkpoint(run / "checkpoints" / "step-00000004")
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--save-every", "2", "--resume-from", "4") == 0
+    assert "step-00000004 (step 4" in capsys.readouterr().err

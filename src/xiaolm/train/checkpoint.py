@@ -65,6 +65,7 @@ def save_checkpoint(
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     previous = _pointed(root, "latest")
+    published = False
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -81,6 +82,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        published = True
         atomic_write_text(root / "latest", final.name + "\n")
         if best:
             atomic_write_text(root / "best", final.name + "\n")
@@ -88,9 +90,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space a retry needs
         if not _disk_full(exc):
             raise
-        if final.is_dir() and _pointed(root, "latest") != final.name:  # complete; only the pointer is missing
-            raise CheckpointError(f"no space left on device while writing {root / 'latest'}; checkpoint "
-                                  f"{final.name} is complete and --resume will find it") from None
+        if published:  # the checkpoint is complete; only a pointer could not be written
+            raise CheckpointError(f"no space left on device while updating the pointers in {root}; checkpoint "
+                                  f"{final.name} is complete (--resume-from {step} continues from it)") from None
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         raise CheckpointError(f"no space left on device while writing {final}; {kept}") from None
     _prune(root, keep_last)
