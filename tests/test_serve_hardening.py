@@ -263,6 +263,27 @@ def test_a_client_disconnect_logs_one_line(live, loaded):
     assert chat(http).status_code == 200
 
 
+def test_a_body_cut_off_midway_logs_one_line(live):
+    server, http, _app = live
+    ours, records = _capture("uvicorn.error")
+    try:
+        body = json.dumps({"model": MODEL, "messages": HELLO}).encode()
+        s = socket.create_connection((server.host, server.port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(0.2)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("whole body" in r.getMessage() for r in records):
+            time.sleep(0.05)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(ours)
+    assert [r.getMessage() for r in records if "whole body" in r.getMessage()], [r.getMessage() for r in records]
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+    assert chat(http).status_code == 200
+
+
 def test_docs_are_off_by_default(live):
     _server, http, _app = live
     assert http.get("/docs").status_code == 404

@@ -124,12 +124,20 @@ async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # routine: one line, and an answer nobody will read
+        _LOG.info("serve: %s %s: the client disconnected before sending its whole body", request.method,
+                  request.url.path)
+        raise APIError(400, "The client disconnected before sending the whole body.", code="client_disconnected") \
+            from None
     return b"".join(chunks)
 
 
