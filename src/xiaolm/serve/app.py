@@ -760,7 +760,8 @@ class ServeConfig:
         "auto", "weights dtype: auto is bfloat16 on a GPU that supports it, float32 otherwise")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
     max_batch: int = opt(8, "rows (requests x n) generated together in one batch")
-    max_queue: int = opt(256, "rows allowed to wait for a batch; beyond that requests get HTTP 429")
+    max_queue: int = opt(256, "rows allowed to wait for a batch; beyond that requests get HTTP 429 (and one that "
+                                   "needs more rows than this, 400)")
     default_max_tokens: int = opt(512, "max_tokens of a chat request that sets none (clamped to the context left)")
     request_timeout: float = opt(600.0, "seconds one request may wait and generate before it is cancelled")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn log level")
