@@ -21,6 +21,16 @@ C clients the batches settle around C/2 rows: half the clients wait while the ot
     python bench/serve_load.py RUNDIR --clients 16 --requests 64 --max-tokens 64 --max-batch 1 4 16
 
 Only 127.0.0.1 is used. Exit status 1 if any request failed.
+
+--hostile runs one server (the first --max-batch value) twice over the same normal streaming load: alone, then
+interleaved with --hostile-requests hostile requests (malformed and oversized bodies, chunked bodies past the limit,
+lone surrogates, JSON nested 100,000 deep, seeds of 2**64, strings for integers, unsupported fields, wrong
+Content-Type, cross-origin POSTs, forged Host headers, streams and bodies cut off mid-way). It prints what was sent,
+the status codes by class, the 5xx count (goal 0), the normal requests' success rate (goal 100%) and p50/p99
+latency with and without the hostile traffic, tracebacks in the server log (goal 0) and the server's RSS before
+and after. Bounded: at most --hostile-requests requests and --time-limit seconds per phase, loopback only.
+
+    python bench/serve_load.py --hostile --requests 24 --hostile-requests 200
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import os
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -111,6 +122,18 @@ class ServerProcess:
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-4000:]
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server process (Linux /proc)."""
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def full_output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
@@ -221,6 +244,187 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+# ------------------------------------------------------------------------------------------- hostile mode
+
+
+def _chat_body(**extra) -> dict:
+    return {"model": "bench", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4, **extra}
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+# name -> raw body and headers; what a careless or hostile client sends (each must get a 4xx, never a 5xx)
+HOSTILE_BODIES = {
+    "malformed JSON": (b"{not json", {}),
+    "not an object": (b"[1, 2, 3]", {}),
+    "oversized body (6 MB)": (_json(_chat_body(messages=[{"role": "user", "content": "猫" * 2_000_000}])), {}),
+    "huge prompt under the limit": (_json(_chat_body(messages=[{"role": "user", "content": "猫" * 900_000}])), {}),
+    "lone surrogate": (b'{"model": "bench", "messages": [{"role": "user", "content": "\\udfff"}]}', {}),
+    "JSON 100000 deep": (b"[" * 100_000 + b"]" * 100_000, {}),
+    "seed 2**64": (_json(_chat_body(seed=2 ** 64)), {}),
+    "max_tokens \"3\"": (_json(_chat_body(max_tokens="3")), {}),
+    "tools": (_json(_chat_body(tools=[{"type": "function", "function": {"name": "f"}}])), {}),
+    "text/plain POST": (_json(_chat_body()), {"content-type": "text/plain"}),
+    "cross-origin POST": (_json(_chat_body()), {"origin": "http://evil.example"}),
+    "forged Host": (_json(_chat_body()), {"host": "rebind.example"}),
+    "unknown model": (_json(_chat_body(model="gpt-4o")), {}),
+}
+RAW_KINDS = ["chunked body past the limit", "stream cut mid-way", "body cut mid-way"]
+
+
+async def _raw(port: int, kind: str) -> str:
+    """Requests that need a raw socket; returns the status line's code, or 'disconnect'."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+        if kind == "chunked body past the limit":
+            writer.write((head + "Transfer-Encoding: chunked\r\n\r\n").encode())
+            chunk = b" " * 1_000_000
+            try:
+                for _ in range(8):
+                    writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            except ConnectionError:
+                pass  # the server answered 413 and closed while we were still sending
+            line = await asyncio.wait_for(reader.readline(), 30)
+            return line.split()[1].decode() if len(line.split()) > 1 else "disconnect"
+        body = _json({**_chat_body(max_tokens=48, ignore_eos=True), "stream": kind == "stream cut mid-way", "n": 4})
+        if kind == "stream cut mid-way":
+            writer.write((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(300), 30)
+        else:  # promise a body and hang up halfway through it
+            writer.write((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, as a crash would
+        return "disconnect"
+    finally:
+        writer.close()
+
+
+async def hostile_traffic(url: str, port: int, count: int, deadline: float) -> list[tuple[str, str]]:
+    """(kind, status) for each hostile request, sent one after another round-robin until count or deadline."""
+    kinds = list(HOSTILE_BODIES) + RAW_KINDS
+    sent: list[tuple[str, str]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for i in range(count):
+            if time.perf_counter() > deadline:
+                break
+            kind = kinds[i % len(kinds)]
+            try:
+                if kind in RAW_KINDS:
+                    status = await _raw(port, kind)
+                else:
+                    body, headers = HOSTILE_BODIES[kind]
+                    r = await http.post("/v1/chat/completions", content=body,
+                                        headers={"content-type": "application/json", **headers})
+                    status = str(r.status_code)
+            except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+                status = f"error {type(exc).__name__}"
+            sent.append((kind, status))
+            await asyncio.sleep(0.01)
+    return sent
+
+
+async def normal_with_hostile(url: str, port: int, args) -> tuple[Run, list[tuple[str, str]]]:
+    """The normal load of the first phase, kept going (at least --requests) for as long as the hostile traffic."""
+    deadline = time.perf_counter() + args.time_limit
+    hostile_done = asyncio.Event()
+    run = Run()
+    issued = 0
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while (issued < args.requests or not hostile_done.is_set()) and time.perf_counter() < deadline:
+            prompt = PROMPTS[issued % len(PROMPTS)]
+            issued += 1
+            run.results.append(await one_request(http, prompt, args.max_tokens, args.request_timeout))
+
+    async def hostile_then_flag() -> list[tuple[str, str]]:
+        try:
+            return await hostile_traffic(url, port, args.hostile_requests, deadline)
+        finally:
+            hostile_done.set()
+
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits) as http:
+        started = time.perf_counter()
+        results = await asyncio.gather(hostile_then_flag(), *(client(http) for _ in range(args.clients)))
+        run.wall = time.perf_counter() - started
+    return run, results[0]
+
+
+def status_class(status: str) -> str:
+    return f"{status[0]}xx" if status[:1].isdigit() else ("disconnect" if status == "disconnect" else "no answer")
+
+
+def run_hostile(args, run_dir: str) -> int:
+    with ServerProcess(run_dir, args.max_batch[0], args.device, start_timeout=180) as server:
+        warm = asyncio.run(warm_up(server.url))
+        if not warm.ok:
+            raise SystemExit(f"warm-up request failed: {warm.error}\n{server.output()}")
+        rss_before = server.rss_mb()
+        alone = asyncio.run(load(server.url, args.clients, args.requests, args.max_tokens, args.time_limit,
+                                 args.request_timeout))
+        mixed, hostile = asyncio.run(normal_with_hostile(server.url, server.port, args))
+        health_after = httpx.get(server.url + "/health", timeout=10).status_code
+        rss_after = server.rss_mb()
+        log = server.full_output()
+
+    def latency(run: Run, q: float) -> float:
+        return percentile([r.latency for r in run.results if r.ok], q)
+
+    by_kind: dict[str, dict[str, int]] = {}
+    for kind, status in hostile:
+        by_kind.setdefault(kind, {}).setdefault(status, 0)
+        by_kind[kind][status] += 1
+    classes: dict[str, int] = {}
+    for _kind, status in hostile:
+        classes[status_class(status)] = classes.get(status_class(status), 0) + 1
+    fives = classes.get("5xx", 0)
+    tracebacks = log.count("Traceback")
+    print(f"\nserve hostile test: {args.clients} concurrent streaming clients, {args.requests} normal requests of "
+          f"{args.max_tokens} tokens per phase, {len(hostile)} hostile requests, device {args.device}, "
+          f"max-batch {args.max_batch[0]}")
+    header = f"{'phase':<24} {'normal':>6} {'ok':>6} {'success':>8} {'p50 latency':>12} {'p99 latency':>12}"
+    print(header)
+    print("-" * len(header))
+    for name, run in (("normal only", alone), ("normal + hostile", mixed)):
+        ok = sum(r.ok for r in run.results)
+        rate = 100.0 * ok / len(run.results) if run.results else float("nan")
+        print(f"{name:<24} {len(run.results):>6} {ok:>6} {rate:>7.1f}% {latency(run, 50):>11.3f}s "
+              f"{latency(run, 99):>11.3f}s")
+        for sample in sorted({r.error for r in run.results if not r.ok})[:3]:
+            print(f"{'':<24} error: {sample}")
+    print(f"\nhostile requests sent: {len(hostile)}; by class: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())))
+    header = f"{'hostile kind':<30} {'sent':>5}  statuses"
+    print(header)
+    print("-" * 60)
+    for kind, statuses in by_kind.items():
+        print(f"{kind:<30} {sum(statuses.values()):>5}  " + ", ".join(f"{s} x{n}" for s, n in sorted(statuses.items())))
+    print(f"\n5xx answers: {fives} (goal 0)   tracebacks in the server log: {tracebacks} (goal 0)   "
+          f"/health after: {health_after}")
+    print(f"server RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after ({rss_after - rss_before:+.0f} MB)")
+    if tracebacks:  # what they were: the exception line that ends each one
+        ends = [block.split("\n\n")[0].strip().splitlines()[-1] for block in log.split("Traceback")[1:]]
+        print("tracebacks end in: " + "; ".join(f"{e} x{ends.count(e)}" for e in sorted(set(ends))))
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "hostile": hostile, "classes": classes, "tracebacks": tracebacks, "rss_mb": [rss_before, rss_after],
+            "normal_only": [r.__dict__ for r in alone.results], "mixed": [r.__dict__ for r in mixed.results],
+        }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    failed = fives or tracebacks or health_after != 200 or not all(r.ok for r in alone.results + mixed.results)
+    failed = failed or any(status_class(st) == "no answer" for _k, st in hostile)
+    return 1 if failed else 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -241,6 +445,11 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny", help="preset of the built model when no RUNDIR is given")
     parser.add_argument("--context", type=int, default=256, help="context of the built model (default 256)")
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--hostile", action="store_true",
+                        help="interleave hostile requests with the normal load (see above) instead of comparing "
+                             "--max-batch values")
+    parser.add_argument("--hostile-requests", type=int, default=200,
+                        help="hostile requests at most, with --hostile (default 200)")
     args = parser.parse_args()
     if not 1 <= args.clients <= 256:
         parser.error("--clients must be between 1 and 256")
@@ -252,6 +461,10 @@ def main() -> int:
         if run_dir is None:
             print(f"building a random-weight '{args.preset}' model (context {args.context}) ...", file=sys.stderr)
             run_dir = str(build_tiny_run(Path(tmp), args.preset, args.context))
+        if args.hostile:
+            if not 1 <= args.hostile_requests <= 5000:
+                parser.error("--hostile-requests must be between 1 and 5000")
+            return run_hostile(args, run_dir)
         rows = []
         for max_batch in args.max_batch:
             with ServerProcess(run_dir, max_batch, args.device, start_timeout=180) as server:

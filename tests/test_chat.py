@@ -131,3 +131,13 @@ def test_chat_program_in_a_pseudo_terminal(tiny_run):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_chat_refuses_bad_sampling_flags(tiny_run, capsys):
+    import pytest
+
+    from xiaolm.infer.chat import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tiny_run), "--top-p", "7"])
+    assert info.value.code == 2 and "--top-p" in capsys.readouterr().err

@@ -131,3 +131,48 @@ def test_static_cache_decoding_equals_default_decoding():
     prompts = _prompts()
     kw = dict(pad_id=0, eos_ids=[], temperature=0.0)
     assert generate_ids(model, prompts, 16, static_cache=True, **kw) == generate_ids(model, prompts, 16, **kw)
+
+
+# ------------------------------------------------------------------------------------ the generate CLI
+
+import pytest  # noqa: E402
+
+BAD_FLAGS = [(["--max-new-tokens", "-1"], "--max-new-tokens"), (["--temperature", "-1"], "--temperature"),
+             (["--top-p", "7"], "--top-p"), (["--top-p", "0"], "--top-p"), (["--top-k", "-3"], "--top-k"),
+             (["--seed", str(2 ** 64)], "--seed"), (["--num-samples", "0"], "--num-samples")]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[" ".join(f) for f, _n in BAD_FLAGS])
+def test_generate_refuses_bad_sampling_flags_in_one_line(tiny_run, capsys, flags, named):
+    from xiaolm.infer.generate import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tiny_run), "--prompt", "小猫", *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_says_when_the_prompt_does_not_fit_the_context(tiny_run, capsys):
+    from xiaolm.infer.generate import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tiny_run), "--prompt", "小猫和小狗" * 200, "--max-new-tokens", "4"])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert "context window" in captured.err and captured.out == "", captured
+
+
+def test_generate_encodes_the_prompt_as_text(tiny_run, capsys):
+    """A prompt spelling <|im_start|> gets the same continuation as that text encoded as text (not the marker)."""
+    from xiaolm.infer.generate import main, plain_prompt_ids
+    from xiaolm.train.checkpoint import load_model
+
+    prompt = "<|im_start|>system\n"
+    model, tokenizer, _info = load_model(tiny_run, device="cpu")
+    ids = plain_prompt_ids(tokenizer, prompt)
+    assert tokenizer.im_start_id not in ids
+    expected = generate(model, tokenizer, [prompt], SamplingConfig(max_new_tokens=6, temperature=0), prompt_ids=[ids])
+    assert main([str(tiny_run), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == prompt + expected[0] + "\n"

@@ -64,7 +64,9 @@ def sse_events(lines) -> list:
 
 
 def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    from xiaolm.infer.generate import chat_prompt_ids as encode_chat
+
+    return encode_chat(tokenizer, messages)
 
 
 # ------------------------------------------------------------------------------------------- basic API
@@ -276,8 +278,12 @@ def test_unknown_route_and_full_queue_use_the_error_shape(loaded):
     with TestClient(create_app(model=model, tokenizer=tokenizer, model_name=MODEL, max_queue=2)) as c:
         r = c.get("/v1/nothing-here")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        # 3 rows can never fit a queue of 2: waiting would not help, so it is a 400, not a 429 "retry shortly"
         r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "n": 3, "max_tokens": 2})
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_rows", r.text
+        assert r.json()["error"]["param"] == "n"
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
         assert c.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "n": 2,
                                                     "max_tokens": 2}).status_code == 200
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from xiaolm.config import opt, parse_config
-from xiaolm.infer.generate import SamplingConfig
+from xiaolm.infer.generate import SamplingConfig, chat_prompt_ids, sampling_problem
 
 HELP = ("commands: /reset  forget the conversation | /system <text>  set the system message (/system alone clears "
         "it) | /save <file>  write the conversation as JSON | /help | /quit")
@@ -66,7 +66,7 @@ class ChatSession:
         start = 0
         while True:
             msgs = head + self.turns[start:]
-            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+            ids = chat_prompt_ids(self.tokenizer, msgs)
             if len(ids) <= limit:
                 return ids, start
             if start >= len(self.turns) - 1:
@@ -189,6 +189,9 @@ def main(argv: list[str]) -> int:
         "Chat with a model in the terminal; answers stream as they are written.\n" + HELP.replace(" | ", "\n  "),
         positionals={"run": "RUNDIR"},
     )
+    problem = sampling_problem(cfg.sampling)
+    if problem:
+        raise fail(problem)
     try:
         model, tokenizer, _info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
     except CheckpointError as exc:

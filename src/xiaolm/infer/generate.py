@@ -7,6 +7,7 @@ still turn into a stop string.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -222,6 +223,44 @@ class StreamDecoder:
         return delta
 
 
+# ------------------------------------------------------------------------------------------------ prompts
+
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def plain_prompt_ids(tokenizer, text: str) -> list[int]:
+    """A plain (non-chat) prompt: ``<|endoftext|>`` first, since every training document starts after one, then the
+    text encoded as text (a literal ``<|im_start|>`` in it stays text). ``xiaolm generate`` and the server's
+    ``/v1/completions`` share this rule."""
+    return [tokenizer.eot_id] + tokenizer.encode(text, allow_special=False)
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    """The chat prompt for ``messages``, ending with ``<|im_start|>assistant\\n``, encoded exactly as ``xiaolm sft``
+    trains: only the template's markers are control tokens, so a content that spells ``<|im_end|>`` cannot forge a
+    turn. ``xiaolm chat``, ``generate --chat`` and the server's chat endpoint share this rule."""
+    from xiaolm.align.common import prompt_ids
+
+    return prompt_ids(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def sampling_problem(s: SamplingConfig) -> Optional[str]:
+    """What is wrong with sampling settings given as flags (one line naming the flag), or None."""
+    if s.max_new_tokens < 1:
+        return f"--max-new-tokens must be at least 1, got {s.max_new_tokens}"
+    if not (math.isfinite(s.temperature) and s.temperature >= 0):
+        return f"--temperature must be 0 (greedy) or more, got {s.temperature}"
+    if not 0 < s.top_p <= 1:
+        return f"--top-p must be in (0, 1], got {s.top_p}"
+    if s.top_k < 0:
+        return f"--top-k must be 0 (off) or more, got {s.top_k}"
+    if not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
+        return f"--repetition-penalty must be more than 0 (1 is off), got {s.repetition_penalty}"
+    if s.seed is not None and not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
+        return f"--seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {s.seed}"
+    return None
+
+
 def _eos_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eot_id]
     if getattr(tokenizer, "im_end_id", None) is not None:
@@ -246,7 +285,7 @@ def generate(
     ``prompts`` (e.g. a chat template already rendered and encoded).
     """
     s = sampling or SamplingConfig()
-    ids = prompt_ids if prompt_ids is not None else [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts]
+    ids = prompt_ids if prompt_ids is not None else [plain_prompt_ids(tokenizer, p) for p in prompts]
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(s.seed)
@@ -307,6 +346,11 @@ def main(argv: list[str]) -> int:
             raise fail(f"{cfg.prompts_file}: {exc.strerror}")
     if not prompts:
         prompts = [""]
+    problem = sampling_problem(cfg.sampling)
+    if problem is None and cfg.num_samples < 1:
+        problem = f"--num-samples must be at least 1, got {cfg.num_samples}"
+    if problem:
+        raise fail(problem)
     try:
         model, tokenizer, _info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
     except CheckpointError as exc:
@@ -317,9 +361,15 @@ def main(argv: list[str]) -> int:
         prompt_ids = []
         for p in prompts:
             msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
-            prompt_ids.append(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+            prompt_ids.append(chat_prompt_ids(tokenizer, msgs))
     else:
-        prompt_ids = [[tokenizer.eot_id] + tokenizer.encode(p) for p in prompts]
+        prompt_ids = [plain_prompt_ids(tokenizer, p) for p in prompts]
+    context = model.config.max_position_embeddings
+    for p, ids in zip(prompts, prompt_ids):
+        if len(ids) >= context:
+            shown = p if len(p) <= 40 else p[:40] + "..."
+            raise fail(f"the prompt {shown!r} is {len(ids)} tokens, but the model's context window is {context} "
+                       f"tokens, which leaves no room to generate; shorten it")
     if len(prompts) == 1:
         if not cfg.chat:
             sys.stdout.write(prompts[0])

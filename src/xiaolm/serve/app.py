@@ -10,8 +10,15 @@ Endpoints (the OpenAI schema, so the official ``openai`` client, LangChain, Open
 - ``GET  /``                     the chat page (``serve/static``; nothing is fetched from the internet)
 
 Every failure a client can cause (bad JSON, a wrong type, a missing field, an unknown model, a prompt that does not
-fit the context window, a full queue) is a 4xx with OpenAI's error body ``{"error": {"message", "type", "param",
-"code"}}``, and the server carries on. Generation runs in :class:`xiaolm.serve.engine.Engine`: one worker thread,
+fit the context window, a full queue, a body over ``max_body_mb``, lone surrogates, JSON nested too deep) is a 4xx
+with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``, and the server carries on; a 5xx never
+carries our exception text (it goes to the log).
+
+Security defaults (``_Guard``): with ``api_key`` set, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401 otherwise);
+``allowed_hosts`` (the CLI sets it when bound to loopback) refuses other ``Host`` headers, which defeats DNS
+rebinding; a POST must be ``Content-Type: application/json`` and, when a browser sends ``Origin``, come from this
+server's own origin, so no other web page can make a visitor's browser run requests here. Message contents and
+prompts are text: a content that spells ``<|im_end|>`` stays text (``chat_prompt_ids``), so no turn can be forged. Generation runs in :class:`xiaolm.serve.engine.Engine`: one worker thread,
 a queue, and batches of up to ``--max-batch`` rows.
 
 ``create_app(...)`` builds the app without opening a socket (tests use it with Starlette's TestClient);
@@ -21,7 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
+import math
+import os
 import socket
 import sys
 import threading
@@ -37,12 +48,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xiaolm.config import opt
+from xiaolm.infer.generate import chat_prompt_ids, plain_prompt_ids
 from xiaolm.serve.engine import Engine, EngineClosed, GenerationRequest, QueueFull, SamplingParams, Sequence
 from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 KEEPALIVE_SECONDS = 5.0  # an SSE comment while a streamed request waits in the queue (lets proxies and us notice)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_MAX_BODY_MB = 4.0  # a 128k-token prompt is well under 1 MB of JSON
+MAX_JSON_DEPTH = 32  # the deepest a valid request gets is about 5 (messages -> content parts -> fields)
+_LOG = logging.getLogger("uvicorn.error")  # configured by uvicorn, at --log-level
 # The page may load only what this server serves: a stray CDN link would be blocked, not silently fetched.
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
             "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -99,22 +114,144 @@ def validation_error(exc) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
-async def _parse_body(request, schema):
-    raw = await request.body()
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server accepts ({limit / 2 ** 20:g} MB; see "
+                         f"xiaolm serve --max-body-mb).", code="request_too_large")
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (before it is all read)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    from starlette.requests import ClientDisconnect
+
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # routine: one line, and an answer nobody will read
+        _LOG.info("serve: %s %s: the client disconnected before sending its whole body", request.method,
+                  request.url.path)
+        raise APIError(400, "The client disconnected before sending the whole body.", code="client_disconnected") \
+            from None
+    return b"".join(chunks)
+
+
+def _check_json_values(data) -> None:
+    """Refuse what JSON allows but a request cannot mean: nesting deeper than ``MAX_JSON_DEPTH`` and strings with
+    lone surrogates (``"\\udfff"``: no UTF-8 text holds one). Iterative, so depth cannot exhaust the stack."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                           code="invalid_json")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"Invalid value for '{path or 'body'}': the string holds a lone UTF-16 surrogate "
+                                    "(an unpaired \\ud800-\\udfff escape), which is not text.",
+                               param=path or None, code="invalid_value") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path, depth + 1))  # keys are strings too
+                stack.append((item, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(value))
+
+
+def _decode_body(raw: bytes, schema):
+    """Bytes -> validated request (runs in a worker thread: a body of a few MB takes a while)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "We could not parse the JSON body of your request. (The body must be a JSON object "
                             "sent with Content-Type: application/json.)", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.",
                        code="invalid_json")
+    _check_json_values(data)
     from pydantic import ValidationError
 
     try:
-        return schema.model_validate(data)
+        body = schema.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    unsupported = body.unsupported_field()
+    if unsupported:
+        raise APIError(400, f"'{unsupported}' is not supported by this server (a small text model); leave it out.",
+                       param=unsupported, code="unsupported_parameter")
+    return body
+
+
+async def _parse_body(request, schema, max_body_bytes: int):
+    return await asyncio.to_thread(_decode_body, await _read_body(request, max_body_bytes), schema)
+
+
+# ------------------------------------------------------------------------------------------------ the guard
+
+
+def _host_name(host_header: str) -> str:
+    """``Host`` header -> lower-case host without the port (``[::1]:8000`` -> ``::1``)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class _Guard:
+    """ASGI middleware for the checks that come before any route: Host allow-list, same-origin JSON POSTs, API key.
+
+    Pure ASGI rather than ``@app.middleware``, so streamed responses pass through untouched."""
+
+    def __init__(self, app, api_key: Optional[str], allowed_hosts: Optional[list[str]]):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts} if allowed_hosts else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await JSONResponse(refusal.body(), status_code=refusal.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> Optional[APIError]:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        host = headers.get("host", "")
+        if self.allowed_hosts is not None and _host_name(host) not in self.allowed_hosts:
+            return APIError(400, f"Invalid Host header {host!r}: this server answers only to "
+                                 f"{', '.join(sorted(self.allowed_hosts))} (xiaolm serve --allowed-hosts).",
+                            code="invalid_host")
+        method, path = scope.get("method", "GET"), scope.get("path", "")
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get("origin")
+            if origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"):
+                return APIError(403, f"Cross-origin request from {origin!r} refused: the API answers pages served "
+                                     f"by this server only.", type="permission_error", code="cross_origin")
+        if path.startswith("/v1/") and self.api_key is not None:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not given.strip():
+                return APIError(401, "You didn't provide an API key. You need to provide your API key in an "
+                                     "Authorization header using Bearer auth (Authorization: Bearer YOUR_KEY).",
+                                code="invalid_api_key")
+            if not hmac.compare_digest(given.strip().encode(), self.api_key):
+                return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if method == "POST" and path.startswith("/v1/"):
+            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if ctype != "application/json":
+                return APIError(415, f"Content-Type must be application/json, not {ctype or 'missing'!r}.",
+                                code="unsupported_media_type")
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -132,6 +269,26 @@ class _Served:
     request_timeout: float
     created: int
     device: str
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2 ** 20)
+    max_token_chars: Optional[int] = None  # no token covers more characters; None: no cheap bound
+
+
+def _max_token_chars(tokenizer) -> Optional[int]:
+    """The most input characters one token can cover: with no normaliser, a token's string (bytes for byte-level
+    BPE) is at least as long as the text it encodes. A prompt of C characters is then at least C / this tokens."""
+    tok = getattr(tokenizer, "tok", None)
+    if tok is None or tok.normalizer is not None:
+        return None
+    return max((len(t) for t in tok.get_vocab(with_added_tokens=False)), default=None)
+
+
+def _check_length_cheaply(chars: int, served: "_Served", param: str) -> None:
+    """Refuse a prompt whose character count alone proves it cannot fit, before tokenising it."""
+    if served.max_token_chars and math.ceil(chars / served.max_token_chars) >= served.context_length:
+        raise APIError(400, f"This model's maximum context length is {served.context_length} tokens. However, your "
+                            f"prompt has {chars} characters, which is at least "
+                            f"{math.ceil(chars / served.max_token_chars)} tokens. Please shorten it.",
+                       param=param, code="context_length_exceeded")
 
 
 def create_app(
@@ -147,12 +304,18 @@ def create_app(
     max_queue: int = 256,
     default_max_tokens: int = 512,
     request_timeout: float = 600.0,
+    api_key: Optional[str] = None,
+    allowed_hosts: Optional[list[str]] = None,
+    max_body_mb: float = DEFAULT_MAX_BODY_MB,
+    docs: bool = False,
 ):
     """The FastAPI app serving ``run`` (loaded with ``load_model``) or an already loaded ``model`` + ``tokenizer``.
 
     ``model_name`` is the id clients send as ``model`` (default: the run directory's name). ``default_max_tokens``
     applies to chat requests that set no ``max_tokens`` (clamped to what the context window leaves).
-    ``request_timeout`` bounds how long one request may wait and generate, in seconds.
+    ``request_timeout`` bounds how long one request may wait and generate, in seconds. ``api_key``,
+    ``allowed_hosts`` (``Host`` names accepted; None: any) and ``max_body_mb`` are the guards described above;
+    ``docs`` serves FastAPI's ``/docs`` page, which loads Swagger UI from a CDN (off by default).
     """
     if model is None:
         if run is None:
@@ -167,14 +330,18 @@ def create_app(
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     served = _Served(engine=engine, tokenizer=tokenizer, model_name=model_name,
                      context_length=engine.context_length, default_max_tokens=int(default_max_tokens),
-                     request_timeout=float(request_timeout), created=int(time.time()), device=str(model.device))
+                     request_timeout=float(request_timeout), created=int(time.time()), device=str(model.device),
+                     max_body_bytes=int(max_body_mb * 2 ** 20), max_token_chars=_max_token_chars(tokenizer))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        engine.start()  # now, so /health can tell a dead worker from one not started yet
         yield
         engine.close()
 
-    app = FastAPI(title="xiaolm", description="OpenAI-compatible API for a xiaolm model", lifespan=lifespan)
+    app = FastAPI(title="xiaolm", description="OpenAI-compatible API for a xiaolm model", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url=None)
+    app.add_middleware(_Guard, api_key=api_key, allowed_hosts=allowed_hosts)
     app.state.served = served
     app.state.engine = engine
 
@@ -196,16 +363,21 @@ def create_app(
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request, exc):
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+    async def _unexpected(request, exc):
+        # A bug of ours: the log gets the traceback, the client a message that reveals nothing of the code.
+        _LOG.error("serve: %s %s failed", request.method, request.url.path, exc_info=exc)
+        err = APIError(500, "The server had an error while processing your request (see the server log).",
+                       type="server_error", code="internal_error")
         return JSONResponse(err.body(), status_code=500)
 
     # ------------------------------------------------------------------------------------ small routes
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.model_name, "context_length": served.context_length,
-                "device": served.device, **engine.snapshot()}
+        alive = engine.alive
+        body = {"status": "ok" if alive else "engine not running", "model": served.model_name,
+                "context_length": served.context_length, "device": served.device, **engine.snapshot()}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     def _model_card() -> dict:
         return {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "xiaolm",
@@ -231,7 +403,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body: ChatCompletionRequest = await _parse_body(request, ChatCompletionRequest)
+        body: ChatCompletionRequest = await _parse_body(request, ChatCompletionRequest, served.max_body_bytes)
         _check_model(body.model, served)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported by this server.", param="logprobs",
@@ -243,12 +415,13 @@ def create_app(
             except ValueError as exc:
                 raise APIError(400, str(exc), param=f"messages.{i}.content", code="invalid_value") from None
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        _check_length_cheaply(sum(len(m["content"]) for m in messages), served, "messages")
+        prompt_ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
         explicit = body.requested_max_tokens()
         max_tokens = _resolve_max_tokens(len(prompt_ids), explicit, served, "messages",
                                          "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
         n = body.n or 1
-        gen = _submit(served, [prompt_ids] * n, [max_tokens] * n, body)
+        gen = _submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n")
         meta = _ResponseMeta("chatcmpl-" + gen.id, int(time.time()), served.model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -262,7 +435,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body: CompletionRequest = await _parse_body(request, CompletionRequest)
+        body: CompletionRequest = await _parse_body(request, CompletionRequest, served.max_body_bytes)
         _check_model(body.model, served)
         if body.logprobs is not None:
             raise APIError(400, "logprobs are not supported by this server.", param="logprobs",
@@ -279,7 +452,8 @@ def create_app(
         prompt_ids, echoes, limits = [], [], []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                ids = [tokenizer.eot_id] + tokenizer.encode(p)
+                _check_length_cheaply(len(p) + 1, served, "prompt")
+                ids = await asyncio.to_thread(plain_prompt_ids, tokenizer, p)
                 echo = p
             else:
                 bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
@@ -294,7 +468,7 @@ def create_app(
                 prompt_ids.append(ids)
                 echoes.append(echo if body.echo else "")
                 limits.append(limit)
-        gen = _submit(served, prompt_ids, limits, body)
+        gen = _submit(served, prompt_ids, limits, body, "n" if len(prompts) == 1 else "prompt")
         meta = _ResponseMeta("cmpl-" + gen.id, int(time.time()), served.model_name)
         prompt_tokens = sum(len(prompt_ids[i]) for i in range(0, len(prompt_ids), n))
         if body.stream:
@@ -348,7 +522,11 @@ def _resolve_max_tokens(prompt_tokens: int, explicit: Optional[int], served: _Se
     return max(1, min(wanted, ctx - prompt_tokens))
 
 
-def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body) -> GenerationRequest:
+def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body, rows_param: str) -> GenerationRequest:
+    if len(prompts) > served.engine.max_queue:  # would be refused however long the client waits: not a 429
+        raise APIError(400, f"This request needs {len(prompts)} generation rows (prompts x n), more than this server "
+                            f"ever queues ({served.engine.max_queue}, xiaolm serve --max-queue). Send fewer prompts "
+                            f"or a smaller n.", param=rows_param, code="too_many_rows")
     params = SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -369,6 +547,12 @@ def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body) 
     return gen
 
 
+def _log_disconnect(gen: GenerationRequest) -> None:
+    """One line, no traceback: a client hanging up is routine."""
+    _LOG.info("serve: request %s: the client disconnected after %d tokens; its generation stopped", gen.id,
+              sum(s.tokens for s in gen.sequences))
+
+
 def _usage(prompt_tokens: int, sequences: list[Sequence]) -> dict:
     completion = sum(s.tokens for s in sequences)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
@@ -383,6 +567,8 @@ async def _collect(gen: GenerationRequest, request, served: _Served) -> None:
             event = await gen.next_event(timeout=0.5)
             if event is None:
                 if await request.is_disconnected():
+                    if not gen.cancelled:
+                        _log_disconnect(gen)
                     gen.cancel()
                 if time.monotonic() > deadline:
                     gen.cancel()
@@ -396,7 +582,8 @@ async def _collect(gen: GenerationRequest, request, served: _Served) -> None:
     finally:
         gen.cancel()  # no-op when finished; frees the rows if this handler was cancelled
     if errors:
-        raise APIError(500, errors[0], type="server_error", code="generation_failed")
+        _LOG.error("serve: request %s: %s", gen.id, errors[0])
+        raise APIError(500, GENERATION_FAILED, type="server_error", code="generation_failed")
     if any(s.finish_reason == "cancelled" for s in gen.sequences) and not await request.is_disconnected():
         raise APIError(503, "the request was cancelled because the server is shutting down.", type="server_error",
                        code="shutting_down")
@@ -418,6 +605,9 @@ async def _events_with_keepalive(gen: GenerationRequest, served: _Served) -> Asy
     """The request's events; ``None`` now and then while nothing happens (becomes an SSE comment)."""
     deadline = time.monotonic() + served.request_timeout
     while True:
+        # Queued events come without a suspension point; yielding to the loop once per event lets it notice a
+        # client that hung up (connection_lost) before we write into the dead socket again and again.
+        await asyncio.sleep(0)
         event = await gen.next_event(timeout=KEEPALIVE_SECONDS)
         if event is None:
             if time.monotonic() > deadline:
@@ -428,6 +618,9 @@ async def _events_with_keepalive(gen: GenerationRequest, served: _Served) -> Asy
         if event.kind == "done":
             return
         yield event
+
+
+GENERATION_FAILED = "Generation failed on the server (see the server log); the server goes on serving."
 
 
 def _stream_error(message: str, code: str) -> str:
@@ -444,8 +637,7 @@ async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prom
         return obj
 
     try:
-        for index in range(n):
-            yield _sse(chunk(index, {"role": "assistant", "content": ""}))
+        yield "".join(_sse(chunk(index, {"role": "assistant", "content": ""})) for index in range(n))  # one write
         async for event in _events_with_keepalive(gen, served):
             if event is None:
                 yield ": keep-alive\n\n"
@@ -456,7 +648,8 @@ async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prom
             elif event.kind == "finish" and event.finish_reason == "cancelled":
                 yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
             elif event.kind == "error":
-                yield _stream_error(event.text, "generation_failed")
+                _LOG.error("serve: request %s: %s", gen.id, event.text)
+                yield _stream_error(GENERATION_FAILED, "generation_failed")
         if include_usage:
             yield _sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
                         "model": meta.model, "choices": [], "usage": _usage(prompt_tokens, gen.sequences)})
@@ -465,6 +658,8 @@ async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prom
         yield _stream_error(str(exc), "timeout")
         yield "data: [DONE]\n\n"
     finally:
+        if not gen.finished and not gen.cancelled:
+            _log_disconnect(gen)
         gen.cancel()  # the client went away (this generator was cancelled) or we are done: free the rows
 
 
@@ -478,9 +673,9 @@ async def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes
         return obj
 
     try:
-        for index, echo in enumerate(echoes):
-            if echo:
-                yield _sse(chunk(index, echo))
+        echoed = "".join(_sse(chunk(index, echo)) for index, echo in enumerate(echoes) if echo)
+        if echoed:
+            yield echoed  # one write
         async for event in _events_with_keepalive(gen, served):
             if event is None:
                 yield ": keep-alive\n\n"
@@ -491,7 +686,8 @@ async def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes
             elif event.kind == "finish" and event.finish_reason == "cancelled":
                 yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
             elif event.kind == "error":
-                yield _stream_error(event.text, "generation_failed")
+                _LOG.error("serve: request %s: %s", gen.id, event.text)
+                yield _stream_error(GENERATION_FAILED, "generation_failed")
         if include_usage:
             yield _sse({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
                         "choices": [], "usage": _usage(prompt_tokens, gen.sequences)})
@@ -500,6 +696,8 @@ async def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes
         yield _stream_error(str(exc), "timeout")
         yield "data: [DONE]\n\n"
     finally:
+        if not gen.finished and not gen.cancelled:
+            _log_disconnect(gen)
         gen.cancel()
 
 
@@ -553,8 +751,8 @@ class BackgroundServer:
 @dataclass
 class ServeConfig:
     run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory to serve")
-    host: str = opt("127.0.0.1", "address to listen on (the API has no authentication: keep it on loopback unless "
-                                 "you know who can reach it)")
+    host: str = opt("127.0.0.1", "address to listen on (keep it on loopback, or set --api-key, unless you know who "
+                                 "can reach it)")
     port: int = opt(8000, "TCP port")
     model_name: Optional[str] = opt(None, "the model id clients send in `model` (default: the run directory's name)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
@@ -562,10 +760,17 @@ class ServeConfig:
         "auto", "weights dtype: auto is bfloat16 on a GPU that supports it, float32 otherwise")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
     max_batch: int = opt(8, "rows (requests x n) generated together in one batch")
-    max_queue: int = opt(256, "rows allowed to wait for a batch; beyond that requests get HTTP 429")
+    max_queue: int = opt(256, "rows allowed to wait for a batch; beyond that requests get HTTP 429 (and one that "
+                                   "needs more rows than this, 400)")
     default_max_tokens: int = opt(512, "max_tokens of a chat request that sets none (clamped to the context left)")
     request_timeout: float = opt(600.0, "seconds one request may wait and generate before it is cancelled")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn log level")
+    api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $XIAOLM_API_KEY; "
+                                       "unset: no key)")
+    max_body_mb: float = opt(DEFAULT_MAX_BODY_MB, "larger request bodies are refused with HTTP 413")
+    allowed_hosts: list[str] = opt([], "Host header names accepted besides the loopback names, which are the only "
+                                       "ones accepted when listening on loopback (defeats DNS rebinding)")
+    docs: bool = opt(False, "serve FastAPI's /docs page (it loads Swagger UI from a CDN)")
 
 
 def _pick_dtype(name: str, device: str):
@@ -597,6 +802,14 @@ def main(argv: list[str]) -> int:
         raise fail("--max-batch and --max-queue must be at least 1")
     if not 0 <= cfg.port <= 65535:
         raise fail(f"--port {cfg.port} is not a TCP port")
+    if not cfg.max_body_mb > 0:
+        raise fail(f"--max-body-mb must be more than 0, got {cfg.max_body_mb}")
+    api_key = cfg.api_key or os.environ.get("XIAOLM_API_KEY") or None
+    allowed_hosts = None  # any Host header
+    if cfg.host in LOOPBACK_HOSTS:
+        allowed_hosts = list(LOOPBACK_HOSTS) + list(cfg.allowed_hosts)
+    elif cfg.allowed_hosts:
+        allowed_hosts = list(cfg.allowed_hosts)
     try:
         device = pick_device(cfg.device)
     except RuntimeError as exc:
@@ -604,23 +817,44 @@ def main(argv: list[str]) -> int:
     try:
         app = create_app(cfg.run, model_name=cfg.model_name, device=device, dtype=_pick_dtype(cfg.dtype, device),
                          checkpoint=cfg.checkpoint, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                         default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout)
+                         default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout,
+                         api_key=api_key, allowed_hosts=allowed_hosts, max_body_mb=cfg.max_body_mb, docs=cfg.docs)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc))
     import uvicorn
 
+    try:
+        sock = _bind(cfg.host, cfg.port)
+    except OSError as exc:  # port in use, address not available
+        app.state.engine.close()
+        raise fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}")
+    port = sock.getsockname()[1]
     served = app.state.served
-    if cfg.host not in LOOPBACK_HOSTS:
-        log(f"serve: warning: listening on {cfg.host}; anyone who can reach it can use the model (no authentication)")
+    if cfg.host not in LOOPBACK_HOSTS and not api_key:
+        log(f"serve: warning: listening on {cfg.host} without --api-key; anyone who can reach it can use the model")
     shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     log(f"serve: model '{served.model_name}' on {served.device}, context {served.context_length} tokens, "
-        f"batches of up to {cfg.max_batch}")
-    log(f"serve: chat page http://{shown_host}:{cfg.port}/   API http://{shown_host}:{cfg.port}/v1")
-    try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
-    except OSError as exc:  # port in use, address not available
-        raise fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}")
+        f"batches of up to {cfg.max_batch}" + ("; API key required on /v1" if api_key else ""))
+    log(f"serve: chat page http://{shown_host}:{port}/   API http://{shown_host}:{port}/v1")
+    config = uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, opened before anything says the server is up (uvicorn would bind only
+    after its startup, so a banner printed before ``uvicorn.run`` could announce a server that never ran)."""
+    family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -257,6 +257,11 @@ class Engine:
                 seq = self._waiting.popleft()
                 seq.request._finish_row(seq, "cancelled")
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (/health turns 503 when it is not)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         for seq in request.sequences:
             if not seq.prompt_ids:

@@ -4,22 +4,47 @@ Only requests are modelled: validation is where a schema earns its keep (a wrong
 400 naming the field). Responses are plain dicts built in ``app.py``, in exactly the shape OpenAI's documentation
 and its Python client use.
 
-Unknown fields are tolerated and ignored (``extra="allow"``), so clients that send newer OpenAI options
-(``frequency_penalty``, ``tools``, ``response_format``, ...) still get an answer. A few extensions that vLLM and
+Types are strict, as OpenAI's API is: ``"max_tokens": "3"``, ``true`` or ``3.0`` is a 400, not a 3 (an integer is
+accepted where a number is expected). ``seed`` is a 64-bit signed integer. Fields that change what a client gets
+back and that we do not implement (``tools``, ``response_format``, ``logit_bias``, ... : ``UNSUPPORTED``) are a 400
+naming the field, as vLLM does, unless they hold their no-op value; other unknown fields are tolerated and ignored
+(``extra="allow"``), so clients that send newer harmless options still get an answer. A few extensions that vLLM and
 llama.cpp also accept are honoured: ``top_k``, ``repetition_penalty`` and ``ignore_eos``.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16  # choices per request; each choice is one row of a generation batch
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # OpenAI's seed is a 64-bit signed integer
+
+# Fields we do not implement that change the answer a client expects, with the values that mean "not used".
+UNSUPPORTED: dict[str, tuple] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "best_of": (None, 1), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "grammar": (None,), "json_schema": (None,),
+}
 
 
 class _Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def unsupported_field(self) -> Optional[str]:
+        """The first field of ``UNSUPPORTED`` this request sets to something other than its no-op value."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and not _is_noop(value, UNSUPPORTED[name]):
+                return name
+        return None
+
+
+def _is_noop(value: Any, noops: tuple) -> bool:
+    return any(value == noop and type(value) is type(noop) for noop in noops)
 
 
 class StreamOptions(_Tolerant):
@@ -62,7 +87,7 @@ class _SamplingRequest(_Tolerant):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: Optional[str] = None
     # extensions (vLLM / llama.cpp spelling)
     top_k: Optional[int] = Field(None, ge=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -39,6 +40,9 @@ CHAT_TEMPLATE = (
 TOKENIZER_FILE = "tokenizer.json"
 XIAOLM_FILE = "xiaolm_tokenizer.json"
 MODEL_MAX_LENGTH = 4096
+# encode_special_tokens is one flag on the shared Rust tokenizer: threads that encode (the server does, off its
+# event loop) must not see it toggled halfway, or text could be encoded as control tokens.
+_SPECIAL_FLAG_LOCK = threading.RLock()
 
 
 def render_chat(messages: Iterable[Mapping[str, object]], add_generation_prompt: bool = False) -> str:
@@ -107,18 +111,20 @@ class XTokenizer:
         """Token ids of ``text``. With ``allow_special`` (the default, as in transformers) a literal
         ``<|im_end|>`` in the text becomes the special token; with ``allow_special=False`` it is encoded as
         ordinary text, which is what raw corpus documents want."""
-        if allow_special:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        return self._without_special(lambda: self.tok.encode(text, add_special_tokens=False).ids)
+        with _SPECIAL_FLAG_LOCK:
+            if allow_special:
+                return self.tok.encode(text, add_special_tokens=False).ids
+            return self._without_special(lambda: self.tok.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
         """``encode`` for many texts at once (much faster than a Python loop over ``encode``)."""
         texts = list(texts)
-        if allow_special:
-            return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
-        return self._without_special(
-            lambda: [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
-        )
+        with _SPECIAL_FLAG_LOCK:
+            if allow_special:
+                return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+            return self._without_special(
+                lambda: [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+            )
 
     def _without_special(self, fn):
         previous = self.tok.encode_special_tokens

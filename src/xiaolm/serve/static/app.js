@@ -19,6 +19,28 @@ const state = {
 };
 
 const SETTINGS_KEY = "xiaolm-chat-settings";
+const API_KEY = "xiaolm-api-key";
+
+// fetch with the API key (xiaolm serve --api-key) when the server asks for one: asked once on a 401 and kept for
+// this tab only (sessionStorage: gone when the tab closes, never shared with other sites).
+async function apiFetch(url, options = {}) {
+  const send = () => {
+    let key = null;
+    try { key = sessionStorage.getItem(API_KEY); } catch (_) { /* storage disabled */ }
+    const headers = { ...(options.headers || {}) };
+    if (key) headers.Authorization = `Bearer ${key}`;
+    return fetch(url, { ...options, headers });
+  };
+  let response = await send();
+  if (response.status === 401) {
+    const key = window.prompt("这个服务器需要 API key（xiaolm serve --api-key）：");
+    if (key) {
+      try { sessionStorage.setItem(API_KEY, key.trim()); } catch (_) { /* storage disabled */ }
+      response = await send();
+    }
+  }
+  return response;
+}
 
 // ------------------------------------------------------------------------------------------- settings
 
@@ -168,7 +190,7 @@ async function postChat(turn, signal) {
       temperature: Number(els.temperature.value), top_p: Number(els.topP.value),
     };
     if (limit !== null) request.max_tokens = limit;
-    const response = await fetch("/v1/chat/completions", {
+    const response = await apiFetch("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request), signal,
     });
     if (response.ok) return { response, dropped };
@@ -298,7 +320,7 @@ function clearChat() {
 
 async function loadModel() {
   try {
-    const response = await fetch("/v1/models");
+    const response = await apiFetch("/v1/models");
     if (!response.ok) throw new Error((await readError(response)).message);
     const body = await response.json();
     const card = body.data[0];
