@@ -200,6 +200,31 @@ class _SplitWriter:
                 pass
 
 
+class _KeptSources:
+    """The source of every kept document in an unnamed temporary file (one JSON string a line), so the few
+    named in the report's near-duplicate examples can be looked up at the end without holding them all."""
+
+    def __init__(self, out_dir: Path):
+        self.file = tempfile.TemporaryFile(mode="w+", encoding="utf-8", dir=out_dir, prefix=".sources.")
+
+    def add(self, source: str) -> None:
+        self.file.write(json.dumps(source, ensure_ascii=False) + "\n")
+
+    def close(self, wanted: list[int]) -> dict[int, str]:
+        """Sources of the kept documents numbered ``wanted``; then the file is removed."""
+        found: dict[int, str] = {}
+        want = set(wanted)
+        if want:
+            self.file.seek(0)
+            for n, line in enumerate(self.file):
+                if n in want:
+                    found[n] = json.loads(line)
+                    if len(found) == len(want):
+                        break
+        self.file.close()
+        return found
+
+
 @dataclass
 class _Cleaned:
     """What a worker returns for one batch of raw records."""
@@ -311,7 +336,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers(files)
 
     collector = ReadLog(max_listed=cfg.max_malformed_listed)
-    dedup = Deduplicator(cfg.dedup) if (cfg.dedup.exact or cfg.dedup.near) else None
+    dedup = Deduplicator(cfg.dedup, spill_dir=str(out)) if (cfg.dedup.exact or cfg.dedup.near) else None
     counts = {
         "documents_in": 0, "characters_in": 0, "characters_after_cleaning": 0, "long_documents_split": 0,
         "pieces_added_by_split": 0, "duplicates_exact": 0, "duplicates_near": 0,
@@ -319,7 +344,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     dropped = {rule: 0 for rule in FILTER_RULES}
     per_file: dict[str, dict] = {}
     dropped_examples: dict[str, list[str]] = {}
-    kept_sources: list[str] = []  # dedup id -> source, for the near-duplicate examples
+    kept_sources = _KeptSources(out)  # dedup id -> source (on disk), for the near-duplicate examples
     examples: list[dict] = []
     timings = {"read": 0.0, "clean_filter_minhash": 0.0, "dedup": 0.0, "write": 0.0}
 
@@ -364,11 +389,11 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
             if verdict is not None and verdict.kind is not None:
                 counts[f"duplicates_{verdict.kind}"] += 1
                 if verdict.kind == "near" and len(examples) < MAX_EXAMPLES:
-                    examples.append({"dropped": source, "kept": kept_sources[verdict.match],
+                    examples.append({"dropped": source, "kept": verdict.match,
                                      "similarity": round(verdict.similarity, 3)})
                 continue
             if verdict is not None:
-                kept_sources.append(source)
+                kept_sources.add(source)
             split = "val" if is_validation(text, cfg.val_fraction) else "train"
             writer.write(split, {"text": text, "id": document_id(text), "source": source})
             per_file[file]["documents_kept"] += 1
@@ -411,6 +436,11 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     finally:
         if progress is not None:
             progress.close()
+        if dedup is not None:
+            dedup.close()
+        names = kept_sources.close([e["kept"] for e in examples])
+    for example in examples:
+        example["kept"] = names[example["kept"]]
 
     wall = time.perf_counter() - started
     kept = writer.counts["train"] + writer.counts["val"]

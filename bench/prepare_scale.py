@@ -1,0 +1,156 @@
+"""``xiaolm data prepare`` at growing corpus sizes: peak resident memory and documents/s, fitted and extrapolated.
+
+Input: built-in stories (``xiaolm data synth``), generated once into ``--corpus-dir`` as files of
+``--per-file`` stories each, one seed per file (``synth`` currently dies past ~73k-107k stories for some
+seeds, so no file asks for more than that). N documents are the first N / per-file files, passed to
+``xiaolm data prepare --field story_zh`` in a subprocess with the default settings (automatic worker
+processes). Peak RSS is that of the whole process tree (main process + workers), polled from /proc every 0.1 s.
+
+Baseline, measured in the same run: the same command on the code of ``--baseline-rev`` (default: the commit
+before the numpy dedup index and the streaming report), extracted with ``git archive`` into a temporary
+directory, at the smaller sizes only (it needs about 6 KB a document).
+
+The fit is least squares RSS = a + b * N over this code's runs, and documents/s is the total over all of them;
+the 4M row is the extrapolation (TinyStoriesChinese has 3.95M stories).
+
+Usage: python bench/prepare_scale.py [--sizes 60000 120000 240000 480000 1020000] [--baseline-sizes 60000 120000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_corpus(corpus_dir: Path, files: int, per_file: int) -> list[Path]:
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(files):
+        path = corpus_dir / f"seed{k}.jsonl"
+        if not path.is_file():
+            print(f"generating {path} ({per_file:,} stories, seed {k + 10}) ...", flush=True)
+            subprocess.run([sys.executable, "-m", "xiaolm.cli", "data", "synth", "--num", str(per_file),
+                            "--seed", str(k + 10), "--out", str(path)], check=True, env=_env(REPO / "src"),
+                           stdout=subprocess.DEVNULL)
+        paths.append(path)
+    return paths
+
+
+def _env(src: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def run_prepare(src: Path, inputs: list[Path], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "xiaolm.cli", "data", "prepare", *map(str, inputs), "--field", "story_zh",
+           "--out", str(out), "--quiet"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=_env(src), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.1)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed ({proc.returncode}): {err[-2000:]}")
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return {"docs": report["documents_in"], "kept": report["documents_kept"], "wall": wall, "peak": peak,
+            "workers": report["workers"]}
+
+
+def fit(rows: list[dict]) -> tuple[float, float]:
+    n = [r["docs"] for r in rows]
+    y = [r["peak"] for r in rows]
+    if len(rows) == 1:
+        return y[0], 0.0
+    mean_n, mean_y = sum(n) / len(n), sum(y) / len(y)
+    b = sum((a - mean_n) * (c - mean_y) for a, c in zip(n, y)) / sum((a - mean_n) ** 2 for a in n)
+    return mean_y - b * mean_n, b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[60_000, 120_000, 240_000, 480_000])
+    parser.add_argument("--baseline-sizes", type=int, nargs="*", default=[60_000, 120_000])
+    parser.add_argument("--per-file", type=int, default=60_000, help="stories per generated file (one seed each)")
+    parser.add_argument("--corpus-dir", default=str(Path(tempfile.gettempdir()) / "xiaolm-prepare-scale"))
+    parser.add_argument("--baseline-rev", default="4c6a44a", help="git revision measured as the baseline")
+    parser.add_argument("--work-dir", default=None, help="where outputs go (default: a temporary directory)")
+    args = parser.parse_args()
+
+    sizes = sorted(set(args.sizes) | set(args.baseline_sizes))
+    for n in sizes:
+        if n % args.per_file:
+            raise SystemExit(f"--sizes must be multiples of --per-file {args.per_file}, got {n}")
+    paths = ensure_corpus(Path(args.corpus_dir), max(sizes) // args.per_file, args.per_file)
+
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        tmp = Path(tmp)
+        baseline_src = None
+        if args.baseline_sizes:
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline_rev, "src"], check=True,
+                                     capture_output=True).stdout
+            with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+                tar.extractall(tmp / "baseline", filter="data")
+            baseline_src = tmp / "baseline" / "src"
+        rows = []
+        for n in sizes:
+            files = paths[: n // args.per_file]
+            runs = [("this code", REPO / "src")] if n in args.sizes else []
+            if n in args.baseline_sizes:
+                runs.append((f"baseline {args.baseline_rev}", baseline_src))
+            for label, src in runs:
+                out = tmp / f"out-{n}"
+                row = run_prepare(src, files, out)
+                row["code"] = label
+                rows.append(row)
+                print(f"{label:<18} {n:>9,} docs  {row['wall']:7.1f} s  {row['peak'] / 2**20:8,.0f} MB", flush=True)
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+
+    print()
+    print(f"{'code':<18}  {'documents':>10}  {'kept':>10}  {'workers':>7}  {'seconds':>8}  {'documents/s':>11}  "
+          f"{'peak RSS MB':>11}")
+    print(f"{'-' * 18}  {'-' * 10}  {'-' * 10}  {'-' * 7}  {'-' * 8}  {'-' * 11}  {'-' * 11}")
+    for r in rows:
+        print(f"{r['code']:<18}  {r['docs']:>10,}  {r['kept']:>10,}  {r['workers']:>7}  {r['wall']:>8.1f}  "
+              f"{r['docs'] / r['wall']:>11,.0f}  {r['peak'] / 2**20:>11,.0f}")
+    print()
+    for label in dict.fromkeys(r["code"] for r in rows):
+        mine = [r for r in rows if r["code"] == label]
+        a, b = fit(mine)
+        rate = sum(r["docs"] for r in mine) / sum(r["wall"] for r in mine)
+        four_m = 4_000_000
+        print(f"{label}: RSS = {a / 2**20:,.0f} MB + {b:,.0f} bytes x documents; {rate:,.0f} documents/s "
+              f"-> 1M documents: {(a + b * 1e6) / 2**30:.2f} GB; 4M documents: {(a + b * four_m) / 2**30:.2f} GB, "
+              f"{four_m / rate / 60:,.0f} min")
+
+
+if __name__ == "__main__":
+    main()
