@@ -2,7 +2,7 @@
 
 Input: built-in stories (``xiaolm data synth``), generated once into ``--corpus-dir`` as files of
 ``--per-file`` stories each, one seed per file (``synth`` currently dies past ~73k-107k stories for some
-seeds, so no file asks for more than that). N documents are the first N / per-file files, passed to
+seeds, so no file asks for more than that, and a seed that fails is skipped and named). N documents are the first N / per-file files, passed to
 ``xiaolm data prepare --field story_zh`` in a subprocess with the default settings (automatic worker
 processes). Peak RSS is that of the whole process tree (main process + workers), polled from /proc every 0.1 s.
 
@@ -31,16 +31,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ensure_corpus(corpus_dir: Path, files: int, per_file: int) -> list[Path]:
+    """``files`` files of ``per_file`` stories, one seed each from seed 10 up; a seed for which synth fails is
+    reported and skipped."""
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(files):
-        path = corpus_dir / f"seed{k}.jsonl"
-        if not path.is_file():
-            print(f"generating {path} ({per_file:,} stories, seed {k + 10}) ...", flush=True)
-            subprocess.run([sys.executable, "-m", "xiaolm.cli", "data", "synth", "--num", str(per_file),
-                            "--seed", str(k + 10), "--out", str(path)], check=True, env=_env(REPO / "src"),
-                           stdout=subprocess.DEVNULL)
-        paths.append(path)
+    paths, seed = [], 10
+    while len(paths) < files:
+        path = corpus_dir / f"stories-seed{seed}.jsonl"
+        failed = corpus_dir / f"stories-seed{seed}.failed"
+        if not path.is_file() and not failed.is_file():
+            print(f"generating {path} ({per_file:,} stories, seed {seed}) ...", flush=True)
+            proc = subprocess.run([sys.executable, "-m", "xiaolm.cli", "data", "synth", "--num", str(per_file),
+                                   "--seed", str(seed), "--out", str(path)], env=_env(REPO / "src"),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                failed.write_text(proc.stderr[-2000:])
+        if failed.is_file():
+            print(f"seed {seed}: synth failed ({failed.read_text().strip().splitlines()[-1][:150]}); skipped")
+        else:
+            paths.append(path)
+        seed += 1
     return paths
 
 

@@ -77,6 +77,13 @@ class PrepareConfig:
                            "deduplicates in input order (0: none; -1: automatic, cores-1 up to 3 for inputs of "
                            "16 MB or more, else none)")
     quiet: bool = opt(False, "no progress bar or summary")
+    engine: Literal["xiaolm", "datatrove"] = opt(
+        "xiaolm", "xiaolm: this process (and its workers); datatrove: reading, cleaning, filtering and MinHash "
+                  "signatures as --tasks datatrove tasks, then one task deduplicates and splits (same output)")
+    tasks: int = opt(4, "datatrove engine: parallel tasks (each takes a contiguous run of the input files)")
+    executor: Literal["local", "slurm", "ray"] = opt("local", "datatrove engine: where the tasks run")
+    slurm_partition: str = opt("", "datatrove engine, slurm executor: partition to submit to")
+    slurm_time: str = opt("24:00:00", "datatrove engine, slurm executor: time limit per task")
     max_malformed_listed: int = opt(10_000, "malformed records listed in full in report.json (all are counted)")
     clean: CleanConfig = opt(factory=CleanConfig, help="cleaning")
     filters: FilterConfig = opt(factory=FilterConfig, help="quality filters")
@@ -141,6 +148,8 @@ def validate_config(cfg: PrepareConfig) -> None:
         raise ValueError(f"chapter_regex {cfg.chapter_regex!r} is not a valid regular expression: {exc}") from None
     if cfg.workers < -1:
         raise ValueError(f"workers must be -1 (automatic), 0 or more, got {cfg.workers}")
+    if cfg.tasks < 1:
+        raise ValueError(f"tasks must be at least 1, got {cfg.tasks}")
     validate_filters(cfg.filters)
     validate_dedup(cfg.dedup)
 
@@ -315,18 +324,24 @@ def _auto_workers(files: list) -> int:
 
 
 def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | None = None,
-            **overrides: Any) -> dict:
+            _stage1: Any = None, **overrides: Any) -> dict:
     """Run the pipeline and return the report (also written to ``out_dir/report.json``).
 
     ``overrides`` set config options by name (``field="story_zh"``, ``min_chars=5``, ``**{"dedup.threshold":
     0.9}``). Raises :class:`~xiaolm.data.readers.InputError` for a missing or unreadable input, before any output
-    is written, and ValueError for an option out of range.
+    is written, and ValueError for an option out of range. ``engine="datatrove"`` runs
+    :func:`xiaolm.data.prepare_datatrove.prepare_datatrove`; ``_stage1`` is that engine's hand-over (the cleaned
+    batches of its parallel tasks, read in task order, instead of reading the inputs here).
     """
     started = time.perf_counter()
     cfg = apply_overrides(cfg or PrepareConfig(), overrides)
     cfg.inputs = [str(i) for i in inputs]
     cfg.out = str(out_dir)
     validate_config(cfg)
+    if cfg.engine == "datatrove" and _stage1 is None:
+        from xiaolm.data.prepare_datatrove import prepare_datatrove
+
+        return prepare_datatrove(cfg)
     read_options = read_options_from(cfg)
     read_options["joiner"] = _unescape(cfg.joiner)
     files = resolve_inputs(cfg.inputs, hf_split=cfg.hf_split, hf_config=cfg.hf_config,
@@ -335,14 +350,14 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     out.mkdir(parents=True, exist_ok=True)
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers(files)
 
-    collector = ReadLog(max_listed=cfg.max_malformed_listed)
+    collector = ReadLog(max_listed=cfg.max_malformed_listed) if _stage1 is None else _stage1.collector
     dedup = Deduplicator(cfg.dedup, spill_dir=str(out)) if (cfg.dedup.exact or cfg.dedup.near) else None
     counts = {
         "documents_in": 0, "characters_in": 0, "characters_after_cleaning": 0, "long_documents_split": 0,
         "pieces_added_by_split": 0, "duplicates_exact": 0, "duplicates_near": 0,
     }
     dropped = {rule: 0 for rule in FILTER_RULES}
-    per_file: dict[str, dict] = {}
+    per_file: dict[str, dict] = {} if _stage1 is None else _stage1.per_file
     dropped_examples: dict[str, list[str]] = {}
     kept_sources = _KeptSources(out)  # dedup id -> source (on disk), for the near-duplicate examples
     examples: list[dict] = []
@@ -409,7 +424,13 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
 
         progress = tqdm(desc="prepare", unit=" doc", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
-        if workers == 0:
+        if _stage1 is not None:
+            workers = _stage1.tasks
+            counts["documents_in"], counts["characters_in"] = _stage1.documents_in, _stage1.characters_in
+            timings["read"] = _stage1.read_seconds
+            for result, n_raw in _stage1.results():
+                handle(result, n_raw)
+        elif workers == 0:
             worker = _BatchWorker(cfg.clean, cfg.filters, cfg.dedup)
             for raw in raw_batches():
                 handle(worker(raw), len(raw))
@@ -533,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         raise fail(str(exc)) from None
     except (ValueError, ConfigError) as exc:
         raise fail(str(exc)) from None
+    if report is None:  # datatrove on Slurm: submitted, finishes later
+        return 0
     if not cfg.quiet:
         log(_summary(report))
         for warning in report["warnings"]:

@@ -1,0 +1,105 @@
+"""``--engine datatrove``: the same kept documents, split and report as the default engine, over several tasks."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datatrove", reason="the datatrove extra is not installed (pip install 'xiaolm[datatrove]')")
+
+from xiaolm.data.prepare import prepare  # noqa: E402
+
+# Counters that depend on timing or on how the work was spread, not on what was kept.
+_RUN_KEYS = {"wall_seconds", "documents_per_second", "dedup_documents_per_second", "seconds", "workers", "out"}
+
+
+def _story(rng: random.Random, han: list[str]) -> str:
+    return "".join(rng.choice(han) for _ in range(rng.randint(40, 160))) + "。"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[str]:
+    """Five input files of three formats: exact and near duplicates within and across files, malformed
+    records, documents the filters drop and documents long enough to be split."""
+    root = tmp_path_factory.mktemp("dt_corpus")
+    rng = random.Random(5)
+    han = [chr(c) for c in range(0x4E00, 0x4E00 + 500)]
+    docs = [_story(rng, han) for _ in range(300)]
+    files = []
+    for k in range(4):
+        lines = []
+        for i in range(120):
+            roll = rng.random()
+            if roll < 0.1:
+                text = rng.choice(docs)  # exact copy, often from another file
+            elif roll < 0.2:
+                chars = list(rng.choice(docs))
+                chars[rng.randrange(len(chars))] = "天"
+                text = "".join(chars)
+            elif roll < 0.24:
+                text = "短"  # too short
+            elif roll < 0.27:
+                text = "".join(docs[rng.randrange(300)] for _ in range(40))  # long: split
+            else:
+                text = docs[(k * 75 + i) % 300]
+            lines.append(json.dumps({"story_zh": text}, ensure_ascii=False))
+            if rng.random() < 0.03:
+                lines.append("{not json")
+            if rng.random() < 0.03:
+                lines.append(json.dumps({"other": "没有字段"}, ensure_ascii=False))
+        path = root / f"part{k}.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        files.append(str(path))
+    with gzip.open(root / "part4.jsonl.gz", "wt", encoding="utf-8") as fh:
+        for text in docs[:30] + ["{broken"]:
+            fh.write((json.dumps({"story_zh": text}, ensure_ascii=False) if text != "{broken" else text) + "\n")
+    files.append(str(root / "part4.jsonl.gz"))
+    return files
+
+
+def _outputs(out: Path) -> tuple[str, str, dict]:
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return ((out / "train.jsonl").read_text(encoding="utf-8"), (out / "val.jsonl").read_text(encoding="utf-8"),
+            {k: v for k, v in report.items() if k not in _RUN_KEYS})
+
+
+def test_datatrove_engine_keeps_the_same_documents_split_and_report(corpus, tmp_path):
+    options = dict(field="story_zh", quiet=True, val_fraction=0.1, max_chars=2000)
+    prepare(corpus, tmp_path / "ours", workers=0, **options)
+    train, val, report = _outputs(tmp_path / "ours")
+    assert report["duplicates_exact"] > 20 and report["duplicates_near"] > 10 and report["malformed_count"] >= 3
+    assert report["long_documents_split"] > 0 and report["dropped"]["too_short"] > 0
+    for tasks in (3, 5):
+        out = tmp_path / f"dt{tasks}"
+        got = prepare(corpus, out, engine="datatrove", tasks=tasks, **options)
+        assert got["workers"] == tasks
+        dt_train, dt_val, dt_report = _outputs(out)
+        assert dt_train == train and dt_val == val  # same documents, same order, same split
+        assert dt_report == report  # every counter, malformed record (file and line) and example, merged
+        assert not (out / ".datatrove" / "stage1").exists()
+
+
+def test_datatrove_engine_cli_and_more_tasks_than_files(corpus, tmp_path):
+    from xiaolm.cli import main
+
+    assert main(["data", "prepare", *corpus[:2], "--field", "story_zh", "--out", str(tmp_path / "ours"),
+                 "--workers", "0", "--quiet"]) == 0
+    assert main(["data", "prepare", *corpus[:2], "--field", "story_zh", "--out", str(tmp_path / "dt"),
+                 "--engine", "datatrove", "--tasks", "4", "--quiet"]) == 0  # two tasks have no file
+    assert _outputs(tmp_path / "dt")[:2] == _outputs(tmp_path / "ours")[:2]
+
+
+def test_ray_executor_gives_the_same_output(corpus, tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'datatrove[ray]'); the Ray "
+                                            "executor runs the same blocks as the local one")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        options = dict(field="story_zh", quiet=True)
+        prepare(corpus, tmp_path / "ours", workers=0, **options)
+        prepare(corpus, tmp_path / "ray", engine="datatrove", tasks=2, executor="ray", **options)
+        assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "ours")
+    finally:
+        ray.shutdown()
