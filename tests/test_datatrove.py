@@ -103,3 +103,34 @@ def test_ray_executor_gives_the_same_output(corpus, tmp_path):
         assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "ours")
     finally:
         ray.shutdown()
+
+
+def test_datatrove_tokenize_reads_as_one_split_equal_to_ours(corpus, tmp_path):
+    from xiaolm.data.shards import TokenShards, tokenize_to_shards
+    from xiaolm.tokenizer.train import train_tokenizer
+
+    prepare(corpus, tmp_path / "prepared", workers=0, field="story_zh", quiet=True, val_fraction=0.2)
+    extra = tmp_path / "extra.jsonl"  # malformed lines must be reported with the same file and line
+    lines = [json.dumps({"text": f"第{i}个故事。小猫和小狗一起玩。"}, ensure_ascii=False) for i in range(200)]
+    lines[37], lines[150] = "{oops", json.dumps({"other": 1})
+    extra.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = tmp_path / "tok"
+    train_tokenizer([str(tmp_path / "prepared")], tok, vocab_size=600, progress=False)
+    inputs = [str(tmp_path / "prepared"), str(extra)]
+    ours = tokenize_to_shards(inputs, tok, tmp_path / "ours", workers=1, batch_size=7, shard_tokens=3000,
+                              progress=False)
+    for tasks in (3, 7):
+        out = tmp_path / f"dt{tasks}"
+        theirs = tokenize_to_shards(inputs, tok, out, batch_size=7, shard_tokens=3000, progress=False,
+                                    engine="datatrove", tasks=tasks)
+        for split in ("train", "val"):
+            a, b = TokenShards(tmp_path / "ours", split, expect_fingerprint=tok), TokenShards(out, split)
+            assert b.num_tokens == a.num_tokens and b.num_docs == a.num_docs
+            assert (a.read(0, a.num_tokens) == b.read(0, b.num_tokens)).all()
+            assert (a.doc_starts == b.doc_starts).all()
+            assert theirs["splits"][split]["documents"] == ours["splits"][split]["documents"]
+        assert b.num_shards > a.num_shards - 1  # every task wrote its own shards
+        for key in ("tokens", "documents", "chars", "bytes", "empty_documents", "malformed", "malformed_records"):
+            assert theirs[key] == ours[key], key
+        assert [m["line"] for m in theirs["malformed_records"]] == [38, 151]
+        assert not (out / ".datatrove" / "tokenize").exists()

@@ -373,6 +373,13 @@ class TokenizeConfig:
     field: str = opt("text", "JSON field holding the text in .jsonl inputs (dotted path allowed)")
     split: str = opt("train", "split name for inputs that are not a prepared corpus directory")
     progress: bool = opt(True, "show a progress bar")
+    engine: str = opt("xiaolm", "xiaolm: this process and its workers; datatrove: --tasks datatrove tasks, each "
+                                "encoding an equal byte range of the inputs into its own shards, merged into one "
+                                "split in input order")
+    tasks: int = opt(4, "datatrove engine: parallel tasks")
+    executor: str = opt("local", "datatrove engine: local, slurm or ray")
+    slurm_partition: str = opt("", "datatrove engine, slurm executor: partition to submit to")
+    slurm_time: str = opt("24:00:00", "datatrove engine, slurm executor: time limit per task")
 
 
 def tokenize_to_shards(inputs: Sequence[str | Path], tokenizer_dir, out_dir: str | Path,
@@ -397,6 +404,12 @@ def run(cfg: TokenizeConfig) -> dict:
         raise ValueError("no tokenizer given (--tokenizer TOKDIR)")
     if not cfg.out:
         raise ValueError("no output directory given (--out SHARDDIR)")
+    if cfg.engine not in ("xiaolm", "datatrove"):
+        raise ValueError(f"--engine must be xiaolm or datatrove, got {cfg.engine!r}")
+    if cfg.engine == "datatrove":
+        from xiaolm.data.tokenize_datatrove import tokenize_datatrove
+
+        return tokenize_datatrove(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     sources = resolve_inputs(cfg.inputs, split=cfg.split)
     workers = cfg.workers if cfg.workers and cfg.workers > 0 else default_workers()
@@ -841,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = run(cfg)
     except (FileNotFoundError, PermissionError, ValueError) as exc:
         raise fail(str(exc)) from None
+    if meta is None:  # datatrove on Slurm: submitted, finishes later
+        return 0
     for name, s in meta["splits"].items():
         log(f"tokenize: {name}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)")
     log(f"tokenize: {human(meta['tokens'])} tokens ({meta['dtype']}), {meta['chars_per_token']} chars/token, "
