@@ -30,6 +30,7 @@ a job that depends on it, and returns; ``report.json`` appears when stage 2 fini
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -288,8 +289,10 @@ def _executor(kind: str, pipeline: list, tasks: int, logs: Path, cfg, depends=No
 
         if not cfg.slurm_partition:
             raise ValueError("--executor slurm needs --slurm-partition")
+        # The nodes run the pickled pipeline with this Python environment (a shared filesystem is assumed).
         return SlurmPipelineExecutor(pipeline, tasks=tasks, time=cfg.slurm_time, partition=cfg.slurm_partition,
-                                     logging_dir=str(logs), job_name=name, depends=depends)
+                                     logging_dir=str(logs), job_name=name, depends=depends,
+                                     venv_path=os.environ.get("VIRTUAL_ENV"))
     if kind == "ray":
         try:
             from datatrove.executor import RayPipelineExecutor
