@@ -134,3 +134,22 @@ def test_datatrove_tokenize_reads_as_one_split_equal_to_ours(corpus, tmp_path):
             assert theirs[key] == ours[key], key
         assert [m["line"] for m in theirs["malformed_records"]] == [38, 151]
         assert not (out / ".datatrove" / "tokenize").exists()
+
+
+def test_slurm_executor_submits_stage_one_then_a_dependent_dedup_job(corpus, tmp_path, monkeypatch):
+    # A stand-in sbatch records what would be submitted; the real one needs a Slurm cluster.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\ncat \"$(eval echo \\${{$#}})\" >> {calls}\n"
+                      f"echo Submitted batch job $(wc -l < {calls})\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    report = prepare(corpus, tmp_path / "out", field="story_zh", quiet=True, engine="datatrove", tasks=6,
+                     executor="slurm", slurm_partition="cpu", slurm_time="2:00:00")
+    assert report is None  # submitted; the jobs write report.json when they run
+    text = calls.read_text()
+    assert "#SBATCH --partition=cpu" in text and "#SBATCH --array=0-5" in text
+    assert "--dependency=afterok:" in text  # the dedup/split job waits for the stage-1 array
+    assert "#SBATCH --time=2:00:00" in text
