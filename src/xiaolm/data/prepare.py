@@ -84,6 +84,10 @@ class PrepareConfig:
     executor: Literal["local", "slurm", "ray"] = opt("local", "datatrove engine: where the tasks run")
     slurm_partition: str = opt("", "datatrove engine, slurm executor: partition to submit to")
     slurm_time: str = opt("24:00:00", "datatrove engine, slurm executor: time limit per task")
+    near_dedup: Literal["xiaolm", "datatrove"] = opt(
+        "xiaolm", "datatrove engine: near-duplicates by our MinHash check in one task (the default engine's "
+                  "output exactly) or by datatrove's sort-based MinHash stages over the tasks (character 5-gram "
+                  "shingles, 14 bands of 8; no similarity check, one document kept per cluster: a different set)")
     max_malformed_listed: int = opt(10_000, "malformed records listed in full in report.json (all are counted)")
     clean: CleanConfig = opt(factory=CleanConfig, help="cleaning")
     filters: FilterConfig = opt(factory=FilterConfig, help="quality filters")
@@ -351,7 +355,10 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers(files)
 
     collector = ReadLog(max_listed=cfg.max_malformed_listed) if _stage1 is None else _stage1.collector
-    dedup = Deduplicator(cfg.dedup, spill_dir=str(out)) if (cfg.dedup.exact or cfg.dedup.near) else None
+    dedup_cfg = cfg.dedup
+    if _stage1 is not None and _stage1.near_done:  # datatrove's MinHash stages already removed near-duplicates
+        dedup_cfg = dataclasses.replace(cfg.dedup, near=False)
+    dedup = Deduplicator(dedup_cfg, spill_dir=str(out)) if (dedup_cfg.exact or dedup_cfg.near) else None
     counts = {
         "documents_in": 0, "characters_in": 0, "characters_after_cleaning": 0, "long_documents_split": 0,
         "pieces_added_by_split": 0, "duplicates_exact": 0, "duplicates_near": 0,
@@ -430,6 +437,7 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
             timings["read"] = _stage1.read_seconds
             for result, n_raw in _stage1.results():
                 handle(result, n_raw)
+            counts["duplicates_near"] += _stage1.near_removed
         elif workers == 0:
             worker = _BatchWorker(cfg.clean, cfg.filters, cfg.dedup)
             for raw in raw_batches():

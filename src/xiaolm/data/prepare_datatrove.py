@@ -19,8 +19,8 @@ Why our deduplication rather than datatrove's MinHash stages: those cluster ever
 keep one document per cluster without checking the estimated Jaccard similarity, so they drop a different (larger)
 set than "keep the first occurrence, drop a document whose similarity to a kept one reaches the threshold". Their
 defaults also do not suit Chinese: ``MinhashDedupSignature`` shingles *word* n-grams after ``simplify_text``
-(punctuation removed) with an English NLTK word tokenizer by default (``language="zh"`` uses spaCy + jieba), so a
-Chinese text without spaces is only a few "words" long. Deduplication is the one sequential step; at about 6,000
+(punctuation removed) with the English spaCy word tokenizer by default (``language="zh"``: spaCy + jieba words),
+never character n-grams. Deduplication is the one sequential step; at about 6,000
 documents/s per core (bench/dedup_throughput.py) it is not the limit up to tens of millions of documents.
 
 Slurm: ``--executor slurm --slurm-partition P`` submits stage 1 as an array job of ``--tasks`` tasks and stage 2 as
@@ -29,6 +29,7 @@ a job that depends on it, and returns; ``report.json`` appears when stage 2 fini
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -165,9 +166,9 @@ class XiaolmStage1Writer(PipelineStep):
     name = "xiaolm stage-1 writer"
     type = "💽 - WRITER"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, forward: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.forward = cfg, forward
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         out = _stage1_dir(self.cfg.out)
@@ -181,10 +182,53 @@ class XiaolmStage1Writer(PipelineStep):
                     sigs.write(np.ascontiguousarray(doc.metadata["sig"], dtype=np.uint32).tobytes())
                 n += 1
                 self.stat_update("documents")
+                if self.forward:  # to datatrove's MinHash signature block, in the same order
+                    yield doc
         for suffix in ("jsonl", "sig"):
             (out / f"{rank:05d}.{suffix}.tmp").replace(out / f"{rank:05d}.{suffix}")
-        return
-        yield  # a generator, so the executor drives it like the other blocks
+
+
+def _char_minhash_signature_step():
+    """datatrove's MinHash signature block with our shingles: character n-grams of the text with whitespace
+    removed, punctuation kept (its default is word n-grams of ``simplify_text``, see the module docstring)."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class Characters(WordTokenizer):
+        """Characters as words: its default word tokenizer would need spaCy and is not used here anyway."""
+
+        def word_tokenize(self, text: str) -> list[str]:
+            return [c for c in text if not c.isspace()]
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            return [(i, i + 1) for i, c in enumerate(text) if not c.isspace()]
+
+    class CharShingleMinhashSignature(MinhashDedupSignature):
+        name = "🎯 MinHash stage 1 (character shingles)"
+
+        def __init__(self, output_folder, config, ngram: int):
+            super().__init__(output_folder, config=config, language=Characters("zh"))
+            self.ngram = ngram
+
+        def get_shingles(self, text: str) -> np.ndarray:
+            from xiaolm.data.dedup import shingle_hashes
+
+            return np.unique(shingle_hashes(text, self.ngram).astype(np.uint64)).reshape((-1, 1))
+
+    return CharShingleMinhashSignature
+
+
+def _minhash_config(cfg):
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+
+    # 14 bands of 8 rows (datatrove's default: a pair at Jaccard 0.8 becomes a candidate 92% of the time) and
+    # sha1 configured only so that xxhash is not required: our shingles replace its hash of word n-grams.
+    return MinhashConfig(n_grams=cfg.dedup.ngram, num_buckets=14, hashes_per_bucket=8, seed=cfg.dedup.seed,
+                         hash_config=HashConfig(precision=64, hash_fc="sha1"))
 
 
 class _Stage1Results:
@@ -200,6 +244,8 @@ class _Stage1Results:
         self.documents_in = self.characters_in = 0
         self.read_seconds = 0.0
         self.cleaned = []
+        self.near_done = cfg.near_dedup == "datatrove"
+        self.near_removed = 0
         missing = [r for r in range(tasks) if not (self.dir / f"{r:05d}.jsonl").is_file()]
         if missing:
             raise RuntimeError(f"datatrove stage 1 did not finish tasks {missing[:10]} (logs in "
@@ -228,7 +274,7 @@ class _Stage1Results:
         from xiaolm.data.prepare import _Cleaned
 
         num_perm = self.cfg.dedup.num_perm
-        near = self.cfg.dedup.near
+        near = self.cfg.dedup.near and not self.near_done
         for r in range(self.tasks):
             totals = self.cleaned[r]
             # The task's counters first (a batch with no documents), then its documents in batches.
@@ -236,16 +282,27 @@ class _Stage1Results:
                            totals["characters_after_cleaning"], totals["long_documents_split"],
                            totals["pieces_added_by_split"], totals["dropped"], totals["dropped_sources"],
                            totals["seconds"]), 0
+            removed = self._removed(r)
             sig_file = open(self.dir / f"{r:05d}.sig", "rb")
             with open(self.dir / f"{r:05d}.jsonl", encoding="utf-8") as docs, sig_file:
                 batch: list = []
-                for line in docs:
+                for idx, line in enumerate(docs):
+                    if idx in removed:
+                        self.near_removed += 1
+                        continue
                     batch.append(json.loads(line))
                     if len(batch) >= self.batch:
                         yield self._batch(batch, sig_file, num_perm, near), len(batch)
                         batch = []
                 if batch:
                     yield self._batch(batch, sig_file, num_perm, near), len(batch)
+
+    def _removed(self, rank: int) -> set[int]:
+        """Indices of the task's documents that datatrove's MinHash clustering removed."""
+        path = Path(self.cfg.out) / WORK / "minhash" / "remove" / f"{rank:06d}.remove"
+        if not self.near_done or not path.is_file():
+            return set()
+        return set(np.fromfile(path, dtype="<u4").tolist())
 
     @staticmethod
     def _batch(batch, sig_file, num_perm: int, near: bool):
@@ -282,8 +339,8 @@ def _executor(kind: str, pipeline: list, tasks: int, logs: Path, cfg, depends=No
     if kind == "local":
         from datatrove.executor import LocalPipelineExecutor
 
-        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=tasks, logging_dir=str(logs), depends=depends,
-                                     start_method="fork")
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(tasks, os.cpu_count() or 1),
+                                     logging_dir=str(logs), depends=depends, start_method="fork")
     if kind == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
@@ -314,20 +371,43 @@ def prepare_datatrove(cfg) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     work = out / WORK
     shutil.rmtree(work, ignore_errors=True)  # a previous run's tasks must not count as done
-    stage1 = _executor(cfg.executor, [XiaolmReader(cfg), XiaolmCleanFilterMinhash(cfg), XiaolmStage1Writer(cfg)],
-                       cfg.tasks, work / "logs" / "stage1", cfg, name="xiaolm-prepare-1")
+    slurm = cfg.executor == "slurm"
+    stages = []
+    if cfg.near_dedup == "datatrove" and cfg.dedup.near:
+        from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
+
+        mh = _minhash_config(cfg)
+        no_sigs = dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, near=False))
+        signature = _char_minhash_signature_step()(str(work / "minhash" / "sigs"), mh, cfg.dedup.ngram)
+        stages.append(_executor(cfg.executor, [XiaolmReader(cfg), XiaolmCleanFilterMinhash(no_sigs),
+                                               XiaolmStage1Writer(cfg, forward=True), signature],
+                                cfg.tasks, work / "logs" / "stage1", cfg, name="xiaolm-prepare-1"))
+        stages.append(_executor(cfg.executor, [MinhashDedupBuckets(str(work / "minhash" / "sigs"),
+                                                                   str(work / "minhash" / "buckets"), config=mh)],
+                                mh.num_buckets, work / "logs" / "buckets", cfg, name="xiaolm-minhash-buckets",
+                                depends=stages[-1] if slurm else None))
+        stages.append(_executor(cfg.executor, [MinhashDedupCluster(str(work / "minhash" / "buckets"),
+                                                                   str(work / "minhash" / "remove"), config=mh)],
+                                1, work / "logs" / "cluster", cfg, name="xiaolm-minhash-cluster",
+                                depends=stages[-1] if slurm else None))
+    else:
+        stages.append(_executor(cfg.executor, [XiaolmReader(cfg), XiaolmCleanFilterMinhash(cfg),
+                                               XiaolmStage1Writer(cfg)],
+                                cfg.tasks, work / "logs" / "stage1", cfg, name="xiaolm-prepare-1"))
     stage2 = _executor(cfg.executor, [XiaolmDedupSplit(cfg, cfg.tasks)], 1, work / "logs" / "stage2", cfg,
-                       depends=stage1 if cfg.executor == "slurm" else None, name="xiaolm-prepare-2")
-    if cfg.executor == "slurm":
-        stage2.run()  # submits stage 1 first (its dependency)
+                       depends=stages[-1] if slurm else None, name="xiaolm-prepare-2")
+    if slurm:
+        stage2.run()  # submits the stages before it first (its dependencies)
         log(f"submitted to Slurm: {cfg.tasks} stage-1 tasks and the dedup/split task; report.json appears in "
             f"{out} when they finish (logs in {work / 'logs'})")
         return None
-    stage1.run()
+    for stage in stages:
+        stage.run()
     stage2.run()
     report_path = out / "report.json"
     if not report_path.is_file():
         raise RuntimeError(f"datatrove stage 2 did not write {report_path} (logs in {work / 'logs'})")
     report = json.loads(report_path.read_text(encoding="utf-8"))
     shutil.rmtree(work / "stage1", ignore_errors=True)
+    shutil.rmtree(work / "minhash", ignore_errors=True)
     return report
