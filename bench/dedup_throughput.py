@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--near-share", type=float, default=0.10)
     parser.add_argument("--num-perm", type=int, default=128)
     parser.add_argument("--skip-prepare", action="store_true", help="do not time prepare end to end")
+    parser.add_argument("--datatrove-tasks", type=int, default=0,
+                        help="also run prepare --engine datatrove with this many tasks, with our near-dedup and "
+                             "with datatrove's MinHash stages, and count what each caught (needs datatrove)")
     args = parser.parse_args()
 
     from xiaolm.data.dedup import MinHasher
@@ -189,6 +192,44 @@ def main() -> None:
     if not args.skip_prepare:
         print(f"prepare report: kept {report['documents_kept']:,}, exact {report['duplicates_exact']:,}, "
               f"near {report['duplicates_near']:,}, dropped {report['dropped']}")
+    if args.datatrove_tasks:
+        engines_table(docs, kinds, args.datatrove_tasks)
+
+
+def engines_table(docs: list[str], kinds: list[str], tasks: int) -> None:
+    """What each engine caught, from the sources of the documents it kept (the corpus in 4 files, in order)."""
+    from xiaolm.data.prepare import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files, offsets = [], {}
+        per = -(-len(docs) // 4)
+        for k in range(4):
+            path = Path(tmp) / f"part{k}.jsonl"
+            with path.open("w", encoding="utf-8") as fh:
+                for d in docs[k * per:(k + 1) * per]:
+                    fh.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+            files.append(str(path))
+            offsets[str(path)] = k * per
+        runs = [("xiaolm engine", {}),
+                (f"datatrove engine, {tasks} tasks, our near-dedup", dict(engine="datatrove", tasks=tasks)),
+                (f"datatrove engine, {tasks} tasks, datatrove MinHash stages",
+                 dict(engine="datatrove", tasks=tasks, near_dedup="datatrove"))]
+        print()
+        print(f"{'engine':<52}  {'documents/s':>11}  {'exact caught':>12}  {'near caught':>11}  {'originals removed':>17}")
+        for label, options in runs:
+            out = Path(tmp) / "out"
+            start = time.perf_counter()
+            prepare(files, out, quiet=True, **options)
+            rate = len(docs) / (time.perf_counter() - start)
+            kept = set()
+            for split in ("train", "val"):
+                for line in (out / f"{split}.jsonl").open(encoding="utf-8"):
+                    file, _, lineno = json.loads(line)["source"].rpartition(":")
+                    kept.add(offsets[file] + int(lineno) - 1)
+            caught = {k: sum(1 for i, kind in enumerate(kinds) if kind == k and i not in kept)
+                      for k in ("exact", "near", "orig")}
+            print(f"{label:<52}  {rate:>11,.0f}  {caught['exact']:>5,} / {kinds.count('exact'):<5,}  "
+                  f"{caught['near']:>5,} / {kinds.count('near'):<5,}  {caught['orig']:>8,} / {kinds.count('orig'):<7,}")
 
 
 if __name__ == "__main__":
