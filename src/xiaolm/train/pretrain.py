@@ -53,7 +53,7 @@ class EvalSection:
 
 @dataclass
 class PretrainConfig:
-    data: list[str] = opt([], "token shard directory (xiaolm data tokenize); several mix: --data a/ b/ c/, "
+    data: Optional[list[str]] = opt(None, "token shard directory (xiaolm data tokenize); several mix: --data a/ b/ c/, "
                               "weighted with --data-weights or as DIR:WEIGHT (all from one tokenizer)")
     data_weights: list[float] = opt([], "mixing weights of the --data directories (default: their token counts, "
                                         "which is plain concatenation)")
