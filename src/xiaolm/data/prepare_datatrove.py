@@ -359,6 +359,17 @@ def _executor(kind: str, pipeline: list, tasks: int, logs: Path, cfg, depends=No
     raise ValueError(f"executor must be local, slurm or ray, got {kind!r}")
 
 
+def _quiet(quiet: bool):
+    """datatrove logs every task to stderr; with --quiet only to its log files (OUT/.datatrove/logs)."""
+    import contextlib
+
+    if not quiet:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+    return stack
+
+
 def prepare_datatrove(cfg) -> dict | None:
     """Run both stages; returns the report (None with Slurm, whose jobs finish later)."""
     from xiaolm.data.readers import resolve_inputs
@@ -401,9 +412,10 @@ def prepare_datatrove(cfg) -> dict | None:
         log(f"submitted to Slurm: {cfg.tasks} stage-1 tasks and the dedup/split task; report.json appears in "
             f"{out} when they finish (logs in {work / 'logs'})")
         return None
-    for stage in stages:
-        stage.run()
-    stage2.run()
+    with _quiet(cfg.quiet):
+        for stage in stages:
+            stage.run()
+        stage2.run()
     report_path = out / "report.json"
     if not report_path.is_file():
         raise RuntimeError(f"datatrove stage 2 did not write {report_path} (logs in {work / 'logs'})")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xiaolm.data.prepare_datatrove import PipelineStep, _executor, _need_datatrove
+from xiaolm.data.prepare_datatrove import PipelineStep, _executor, _need_datatrove, _quiet
 
 WORK = Path(".datatrove") / "tokenize"
 
@@ -225,8 +225,9 @@ def tokenize_datatrove(cfg) -> dict | None:
         log(f"submitted to Slurm: {cfg.tasks} tokenize tasks and the merge; meta.json appears in {out} when they "
             f"finish")
         return None
-    encode.run()
-    merge.run()
+    with _quiet(not cfg.progress):
+        encode.run()
+        merge.run()
     meta_path = out / "meta.json"
     if not meta_path.is_file():
         raise RuntimeError(f"the datatrove merge task did not write {meta_path} (logs in {logs})")
