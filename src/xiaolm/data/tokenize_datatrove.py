@@ -208,6 +208,10 @@ def tokenize_datatrove(cfg) -> dict | None:
     from xiaolm.utils import log
 
     _need_datatrove()
+    if cfg.executor not in ("local", "slurm", "ray"):
+        raise ValueError(f"--executor must be local, slurm or ray, got {cfg.executor!r}")
+    if cfg.tasks < 1:
+        raise ValueError(f"--tasks must be at least 1, got {cfg.tasks}")
     load_tokenizer(cfg.tokenizer)
     resolve_inputs(cfg.inputs, split=cfg.split)  # every input checked before any work
     out = Path(cfg.out)
