@@ -98,3 +98,41 @@ def test_duplicates_across_batches_and_estimate_tracks_true_jaccard():
     for changes in (2, 6, 12):
         other = mutate(STORY_A, changes, changes)
         assert abs(estimated_jaccard(STORY_A, other) - jaccard(STORY_A, other)) < 0.15
+
+
+def _planted_corpus(n_orig: int, seed: int = 0) -> list[str]:
+    """Distinct documents followed by exact copies, near copies and copies of copies, shuffled after the first
+    few so duplicates meet their originals inside a batch and across batches."""
+    rng = random.Random(seed)
+    han = [chr(c) for c in range(0x4E00, 0x4E00 + 400)]  # a small alphabet: many LSH false candidates
+    docs = ["".join(rng.choice(han) for _ in range(rng.randint(60, 200))) for _ in range(n_orig)]
+    copies = []
+    for _ in range(n_orig // 2):
+        base = rng.choice(docs + copies)
+        copies.append(base if rng.random() < 0.3 else mutate(base, rng.randint(1, 12), rng.randrange(10**6)))
+    tail = docs[20:] + copies
+    rng.shuffle(tail)
+    return docs[:20] + tail
+
+
+def test_numpy_index_gives_the_same_verdicts_as_datasketch_lsh():
+    docs = _planted_corpus(1500)
+    numpy_index, reference = Deduplicator(), Deduplicator(index="datasketch")
+    got, want = [], []
+    for start in range(0, len(docs), 97):  # many batches: index levels merge, duplicates span batches
+        got += numpy_index.check(docs[start:start + 97])
+        want += reference.check(docs[start:start + 97])
+    assert [(v.kind, v.match) for v in got] == [(v.kind, v.match) for v in want]
+    kinds = [v.kind for v in got]
+    assert kinds.count("exact") > 50 and kinds.count("near") > 100  # the comparison covers both kinds
+    assert len(numpy_index._band_index[0].levels) < 8
+
+
+def test_index_stays_under_300_bytes_per_kept_document():
+    dedup = Deduplicator()
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # signatures supplied directly: the index, not the hashing, is what is measured
+        sigs = rng.integers(0, 2**32, size=(1000, 128), dtype=np.uint32)
+        dedup.check([f"doc {rng.integers(10**12)}" for _ in range(1000)], signatures=sigs)
+    assert dedup.kept == 20_000
+    assert dedup.index_bytes / dedup.kept <= 300

@@ -77,6 +77,17 @@ class PrepareConfig:
                            "deduplicates in input order (0: none; -1: automatic, cores-1 up to 3 for inputs of "
                            "16 MB or more, else none)")
     quiet: bool = opt(False, "no progress bar or summary")
+    engine: Literal["xiaolm", "datatrove"] = opt(
+        "xiaolm", "xiaolm: this process (and its workers); datatrove: reading, cleaning, filtering and MinHash "
+                  "signatures as --tasks datatrove tasks, then one task deduplicates and splits (same output)")
+    tasks: int = opt(4, "datatrove engine: parallel tasks (each takes a contiguous run of the input files)")
+    executor: Literal["local", "slurm", "ray"] = opt("local", "datatrove engine: where the tasks run")
+    slurm_partition: str = opt("", "datatrove engine, slurm executor: partition to submit to")
+    slurm_time: str = opt("24:00:00", "datatrove engine, slurm executor: time limit per task")
+    near_dedup: Literal["xiaolm", "datatrove"] = opt(
+        "xiaolm", "datatrove engine: near-duplicates by our MinHash check in one task (the default engine's "
+                  "output exactly) or by datatrove's sort-based MinHash stages over the tasks (character 5-gram "
+                  "shingles, 14 bands of 8; no similarity check, one document kept per cluster: a different set)")
     max_malformed_listed: int = opt(10_000, "malformed records listed in full in report.json (all are counted)")
     clean: CleanConfig = opt(factory=CleanConfig, help="cleaning")
     filters: FilterConfig = opt(factory=FilterConfig, help="quality filters")
@@ -141,6 +152,8 @@ def validate_config(cfg: PrepareConfig) -> None:
         raise ValueError(f"chapter_regex {cfg.chapter_regex!r} is not a valid regular expression: {exc}") from None
     if cfg.workers < -1:
         raise ValueError(f"workers must be -1 (automatic), 0 or more, got {cfg.workers}")
+    if cfg.tasks < 1:
+        raise ValueError(f"tasks must be at least 1, got {cfg.tasks}")
     validate_filters(cfg.filters)
     validate_dedup(cfg.dedup)
 
@@ -198,6 +211,31 @@ class _SplitWriter:
                 os.unlink(self.paths[split])
             except FileNotFoundError:
                 pass
+
+
+class _KeptSources:
+    """The source of every kept document in an unnamed temporary file (one JSON string a line), so the few
+    named in the report's near-duplicate examples can be looked up at the end without holding them all."""
+
+    def __init__(self, out_dir: Path):
+        self.file = tempfile.TemporaryFile(mode="w+", encoding="utf-8", dir=out_dir, prefix=".sources.")
+
+    def add(self, source: str) -> None:
+        self.file.write(json.dumps(source, ensure_ascii=False) + "\n")
+
+    def close(self, wanted: list[int]) -> dict[int, str]:
+        """Sources of the kept documents numbered ``wanted``; then the file is removed."""
+        found: dict[int, str] = {}
+        want = set(wanted)
+        if want:
+            self.file.seek(0)
+            for n, line in enumerate(self.file):
+                if n in want:
+                    found[n] = json.loads(line)
+                    if len(found) == len(want):
+                        break
+        self.file.close()
+        return found
 
 
 @dataclass
@@ -290,18 +328,24 @@ def _auto_workers(files: list) -> int:
 
 
 def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | None = None,
-            **overrides: Any) -> dict:
+            _stage1: Any = None, **overrides: Any) -> dict:
     """Run the pipeline and return the report (also written to ``out_dir/report.json``).
 
     ``overrides`` set config options by name (``field="story_zh"``, ``min_chars=5``, ``**{"dedup.threshold":
     0.9}``). Raises :class:`~xiaolm.data.readers.InputError` for a missing or unreadable input, before any output
-    is written, and ValueError for an option out of range.
+    is written, and ValueError for an option out of range. ``engine="datatrove"`` runs
+    :func:`xiaolm.data.prepare_datatrove.prepare_datatrove`; ``_stage1`` is that engine's hand-over (the cleaned
+    batches of its parallel tasks, read in task order, instead of reading the inputs here).
     """
     started = time.perf_counter()
     cfg = apply_overrides(cfg or PrepareConfig(), overrides)
     cfg.inputs = [str(i) for i in inputs]
     cfg.out = str(out_dir)
     validate_config(cfg)
+    if cfg.engine == "datatrove" and _stage1 is None:
+        from xiaolm.data.prepare_datatrove import prepare_datatrove
+
+        return prepare_datatrove(cfg)
     read_options = read_options_from(cfg)
     read_options["joiner"] = _unescape(cfg.joiner)
     files = resolve_inputs(cfg.inputs, hf_split=cfg.hf_split, hf_config=cfg.hf_config,
@@ -310,16 +354,19 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     out.mkdir(parents=True, exist_ok=True)
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers(files)
 
-    collector = ReadLog(max_listed=cfg.max_malformed_listed)
-    dedup = Deduplicator(cfg.dedup) if (cfg.dedup.exact or cfg.dedup.near) else None
+    collector = ReadLog(max_listed=cfg.max_malformed_listed) if _stage1 is None else _stage1.collector
+    dedup_cfg = cfg.dedup
+    if _stage1 is not None and _stage1.near_done:  # datatrove's MinHash stages already removed near-duplicates
+        dedup_cfg = dataclasses.replace(cfg.dedup, near=False)
+    dedup = Deduplicator(dedup_cfg, spill_dir=str(out)) if (dedup_cfg.exact or dedup_cfg.near) else None
     counts = {
         "documents_in": 0, "characters_in": 0, "characters_after_cleaning": 0, "long_documents_split": 0,
         "pieces_added_by_split": 0, "duplicates_exact": 0, "duplicates_near": 0,
     }
     dropped = {rule: 0 for rule in FILTER_RULES}
-    per_file: dict[str, dict] = {}
+    per_file: dict[str, dict] = {} if _stage1 is None else _stage1.per_file
     dropped_examples: dict[str, list[str]] = {}
-    kept_sources: list[str] = []  # dedup id -> source, for the near-duplicate examples
+    kept_sources = _KeptSources(out)  # dedup id -> source (on disk), for the near-duplicate examples
     examples: list[dict] = []
     timings = {"read": 0.0, "clean_filter_minhash": 0.0, "dedup": 0.0, "write": 0.0}
 
@@ -364,11 +411,11 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
             if verdict is not None and verdict.kind is not None:
                 counts[f"duplicates_{verdict.kind}"] += 1
                 if verdict.kind == "near" and len(examples) < MAX_EXAMPLES:
-                    examples.append({"dropped": source, "kept": kept_sources[verdict.match],
+                    examples.append({"dropped": source, "kept": verdict.match,
                                      "similarity": round(verdict.similarity, 3)})
                 continue
             if verdict is not None:
-                kept_sources.append(source)
+                kept_sources.add(source)
             split = "val" if is_validation(text, cfg.val_fraction) else "train"
             writer.write(split, {"text": text, "id": document_id(text), "source": source})
             per_file[file]["documents_kept"] += 1
@@ -384,7 +431,14 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
 
         progress = tqdm(desc="prepare", unit=" doc", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
-        if workers == 0:
+        if _stage1 is not None:
+            workers = _stage1.tasks
+            counts["documents_in"], counts["characters_in"] = _stage1.documents_in, _stage1.characters_in
+            timings["read"] = _stage1.read_seconds
+            for result, n_raw in _stage1.results():
+                handle(result, n_raw)
+            counts["duplicates_near"] += _stage1.near_removed
+        elif workers == 0:
             worker = _BatchWorker(cfg.clean, cfg.filters, cfg.dedup)
             for raw in raw_batches():
                 handle(worker(raw), len(raw))
@@ -411,6 +465,11 @@ def prepare(inputs: list[str], out_dir: str | os.PathLike, cfg: PrepareConfig | 
     finally:
         if progress is not None:
             progress.close()
+        if dedup is not None:
+            dedup.close()
+        names = kept_sources.close([e["kept"] for e in examples])
+    for example in examples:
+        example["kept"] = names[example["kept"]]
 
     wall = time.perf_counter() - started
     kept = writer.counts["train"] + writer.counts["val"]
@@ -503,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         raise fail(str(exc)) from None
     except (ValueError, ConfigError) as exc:
         raise fail(str(exc)) from None
+    if report is None:  # datatrove on Slurm: submitted, finishes later
+        return 0
     if not cfg.quiet:
         log(_summary(report))
         for warning in report["warnings"]:

@@ -403,6 +403,13 @@ class TokenizeConfig:
     field: str = opt("text", "JSON field holding the text in .jsonl inputs (dotted path allowed)")
     split: str = opt("train", "split name for inputs that are not a prepared corpus directory")
     progress: bool = opt(True, "show a progress bar")
+    engine: str = opt("xiaolm", "xiaolm: this process and its workers; datatrove: --tasks datatrove tasks, each "
+                                "encoding an equal byte range of the inputs into its own shards, merged into one "
+                                "split in input order")
+    tasks: int = opt(4, "datatrove engine: parallel tasks")
+    executor: str = opt("local", "datatrove engine: local, slurm or ray")
+    slurm_partition: str = opt("", "datatrove engine, slurm executor: partition to submit to")
+    slurm_time: str = opt("24:00:00", "datatrove engine, slurm executor: time limit per task")
 
 
 def tokenize_to_shards(inputs: Sequence[str | Path], tokenizer_dir, out_dir: str | Path,
@@ -427,6 +434,12 @@ def run(cfg: TokenizeConfig) -> dict:
         raise ValueError("no tokenizer given (--tokenizer TOKDIR)")
     if not cfg.out:
         raise ValueError("no output directory given (--out SHARDDIR)")
+    if cfg.engine not in ("xiaolm", "datatrove"):
+        raise ValueError(f"--engine must be xiaolm or datatrove, got {cfg.engine!r}")
+    if cfg.engine == "datatrove":
+        from xiaolm.data.tokenize_datatrove import tokenize_datatrove
+
+        return tokenize_datatrove(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     sources = resolve_inputs(cfg.inputs, split=cfg.split)
     workers = cfg.workers if cfg.workers and cfg.workers > 0 else default_workers()
@@ -758,6 +771,134 @@ class TokenShards:
                 f"fingerprint={self.fingerprint!r})")
 
 
+def parse_data_dirs(data, weights=None) -> tuple[list[str], list[float] | None]:
+    """``--data`` values (one directory, or several, each optionally ``DIR:WEIGHT``) and ``--data-weights`` ->
+    (directories, weights or None). Raises ValueError naming the bad value."""
+    items = [data] if isinstance(data, (str, os.PathLike)) else list(data or [])
+    dirs: list[str] = []
+    inline: list[float | None] = []
+    for item in items:
+        item = str(item)
+        head, sep, tail = item.rpartition(":")
+        weight = None
+        if sep and head:
+            try:
+                weight = float(tail)
+            except ValueError:
+                head = item  # a ':' that is part of the path
+        dirs.append(head if weight is not None else item)
+        inline.append(weight)
+    given = [w for w in inline if w is not None]
+    if given and weights:
+        raise ValueError("give mixing weights either as --data DIR:WEIGHT or as --data-weights, not both")
+    if given and len(given) != len(dirs):
+        raise ValueError(f"--data: either every directory has a :WEIGHT or none does, got {items}")
+    weights = list(weights) if weights else (given or None)
+    if weights is not None:
+        if len(weights) != len(dirs):
+            raise ValueError(f"--data-weights: {len(weights)} weights for {len(dirs)} --data directories")
+        if any(not (w >= 0) or w == float("inf") for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"--data-weights must be non-negative numbers with a positive sum, got {weights}")
+    return dirs, weights
+
+
+class MixedShards:
+    """Several shard directories read as one training stream, each window drawn from a directory with
+    probability given by its weight (default: its share of the tokens, which is plain concatenation).
+
+    All directories must come from the same tokenizer (``ShardMismatchError`` names the one that differs), so
+    corpora tokenised separately combine without re-tokenising. :meth:`windows` plans the draws: in every pass
+    of ``num_windows`` (the windows of all directories together) directory ``s`` supplies exactly its rounded
+    share of them, and its own windows are visited in a seeded order that only repeats once it has been seen
+    in full, so a small directory with a large weight repeats and a large one with a small weight is sampled.
+    """
+
+    def __init__(self, shard_dirs, weights=None, split: str = "train", expect_fingerprint=None):
+        dirs, weights = parse_data_dirs(shard_dirs, weights)
+        if not dirs:
+            raise ValueError("MixedShards needs at least one shard directory")
+        self.parts = [TokenShards(d, split) for d in dirs]
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            if part.fingerprint != first.fingerprint:
+                raise ShardMismatchError(
+                    f"{part.shard_dir} was tokenized with tokenizer {part.fingerprint} ({part.tokenizer_path}) but "
+                    f"{first.shard_dir} with {first.fingerprint} ({first.tokenizer_path}); mixed directories must "
+                    f"share one tokenizer: re-run `xiaolm data tokenize` on one of them with the other's")
+        if expect_fingerprint is not None:
+            first.check_tokenizer(expect_fingerprint)
+        self.split = split
+        self.fingerprint, self.vocab_size, self.eot_id = first.fingerprint, first.vocab_size, first.eot_id
+        self.tokenizer_path, self.dtype = first.tokenizer_path, first.dtype
+        sizes = np.array([p.num_tokens for p in self.parts], dtype=np.float64)
+        raw = np.asarray(weights if weights is not None else sizes, dtype=np.float64)
+        self.weights = raw / raw.sum()
+        self.num_tokens = int(sizes.sum())
+
+    def head(self, n: int) -> np.ndarray:
+        """About ``n`` tokens for evaluation: the start of each directory in proportion to its weight."""
+        pieces = []
+        for part, w in zip(self.parts, self.weights):
+            take = min(part.num_tokens, int(round(w * n)))
+            if take:
+                pieces.append(part.read(0, take))
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+    def windows(self, seq_len: int, seed: int) -> "MixedWindows":
+        return MixedWindows(self, seq_len, seed)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{p.shard_dir}:{w:.3f}" for p, w in zip(self.parts, self.weights))
+        return f"MixedShards([{parts}], split={self.split!r}, tokens={self.num_tokens})"
+
+
+class MixedWindows:
+    """Window ``g`` of a mixed stream (see :class:`MixedShards`): deterministic in (seed, g), so resuming at a
+    step reads the same windows."""
+
+    def __init__(self, mixed: MixedShards, seq_len: int, seed: int):
+        self.mixed, self.seq_len, self.seed = mixed, seq_len, seed
+        self.part_windows = np.array([(p.num_tokens - 1) // seq_len for p in mixed.parts], dtype=np.int64)
+        for part, n in zip(mixed.parts, self.part_windows):
+            if n < 1:
+                raise ValueError(f"{part.shard_dir}/{mixed.split}: {part.num_tokens} tokens are too few for one "
+                                 f"window of {seq_len + 1}")
+        self.num_windows = int(self.part_windows.sum())
+        # Largest-remainder rounding: the shares sum to num_windows exactly.
+        exact = mixed.weights * self.num_windows
+        share = np.floor(exact).astype(np.int64)
+        share[np.argsort(-(exact - share), kind="stable")[: self.num_windows - int(share.sum())]] += 1
+        self.share = share
+        self._slot_part = np.repeat(np.arange(len(share), dtype=np.int32), share)
+        self._slot_rank = np.concatenate([np.arange(c, dtype=np.int64) for c in share])
+        self._pass, self._order = -1, None
+        self._part_orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(directory index, window index within it) of global window ``g``."""
+        epoch, pos = divmod(int(g), self.num_windows)
+        if epoch != self._pass:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._pass = epoch
+        slot = int(self._order[pos])
+        part = int(self._slot_part[slot])
+        visit = epoch * int(self.share[part]) + int(self._slot_rank[slot])
+        cycle, index = divmod(visit, int(self.part_windows[part]))
+        key = (part, cycle)
+        order = self._part_orders.get(key)
+        if order is None:
+            if len(self._part_orders) > 2 * len(self.share):
+                self._part_orders.clear()
+            order = np.random.default_rng([self.seed, 1 + part, cycle]).permutation(int(self.part_windows[part]))
+            self._part_orders[key] = order
+        return part, int(order[index])
+
+    def read(self, g: int) -> np.ndarray:
+        """The ``seq_len + 1`` tokens of global window ``g``."""
+        part, window = self.locate(g)
+        return self.mixed.parts[part].read(window * self.seq_len, self.seq_len + 1)
+
+
 # ======================================================================================================= CLI
 
 
@@ -777,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = run(cfg)
     except (FileNotFoundError, PermissionError, ValueError) as exc:
         raise fail(str(exc)) from None
+    if meta is None:  # datatrove on Slurm: submitted, finishes later
+        return 0
     for name, s in meta["splits"].items():
         log(f"tokenize: {name}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shard(s)")
     log(f"tokenize: {human(meta['tokens'])} tokens ({meta['dtype']}), {meta['chars_per_token']} chars/token, "

@@ -53,7 +53,10 @@ class EvalSection:
 
 @dataclass
 class PretrainConfig:
-    data: str = opt(None, "token shard directory (xiaolm data tokenize)")
+    data: Optional[list[str]] = opt(None, "token shard directory (xiaolm data tokenize); several mix: --data a/ b/ c/, "
+                              "weighted with --data-weights or as DIR:WEIGHT (all from one tokenizer)")
+    data_weights: list[float] = opt([], "mixing weights of the --data directories (default: their token counts, "
+                                        "which is plain concatenation)")
     tokenizer: Optional[str] = opt(None, "tokenizer directory (default: the one the shards name)")
     out: str = opt("runs/pretrain", "run directory: checkpoints, metrics.jsonl, config.yaml, loss_curve.png")
     model: ModelSection = field(default_factory=ModelSection)
@@ -72,7 +75,8 @@ class WindowSampler:
                  doc_mask: bool = False, eot_id: int = 0):
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
         self.micro_batch, self.accum, self.env = micro_batch, accum, env
-        self.num_windows = (shards.num_tokens - 1) // seq_len
+        self.mix = shards.windows(seq_len, seed) if hasattr(shards, "windows") else None  # MixedShards
+        self.num_windows = self.mix.num_windows if self.mix else (shards.num_tokens - 1) // seq_len
         if self.num_windows < 1:
             raise ValueError(f"{shards.num_tokens} tokens are too few for one window of {seq_len + 1}")
         self.doc_mask, self.eot_id = doc_mask, eot_id
@@ -95,7 +99,7 @@ class WindowSampler:
     def __call__(self, step: int, micro: int) -> dict:
         first = step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
         rows = np.stack([
-            self.shards.read(self.window_id(g) * self.seq_len, self.seq_len + 1)
+            self.mix.read(g) if self.mix else self.shards.read(self.window_id(g) * self.seq_len, self.seq_len + 1)
             for g in range(first, first + self.micro_batch)
         ])
         rows = torch.from_numpy(rows.astype(np.int64))
@@ -189,12 +193,19 @@ def sample_openings(model, tokenizer, prompts: list[str], max_new: int, temperat
 def _open_data(cfg: PretrainConfig):
     import json
 
-    from xiaolm.data.shards import TokenShards
+    from xiaolm.data.shards import TokenShards, parse_data_dirs
     from xiaolm.tokenizer import load_tokenizer
 
-    data = Path(cfg.data)
-    if not (data / "meta.json").is_file():
-        raise fail(f"--data {data}: not a token shard directory (make one with xiaolm data tokenize)")
+    try:
+        dirs, weights = parse_data_dirs(cfg.data, cfg.data_weights)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    for d in dirs:
+        if not (Path(d) / "meta.json").is_file():
+            raise fail(f"--data {d}: not a token shard directory (make one with xiaolm data tokenize)")
+    if len(dirs) > 1:
+        return _open_mixed(cfg, dirs, weights)
+    data = Path(dirs[0])
     meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
     tok_dir = cfg.tokenizer or meta.get("tokenizer", {}).get("path")
     if not tok_dir:
@@ -207,6 +218,37 @@ def _open_data(cfg: PretrainConfig):
     if meta.get("splits", {}).get("val", {}).get("tokens", 0) > cfg.model.seq_len + 1:
         val = TokenShards(data, "val", expect_fingerprint=tokenizer.fingerprint)
     return tokenizer, train, val
+
+
+def _open_mixed(cfg: PretrainConfig, dirs: list[str], weights):
+    """Several shard directories: one MixedShards per split (val only where every directory has one)."""
+    from xiaolm.data.shards import MixedShards, ShardMismatchError
+    from xiaolm.tokenizer import load_tokenizer
+
+    try:
+        train = MixedShards(dirs, weights, "train")
+    except ShardMismatchError as exc:
+        raise fail(str(exc)) from None
+    tok_dir = cfg.tokenizer or train.tokenizer_path
+    if not tok_dir or not Path(tok_dir).is_dir():
+        raise fail(f"--tokenizer {tok_dir}: no such directory" if tok_dir else
+                   f"--tokenizer is required: {dirs[0]}/meta.json does not name the tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+    try:
+        train.parts[0].check_tokenizer(tokenizer)
+    except ShardMismatchError as exc:
+        raise fail(str(exc)) from None
+    val = None
+    if all(p.meta.get("splits", {}).get("val", {}).get("tokens", 0) > cfg.model.seq_len + 1 for p in train.parts):
+        val = MixedShards(dirs, weights, "val")
+    log("data mix: " + ", ".join(f"{p.shard_dir} {w:.1%} ({human(p.num_tokens)} tokens)"
+                                 for p, w in zip(train.parts, train.weights)))
+    return tokenizer, train, val
+
+
+def _head(shards, n: int) -> np.ndarray:
+    """The first ``n`` tokens of one directory; a mix's are taken from every directory by weight."""
+    return shards.head(n) if hasattr(shards, "head") else shards.read(0, n)
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer):
@@ -265,10 +307,10 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
     if val_shards is None:
         log("warning: the shards have no 'val' split; validation uses the start of the training data")
     n_eval = min(cfg.eval.eval_tokens + 1, eval_source.num_tokens)
-    evaluator = StreamEvaluator(eval_source.read(0, n_eval), tokenizer, seq, cfg.eval.eval_batch_size,
+    evaluator = StreamEvaluator(_head(eval_source, n_eval), tokenizer, seq, cfg.eval.eval_batch_size,
                                 cfg.model.doc_mask)
     sample_n = min(train_shards.num_tokens, 2_000_000)
-    h_unigram = unigram_entropy(train_shards.read(0, sample_n), mcfg.vocab_size)
+    h_unigram = unigram_entropy(_head(train_shards, sample_n), mcfg.vocab_size)
     n = count_parameters(mcfg)
     fpt = flops_per_token(mcfg, seq)
 
