@@ -87,6 +87,7 @@ def generate_ids(
     on_token: Optional[Callable[[int, int], None]] = None,
     static_cache: bool = False,
     compile_step: bool = False,
+    logits_processor: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
 
@@ -94,6 +95,8 @@ def generate_ids(
     or after ``max_new_tokens``. ``on_token(row, id)`` is called for every token kept (for streaming).
     ``static_cache`` keeps every decode step's shapes fixed and ``compile_step`` compiles that step (on CUDA with
     CUDA graphs, ``mode="reduce-overhead"``): the fast path for GPUs, where a small model's decode is launch-bound.
+    ``logits_processor(logits [B, V] float32, outputs)`` sees each step's raw logits first and returns the logits
+    to sample from (the server records log-probabilities and applies frequency/presence penalties there).
     """
     if not prompts:
         return []
@@ -130,7 +133,10 @@ def generate_ids(
             logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         else:
             logits = model(context, attention_mask=context_mask if padded else None, logits_to_keep=1).logits[:, -1]
-        logits = apply_repetition_penalty(logits.float(), context, repetition_penalty, context_mask if padded else None)
+        logits = logits.float()
+        if logits_processor is not None:
+            logits = logits_processor(logits, outputs)
+        logits = apply_repetition_penalty(logits, context, repetition_penalty, context_mask if padded else None)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = nxt.tolist()  # the one host sync per step: the host decides who stops (eos, stop strings)
         for i, tok in enumerate(tokens):

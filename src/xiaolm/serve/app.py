@@ -147,12 +147,14 @@ def create_app(
     max_queue: int = 256,
     default_max_tokens: int = 512,
     request_timeout: float = 600.0,
+    scheduler: str = "continuous",
 ):
     """The FastAPI app serving ``run`` (loaded with ``load_model``) or an already loaded ``model`` + ``tokenizer``.
 
     ``model_name`` is the id clients send as ``model`` (default: the run directory's name). ``default_max_tokens``
     applies to chat requests that set no ``max_tokens`` (clamped to what the context window leaves).
     ``request_timeout`` bounds how long one request may wait and generate, in seconds.
+    ``scheduler`` is the engine's: ``continuous`` (default) or ``static``.
     """
     if model is None:
         if run is None:
@@ -164,7 +166,7 @@ def create_app(
         raise ValueError("create_app needs the tokenizer that goes with the model")
     if model_name is None:
         model_name = Path(run).resolve().name if run is not None else "xiaolm"
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduler=scheduler)
     served = _Served(engine=engine, tokenizer=tokenizer, model_name=model_name,
                      context_length=engine.context_length, default_max_tokens=int(default_max_tokens),
                      request_timeout=float(request_timeout), created=int(time.time()), device=str(model.device))
@@ -565,6 +567,8 @@ class ServeConfig:
     max_queue: int = opt(256, "rows allowed to wait for a batch; beyond that requests get HTTP 429")
     default_max_tokens: int = opt(512, "max_tokens of a chat request that sets none (clamped to the context left)")
     request_timeout: float = opt(600.0, "seconds one request may wait and generate before it is cancelled")
+    scheduler: Literal["continuous", "static"] = opt(
+        "continuous", "continuous: new requests join the running batch at every step; static: a batch runs to its end")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn log level")
 
 
@@ -604,7 +608,8 @@ def main(argv: list[str]) -> int:
     try:
         app = create_app(cfg.run, model_name=cfg.model_name, device=device, dtype=_pick_dtype(cfg.dtype, device),
                          checkpoint=cfg.checkpoint, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                         default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout)
+                         default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout,
+                         scheduler=cfg.scheduler)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc))
     import uvicorn

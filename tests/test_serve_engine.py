@@ -1,0 +1,251 @@
+"""The serving engine's schedulers: continuous batching (rows join the running batch at every step) gives exactly
+what generating each request alone gives; a failing step fails only its rows and the worker goes on; per-token
+log-probabilities and OpenAI's frequency/presence penalties."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from xiaolm.infer.generate import SamplingConfig, generate
+from xiaolm.serve.engine import (GENERATION_FAILED, Engine, GenerationRequest, SamplingParams, derive_seed)
+
+SCHEDULERS = ["continuous", "static"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    from xiaolm.train.checkpoint import load_model
+
+    model, tokenizer, _info = load_model(tiny_run, device="cpu")
+    return model, tokenizer
+
+
+class Wrapped(torch.nn.Module):
+    """The real model behind a hook run before each forward pass (a pause, or an injected failure)."""
+
+    def __init__(self, inner, before=None):
+        super().__init__()
+        self.inner, self.config, self.before = inner, inner.config, before
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        if self.before is not None:
+            self.before(*args, **kwargs)
+        return self.inner(*args, **kwargs)
+
+
+def _ids(tokenizer, text):
+    return [tokenizer.eot_id] + tokenizer.encode(text)
+
+
+def _wait(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_continuous_batching_admits_rows_mid_run_and_equals_generating_alone(loaded):
+    model, tokenizer = loaded
+    slow = Wrapped(model, before=lambda *a, **k: time.sleep(0.004))  # so later submits land mid-generation
+    engine = Engine(slow, tokenizer, max_batch=3)
+    texts = ["从前有一个小女孩", "小猫", "有一天，小明", "狗", "从前，有一个小女孩叫莉莉。" * 3, "天"]
+    limits = [60, 5, 12, 25, 20, 9]
+    try:
+        first = engine.submit(GenerationRequest(tokenizer, [_ids(tokenizer, texts[0])], [limits[0]],
+                                                SamplingParams(temperature=0.0, ignore_eos=True)))
+        _wait(lambda: first.sequences[0].tokens >= 3)
+        later = []
+        for text, limit in zip(texts[1:], limits[1:]):  # staggered: one every few steps
+            later.append(engine.submit(GenerationRequest(tokenizer, [_ids(tokenizer, text)], [limit],
+                                                         SamplingParams(temperature=0.0))))
+            time.sleep(0.01)
+        short = later[0].result(timeout=60)[0]
+        long_tokens_when_short_ended = first.sequences[0].tokens
+        results = [first.result(timeout=60)[0], short] + [r.result(timeout=60)[0] for r in later[1:]]
+    finally:
+        engine.close()
+    # The short request joined the running batch and ended while the long one was still generating.
+    assert short.finish_reason in ("stop", "length")
+    assert long_tokens_when_short_ended < limits[0]
+    assert any(b.requests > 1 for b in engine.stats.recent_batches)  # rows of several requests in one step
+    for i, (seq, text, limit) in enumerate(zip(results, texts, limits)):
+        alone = generate(model, tokenizer, [text], SamplingConfig(max_new_tokens=limit, temperature=0.0),
+                         eos_ids=[] if i == 0 else None)[0]
+        assert seq.text == alone, (i, seq.text, alone)
+    assert engine.stats.errors == 0
+
+
+def test_continuous_rows_with_different_settings_share_steps_and_keep_their_own_sampling(loaded):
+    model, tokenizer = loaded
+    prompt = _ids(tokenizer, "从前有一个小女孩")
+    engine = Engine(model, tokenizer, max_batch=4, autostart=False)
+    seeded = engine.submit(GenerationRequest(tokenizer, [prompt], [20],
+                                             SamplingParams(temperature=0.9, top_k=20, seed=7, ignore_eos=True)))
+    greedy = engine.submit(GenerationRequest(tokenizer, [prompt], [20],
+                                             SamplingParams(temperature=0.0, repetition_penalty=1.3,
+                                                            ignore_eos=True)))
+    engine.start()
+    try:
+        seeded_text, greedy_text = seeded.result(60)[0].text, greedy.result(60)[0].text
+    finally:
+        engine.close()
+    assert max(b.size for b in engine.stats.recent_batches) == 2
+    eos = []
+    assert seeded_text == generate(model, tokenizer, [""], SamplingConfig(max_new_tokens=20, temperature=0.9, top_k=20,
+                                                                         seed=7), prompt_ids=[prompt], eos_ids=eos)[0]
+    assert greedy_text == generate(model, tokenizer, [""], SamplingConfig(max_new_tokens=20, temperature=0.0,
+                                                                         repetition_penalty=1.3),
+                                   prompt_ids=[prompt], eos_ids=eos)[0]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_huge_and_negative_seeds_cannot_kill_the_worker(loaded, scheduler):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, scheduler=scheduler)
+    prompt = _ids(tokenizer, "小猫")
+    try:
+        for seed in (2 ** 64, 2 ** 63 - 1, -1, -(2 ** 70)):
+            seq = engine.submit(GenerationRequest(tokenizer, [prompt] * 2, [4, 4],
+                                                  SamplingParams(temperature=1.0, seed=seed))).result(timeout=30)
+            assert all(s.finish_reason in ("stop", "length") for s in seq)
+        assert engine.alive
+    finally:
+        engine.close()
+    assert not engine.alive
+    assert 0 <= derive_seed(2 ** 64, 3) < 2 ** 63 and derive_seed(-1) == 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_failing_step_fails_its_rows_with_a_generic_error_and_the_loop_goes_on(loaded, scheduler):
+    model, tokenizer = loaded
+    poison = _ids(tokenizer, "狗狗狗狗狗狗狗狗狗狗狗狗")
+
+    def before(input_ids, *args, **kwargs):
+        if input_ids.shape[1] == len(poison):  # the poisoned prompt's prefill
+            raise RuntimeError("secret internal detail")
+
+    engine = Engine(Wrapped(model, before), tokenizer, scheduler=scheduler)
+    try:
+        bad = engine.submit(GenerationRequest(tokenizer, [poison], [5], SamplingParams(temperature=0)))
+        events = list(bad.iter_events(timeout=30))
+        errors = [e for e in events if e.kind == "error"]
+        assert errors and errors[0].text == GENERATION_FAILED and "secret" not in errors[0].text
+        assert bad.sequences[0].finish_reason == "error"
+        assert engine.alive
+        good = engine.submit(GenerationRequest(tokenizer, [_ids(tokenizer, "小猫")], [5],
+                                               SamplingParams(temperature=0, ignore_eos=True))).result(timeout=30)
+        assert good[0].finish_reason == "length" and good[0].tokens == 5
+    finally:
+        engine.close()
+
+
+def test_failures_inside_and_outside_a_step_do_not_stop_the_continuous_worker(loaded, monkeypatch):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer)
+    calls = {"decode": 0, "admit": 0}
+    real_decode, real_admit = Engine._decode, Engine._admit
+
+    def flaky_decode(self, rows):
+        calls["decode"] += 1
+        if calls["decode"] == 2:
+            raise IndexError("boom")
+        return real_decode(self, rows)
+
+    def flaky_admit(self, slots):  # outside any step's own try: the loop's last line of defence
+        calls["admit"] += 1
+        if calls["admit"] == 3:
+            raise KeyError("bookkeeping")
+        return real_admit(self, slots)
+
+    monkeypatch.setattr(Engine, "_decode", flaky_decode)
+    monkeypatch.setattr(Engine, "_admit", flaky_admit)
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    try:
+        first = engine.submit(GenerationRequest(tokenizer, [_ids(tokenizer, "小猫")], [6], params))
+        assert [e.text for e in first.iter_events(timeout=30) if e.kind == "error"] == [GENERATION_FAILED]
+        assert first.sequences[0].finish_reason == "error"
+        for _ in range(3):
+            after = engine.submit(GenerationRequest(tokenizer, [_ids(tokenizer, "小猫")], [6], params))
+            assert after.result(timeout=30)[0].finish_reason == "length"
+        assert engine.alive and engine.stats.errors == 1 and calls["admit"] > 3
+    finally:
+        engine.close()
+
+
+def _reference_logprobs(model, prompt, tokens):
+    """log_softmax of the model's logits at every generated position, computed in one full forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_logprobs_are_the_models_own_and_top_logprobs_are_sorted(loaded, scheduler):
+    model, tokenizer = loaded
+    prompt = _ids(tokenizer, "从前有一个小女孩")
+    engine = Engine(model, tokenizer, scheduler=scheduler)
+    try:
+        seq = engine.submit(GenerationRequest(tokenizer, [prompt], [12], SamplingParams(
+            temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3))).result(timeout=30)[0]
+    finally:
+        engine.close()
+    tokens = seq.decoder.ids
+    assert [e.token for e in seq.logprobs] == tokens and len(tokens) == 12
+    ref = _reference_logprobs(model, prompt, tokens)
+    for entry, row, token in zip(seq.logprobs, ref, tokens):
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert len(entry.top) == 3 and entry.top[0][0] == token  # greedy: the chosen token is the most likely
+        assert [lp for _i, lp in entry.top] == sorted((lp for _i, lp in entry.top), reverse=True)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_frequency_and_presence_penalties_follow_openais_definition(loaded, scheduler):
+    model, tokenizer = loaded
+    prompt = _ids(tokenizer, "从前")
+    freq, pres = 0.7, 0.4
+    engine = Engine(model, tokenizer, scheduler=scheduler)
+    try:
+        seq = engine.submit(GenerationRequest(tokenizer, [prompt], [30], SamplingParams(
+            temperature=0.0, ignore_eos=True, frequency_penalty=freq, presence_penalty=pres))).result(timeout=30)[0]
+        plain = engine.submit(GenerationRequest(tokenizer, [prompt], [30], SamplingParams(
+            temperature=0.0, ignore_eos=True))).result(timeout=30)[0]
+    finally:
+        engine.close()
+    # mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c = counts in the generated tokens
+    expected, counts = [], torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(30):
+            logits = model(torch.tensor([prompt + expected])).logits[0, -1].float()
+            token = int((logits - freq * counts - pres * (counts > 0)).argmax())
+            expected.append(token)
+            counts[token] += 1
+    assert seq.decoder.ids == expected
+    assert plain.decoder.ids != expected  # the penalties changed something
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_echo_scoring_gives_every_prompt_tokens_logprob_without_generating(loaded, scheduler):
+    model, tokenizer = loaded
+    prompt = _ids(tokenizer, "从前有一个小女孩叫莉莉。")
+    engine = Engine(model, tokenizer, scheduler=scheduler)
+    try:
+        seq = engine.submit(GenerationRequest(tokenizer, [prompt], [0], SamplingParams(temperature=0.0),
+                                              prompt_logprobs=2)).result(timeout=30)[0]
+    finally:
+        engine.close()
+    assert seq.tokens == 0 and seq.finish_reason == "length"
+    entries = seq.prompt_logprobs
+    assert len(entries) == len(prompt) and entries[0] is None
+    ref = _reference_logprobs(model, prompt[:1], prompt[1:])
+    for entry, row, token in zip(entries[1:], ref, prompt[1:]):
+        assert entry.token == token and entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert len(entry.top) == 2
