@@ -3,12 +3,13 @@ what generating each request alone gives; a failing step fails only its rows and
 log-probabilities and OpenAI's frequency/presence penalties."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import torch
 
-from xiaolm.infer.generate import SamplingConfig, generate
+from xiaolm.infer.generate import SamplingConfig, generate, generate_ids
 from xiaolm.serve.engine import (GENERATION_FAILED, Engine, GenerationRequest, SamplingParams, derive_seed)
 
 SCHEDULERS = ["continuous", "static"]
@@ -249,3 +250,121 @@ def test_echo_scoring_gives_every_prompt_tokens_logprob_without_generating(loade
     for entry, row, token in zip(entries[1:], ref, prompt[1:]):
         assert entry.token == token and entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
         assert len(entry.top) == 2
+
+
+# ------------------------------------------------------------------------------------------- over HTTP
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from xiaolm.serve.app import create_app  # noqa: E402
+
+MODEL = "tiny"
+CHAT = [{"role": "user", "content": "讲一个关于小猫的故事。"}]
+
+
+@pytest.fixture(scope="module")
+def client(loaded):
+    model, tokenizer = loaded
+    with TestClient(create_app(model=model, tokenizer=tokenizer, model_name=MODEL, max_batch=4)) as c:
+        yield c
+
+
+def _chat_ids(tokenizer, messages):
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_chat_logprobs_in_openais_shape_streamed_and_not(client, loaded):
+    model, tokenizer = loaded
+    req = {"model": MODEL, "messages": CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 3,
+           "ignore_eos": True}
+    choice = client.post("/v1/chat/completions", json=req).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 8 and choice["logprobs"]["refusal"] is None
+    assert bytes(b for item in content for b in item["bytes"]).decode("utf-8", "replace") == \
+        choice["message"]["content"]
+    ids = _chat_ids(tokenizer, CHAT)
+    tokens = generate_ids(model, [ids], 8, pad_id=tokenizer.pad_id, eos_ids=[], temperature=0.0)[0]
+    ref = _reference_logprobs(model, ids, tokens)
+    for item, row, token in zip(content, ref, tokens):
+        assert set(item) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert item["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
+        assert len(item["top_logprobs"]) == 3 and item["top_logprobs"][0]["token"] == item["token"]
+    with client.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [item for c in chunks for ch in c["choices"] if ch["logprobs"] for item in ch["logprobs"]["content"]]
+    assert streamed == content
+    bad = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "top_logprobs": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
+def test_completions_echo_scores_the_prompt_as_lm_eval_harness_asks(client, loaded):
+    model, tokenizer = loaded
+    text = "从前有一个小女孩叫莉莉。"
+    ids = [tokenizer.eot_id] + tokenizer.encode(text)
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for max_tokens in (0, 1):  # lm-eval's local-completions sends echo=True, logprobs=1 and max_tokens 0 or 1
+        body = client.post("/v1/completions", json={"model": MODEL, "prompt": text, "echo": True, "logprobs": 1,
+                                                    "max_tokens": max_tokens, "temperature": 0}).json()
+        choice = body["choices"][0]
+        lp = choice["logprobs"]
+        assert choice["text"].startswith(text)
+        assert len(lp["tokens"]) == len(ids) - 1 + max_tokens  # the prepended <|endoftext|> is not echoed
+        assert "".join(lp["tokens"][: len(ids) - 1]) == text
+        for k, token in enumerate(ids[1:]):  # each prompt token given everything before it
+            assert lp["token_logprobs"][k] == pytest.approx(float(full[k, token]), abs=1e-4)
+            assert len(lp["top_logprobs"][k]) == 1
+        assert lp["text_offset"][: len(ids) - 1] == [len(tokenizer.decode(ids[1: 1 + k])) for k in range(len(ids) - 1)]
+    # token-id prompts are scored as given: the first token has no context, so no logprob (OpenAI's null)
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": ids, "echo": True, "logprobs": 0,
+                                                "max_tokens": 0}).json()
+    lp = body["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([float(full[k, t]) for k, t in enumerate(ids[1:])], abs=1e-4)
+    bad = client.post("/v1/completions", json={"model": MODEL, "prompt": text, "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_completion_logprobs_stream_matches_non_streamed(client):
+    req = {"model": MODEL, "prompt": "从前", "max_tokens": 6, "temperature": 0, "logprobs": 2, "ignore_eos": True}
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]["logprobs"]
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    parts = [ch["logprobs"] for c in chunks for ch in c["choices"] if ch["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in parts for x in p[key]] == whole[key]
+
+
+def test_penalties_through_the_api_and_their_range(client):
+    req = {"model": MODEL, "messages": CHAT, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/v1/chat/completions", json=req).json()["choices"][0]["message"]["content"]
+    penalised = client.post("/v1/chat/completions", json={**req, "frequency_penalty": 2.0,
+                                                          "presence_penalty": 2.0}).json()
+    assert penalised["choices"][0]["message"]["content"] != plain
+    r = client.post("/v1/chat/completions", json={**req, "presence_penalty": 2.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"
+
+
+def test_a_failing_generation_is_a_500_without_our_exception_text_and_the_server_goes_on(loaded):
+    model, tokenizer = loaded
+    poison = _chat_ids(tokenizer, [{"role": "user", "content": "狗狗狗狗狗狗狗狗狗"}])
+
+    def before(input_ids, *args, **kwargs):
+        if input_ids.shape[1] == len(poison):
+            raise RuntimeError("secret internal detail")
+
+    app = create_app(model=Wrapped(model, before), tokenizer=tokenizer, model_name=MODEL)
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "狗狗狗狗狗狗狗狗狗"}]})
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+        assert "secret" not in r.text and "RuntimeError" not in r.text
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 3,
+                                                 "seed": 2 ** 64})
+        assert r.status_code in (200, 400)  # answered (or refused as out of range), never a dead worker
+        assert c.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT,
+                                                    "max_tokens": 3}).status_code == 200
+        assert app.state.engine.alive

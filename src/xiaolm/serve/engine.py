@@ -370,6 +370,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- worker
 
+    @torch.no_grad()
     def _worker(self) -> None:
         if self.scheduler == "continuous":
             self._continuous_worker()

@@ -5,8 +5,9 @@ Only requests are modelled: validation is where a schema earns its keep (a wrong
 and its Python client use.
 
 Unknown fields are tolerated and ignored (``extra="allow"``), so clients that send newer OpenAI options
-(``frequency_penalty``, ``tools``, ``response_format``, ...) still get an answer. A few extensions that vLLM and
-llama.cpp also accept are honoured: ``top_k``, ``repetition_penalty`` and ``ignore_eos``.
+(``tools``, ``response_format``, ...) still get an answer. A few extensions that vLLM and
+llama.cpp also accept are honoured: ``top_k``, ``repetition_penalty`` and ``ignore_eos``. ``logprobs`` /
+``top_logprobs``, ``frequency_penalty`` and ``presence_penalty`` are OpenAI's.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16  # choices per request; each choice is one row of a generation batch
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 class _Tolerant(BaseModel):
@@ -64,6 +66,8 @@ class _SamplingRequest(_Tolerant):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
     user: Optional[str] = None
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     # extensions (vLLM / llama.cpp spelling)
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0)
@@ -87,6 +91,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -95,9 +100,9 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     # A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's four forms).
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0 only with echo (score the prompt)
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy form: how many alternatives
     suffix: Optional[str] = None
 
     def requested_max_tokens(self) -> Optional[int]:
