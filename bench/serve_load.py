@@ -20,6 +20,14 @@ C clients the batches settle around C/2 rows: half the clients wait while the ot
     python bench/serve_load.py                              # builds a tiny random-weight model first (not timed)
     python bench/serve_load.py RUNDIR --clients 16 --requests 64 --max-tokens 64 --max-batch 1 4 16
 
+--batching compares the engine's schedulers in one run instead: for `--scheduler static` (a batch runs until all its
+rows end) and `continuous` (rows join the running batch at every decode step), one server each with the same
+--max-batch, at 1, 8 and 32 concurrent streams (--streams) whose requests mix short and long answers
+(--lengths, cycled): time to first token p50/p99 and aggregate tokens/s, static being the baseline.
+
+    python bench/serve_load.py --batching                   # tiny random-weight model, CPU
+    python bench/serve_load.py RUNDIR --batching --device cuda --streams 1 8 32 --lengths 16 64 192
+
 Only 127.0.0.1 is used. Exit status 1 if any request failed.
 """
 from __future__ import annotations
@@ -84,12 +92,14 @@ def free_port() -> int:
 class ServerProcess:
     """`xiaolm serve` in a subprocess, stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, run: str, max_batch: int, device: str, start_timeout: float):
+    def __init__(self, run: str, max_batch: int, device: str, start_timeout: float, scheduler: str = ""):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.cmd = [sys.executable, "-m", "xiaolm", "serve", run, "--host", HOST, "--port", str(self.port),
                     "--max-batch", str(max_batch), "--device", device, "--log-level", "warning",
                     "--model-name", "bench", "--max-queue", "4096"]
+        if scheduler:
+            self.cmd += ["--scheduler", scheduler]
         self.start_timeout = start_timeout
         self.log = tempfile.TemporaryFile()
 
@@ -221,6 +231,68 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+# ------------------------------------------------------------------------------------ --batching mode
+
+
+async def mixed_load(url: str, streams: int, requests: int, lengths: list[int], request_timeout: float) -> Run:
+    """``streams`` clients, each sending its next request as soon as the last one ends; request i asks for
+    ``lengths[i % len(lengths)]`` tokens with prompt ``PROMPTS[i % len(PROMPTS)]`` (short and long mixed)."""
+    run = Run()
+    issued = 0
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < requests:
+            i = issued
+            issued += 1
+            run.results.append(await one_request(http, PROMPTS[i % len(PROMPTS)], lengths[i % len(lengths)],
+                                                 request_timeout))
+
+    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(streams)))
+        run.wall = time.perf_counter() - started
+    return run
+
+
+def batching_main(args, run_dir: str) -> list[dict]:
+    """Static vs continuous batching at each --streams value; prints the table, returns its rows."""
+    rows = []
+    for scheduler in ("static", "continuous"):
+        with ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180, scheduler=scheduler) as server:
+            warm = asyncio.run(warm_up(server.url))
+            if not warm.ok:
+                raise SystemExit(f"warm-up request failed: {warm.error}\n{server.output()}")
+            for streams in args.streams:
+                requests = max(args.min_requests, streams * args.requests_per_stream)
+                run = asyncio.run(mixed_load(server.url, streams, requests, args.lengths, args.request_timeout))
+                ok = [r for r in run.results if r.ok]
+                ttfts = [r.ttft for r in ok if r.ttft is not None]
+                rows.append({
+                    "scheduler": scheduler, "streams": streams, "requests": len(run.results),
+                    "errors": len(run.results) - len(ok),
+                    "error_samples": sorted({r.error for r in run.results if not r.ok})[:3],
+                    "wall_s": run.wall, "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
+                    "tokens_per_s": sum(r.tokens for r in ok) / run.wall if run.wall else 0.0,
+                })
+    static = {r["streams"]: r for r in rows if r["scheduler"] == "static"}
+    header = (f"{'scheduler':>10} {'streams':>7} {'requests':>8} {'errors':>6} {'wall s':>7} {'TTFT p50':>9} "
+              f"{'TTFT p99':>9} {'tokens/s':>9} {'vs static':>9}")
+    print(f"\nstatic vs continuous batching: max-batch {args.max_batch[-1]}, answers of {args.lengths} tokens "
+          f"(cycled, ignore_eos), device {args.device}, model {args.run or 'tiny random-weight (built)'}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        base = static[r["streams"]]["tokens_per_s"] or float("nan")
+        print(f"{r['scheduler']:>10} {r['streams']:>7} {r['requests']:>8} {r['errors']:>6} {r['wall_s']:>7.2f} "
+              f"{r['ttft_p50_s']:>8.3f}s {r['ttft_p99_s']:>8.3f}s {r['tokens_per_s']:>9.1f} "
+              f"{r['tokens_per_s'] / base:>8.2f}x")
+        for sample in r["error_samples"]:
+            print(f"{'':>10} error: {sample}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -241,7 +313,29 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny", help="preset of the built model when no RUNDIR is given")
     parser.add_argument("--context", type=int, default=256, help="context of the built model (default 256)")
     parser.add_argument("--out", help="also write the results as JSON here")
+    batching = parser.add_argument_group("--batching mode (static vs continuous scheduler)")
+    batching.add_argument("--batching", action="store_true", help="compare the schedulers instead")
+    batching.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32],
+                          help="concurrent streams to measure (default 1 8 32)")
+    batching.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 96],
+                          help="answer lengths in tokens, cycled over the requests (default 8 32 96)")
+    batching.add_argument("--requests-per-stream", type=int, default=3, help="requests per stream (default 3)")
+    batching.add_argument("--min-requests", type=int, default=12, help="requests at least, per row (default 12)")
     args = parser.parse_args()
+    if args.batching:
+        if "--max-batch" not in sys.argv:
+            args.max_batch = [32]
+        if any(v < 1 for v in args.streams + args.lengths):
+            parser.error("--streams and --lengths must be positive")
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+            run_dir = args.run
+            if run_dir is None:
+                print(f"building a random-weight '{args.preset}' model (context {args.context}) ...", file=sys.stderr)
+                run_dir = str(build_tiny_run(Path(tmp), args.preset, args.context))
+            rows = batching_main(args, run_dir)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return 1 if any(r["errors"] for r in rows) else 0
     if not 1 <= args.clients <= 256:
         parser.error("--clients must be between 1 and 256")
     if args.requests < 1 or args.max_tokens < 1 or any(b < 1 for b in args.max_batch):

@@ -85,6 +85,26 @@ def test_continuous_batching_admits_rows_mid_run_and_equals_generating_alone(loa
     assert engine.stats.errors == 0
 
 
+def test_rows_admitted_together_are_prefilled_right_padded_and_still_equal_generating_alone(loaded):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch=4, autostart=False)  # 7 rows, 4 slots: 3 join as slots free up
+    texts = ["小猫", "从前有一个小女孩叫莉莉。", "天", "有一天，小明和他的狗去公园", "狗", "从前", "月亮" * 6]
+    limits = [9, 4, 15, 6, 11, 3, 7]
+    requests = [engine.submit(GenerationRequest(tokenizer, [_ids(tokenizer, t)], [m],
+                                                SamplingParams(temperature=0.0, ignore_eos=True)))
+                for t, m in zip(texts, limits)]
+    engine.start()
+    try:
+        results = [r.result(timeout=60)[0] for r in requests]
+    finally:
+        engine.close()
+    for seq, text, limit in zip(results, texts, limits):
+        alone = generate(model, tokenizer, [text], SamplingConfig(max_new_tokens=limit, temperature=0.0),
+                         eos_ids=[])[0]
+        assert seq.text == alone and seq.tokens == limit
+    assert max(b.size for b in engine.stats.recent_batches) == 4
+
+
 def test_continuous_rows_with_different_settings_share_steps_and_keep_their_own_sampling(loaded):
     model, tokenizer = loaded
     prompt = _ids(tokenizer, "从前有一个小女孩")

@@ -213,8 +213,9 @@ class RowKVCache:
     A row is one sequence; it is written at its own positions (``position_ids`` [B, T] of a forward pass say where),
     so a newly admitted row can be prefilled alone while the other rows keep their state, and a finished row's slot is
     reused at once. ``rows`` (a ``slice``, set by the caller before each forward pass) names the slots the batch's
-    rows live in; keys are read back as a view up to the longest row, and each query sees the keys at positions
-    up to its own (plus nothing of what an earlier occupant of the slot left beyond it).
+    rows live in (or a tensor of slot ids); keys are read back up to the longest row, and each query sees the keys
+    at positions up to its own, never what an earlier occupant (or right padding) left beyond it: every position is
+    written again before a query of the row can reach it.
     """
 
     per_row = True
@@ -231,10 +232,16 @@ class RowKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write):
         """``write`` = (position_ids [B, T], keys to return): store at each row's positions, return its keys."""
         position_ids, length = write
-        ks, vs = self.k[layer][self.rows], self.v[layer][self.rows]  # views: writes land in the cache
-        b = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(position_ids)
+        if isinstance(self.rows, slice):  # views: writes land in the cache, reads copy nothing
+            ks, vs = self.k[layer][self.rows], self.v[layer][self.rows]
+            b = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(position_ids)
+        else:  # a tensor of slot ids (rows admitted together that are not neighbours)
+            ks, vs = self.k[layer], self.v[layer]
+            b = self.rows[:, None].expand_as(position_ids)
         ks[b, :, position_ids] = k.transpose(1, 2).to(ks.dtype)
         vs[b, :, position_ids] = v.transpose(1, 2).to(vs.dtype)
+        if not isinstance(self.rows, slice):
+            ks, vs = ks[self.rows], vs[self.rows]
         return ks[:, :, :length], vs[:, :, :length]
 
 

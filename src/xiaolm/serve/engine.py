@@ -45,6 +45,7 @@ from xiaolm.model.llama import RowKVCache
 log = logging.getLogger("xiaolm.serve")
 SCHEDULERS = ("continuous", "static")
 MAX_TOP_LOGPROBS = 20  # as OpenAI allows
+PREFILL_TOKENS = 4096  # padded prompt tokens in one prefill pass of newly admitted rows (bounds its logits' memory)
 # What a client sees when generation failed on our side; the exception itself goes to the server log only.
 GENERATION_FAILED = "The server had an error while generating this response; please retry."
 
@@ -580,17 +581,19 @@ class Engine:
                         return
                     admitted = self._admit(slots)
                     self._running = [r.seq for r in slots if r is not None]
-                for row in admitted:
-                    step_rows = [row.seq]
+                for group in self._prefill_groups(admitted):
+                    step_rows = [r.seq for r in group]
                     try:
-                        self._prefill(row)
+                        self._prefill(group)
                     except Exception:
                         log.exception("serve: prefill failed")
-                        slots[row.slot] = None
-                        self._fail_rows([row.seq])
-                    else:
-                        if row.finished:
+                        for row in group:
                             slots[row.slot] = None
+                        self._fail_rows(step_rows)
+                    else:
+                        for row in group:
+                            if row.finished:
+                                slots[row.slot] = None
                 active = [r for r in slots if r is not None]
                 step_rows = [r.seq for r in active]
                 if active:
@@ -636,34 +639,61 @@ class Engine:
                                      dtype)
         return self._cache
 
-    def _prefill(self, row: "_Row") -> None:
-        """Run the row's prompt alone into its slot and take its first token."""
-        seq, params = row.seq, row.seq.request.params
+    def _prefill_groups(self, rows: list["_Row"]) -> list[list["_Row"]]:
+        """Admitted rows in prefill batches of at most PREFILL_TOKENS padded tokens (one long prompt goes alone)."""
+        groups: list[list[_Row]] = []
+        for row in rows:
+            n = len(row.seq.prompt_ids)
+            if groups:
+                group = groups[-1]
+                width = max(n, max(len(r.seq.prompt_ids) for r in group))
+                if (len(group) + 1) * width <= PREFILL_TOKENS:
+                    group.append(row)
+                    continue
+            groups.append([row])
+        return groups
+
+    def _prefill(self, rows: list["_Row"]) -> None:
+        """Run newly admitted rows' prompts into their slots (right-padded together) and take their first tokens."""
         device = self.model.device
-        if params.seed is not None:
-            row.generator = torch.Generator(device=device).manual_seed(derive_seed(params.seed, seq.index))
         vocab = self.model.config.vocab_size
-        if params.repetition_penalty != 1.0:
-            row.present = torch.zeros(vocab, dtype=torch.bool, device=device)
-            row.present[torch.tensor(seq.prompt_ids, device=device)] = True
-        if params.penalised:
-            row.counts = torch.zeros(vocab, device=device)
+        for row in rows:
+            seq, params = row.seq, row.seq.request.params
+            if params.seed is not None:
+                row.generator = torch.Generator(device=device).manual_seed(derive_seed(params.seed, seq.index))
+            if params.repetition_penalty != 1.0:
+                row.present = torch.zeros(vocab, dtype=torch.bool, device=device)
+                row.present[torch.tensor(seq.prompt_ids, device=device)] = True
+            if params.penalised:
+                row.counts = torch.zeros(vocab, device=device)
+        lengths = [len(r.seq.prompt_ids) for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, :lengths[b]] = torch.tensor(r.seq.prompt_ids)
+        positions = torch.arange(width).expand(len(rows), width)
         cache = self._row_cache()
-        cache.rows = slice(row.slot, row.slot + 1)
-        n = len(seq.prompt_ids)
-        ids = torch.tensor([seq.prompt_ids], device=device)
-        positions = torch.arange(n, device=device)[None]
-        scoring = seq.request.prompt_logprobs is not None
-        logits = self.model(ids, position_ids=positions, cache=cache, logits_to_keep=0 if scoring else 1).logits
-        if scoring:
-            self._score_prompt(seq, logits[0])
-        row.position = n
+        cache.rows = (slice(rows[0].slot, rows[0].slot + 1) if len(rows) == 1
+                      else torch.tensor([r.slot for r in rows], device=device))
+        scoring = any(r.seq.request.prompt_logprobs is not None for r in rows)
+        every = scoring or min(lengths) != width  # right padding: the last real token is not the last position
+        logits = self.model(ids.to(device), position_ids=positions.to(device), cache=cache,
+                            logits_to_keep=0 if every else 1).logits
         self.stats.batches += 1
-        if seq.max_tokens == 0 or self._row_done(seq):
-            row.finished = True
-            self._end_row(seq)
-            return
-        self._take_tokens([row], logits[:, -1].float())
+        last = logits[torch.arange(len(rows)), torch.tensor(lengths) - 1] if every else logits[:, -1]
+        going = []
+        for b, row in enumerate(rows):
+            seq = row.seq
+            if seq.request.prompt_logprobs is not None:
+                self._score_prompt(seq, logits[b, :lengths[b]])
+            row.position = lengths[b]
+            if seq.max_tokens == 0 or self._row_done(seq):
+                row.finished = True
+                self._end_row(seq)
+            else:
+                going.append(b)
+        if going:
+            self._take_tokens([rows[b] for b in going], last[going].float())
 
     def _decode(self, rows: list["_Row"]) -> None:
         """One forward pass for every running row, each at its own position, then each row's next token."""
@@ -683,28 +713,28 @@ class Engine:
         self._take_tokens(rows, logits[:, -1].float()[[r.slot for r in rows]] if width > 1 else logits[:, -1].float())
 
     def _take_tokens(self, rows: list["_Row"], logits: torch.Tensor) -> None:
-        """Sample each row's next token from its logits row (``logits`` [len(rows), V]) with its own settings."""
-        picks: list[Optional[torch.Tensor]] = [None] * len(rows)
-        greedy = [i for i, r in enumerate(rows) if r.plain_greedy]
-        if greedy:
-            best = logits[greedy].argmax(dim=-1)
-            for j, i in enumerate(greedy):
-                picks[i] = best[j:j + 1]
+        """Sample each row's next token from its logits row (``logits`` [len(rows), V]) with its own settings;
+        rows with the same settings and no generator of their own are sampled together."""
         logprobs: dict[int, torch.Tensor] = {}
+        wanted = [i for i, r in enumerate(rows) if r.seq.request.params.logprobs]
+        if wanted:
+            all_lp = torch.log_softmax(logits[wanted], dim=-1)
+            logprobs = {i: all_lp[j:j + 1] for j, i in enumerate(wanted)}
+        penalised = [i for i, r in enumerate(rows) if r.counts is not None or r.present is not None]
+        if penalised:
+            logits = logits.clone()
+            for i in penalised:
+                logits[i] = _penalise(rows[i], logits[i])
+        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            if picks[i] is not None:
-                continue
             p = r.seq.request.params
-            row_logits = logits[i:i + 1]
-            if p.logprobs:
-                logprobs[i] = torch.log_softmax(row_logits, dim=-1)
-            if r.counts is not None:
-                row_logits = row_logits - p.frequency_penalty * r.counts - p.presence_penalty * (r.counts > 0)
-            if r.present is not None:
-                penalised = torch.where(row_logits > 0, row_logits / p.repetition_penalty,
-                                        row_logits * p.repetition_penalty)
-                row_logits = torch.where(r.present, penalised, row_logits)
-            picks[i] = sample_next(row_logits, p.temperature, p.top_k, p.top_p, r.generator)
+            groups.setdefault((p.temperature, p.top_k, p.top_p) if r.generator is None else ("row", i), []).append(i)
+        picks: list[Optional[torch.Tensor]] = [None] * len(rows)
+        for key, members in groups.items():
+            p = rows[members[0]].seq.request.params
+            drawn = sample_next(logits[members], p.temperature, p.top_k, p.top_p, rows[members[0]].generator)
+            for j, i in enumerate(members):
+                picks[i] = drawn[j:j + 1]
         tokens = torch.cat(picks).tolist()  # one host sync for the whole step
         eos = set(self.eos_ids)
         for i, (r, token) in enumerate(zip(rows, tokens)):
@@ -739,7 +769,14 @@ class _Row:
     present: Optional[torch.Tensor] = None  # [V] bool, tokens in the context (repetition penalty)
     counts: Optional[torch.Tensor] = None  # [V] generated-token counts (frequency/presence penalties)
 
-    @property
-    def plain_greedy(self) -> bool:
-        p = self.seq.request.params
-        return p.temperature <= 0 and self.present is None and self.counts is None and not p.logprobs
+
+
+def _penalise(row: _Row, logits: torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency/presence penalties, then Hugging Face's repetition penalty, on one row's logits [V]."""
+    p = row.seq.request.params
+    if row.counts is not None:
+        logits = logits - p.frequency_penalty * row.counts - p.presence_penalty * (row.counts > 0)
+    if row.present is not None:
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(row.present, penalised, logits)
+    return logits
