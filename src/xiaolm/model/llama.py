@@ -230,14 +230,13 @@ class RowKVCache:
         self.static = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write):
-        """``write`` = (position_ids [B, T], keys to return): store at each row's positions, return its keys."""
-        position_ids, length = write
+        """``write`` = (position_ids [B, T], keys to return, row index [B, T]): store at each row's positions,
+        return the rows' keys."""
+        position_ids, length, b = write
         if isinstance(self.rows, slice):  # views: writes land in the cache, reads copy nothing
             ks, vs = self.k[layer][self.rows], self.v[layer][self.rows]
-            b = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(position_ids)
         else:  # a tensor of slot ids (rows admitted together that are not neighbours)
             ks, vs = self.k[layer], self.v[layer]
-            b = self.rows[:, None].expand_as(position_ids)
         ks[b, :, position_ids] = k.transpose(1, 2).to(ks.dtype)
         vs[b, :, position_ids] = v.transpose(1, 2).to(vs.dtype)
         if not isinstance(self.rows, slice):
@@ -491,10 +490,15 @@ class Llama(nn.Module):
         if length > cache.max_len:
             raise ValueError(f"KV cache full: {length} > {cache.max_len} positions")
         mask = (cache.positions[:length][None, None, None, :] <= position_ids[:, None, :, None])  # [B, 1, T, keys]
+        if isinstance(cache.rows, slice):
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        else:
+            rows = cache.rows
+        write = (position_ids, length, rows[:, None].expand_as(position_ids))
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, (position_ids, length))
+            x = layer(x, cos, sin, mask, cache, write)
         return self.model.norm(x)
 
     def forward(

@@ -698,19 +698,21 @@ class Engine:
     def _decode(self, rows: list["_Row"]) -> None:
         """One forward pass for every running row, each at its own position, then each row's next token."""
         width = max(r.slot for r in rows) + 1  # slots [0, width): free ones in between decode a dummy token
-        ids = torch.full((width, 1), self.tokenizer.pad_id, dtype=torch.long)
-        positions = torch.zeros((width, 1), dtype=torch.long)
+        ids, positions = [[self.tokenizer.pad_id]] * width, [[0]] * width
         for r in rows:
-            ids[r.slot, 0], positions[r.slot, 0] = r.next_token, r.position
+            ids[r.slot], positions[r.slot] = [r.next_token], [r.position]
         device = self.model.device
         cache = self._row_cache()
         cache.rows = slice(0, width)
-        logits = self.model(ids.to(device), position_ids=positions.to(device), cache=cache, logits_to_keep=1).logits
+        logits = self.model(torch.tensor(ids, device=device), position_ids=torch.tensor(positions, device=device),
+                            cache=cache, logits_to_keep=1).logits[:, -1].float()
         for r in rows:
             r.position += 1
         self.stats.batches += 1
         self.stats.recent_batches.append(BatchRecord(len(rows), len({r.seq.request.id for r in rows}), len(rows), 0.0))
-        self._take_tokens(rows, logits[:, -1].float()[[r.slot for r in rows]] if width > 1 else logits[:, -1].float())
+        if len(rows) < width or any(r.slot != i for i, r in enumerate(rows)):
+            logits = logits[[r.slot for r in rows]]
+        self._take_tokens(rows, logits)
 
     def _take_tokens(self, rows: list["_Row"], logits: torch.Tensor) -> None:
         """Sample each row's next token from its logits row (``logits`` [len(rows), V]) with its own settings;
