@@ -259,28 +259,40 @@ async def mixed_load(url: str, streams: int, requests: int, lengths: list[int], 
 def batching_main(args, run_dir: str) -> list[dict]:
     """Static vs continuous batching at each --streams value; prints the table, returns its rows."""
     rows = []
-    for scheduler in ("static", "continuous"):
-        with ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180, scheduler=scheduler) as server:
+    # Both servers are up at once and measured back to back at each stream count, so a machine whose load drifts
+    # (a shared CPU) affects both alike; an idle server costs nothing.
+    with ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180, scheduler="static") as static, \
+            ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180,
+                          scheduler="continuous") as continuous:
+        servers = {"static": static, "continuous": continuous}
+        for server in servers.values():
             warm = asyncio.run(warm_up(server.url))
             if not warm.ok:
                 raise SystemExit(f"warm-up request failed: {warm.error}\n{server.output()}")
-            for streams in args.streams:
-                requests = max(args.min_requests, streams * args.requests_per_stream)
-                run = asyncio.run(mixed_load(server.url, streams, requests, args.lengths, args.request_timeout))
-                ok = [r for r in run.results if r.ok]
+        for streams in args.streams:
+            requests = max(args.min_requests, streams * args.requests_per_stream)
+            runs: dict[str, list[Run]] = {name: [] for name in servers}
+            for _ in range(args.repeats):  # alternate, so both see the same machine
+                for scheduler, server in servers.items():
+                    runs[scheduler].append(asyncio.run(mixed_load(server.url, streams, requests, args.lengths,
+                                                                  args.request_timeout)))
+            for scheduler, done in runs.items():
+                results = [r for run in done for r in run.results]
+                ok = [r for r in results if r.ok]
                 ttfts = [r.ttft for r in ok if r.ttft is not None]
                 rows.append({
-                    "scheduler": scheduler, "streams": streams, "requests": len(run.results),
-                    "errors": len(run.results) - len(ok),
-                    "error_samples": sorted({r.error for r in run.results if not r.ok})[:3],
-                    "wall_s": run.wall, "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
-                    "tokens_per_s": sum(r.tokens for r in ok) / run.wall if run.wall else 0.0,
+                    "scheduler": scheduler, "streams": streams, "requests": len(results),
+                    "errors": len(results) - len(ok), "error_samples": sorted({r.error for r in results if not r.ok})[:3],
+                    "wall_s": sum(run.wall for run in done), "ttft_p50_s": percentile(ttfts, 50),
+                    "ttft_p99_s": percentile(ttfts, 99),
+                    "tokens_per_s": sum(r.tokens for r in ok) / sum(run.wall for run in done),
                 })
     static = {r["streams"]: r for r in rows if r["scheduler"] == "static"}
     header = (f"{'scheduler':>10} {'streams':>7} {'requests':>8} {'errors':>6} {'wall s':>7} {'TTFT p50':>9} "
               f"{'TTFT p99':>9} {'tokens/s':>9} {'vs static':>9}")
     print(f"\nstatic vs continuous batching: max-batch {args.max_batch[-1]}, answers of {args.lengths} tokens "
-          f"(cycled, ignore_eos), device {args.device}, model {args.run or 'tiny random-weight (built)'}")
+          f"(cycled, ignore_eos), {args.repeats} alternating repeats per row (tokens/s and TTFT over all of "
+          f"them), device {args.device}, model {args.run or 'tiny random-weight (built)'}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -321,12 +333,14 @@ def main() -> int:
                           help="answer lengths in tokens, cycled over the requests (default 8 32 96)")
     batching.add_argument("--requests-per-stream", type=int, default=3, help="requests per stream (default 3)")
     batching.add_argument("--min-requests", type=int, default=12, help="requests at least, per row (default 12)")
+    batching.add_argument("--repeats", type=int, default=3,
+                          help="measurements per row, alternating the schedulers (default 3)")
     args = parser.parse_args()
     if args.batching:
         if "--max-batch" not in sys.argv:
             args.max_batch = [32]
-        if any(v < 1 for v in args.streams + args.lengths):
-            parser.error("--streams and --lengths must be positive")
+        if any(v < 1 for v in args.streams + args.lengths + [args.repeats]):
+            parser.error("--streams, --lengths and --repeats must be positive")
         with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
             run_dir = args.run
             if run_dir is None:

@@ -38,8 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xiaolm.config import opt
 from xiaolm.serve.engine import Engine, EngineClosed, GenerationRequest, QueueFull, SamplingParams, Sequence
-from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 from xiaolm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
+from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 KEEPALIVE_SECONDS = 5.0  # an SSE comment while a streamed request waits in the queue (lets proxies and us notice)

@@ -45,7 +45,7 @@ from xiaolm.model.llama import RowKVCache
 log = logging.getLogger("xiaolm.serve")
 SCHEDULERS = ("continuous", "static")
 MAX_TOP_LOGPROBS = 20  # as OpenAI allows
-PREFILL_TOKENS = 4096  # padded prompt tokens in one prefill pass of newly admitted rows (bounds its logits' memory)
+PREFILL_TOKENS = 2048  # padded prompt tokens in one prefill pass of newly admitted rows (bounds its logits' memory)
 # What a client sees when generation failed on our side; the exception itself goes to the server log only.
 GENERATION_FAILED = "The server had an error while generating this response; please retry."
 
@@ -610,7 +610,8 @@ class Engine:
                                 slots[row.slot] = None
             except Exception:  # bookkeeping of our own failed: fail every running row, keep the loop alive
                 log.exception("serve: engine step failed")
-                running = step_rows + [r.seq for r in slots if r is not None and r.seq not in step_rows]
+                seen = {id(seq) for seq in step_rows}
+                running = step_rows + [r.seq for r in slots if r is not None and id(r.seq) not in seen]
                 slots[:] = [None] * len(slots)
                 self._fail_rows(running)
                 time.sleep(0.01)  # should the failure repeat, do not spin
