@@ -13,8 +13,8 @@ has its own timeout. Measured per configuration:
   errors          non-200 answers, error events, streams without [DONE], timeouts, exceptions (target: 0)
 
 The first --max-batch value, by default 1 (a plain queue: one request at a time), is the baseline; the last column
-is tokens/s against it, measured in the same run. Batching is static (a batch runs until all its rows end), so with
-C clients the batches settle around C/2 rows: half the clients wait while the other half's batch finishes.
+is tokens/s against it, measured in the same run. The server's default scheduler is used (continuous batching;
+see --batching for static against continuous).
 
     python bench/serve_load.py RUNDIR                       # any RUNDIR / HF / quantised dir
     python bench/serve_load.py                              # builds a tiny random-weight model first (not timed)
@@ -292,7 +292,7 @@ def batching_main(args, run_dir: str) -> list[dict]:
               f"{'TTFT p99':>9} {'tokens/s':>9} {'vs static':>9}")
     print(f"\nstatic vs continuous batching: max-batch {args.max_batch[-1]}, answers of {args.lengths} tokens "
           f"(cycled, ignore_eos), {args.repeats} alternating repeats per row (tokens/s and TTFT over all of "
-          f"them), device {args.device}, model {args.run or 'tiny random-weight (built)'}")
+          f"them), device {args.device}, model {args.run or repr(args.preset) + ' random-weight (built)'}")
     print(header)
     print("-" * len(header))
     for r in rows:

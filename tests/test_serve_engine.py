@@ -388,3 +388,20 @@ def test_a_failing_generation_is_a_500_without_our_exception_text_and_the_server
         assert c.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT,
                                                     "max_tokens": 3}).status_code == 200
         assert app.state.engine.alive
+
+
+def test_a_quantised_model_is_served_by_the_continuous_engine(tiny_run, tmp_path):
+    from xiaolm.infer.quantize import load_quantized, quantize_run
+
+    quantize_run(tiny_run, tmp_path / "q8", bits=8)
+    model, tokenizer, _info = load_quantized(tmp_path / "q8")
+    engine = Engine(model, tokenizer)
+    prompt = _ids(tokenizer, "从前有一个小女孩")
+    try:
+        seq = engine.submit(GenerationRequest(tokenizer, [prompt], [10], SamplingParams(
+            temperature=0.0, ignore_eos=True))).result(timeout=30)[0]
+    finally:
+        engine.close()
+    alone = generate(model, tokenizer, [""], SamplingConfig(max_new_tokens=10, temperature=0.0), prompt_ids=[prompt],
+                     eos_ids=[])[0]
+    assert seq.finish_reason == "length" and seq.text == alone

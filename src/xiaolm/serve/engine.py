@@ -1,20 +1,19 @@
 """The generation engine behind the server: one worker thread owns the model, requests wait in a queue, and the
-worker runs waiting rows together as one left-padded batch.
+worker generates waiting rows together.
 
 Why a single worker: a model on one device does one forward pass at a time anyway, and batching several rows into
-that pass is where the throughput comes from. Every choice of every request is one *row* (``Sequence``); the worker
-takes up to ``max_batch`` waiting rows that can share a batch (same sampling settings, and together they fit the
-context window) and calls :func:`xiaolm.infer.generate.generate_ids` once for them. Its ``on_token`` hook feeds each
-row's :class:`~xiaolm.infer.generate.StreamDecoder` (so a streamed delta never holds half a character) and its
-``should_stop`` hook ends a row at its own ``max_tokens``, at a stop string, or as soon as its client has gone.
+that pass is where the throughput comes from. Every choice of every request is one *row* (``Sequence``). Each
+generated token feeds the row's :class:`~xiaolm.infer.generate.StreamDecoder` (so a streamed delta never holds half
+a character), and a row ends at its own ``max_tokens``, at a stop string, or as soon as its client has gone.
 
 Two schedulers. ``continuous`` (the default, as in vLLM and llama.cpp's server) keeps a
 :class:`~xiaolm.model.llama.RowKVCache` of ``max_batch`` slots: at every decode step waiting rows are admitted into
 free slots (each prefilled alone into its slot), then one forward pass decodes every running row at its own
 position, and a finished row frees its slot at once. Rows with different sampling settings share the forward pass;
 each row samples with its own settings (and its own generator when seeded), so a row's output does not depend on
-who else is running. ``static`` is the older scheme: a batch of compatible rows runs until all of them end, and rows
-that arrive meanwhile wait for the next one.
+who else is running. ``static`` is the older scheme: up to ``max_batch`` waiting rows with the same sampling settings
+(that together fit the context window) run as one left-padded :func:`~xiaolm.infer.generate.generate_ids` batch
+until all of them end, and rows that arrive meanwhile wait for the next one.
 
 A row whose client disconnects stops costing compute at the next token, and a cancelled row still in the queue is
 dropped before it runs. The worker loop cannot be killed by a request: an exception in a step fails that step's rows
@@ -635,7 +634,11 @@ class Engine:
 
     def _row_cache(self) -> RowKVCache:
         if self._cache is None:
-            dtype = next(self.model.parameters()).dtype
+            dtype = getattr(self.model, "compute_dtype", None)  # a quantised model's
+            weight = getattr(getattr(getattr(self.model, "model", None), "embed_tokens", None), "weight", None)
+            if dtype is None:
+                dtype = weight.dtype if weight is not None else next(
+                    (p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
             self._cache = RowKVCache(self.model.config, self.max_batch, self.context_length, self.model.device,
                                      dtype)
         return self._cache
