@@ -405,3 +405,58 @@ def test_a_quantised_model_is_served_by_the_continuous_engine(tiny_run, tmp_path
     alone = generate(model, tokenizer, [""], SamplingConfig(max_new_tokens=10, temperature=0.0), prompt_ids=[prompt],
                      eos_ids=[])[0]
     assert seq.finish_reason == "length" and seq.text == alone
+
+
+class EosFirst(Wrapped):
+    """The real model with the end-of-text logit raised far above the rest: every row ends at its first token."""
+
+    def __init__(self, inner, eos_id: int):
+        super().__init__(inner)
+        self.eos_id = eos_id
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        logits = out.logits.clone()
+        logits[..., self.eos_id] += 50.0
+        return out._replace(logits=logits)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_row_that_ends_at_end_of_text_reports_that_tokens_logprob(loaded, scheduler):
+    model, tokenizer = loaded
+    engine = Engine(EosFirst(model, tokenizer.eot_id), tokenizer, scheduler=scheduler)
+    try:
+        seq = engine.submit(GenerationRequest(tokenizer, [_ids(tokenizer, "从前")], [3], SamplingParams(
+            temperature=0.0, logprobs=True, top_logprobs=1))).result(timeout=30)[0]
+    finally:
+        engine.close()
+    assert seq.tokens == 0 and seq.text == "" and seq.finish_reason == "stop"
+    (entry,) = seq.logprobs
+    assert entry.token == tokenizer.eot_id and entry.logprob > -1e-3 and entry.top[0][0] == tokenizer.eot_id
+
+
+def test_lm_eval_harness_local_completions_parses_our_scores(loaded):
+    """lm-evaluation-harness's own payload and parser (local-completions, loglikelihood): echo=True, logprobs=1,
+    max_tokens=1 on token ids; it sums token_logprobs[ctxlen:-1], dropping the one generated token."""
+    openai_completions = pytest.importorskip("lm_eval.models.openai_completions")
+    from types import SimpleNamespace
+
+    model, tokenizer = loaded
+    api = openai_completions.LocalCompletionsAPI
+    context = [tokenizer.eot_id] + tokenizer.encode("从前有一个小女孩")
+    continuation = tokenizer.encode("叫莉莉。")
+    ids = context + continuation
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = sum(float(full[k - 1, ids[k]]) for k in range(len(context), len(ids)))
+    greedy = all(int(full[k - 1].argmax()) == ids[k] for k in range(len(context), len(ids)))
+    for wrapped in (model, EosFirst(model, tokenizer.eot_id)):  # also when the one generated token is end-of-text
+        with TestClient(create_app(model=wrapped, tokenizer=tokenizer, model_name=MODEL)) as c:
+            payload = api._create_payload(SimpleNamespace(model=MODEL), [ids], generate=False, seed=1234)
+            out = c.post("/v1/completions", json=payload)
+            assert out.status_code == 200, out.text
+            ((logprob, is_greedy),) = api.parse_logprobs(out.json(), [ids], [len(context)])
+        if wrapped is model:
+            assert logprob == pytest.approx(expected, abs=1e-3) and is_greedy == greedy
+        else:
+            assert len(out.json()["choices"][0]["logprobs"]["tokens"]) == len(ids) + 1

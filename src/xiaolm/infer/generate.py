@@ -88,6 +88,7 @@ def generate_ids(
     static_cache: bool = False,
     compile_step: bool = False,
     logits_processor: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
+    on_eos: Optional[Callable[[int, int], None]] = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
 
@@ -97,6 +98,7 @@ def generate_ids(
     CUDA graphs, ``mode="reduce-overhead"``): the fast path for GPUs, where a small model's decode is launch-bound.
     ``logits_processor(logits [B, V] float32, outputs)`` sees each step's raw logits first and returns the logits
     to sample from (the server records log-probabilities and applies frequency/presence penalties there).
+    ``on_eos(row, id)`` is called when a row ends at an end-of-text token (which is not part of its output).
     """
     if not prompts:
         return []
@@ -144,6 +146,8 @@ def generate_ids(
                 continue
             if tok in eos_set:
                 done[i] = True
+                if on_eos is not None:
+                    on_eos(i, tok)
                 continue
             outputs[i].append(tok)
             if on_token is not None:

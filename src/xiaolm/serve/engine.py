@@ -471,6 +471,13 @@ class Engine:
             seq.request._emit(Event("delta", seq.index, text=delta, logprobs=seq._unsent_logprobs))
             seq._unsent_logprobs = []
 
+    def _keep_eos_logprob(self, seq: Sequence, entry: TokenLogprob) -> None:
+        """The end-of-text token a row ended at is not text, but its logprob is reported (as OpenAI and vLLM do:
+        lm-eval's scoring drops the last entry, expecting the one generated token there)."""
+        if not seq.request.cancelled:
+            seq.logprobs.append(entry)
+            seq._unsent_logprobs.append(entry)
+
     def _row_done(self, seq: Sequence) -> bool:
         return seq.request.cancelled or seq.decoder.stopped or seq.tokens >= seq.max_tokens
 
@@ -535,6 +542,11 @@ class Engine:
                 entry = token_logprobs(step_logprobs[0][row:row + 1], [token], params.top_logprobs)[0]
             self._keep_token(seq, token, entry)
 
+        def on_eos(row: int, token: int) -> None:
+            if params.logprobs:
+                self._keep_eos_logprob(batch[row], token_logprobs(step_logprobs[0][row:row + 1], [token],
+                                                                  params.top_logprobs)[0])
+
         def should_stop(row: int, _new_ids: list[int]) -> bool:
             return self._row_done(batch[row])
 
@@ -545,7 +557,7 @@ class Engine:
                 pad_id=self.tokenizer.pad_id, eos_ids=[] if params.ignore_eos else self.eos_ids,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 repetition_penalty=params.repetition_penalty, generator=generator,
-                on_token=on_token, should_stop=should_stop,
+                on_token=on_token, should_stop=should_stop, on_eos=on_eos,
                 logits_processor=process if params.logprobs or params.penalised else None,
             )
         except Exception as exc:  # a failing batch must not take the server down with it
@@ -746,6 +758,8 @@ class Engine:
         for i, (r, token) in enumerate(zip(rows, tokens)):
             seq, p = r.seq, r.seq.request.params
             if token in eos and not p.ignore_eos:
+                if i in logprobs:
+                    self._keep_eos_logprob(seq, token_logprobs(logprobs[i], [token], p.top_logprobs)[0])
                 r.finished = True
                 self._end_row(seq)
                 continue

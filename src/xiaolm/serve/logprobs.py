@@ -57,8 +57,9 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
         return {"token": token_text(tokenizer, token), "logprob": logprob,
                 "bytes": list(token_bytes(tokenizer, token))}
 
+    # The end-of-turn token a reply stopped at is not content (completions do list it, as OpenAI's legacy API did).
     return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries], "refusal": None}
+                        for e in entries if e.token >= len(SPECIAL_TOKENS)], "refusal": None}
 
 
 class TextOffsets:
