@@ -460,3 +460,26 @@ def test_lm_eval_harness_local_completions_parses_our_scores(loaded):
             assert logprob == pytest.approx(expected, abs=1e-3) and is_greedy == greedy
         else:
             assert len(out.json()["choices"][0]["logprobs"]["tokens"]) == len(ids) + 1
+
+
+def test_row_kv_cache_rows_at_different_lengths_match_running_each_alone(loaded):
+    from xiaolm.model.llama import RowKVCache
+
+    model, tokenizer = loaded
+    prompts = [_ids(tokenizer, "从前有一个小女孩叫莉莉。"), _ids(tokenizer, "小猫")]
+    cache = RowKVCache(model.config, 3, model.config.max_position_embeddings, "cpu", torch.float32)
+    with torch.no_grad():
+        cache.rows = torch.tensor([2, 0])  # not neighbours, right-padded together
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+        logits = model(ids, position_ids=torch.arange(width).expand(2, width), cache=cache).logits
+        steps = [[int(logits[b, len(p) - 1].argmax())] for b, p in enumerate(prompts)]
+        for _ in range(4):  # decode both rows in slots [0, 3) (slot 1 idle), each at its own position
+            cache.rows = slice(0, 3)
+            pos = [len(prompts[1]) + len(steps[1]) - 1, 0, len(prompts[0]) + len(steps[0]) - 1]
+            out = model(torch.tensor([[steps[1][-1]], [0], [steps[0][-1]]]), position_ids=torch.tensor(pos)[:, None],
+                        cache=cache, logits_to_keep=1).logits[:, -1]
+            for b, slot in ((0, 2), (1, 0)):
+                alone = model(torch.tensor([prompts[b] + steps[b]]), logits_to_keep=1).logits[0, -1]
+                torch.testing.assert_close(out[slot], alone, atol=1e-4, rtol=1e-4)
+                steps[b].append(int(out[slot].argmax()))
