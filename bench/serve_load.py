@@ -13,12 +13,20 @@ has its own timeout. Measured per configuration:
   errors          non-200 answers, error events, streams without [DONE], timeouts, exceptions (target: 0)
 
 The first --max-batch value, by default 1 (a plain queue: one request at a time), is the baseline; the last column
-is tokens/s against it, measured in the same run. Batching is static (a batch runs until all its rows end), so with
-C clients the batches settle around C/2 rows: half the clients wait while the other half's batch finishes.
+is tokens/s against it, measured in the same run. The server's default scheduler is used (continuous batching;
+see --batching for static against continuous).
 
     python bench/serve_load.py RUNDIR                       # any RUNDIR / HF / quantised dir
     python bench/serve_load.py                              # builds a tiny random-weight model first (not timed)
     python bench/serve_load.py RUNDIR --clients 16 --requests 64 --max-tokens 64 --max-batch 1 4 16
+
+--batching compares the engine's schedulers in one run instead: for `--scheduler static` (a batch runs until all its
+rows end) and `continuous` (rows join the running batch at every decode step), one server each with the same
+--max-batch, at 1, 8 and 32 concurrent streams (--streams) whose requests mix short and long answers
+(--lengths, cycled): time to first token p50/p99 and aggregate tokens/s, static being the baseline.
+
+    python bench/serve_load.py --batching                   # tiny random-weight model, CPU
+    python bench/serve_load.py RUNDIR --batching --device cuda --streams 1 8 32 --lengths 16 64 192
 
 Only 127.0.0.1 is used. Exit status 1 if any request failed.
 
@@ -95,12 +103,14 @@ def free_port() -> int:
 class ServerProcess:
     """`xiaolm serve` in a subprocess, stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, run: str, max_batch: int, device: str, start_timeout: float):
+    def __init__(self, run: str, max_batch: int, device: str, start_timeout: float, scheduler: str = ""):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.cmd = [sys.executable, "-m", "xiaolm", "serve", run, "--host", HOST, "--port", str(self.port),
                     "--max-batch", str(max_batch), "--device", device, "--log-level", "warning",
                     "--model-name", "bench", "--max-queue", "4096"]
+        if scheduler:
+            self.cmd += ["--scheduler", scheduler]
         self.start_timeout = start_timeout
         self.log = tempfile.TemporaryFile()
 
@@ -425,6 +435,80 @@ def run_hostile(args, run_dir: str) -> int:
     return 1 if failed else 0
 
 
+# ------------------------------------------------------------------------------------ --batching mode
+
+
+async def mixed_load(url: str, streams: int, requests: int, lengths: list[int], request_timeout: float) -> Run:
+    """``streams`` clients, each sending its next request as soon as the last one ends; request i asks for
+    ``lengths[i % len(lengths)]`` tokens with prompt ``PROMPTS[i % len(PROMPTS)]`` (short and long mixed)."""
+    run = Run()
+    issued = 0
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < requests:
+            i = issued
+            issued += 1
+            run.results.append(await one_request(http, PROMPTS[i % len(PROMPTS)], lengths[i % len(lengths)],
+                                                 request_timeout))
+
+    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(streams)))
+        run.wall = time.perf_counter() - started
+    return run
+
+
+def batching_main(args, run_dir: str) -> list[dict]:
+    """Static vs continuous batching at each --streams value; prints the table, returns its rows."""
+    rows = []
+    # Both servers are up at once and measured back to back at each stream count, so a machine whose load drifts
+    # (a shared CPU) affects both alike; an idle server costs nothing.
+    with ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180, scheduler="static") as static, \
+            ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180,
+                          scheduler="continuous") as continuous:
+        servers = {"static": static, "continuous": continuous}
+        for server in servers.values():
+            warm = asyncio.run(warm_up(server.url))
+            if not warm.ok:
+                raise SystemExit(f"warm-up request failed: {warm.error}\n{server.output()}")
+        for streams in args.streams:
+            requests = max(args.min_requests, streams * args.requests_per_stream)
+            runs: dict[str, list[Run]] = {name: [] for name in servers}
+            for _ in range(args.repeats):  # alternate, so both see the same machine
+                for scheduler, server in servers.items():
+                    runs[scheduler].append(asyncio.run(mixed_load(server.url, streams, requests, args.lengths,
+                                                                  args.request_timeout)))
+            for scheduler, done in runs.items():
+                results = [r for run in done for r in run.results]
+                ok = [r for r in results if r.ok]
+                ttfts = [r.ttft for r in ok if r.ttft is not None]
+                rows.append({
+                    "scheduler": scheduler, "streams": streams, "requests": len(results),
+                    "errors": len(results) - len(ok), "error_samples": sorted({r.error for r in results if not r.ok})[:3],
+                    "wall_s": sum(run.wall for run in done), "ttft_p50_s": percentile(ttfts, 50),
+                    "ttft_p99_s": percentile(ttfts, 99),
+                    "tokens_per_s": sum(r.tokens for r in ok) / sum(run.wall for run in done),
+                })
+    static = {r["streams"]: r for r in rows if r["scheduler"] == "static"}
+    header = (f"{'scheduler':>10} {'streams':>7} {'requests':>8} {'errors':>6} {'wall s':>7} {'TTFT p50':>9} "
+              f"{'TTFT p99':>9} {'tokens/s':>9} {'vs static':>9}")
+    print(f"\nstatic vs continuous batching: max-batch {args.max_batch[-1]}, answers of {args.lengths} tokens "
+          f"(cycled, ignore_eos), {args.repeats} alternating repeats per row (tokens/s and TTFT over all of "
+          f"them), device {args.device}, model {args.run or repr(args.preset) + ' random-weight (built)'}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        base = static[r["streams"]]["tokens_per_s"] or float("nan")
+        print(f"{r['scheduler']:>10} {r['streams']:>7} {r['requests']:>8} {r['errors']:>6} {r['wall_s']:>7.2f} "
+              f"{r['ttft_p50_s']:>8.3f}s {r['ttft_p99_s']:>8.3f}s {r['tokens_per_s']:>9.1f} "
+              f"{r['tokens_per_s'] / base:>8.2f}x")
+        for sample in r["error_samples"]:
+            print(f"{'':>10} error: {sample}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -450,7 +534,31 @@ def main() -> int:
                              "--max-batch values")
     parser.add_argument("--hostile-requests", type=int, default=200,
                         help="hostile requests at most, with --hostile (default 200)")
+    batching = parser.add_argument_group("--batching mode (static vs continuous scheduler)")
+    batching.add_argument("--batching", action="store_true", help="compare the schedulers instead")
+    batching.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32],
+                          help="concurrent streams to measure (default 1 8 32)")
+    batching.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 96],
+                          help="answer lengths in tokens, cycled over the requests (default 8 32 96)")
+    batching.add_argument("--requests-per-stream", type=int, default=3, help="requests per stream (default 3)")
+    batching.add_argument("--min-requests", type=int, default=12, help="requests at least, per row (default 12)")
+    batching.add_argument("--repeats", type=int, default=3,
+                          help="measurements per row, alternating the schedulers (default 3)")
     args = parser.parse_args()
+    if args.batching:
+        if "--max-batch" not in sys.argv:
+            args.max_batch = [32]
+        if any(v < 1 for v in args.streams + args.lengths + [args.repeats]):
+            parser.error("--streams, --lengths and --repeats must be positive")
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+            run_dir = args.run
+            if run_dir is None:
+                print(f"building a random-weight '{args.preset}' model (context {args.context}) ...", file=sys.stderr)
+                run_dir = str(build_tiny_run(Path(tmp), args.preset, args.context))
+            rows = batching_main(args, run_dir)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return 1 if any(r["errors"] for r in rows) else 0
     if not 1 <= args.clients <= 256:
         parser.error("--clients must be between 1 and 256")
     if args.requests < 1 or args.max_tokens < 1 or any(b < 1 for b in args.max_batch):

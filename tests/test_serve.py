@@ -297,7 +297,7 @@ def _greedy(engine_tokenizer, prompts, limits, **params):
 
 def test_engine_batches_waiting_requests_and_batching_changes_nothing(loaded):
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch=8, autostart=False)
+    engine = Engine(model, tokenizer, max_batch=8, autostart=False, scheduler="static")
     prompts = [[tokenizer.eot_id] + tokenizer.encode(t) for t in ("小猫", "从前有一个小女孩", "有一天，小明", "狗")]
     limits = [5, 9, 12, 7]
     requests = [engine.submit(_greedy(tokenizer, [p], [m], ignore_eos=True)) for p, m in zip(prompts, limits)]
@@ -316,7 +316,7 @@ def test_engine_batches_waiting_requests_and_batching_changes_nothing(loaded):
 def test_engine_groups_by_sampling_settings_and_context(loaded):
     model, tokenizer = loaded
     ctx = model.config.max_position_embeddings
-    engine = Engine(model, tokenizer, max_batch=8, autostart=False)
+    engine = Engine(model, tokenizer, max_batch=8, autostart=False, scheduler="static")
     short = [tokenizer.eot_id] + tokenizer.encode("小猫")
     long = ([tokenizer.eot_id] + tokenizer.encode("从前，有一个小女孩叫莉莉。" * 20))[: ctx - 10]
     a = engine.submit(_greedy(tokenizer, [short], [ctx - len(short)]))  # needs the whole context
@@ -335,7 +335,7 @@ def test_engine_groups_by_sampling_settings_and_context(loaded):
 
 def test_engine_queue_limit_and_cancelled_rows_in_the_queue(loaded):
     model, tokenizer = loaded
-    engine = Engine(model, tokenizer, max_batch=1, max_queue=2, autostart=False)
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=2, autostart=False, scheduler="static")
     prompt = [tokenizer.eot_id] + tokenizer.encode("小猫")
     keep = engine.submit(_greedy(tokenizer, [prompt], [4]))
     drop = engine.submit(_greedy(tokenizer, [prompt], [4]))

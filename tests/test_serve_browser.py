@@ -38,6 +38,7 @@ class SlowModel(torch.nn.Module):
     def __init__(self, inner, delay: float):
         super().__init__()
         self.inner, self.delay, self.config = inner, delay, inner.config
+        self.prompts: list[list[int]] = []  # every prompt the model was run on (prefill passes), for the tests
 
     @property
     def device(self):
@@ -46,9 +47,12 @@ class SlowModel(torch.nn.Module):
     def new_cache(self, *args, **kwargs):
         return self.inner.new_cache(*args, **kwargs)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, input_ids, *args, **kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is not None and input_ids.shape[1] > 1:  # a prefill of newly admitted rows (right-padded)
+            self.prompts.extend(input_ids.tolist())
         time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
+        return self.inner(input_ids, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +61,10 @@ def page_server(tiny_run):
     from xiaolm.train.checkpoint import load_model
 
     model, tokenizer, _info = load_model(tiny_run, device="cpu")
-    app = create_app(model=SlowModel(model, 0.02), tokenizer=tokenizer, model_name=MODEL, max_batch=4)
+    slow = SlowModel(model, 0.02)
+    app = create_app(model=slow, tokenizer=tokenizer, model_name=MODEL, max_batch=4)
     with BackgroundServer(app) as server:
-        yield server, tokenizer, model.config.max_position_embeddings
+        yield server, tokenizer, model.config.max_position_embeddings, slow
 
 
 def test_chat_page_streams_keeps_history_copies_and_clears(page_server, tmp_path):
@@ -70,7 +75,7 @@ def test_chat_page_streams_keeps_history_copies_and_clears(page_server, tmp_path
                     "(no `playwright install`: the system chromium is used)")
     artefacts = Path(os.environ.get("XIAOLM_ARTIFACTS") or tmp_path)
     artefacts.mkdir(parents=True, exist_ok=True)
-    server, tokenizer, context_length = page_server
+    server, tokenizer, context_length, _model = page_server
     origin = server.url
     sent: list[dict] = []
     requested: list[str] = []
@@ -127,7 +132,8 @@ def test_chat_page_streams_keeps_history_copies_and_clears(page_server, tmp_path
             assert sent[0]["messages"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": FIRST}]
 
             # Second turn: the whole conversation goes back to the server. With a 128-token context it does not fit
-            # beside max_tokens, so the server says context_length_exceeded and the page drops the oldest turn.
+            # beside max_tokens: if the conversation itself fits, the page leaves max_tokens to the server (which
+            # allows what is left) and keeps every turn; only if it does not fit is the oldest turn dropped.
             page.fill("#input", SECOND)
             page.click("#send")
             page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
@@ -136,10 +142,16 @@ def test_chat_page_streams_keeps_history_copies_and_clears(page_server, tmp_path
                 {"role": "assistant", "content": first_reply}, {"role": "user", "content": SECOND},
             ]
             full = len(tokenizer.encode(tokenizer.apply_chat_template(sent[1]["messages"], add_generation_prompt=True)))
-            assert full + MAX_TOKENS > context_length  # so the page had to trim, and did
-            assert sent[2]["messages"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SECOND}]
-            assert sent[2]["max_tokens"] == MAX_TOKENS
-            assert "已省略较早的 1 轮对话" in page.text_content(".msg.assistant >> nth=1 >> .msg-foot")
+            assert full + MAX_TOKENS > context_length  # so the page had to adapt
+            second_foot = page.text_content(".msg.assistant >> nth=1 >> .msg-foot")
+            if full < context_length:
+                assert sent[2]["messages"] == sent[1]["messages"] and "max_tokens" not in sent[2]
+                assert "最大生成长度已按上下文剩余空间缩短" in second_foot
+                assert page.locator(".msg-note").count() == 0
+            else:
+                assert sent[2]["messages"] == [{"role": "system", "content": SYSTEM},
+                                               {"role": "user", "content": SECOND}]
+                assert "较早的 1 轮对话这次没有发送给模型" in page.text_content(".msg-note")
 
             # Copy the first answer to the clipboard.
             page.click(".msg.assistant >> nth=0 >> .copy")
@@ -167,3 +179,75 @@ def test_chat_page_streams_keeps_history_copies_and_clears(page_server, tmp_path
     expected = "Failed to load resource: the server responded with a status of 400 (Bad Request)"
     assert [p for p in problems if not p.endswith(expected)] == [], problems
     assert len(problems) == 1, problems
+
+
+TURNS = ["讲一个小猫的故事。", "再讲一个。", "谢谢你！"]
+
+
+def _open_page(pw, tmp_path, origin, sent):
+    context = pw.chromium.launch_persistent_context(
+        str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1180, "height": 760}, locale="zh-CN", timeout=30_000,
+    )
+    page = context.pages[0] if context.pages else context.new_page()
+    page.set_default_timeout(30_000)
+
+    def capture_chat(route):
+        body = json.loads(route.request.post_data)
+        sent.append(body)
+        route.continue_(post_data=json.dumps({**body, "ignore_eos": True, "seed": 1234}))
+
+    page.route("**/v1/chat/completions", capture_chat)
+    page.goto(origin + "/")
+    page.wait_for_function(f"() => document.getElementById('model-name').textContent === {json.dumps(MODEL)}")
+    return context, page
+
+
+def _say(page, text, answers):
+    page.fill("#input", text)
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.querySelectorAll('.msg.assistant[data-state=done]').length === {answers}")
+
+
+def _model_saw(model, tokenizer, messages) -> bool:
+    """Whether the model was run on exactly the chat prompt of ``messages`` (right padding aside)."""
+    want = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return any(p[: len(want)] == want and not any(p[len(want):]) for p in model.prompts)
+
+
+def test_a_three_turn_conversation_reaches_the_model_whole_and_old_turns_go_only_when_it_no_longer_fits(
+        page_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    server, tokenizer, context_length, model = page_server
+    sent: list[dict] = []
+    with sync_playwright() as pw:
+        context, page = _open_page(pw, tmp_path, server.url, sent)
+        try:
+            assert page.input_value("#max-tokens") == ""  # the default: as much as fits
+            page.fill("#max-tokens", "10")
+            for k, text in enumerate(TURNS, start=1):
+                _say(page, text, k)
+            last = sent[-1]
+            assert [m["role"] for m in last["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+            assert [m["content"] for m in last["messages"] if m["role"] == "user"] == TURNS
+            assert len(sent) == 3 and all(b["max_tokens"] == 10 for b in sent)
+            assert _model_saw(model, tokenizer, last["messages"])  # all three turns reached the model
+            assert page.locator(".msg-note").count() == 0
+
+            # "As much as fits": no max_tokens, so the server fills what the context leaves ...
+            page.fill("#max-tokens", "")
+            _say(page, "再讲一个长的。", 4)
+            assert "max_tokens" not in sent[-1]
+            full = sent[-1]["messages"] + [{"role": "assistant", "content": page.text_content(
+                ".msg.assistant >> nth=3 >> .msg-body")}]
+            # ... and then the conversation itself no longer fits: old turns go, and the page says so.
+            _say(page, "好的。", 5)
+            kept = sent[-1]["messages"]
+            assert len(kept) < len(full) + 1 and kept[-1]["content"] == "好的。"
+            assert kept == (full + [{"role": "user", "content": "好的。"}])[len(full) + 1 - len(kept):]
+            assert _model_saw(model, tokenizer, kept)
+            note = page.text_content(".msg.assistant >> nth=4 >> .msg-note")
+            assert f"上下文长度（{context_length} tokens）" in note and "没有发送给模型" in note
+        finally:
+            context.close()

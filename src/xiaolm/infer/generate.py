@@ -88,6 +88,8 @@ def generate_ids(
     on_token: Optional[Callable[[int, int], None]] = None,
     static_cache: bool = False,
     compile_step: bool = False,
+    logits_processor: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
+    on_eos: Optional[Callable[[int, int], None]] = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
 
@@ -95,6 +97,9 @@ def generate_ids(
     or after ``max_new_tokens``. ``on_token(row, id)`` is called for every token kept (for streaming).
     ``static_cache`` keeps every decode step's shapes fixed and ``compile_step`` compiles that step (on CUDA with
     CUDA graphs, ``mode="reduce-overhead"``): the fast path for GPUs, where a small model's decode is launch-bound.
+    ``logits_processor(logits [B, V] float32, outputs)`` sees each step's raw logits first and returns the logits
+    to sample from (the server records log-probabilities and applies frequency/presence penalties there).
+    ``on_eos(row, id)`` is called when a row ends at an end-of-text token (which is not part of its output).
     """
     if not prompts:
         return []
@@ -131,7 +136,10 @@ def generate_ids(
             logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         else:
             logits = model(context, attention_mask=context_mask if padded else None, logits_to_keep=1).logits[:, -1]
-        logits = apply_repetition_penalty(logits.float(), context, repetition_penalty, context_mask if padded else None)
+        logits = logits.float()
+        if logits_processor is not None:
+            logits = logits_processor(logits, outputs)
+        logits = apply_repetition_penalty(logits, context, repetition_penalty, context_mask if padded else None)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = nxt.tolist()  # the one host sync per step: the host decides who stops (eos, stop strings)
         for i, tok in enumerate(tokens):
@@ -139,6 +147,8 @@ def generate_ids(
                 continue
             if tok in eos_set:
                 done[i] = True
+                if on_eos is not None:
+                    on_eos(i, tok)
                 continue
             outputs[i].append(tok)
             if on_token is not None:

@@ -207,6 +207,43 @@ class KVCache:
         self.valid = self.valid.index_select(0, index)
 
 
+class RowKVCache:
+    """A key/value cache of ``slots`` independent rows, each at its own length (continuous batching).
+
+    A row is one sequence; it is written at its own positions (``position_ids`` [B, T] of a forward pass say where),
+    so a newly admitted row can be prefilled alone while the other rows keep their state, and a finished row's slot is
+    reused at once. ``rows`` (a ``slice``, set by the caller before each forward pass) names the slots the batch's
+    rows live in (or a tensor of slot ids); keys are read back up to the longest row, and each query sees the keys
+    at positions up to its own, never what an earlier occupant (or right padding) left beyond it: every position is
+    written again before a query of the row can reach it.
+    """
+
+    per_row = True
+
+    def __init__(self, cfg: LlamaConfig, slots: int, max_len: int, device, dtype):
+        shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.slots, self.max_len = slots, max_len
+        self.positions = torch.arange(max_len, device=device)
+        self.rows = slice(0, slots)
+        self.static = False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write):
+        """``write`` = (position_ids [B, T], keys to return, row index [B, T]): store at each row's positions,
+        return the rows' keys."""
+        position_ids, length, b = write
+        if isinstance(self.rows, slice):  # views: writes land in the cache, reads copy nothing
+            ks, vs = self.k[layer][self.rows], self.v[layer][self.rows]
+        else:  # a tensor of slot ids (rows admitted together that are not neighbours)
+            ks, vs = self.k[layer], self.v[layer]
+        ks[b, :, position_ids] = k.transpose(1, 2).to(ks.dtype)
+        vs[b, :, position_ids] = v.transpose(1, 2).to(vs.dtype)
+        if not isinstance(self.rows, slice):
+            ks, vs = ks[self.rows], vs[self.rows]
+        return ks[:, :, :length], vs[:, :, :length]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -397,6 +434,8 @@ class Llama(nn.Module):
         write = None
         if cache is not None and cache.static:
             return self._hidden_states_static(input_ids, position_ids, attention_mask, cache)
+        if getattr(cache, "per_row", False):
+            return self._hidden_states_rows(input_ids, position_ids, cache)
         past = cache.length if cache is not None else 0
         key_valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
@@ -441,6 +480,25 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, write)
         cache.slot.add_(T)  # a tensor, so a compiled step never sees changing Python state
+        return self.model.norm(x)
+
+    def _hidden_states_rows(self, input_ids, position_ids, cache: RowKVCache) -> torch.Tensor:
+        """Per-row positions in a :class:`RowKVCache`: a query sees its row's keys at positions up to its own."""
+        if position_ids is None:
+            raise ValueError("a RowKVCache needs position_ids (each row is at its own length)")
+        length = int(position_ids.max()) + 1
+        if length > cache.max_len:
+            raise ValueError(f"KV cache full: {length} > {cache.max_len} positions")
+        mask = (cache.positions[:length][None, None, None, :] <= position_ids[:, None, :, None])  # [B, 1, T, keys]
+        if isinstance(cache.rows, slice):
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        else:
+            rows = cache.rows
+        write = (position_ids, length, rows[:, None].expand_as(position_ids))
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, write)
         return self.model.norm(x)
 
     def forward(

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from xiaolm.config import opt
 from xiaolm.infer.generate import chat_prompt_ids, plain_prompt_ids
 from xiaolm.serve.engine import Engine, EngineClosed, GenerationRequest, QueueFull, SamplingParams, Sequence
+from xiaolm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -308,6 +309,7 @@ def create_app(
     allowed_hosts: Optional[list[str]] = None,
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     docs: bool = False,
+    scheduler: str = "continuous",
 ):
     """The FastAPI app serving ``run`` (loaded with ``load_model``) or an already loaded ``model`` + ``tokenizer``.
 
@@ -316,6 +318,7 @@ def create_app(
     ``request_timeout`` bounds how long one request may wait and generate, in seconds. ``api_key``,
     ``allowed_hosts`` (``Host`` names accepted; None: any) and ``max_body_mb`` are the guards described above;
     ``docs`` serves FastAPI's ``/docs`` page, which loads Swagger UI from a CDN (off by default).
+    ``scheduler`` is the engine's: ``continuous`` (default) or ``static``.
     """
     if model is None:
         if run is None:
@@ -327,7 +330,7 @@ def create_app(
         raise ValueError("create_app needs the tokenizer that goes with the model")
     if model_name is None:
         model_name = Path(run).resolve().name if run is not None else "xiaolm"
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduler=scheduler)
     served = _Served(engine=engine, tokenizer=tokenizer, model_name=model_name,
                      context_length=engine.context_length, default_max_tokens=int(default_max_tokens),
                      request_timeout=float(request_timeout), created=int(time.time()), device=str(model.device),
@@ -405,9 +408,9 @@ def create_app(
     async def chat_completions(request: Request):
         body: ChatCompletionRequest = await _parse_body(request, ChatCompletionRequest, served.max_body_bytes)
         _check_model(body.model, served)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported by this server.", param="logprobs",
-                           code="unsupported_parameter")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs",
+                           code="invalid_value")
         messages = []
         for i, m in enumerate(body.messages):
             try:
@@ -428,7 +431,8 @@ def create_app(
             return StreamingResponse(_chat_stream(gen, meta, n, len(prompt_ids), include_usage, served),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         await _collect(gen, request, served)
-        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
+        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
+                    "logprobs": chat_logprobs(tokenizer, s.logprobs) if body.logprobs else None,
                     "finish_reason": s.finish_reason} for s in gen.sequences]
         return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
                 "choices": choices, "usage": _usage(len(prompt_ids), gen.sequences)}
@@ -437,9 +441,7 @@ def create_app(
     async def completions(request: Request):
         body: CompletionRequest = await _parse_body(request, CompletionRequest, served.max_body_bytes)
         _check_model(body.model, served)
-        if body.logprobs is not None:
-            raise APIError(400, "logprobs are not supported by this server.", param="logprobs",
-                           code="unsupported_parameter")
+        _check_completion_scoring(body)
         if body.suffix:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model.", param="suffix",
                            code="unsupported_parameter")
@@ -449,7 +451,7 @@ def create_app(
             raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
         explicit = body.max_tokens if "max_tokens" in body.model_fields_set else None
         n = body.n or 1
-        prompt_ids, echoes, limits = [], [], []
+        prompt_ids, echoes, limits, prepended = [], [], [], []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 _check_length_cheaply(len(p) + 1, served, "prompt")
@@ -468,6 +470,7 @@ def create_app(
                 prompt_ids.append(ids)
                 echoes.append(echo if body.echo else "")
                 limits.append(limit)
+                prepended.append(isinstance(p, str))
         gen = _submit(served, prompt_ids, limits, body, "n" if len(prompts) == 1 else "prompt")
         meta = _ResponseMeta("cmpl-" + gen.id, int(time.time()), served.model_name)
         prompt_tokens = sum(len(prompt_ids[i]) for i in range(0, len(prompt_ids), n))
@@ -476,7 +479,8 @@ def create_app(
             return StreamingResponse(_completion_stream(gen, meta, echoes, prompt_tokens, include_usage, served),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         await _collect(gen, request, served)
-        choices = [{"index": s.index, "text": echoes[s.index] + s.text, "logprobs": None,
+        choices = [{"index": s.index, "text": echoes[s.index] + s.text,
+                    "logprobs": _completion_choice_logprobs(tokenizer, s, body, prepended[s.index]),
                     "finish_reason": s.finish_reason} for s in gen.sequences]
         return {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
                 "choices": choices, "usage": _usage(prompt_tokens, gen.sequences)}
@@ -522,11 +526,22 @@ def _resolve_max_tokens(prompt_tokens: int, explicit: Optional[int], served: _Se
     return max(1, min(wanted, ctx - prompt_tokens))
 
 
+def _logprob_settings(body) -> tuple[bool, int, Optional[int]]:
+    """(logprobs, top_logprobs, prompt_logprobs) of a chat (``logprobs: bool``, ``top_logprobs: int``) or
+    completions (``logprobs: int``; with ``echo`` the prompt is scored too) request."""
+    if isinstance(body, CompletionRequest):
+        if body.logprobs is None:
+            return False, 0, None
+        return True, body.logprobs, body.logprobs if body.echo else None
+    return bool(body.logprobs), (body.top_logprobs or 0) if body.logprobs else 0, None
+
+
 def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body, rows_param: str) -> GenerationRequest:
     if len(prompts) > served.engine.max_queue:  # would be refused however long the client waits: not a 429
         raise APIError(400, f"This request needs {len(prompts)} generation rows (prompts x n), more than this server "
                             f"ever queues ({served.engine.max_queue}, xiaolm serve --max-queue). Send fewer prompts "
                             f"or a smaller n.", param=rows_param, code="too_many_rows")
+    logprobs, top_logprobs, prompt_logprobs = _logprob_settings(body)
     params = SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -534,8 +549,13 @@ def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body, 
         repetition_penalty=body.repetition_penalty or 1.0,
         seed=body.seed,
         ignore_eos=bool(body.ignore_eos),
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
-    gen = GenerationRequest(served.tokenizer, prompts, limits, params, body.stop_list())
+    gen = GenerationRequest(served.tokenizer, prompts, limits, params, body.stop_list(),
+                            prompt_logprobs=prompt_logprobs)
     try:
         served.engine.submit(gen)
     except QueueFull as exc:
@@ -551,6 +571,30 @@ def _log_disconnect(gen: GenerationRequest) -> None:
     """One line, no traceback: a client hanging up is routine."""
     _LOG.info("serve: request %s: the client disconnected after %d tokens; its generation stopped", gen.id,
               sum(s.tokens for s in gen.sequences))
+
+
+def _check_completion_scoring(body: CompletionRequest) -> None:
+    """max_tokens 0 only scores a prompt (echo); a streamed echo does not carry the prompt's logprobs."""
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo, to score the prompt).",
+                       param="max_tokens", code="invalid_value")
+    if body.stream and body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported when streaming; send it without stream.",
+                       param="logprobs", code="unsupported_parameter")
+
+
+def _completion_choice_logprobs(tokenizer, seq: Sequence, body: CompletionRequest, prepended: bool) -> Optional[dict]:
+    """The legacy logprobs of one choice: the prompt's tokens first when echoed (without the ``<|endoftext|>``
+    we prepended to a text prompt, which is not part of the echoed text), then the generated ones."""
+    if body.logprobs is None:
+        return None
+    entries, tokens = [], []
+    if body.echo and seq.prompt_logprobs is not None:
+        skip = 1 if prepended else 0
+        entries, tokens = list(seq.prompt_logprobs[skip:]), list(seq.prompt_ids[skip:])
+    entries += seq.logprobs
+    tokens += [e.token for e in seq.logprobs]
+    return completion_logprobs(tokenizer, entries, tokens, TextOffsets(), body.logprobs)
 
 
 def _usage(prompt_tokens: int, sequences: list[Sequence]) -> dict:
@@ -629,9 +673,9 @@ def _stream_error(message: str, code: str) -> str:
 
 async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prompt_tokens: int,
                        include_usage: bool, served: _Served) -> AsyncIterator[str]:
-    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None) -> dict:
+    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, logprobs=None) -> dict:
         obj = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-               "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+               "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
         if include_usage:
             obj["usage"] = None
         return obj
@@ -642,7 +686,8 @@ async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prom
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.kind == "delta":
-                yield _sse(chunk(event.index, {"content": event.text}))
+                logprobs = chat_logprobs(served.tokenizer, event.logprobs) if gen.params.logprobs else None
+                yield _sse(chunk(event.index, {"content": event.text}, logprobs=logprobs))
             elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
                 yield _sse(chunk(event.index, {}, event.finish_reason))
             elif event.kind == "finish" and event.finish_reason == "cancelled":
@@ -665,9 +710,11 @@ async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prom
 
 async def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes: list[str], prompt_tokens: int,
                              include_usage: bool, served: _Served) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, finish_reason: Optional[str] = None) -> dict:
+    offsets = [TextOffsets(len(echo)) for echo in echoes]  # legacy logprobs count characters of the whole text
+
+    def chunk(index: int, text: str, finish_reason: Optional[str] = None, logprobs=None) -> dict:
         obj = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-               "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+               "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
         if include_usage:
             obj["usage"] = None
         return obj
@@ -680,7 +727,11 @@ async def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.kind == "delta":
-                yield _sse(chunk(event.index, event.text))
+                logprobs = None
+                if gen.params.logprobs:
+                    logprobs = completion_logprobs(served.tokenizer, event.logprobs, [e.token for e in event.logprobs],
+                                                   offsets[event.index], gen.params.top_logprobs)
+                yield _sse(chunk(event.index, event.text, logprobs=logprobs))
             elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
                 yield _sse(chunk(event.index, "", event.finish_reason))
             elif event.kind == "finish" and event.finish_reason == "cancelled":
@@ -764,6 +815,8 @@ class ServeConfig:
                                    "needs more rows than this, 400)")
     default_max_tokens: int = opt(512, "max_tokens of a chat request that sets none (clamped to the context left)")
     request_timeout: float = opt(600.0, "seconds one request may wait and generate before it is cancelled")
+    scheduler: Literal["continuous", "static"] = opt(
+        "continuous", "continuous: new requests join the running batch at every step; static: a batch runs to its end")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn log level")
     api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $XIAOLM_API_KEY; "
                                        "unset: no key)")
@@ -818,7 +871,8 @@ def main(argv: list[str]) -> int:
         app = create_app(cfg.run, model_name=cfg.model_name, device=device, dtype=_pick_dtype(cfg.dtype, device),
                          checkpoint=cfg.checkpoint, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                          default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout,
-                         api_key=api_key, allowed_hosts=allowed_hosts, max_body_mb=cfg.max_body_mb, docs=cfg.docs)
+                         api_key=api_key, allowed_hosts=allowed_hosts, max_body_mb=cfg.max_body_mb, docs=cfg.docs,
+                         scheduler=cfg.scheduler)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc))
     import uvicorn

@@ -1,16 +1,23 @@
 """The generation engine behind the server: one worker thread owns the model, requests wait in a queue, and the
-worker runs waiting rows together as one left-padded batch.
+worker generates waiting rows together.
 
 Why a single worker: a model on one device does one forward pass at a time anyway, and batching several rows into
-that pass is where the throughput comes from. Every choice of every request is one *row* (``Sequence``); the worker
-takes up to ``max_batch`` waiting rows that can share a batch (same sampling settings, and together they fit the
-context window) and calls :func:`xiaolm.infer.generate.generate_ids` once for them. Its ``on_token`` hook feeds each
-row's :class:`~xiaolm.infer.generate.StreamDecoder` (so a streamed delta never holds half a character) and its
-``should_stop`` hook ends a row at its own ``max_tokens``, at a stop string, or as soon as its client has gone.
+that pass is where the throughput comes from. Every choice of every request is one *row* (``Sequence``). Each
+generated token feeds the row's :class:`~xiaolm.infer.generate.StreamDecoder` (so a streamed delta never holds half
+a character), and a row ends at its own ``max_tokens``, at a stop string, or as soon as its client has gone.
 
-Batching is static: a batch runs until all its rows end, and rows that arrive meanwhile wait for the next one.
-A row whose client disconnects stops costing compute at the next token (``should_stop``), and a cancelled row still
-in the queue is dropped before it runs.
+Two schedulers. ``continuous`` (the default, as in vLLM and llama.cpp's server) keeps a
+:class:`~xiaolm.model.llama.RowKVCache` of ``max_batch`` slots: at every decode step waiting rows are admitted into
+free slots (each prefilled alone into its slot), then one forward pass decodes every running row at its own
+position, and a finished row frees its slot at once. Rows with different sampling settings share the forward pass;
+each row samples with its own settings (and its own generator when seeded), so a row's output does not depend on
+who else is running. ``static`` is the older scheme: up to ``max_batch`` waiting rows with the same sampling settings
+(that together fit the context window) run as one left-padded :func:`~xiaolm.infer.generate.generate_ids` batch
+until all of them end, and rows that arrive meanwhile wait for the next one.
+
+A row whose client disconnects stops costing compute at the next token, and a cancelled row still in the queue is
+dropped before it runs. The worker loop cannot be killed by a request: an exception in a step fails that step's rows
+(HTTP 500, no exception text sent) and the loop goes on; ``Engine.alive`` says whether the worker is running.
 
 Events reach the HTTP side through a per-request queue: an ``asyncio.Queue`` fed with
 ``loop.call_soon_threadsafe`` for the server, or a ``queue.Queue`` for plain threaded callers (tests, scripts).
@@ -19,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -29,7 +38,15 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from xiaolm.infer.generate import StreamDecoder, generate_ids
+from xiaolm.infer.generate import StreamDecoder, generate_ids, sample_next
+from xiaolm.model.llama import RowKVCache
+
+log = logging.getLogger("xiaolm.serve")
+SCHEDULERS = ("continuous", "static")
+MAX_TOP_LOGPROBS = 20  # as OpenAI allows
+PREFILL_TOKENS = 2048  # padded prompt tokens in one prefill pass of newly admitted rows (bounds its logits' memory)
+# What a client sees when generation failed on our side; the exception itself goes to the server log only.
+GENERATION_FAILED = "The server had an error while generating this response; please retry."
 
 
 class QueueFull(RuntimeError):
@@ -48,12 +65,49 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0  # OpenAI: logit -= frequency_penalty * (times the token was generated so far)
+    presence_penalty: float = 0.0  # OpenAI: logit -= presence_penalty if the token was generated at all
+    logprobs: bool = False  # report each generated token's log-probability
+    top_logprobs: int = 0  # ... and this many most likely alternatives
 
     def normalised(self) -> "SamplingParams":
         """Greedy decoding ignores top_p/top_k, and top_p = 0 means "only the most likely token" (greedy)."""
         if self.temperature <= 0 or self.top_p <= 0:
-            return SamplingParams(0.0, 1.0, 0, self.repetition_penalty, self.seed, self.ignore_eos)
+            return dataclasses.replace(self, temperature=0.0, top_p=1.0, top_k=0)
         return self
+
+    @property
+    def penalised(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def derive_seed(seed: int, offset: int = 0) -> int:
+    """A generator seed for row ``offset`` of a request seeded with ``seed``: any integer (2**64, negative) maps
+    into torch's range, so no client-sent seed can overflow ``manual_seed``."""
+    return (int(seed) + int(offset)) % (2 ** 63)
+
+
+@dataclass
+class TokenLogprob:
+    """One position's log-probability (natural log, from the model's own distribution before penalties and
+    temperature) and its most likely alternatives, as token ids."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top_n: int) -> list[TokenLogprob]:
+    """Entries for ``tokens`` [N] given their rows of log-probabilities ``logprobs`` [N, V]."""
+    if not tokens:
+        return []
+    index = torch.tensor(tokens, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    if top_n > 0:
+        values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops)]
 
 
 @dataclass
@@ -67,6 +121,9 @@ class Sequence:
     decoder: StreamDecoder
     tokens: int = 0
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # echo: one per prompt token (None for the 1st)
+    _unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # streamed with the next text delta
 
     @property
     def text(self) -> str:
@@ -80,6 +137,7 @@ class Event:
     text: str = ""
     finish_reason: Optional[str] = None
     tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # a delta's tokens, when logprobs were asked for
 
 
 class GenerationRequest:
@@ -93,12 +151,15 @@ class GenerationRequest:
     _ids = itertools.count()
 
     def __init__(self, tokenizer, prompts: list[list[int]], max_tokens: list[int], params: SamplingParams,
-                 stop: list[str] = (), loop: Optional[asyncio.AbstractEventLoop] = None):
+                 stop: list[str] = (), loop: Optional[asyncio.AbstractEventLoop] = None,
+                 prompt_logprobs: Optional[int] = None):
         if len(prompts) != len(max_tokens):
             raise ValueError("one max_tokens per prompt")
         self.id = uuid.uuid4().hex
         self.order = next(self._ids)
         self.params = params.normalised()
+        # echo with logprobs: score every prompt token too (with this many alternatives), as lm-eval needs
+        self.prompt_logprobs = prompt_logprobs
         self.stop = list(stop)
         self.created = time.time()
         self.sequences = [
@@ -211,19 +272,24 @@ class EngineStats:
 class Engine:
     """Queue + batching worker around one model.
 
-    ``max_batch`` caps the rows in one forward pass; ``max_queue`` caps the rows waiting (a further submit raises
-    ``QueueFull``, which the server turns into a 429). The worker thread starts on the first ``submit`` (or
+    ``max_batch`` caps the rows in one forward pass (the continuous scheduler's KV slots); ``max_queue`` caps the
+    rows waiting (a further submit raises ``QueueFull``, which the server turns into a 429). ``scheduler`` is
+    ``continuous`` or ``static`` (see the module docstring). The worker thread starts on the first ``submit`` (or
     ``start()``; with ``autostart=False`` only on ``start()``) and stops on ``close()``.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 256, autostart: bool = True):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 256, autostart: bool = True,
+                 scheduler: str = "continuous"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
         self.autostart = autostart
+        self.scheduler = scheduler
         self.context_length = int(model.config.max_position_embeddings)
         self.eos_ids = sorted({tokenizer.eot_id, getattr(tokenizer, "im_end_id", tokenizer.eot_id)})
         self.stats = EngineStats()
@@ -232,8 +298,19 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
+        self._cache: Optional[RowKVCache] = None
 
     # ------------------------------------------------------------------------------------------ control
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine can serve: not closed, and its worker thread is running (or not started yet, when it
+        starts on the first submit). False once the worker has died, which /health reports as 503."""
+        if self._closed:
+            return False
+        if self._thread is None:
+            return self.autostart
+        return self._thread.is_alive()
 
     def start(self) -> None:
         with self._cond:
@@ -266,6 +343,8 @@ class Engine:
         for seq in request.sequences:
             if not seq.prompt_ids:
                 raise ValueError("every prompt needs at least one token")
+            if seq.max_tokens < 0:
+                raise ValueError(f"max_tokens must not be negative, got {seq.max_tokens}")
             if len(seq.prompt_ids) + seq.max_tokens > self.context_length:
                 raise ValueError(
                     f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.max_tokens}) exceeds the "
@@ -289,40 +368,64 @@ class Engine:
         s = self.stats
         return {
             "waiting_rows": waiting, "running_rows": running, "max_batch": self.max_batch,
-            "max_queue": self.max_queue, "batches": s.batches, "rows_finished": s.rows_finished,
-            "rows_cancelled": s.rows_cancelled, "tokens_generated": s.tokens_generated, "errors": s.errors,
+            "max_queue": self.max_queue, "scheduler": self.scheduler, "batches": s.batches,
+            "rows_finished": s.rows_finished, "rows_cancelled": s.rows_cancelled,
+            "tokens_generated": s.tokens_generated, "errors": s.errors,
         }
 
     # ------------------------------------------------------------------------------------------- worker
 
+    @torch.no_grad()
     def _worker(self) -> None:
+        if self.scheduler == "continuous":
+            self._continuous_worker()
+        else:
+            self._static_worker()
+
+    def _static_worker(self) -> None:
         while True:
-            with self._cond:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                batch = self._take_batch()
-                self._running = batch
-            if batch:
-                try:
+            batch: list[Sequence] = []
+            try:
+                with self._cond:
+                    while not self._waiting and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    batch = self._take_batch()
+                    self._running = batch
+                if batch:
                     self._run_batch(batch)
-                finally:
-                    with self._cond:
-                        self._running = []
+            except Exception:  # the loop must outlive any one batch: fail its rows, go on
+                log.exception("serve: engine step failed")
+                self._fail_rows(batch)
+                time.sleep(0.01)  # should the failure repeat, do not spin
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _fail_rows(self, rows: list[Sequence]) -> None:
+        """End ``rows`` with an error event (a 500 for their clients); never raises."""
+        for seq in rows:
+            if seq.finish_reason is not None:
+                continue
+            try:
+                self.stats.errors += 1
+                seq.request._emit(Event("error", seq.index, text=GENERATION_FAILED))
+                self._count_finished(seq, "error")
+                seq.request._finish_row(seq, "error")
+            except Exception:
+                log.exception("serve: could not report a failed row")
 
     def _batch_key(self, seq: Sequence) -> tuple:
         p = seq.request.params
         # A seeded request runs only with its own rows, so its output does not depend on who else is waiting.
         owner = seq.request.id if p.seed is not None else None
-        return (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.ignore_eos, owner)
+        return (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.ignore_eos, p.frequency_penalty,
+                p.presence_penalty, p.logprobs, p.top_logprobs, owner)
 
     def _take_batch(self) -> list[Sequence]:
         """Oldest waiting row first, then later rows that can share its batch; called with the lock held."""
-        while self._waiting and self._waiting[0].request.cancelled:
-            seq = self._waiting.popleft()
-            self._count_finished(seq, "cancelled")
-            seq.request._finish_row(seq, "cancelled")
+        self._drop_cancelled_head()
         if not self._waiting:
             return []
         head = self._waiting[0]
@@ -345,6 +448,12 @@ class Engine:
         self._waiting = keep
         return batch
 
+    def _drop_cancelled_head(self) -> None:
+        while self._waiting and self._waiting[0].request.cancelled:
+            seq = self._waiting.popleft()
+            self._count_finished(seq, "cancelled")
+            seq.request._finish_row(seq, "cancelled")
+
     def _count_finished(self, seq: Sequence, reason: str) -> None:
         s = self.stats
         s.rows_finished += 1
@@ -352,27 +461,99 @@ class Engine:
         s.recent_rows.append({"request": seq.request.id, "index": seq.index, "finish_reason": reason,
                               "tokens": seq.tokens, "max_tokens": seq.max_tokens})
 
+    # ---------------------------------------------------------------------------------- shared row logic
+
+    def _keep_token(self, seq: Sequence, token: int, entry: Optional[TokenLogprob]) -> None:
+        """A generated token (not an end-of-text): count it, stream its text (and logprobs)."""
+        seq.tokens += 1
+        if seq.request.cancelled:
+            return
+        if entry is not None:
+            seq.logprobs.append(entry)
+            seq._unsent_logprobs.append(entry)
+        delta = seq.decoder.push(token)
+        if delta:
+            seq.request._emit(Event("delta", seq.index, text=delta, logprobs=seq._unsent_logprobs))
+            seq._unsent_logprobs = []
+
+    def _keep_eos_logprob(self, seq: Sequence, entry: TokenLogprob) -> None:
+        """The end-of-text token a row ended at is not text, but its logprob is reported (as OpenAI and vLLM do:
+        lm-eval's scoring drops the last entry, expecting the one generated token there)."""
+        if not seq.request.cancelled:
+            seq.logprobs.append(entry)
+            seq._unsent_logprobs.append(entry)
+
+    def _row_done(self, seq: Sequence) -> bool:
+        return seq.request.cancelled or seq.decoder.stopped or seq.tokens >= seq.max_tokens
+
+    def _end_row(self, seq: Sequence) -> None:
+        """A row that ran to its end (not an error): flush its text, report why it ended."""
+        request = seq.request
+        if request.cancelled:
+            reason = "cancelled"
+        else:
+            tail = seq.decoder.finish()
+            if tail or seq._unsent_logprobs:
+                request._emit(Event("delta", seq.index, text=tail, logprobs=seq._unsent_logprobs))
+                seq._unsent_logprobs = []
+            # A row that ended before its budget without a stop string ended at an end-of-text token.
+            reason = "stop" if seq.decoder.stopped or seq.tokens < seq.max_tokens else "length"
+        self._count_finished(seq, reason)
+        request._finish_row(seq, reason)
+
+    def _score_prompt(self, seq: Sequence, logits: Optional[torch.Tensor] = None) -> None:
+        """echo + logprobs: each prompt token's log-probability given the tokens before it (None for the first)."""
+        top_n = seq.request.prompt_logprobs
+        if top_n is None:
+            return
+        if logits is None:
+            ids = torch.tensor([seq.prompt_ids], device=self.model.device)
+            logits = self.model(ids).logits[0]
+        lp = torch.log_softmax(logits.float()[:-1], dim=-1)
+        seq.prompt_logprobs = [None] + token_logprobs(lp, seq.prompt_ids[1:], top_n)
+
+    # ------------------------------------------------------------------------------------ static batches
+
     def _run_batch(self, batch: list[Sequence]) -> None:
         started = time.perf_counter()
         params = batch[0].request.params
         generator = None
         if params.seed is not None:
             request = batch[0].request
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed + request.batches_started)
+            generator = torch.Generator(device=self.model.device).manual_seed(
+                derive_seed(params.seed, request.batches_started))
             request.batches_started += 1
+        for seq in batch:
+            self._score_prompt(seq)
+        counts = None  # generated-token counts per row, for frequency/presence penalties
+        step_logprobs: list[Optional[torch.Tensor]] = [None]  # this step's, read once the token is known
+
+        def process(logits: torch.Tensor, _outputs) -> torch.Tensor:
+            nonlocal counts
+            if params.logprobs:
+                step_logprobs[0] = torch.log_softmax(logits, dim=-1)
+            if params.penalised:
+                if counts is None:
+                    counts = torch.zeros_like(logits)
+                logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+            return logits
 
         def on_token(row: int, token: int) -> None:
             seq = batch[row]
-            seq.tokens += 1
-            if seq.request.cancelled:
-                return
-            delta = seq.decoder.push(token)
-            if delta:
-                seq.request._emit(Event("delta", seq.index, text=delta))
+            if counts is not None:
+                counts[row, token] += 1
+            entry = None
+            if params.logprobs:
+                entry = token_logprobs(step_logprobs[0][row:row + 1], [token], params.top_logprobs)[0]
+            self._keep_token(seq, token, entry)
 
-        def should_stop(row: int, new_ids: list[int]) -> bool:
-            seq = batch[row]
-            return seq.request.cancelled or seq.decoder.stopped or len(new_ids) >= seq.max_tokens
+        def on_eos(row: int, token: int) -> None:
+            if params.logprobs:
+                self._keep_eos_logprob(batch[row], token_logprobs(step_logprobs[0][row:row + 1], [token],
+                                                                  params.top_logprobs)[0])
+
+        def should_stop(row: int, _new_ids: list[int]) -> bool:
+            return self._row_done(batch[row])
 
         error: Optional[BaseException] = None
         try:
@@ -381,28 +562,246 @@ class Engine:
                 pad_id=self.tokenizer.pad_id, eos_ids=[] if params.ignore_eos else self.eos_ids,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 repetition_penalty=params.repetition_penalty, generator=generator,
-                on_token=on_token, should_stop=should_stop,
+                on_token=on_token, should_stop=should_stop, on_eos=on_eos,
+                logits_processor=process if params.logprobs or params.penalised else None,
             )
         except Exception as exc:  # a failing batch must not take the server down with it
+            log.exception("serve: generation failed")
             error = exc
         seconds = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.tokens_generated += sum(s.tokens for s in batch)
         self.stats.recent_batches.append(BatchRecord(len(batch), len({s.request.id for s in batch}),
                                                      sum(s.tokens for s in batch), seconds))
+        if error is not None:
+            self._fail_rows(batch)
+            return
         for seq in batch:
-            request = seq.request
-            if error is not None:
-                self.stats.errors += 1
-                request._emit(Event("error", seq.index, text=f"generation failed: {type(error).__name__}: {error}"))
-                reason = "error"
-            elif request.cancelled:
-                reason = "cancelled"
+            self._end_row(seq)
+
+    # ------------------------------------------------------------------------------- continuous batching
+
+    def _continuous_worker(self) -> None:
+        slots: list[Optional[_Row]] = [None] * self.max_batch
+        while True:
+            step_rows: list[Sequence] = []
+            try:
+                with self._cond:
+                    while not self._waiting and not any(slots) and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        for row in slots:
+                            if row is not None:
+                                row.seq.request.cancel()
+                                self._end_row(row.seq)
+                        return
+                    admitted = self._admit(slots)
+                    self._running = [r.seq for r in slots if r is not None]
+                for group in self._prefill_groups(admitted):
+                    step_rows = [r.seq for r in group]
+                    try:
+                        self._prefill(group)
+                    except Exception:
+                        log.exception("serve: prefill failed")
+                        for row in group:
+                            slots[row.slot] = None
+                        self._fail_rows(step_rows)
+                    else:
+                        for row in group:
+                            if row.finished:
+                                slots[row.slot] = None
+                active = [r for r in slots if r is not None]
+                step_rows = [r.seq for r in active]
+                if active:
+                    try:
+                        self._decode(active)
+                    except Exception:
+                        log.exception("serve: decode step failed")
+                        for row in active:
+                            slots[row.slot] = None
+                        self._fail_rows(step_rows)
+                    else:
+                        for row in active:
+                            if row.finished:
+                                slots[row.slot] = None
+            except Exception:  # bookkeeping of our own failed: fail every running row, keep the loop alive
+                log.exception("serve: engine step failed")
+                seen = {id(seq) for seq in step_rows}
+                running = step_rows + [r.seq for r in slots if r is not None and id(r.seq) not in seen]
+                slots[:] = [None] * len(slots)
+                self._fail_rows(running)
+                time.sleep(0.01)  # should the failure repeat, do not spin
+            finally:
+                with self._cond:
+                    self._running = [r.seq for r in slots if r is not None]
+
+    def _admit(self, slots: list[Optional["_Row"]]) -> list["_Row"]:
+        """Move the oldest waiting rows into free slots; called with the lock held."""
+        admitted = []
+        for i in range(len(slots)):
+            if slots[i] is not None:
+                continue
+            self._drop_cancelled_head()
+            if not self._waiting:
+                break
+            seq = self._waiting.popleft()
+            slots[i] = _Row(seq, i)
+            admitted.append(slots[i])
+        return admitted
+
+    def _row_cache(self) -> RowKVCache:
+        if self._cache is None:
+            dtype = getattr(self.model, "compute_dtype", None)  # a quantised model's
+            weight = getattr(getattr(getattr(self.model, "model", None), "embed_tokens", None), "weight", None)
+            if dtype is None:
+                dtype = weight.dtype if weight is not None else next(
+                    (p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+            self._cache = RowKVCache(self.model.config, self.max_batch, self.context_length, self.model.device,
+                                     dtype)
+        return self._cache
+
+    def _prefill_groups(self, rows: list["_Row"]) -> list[list["_Row"]]:
+        """Admitted rows in prefill batches of at most PREFILL_TOKENS padded tokens (one long prompt goes alone)."""
+        groups: list[list[_Row]] = []
+        for row in rows:
+            n = len(row.seq.prompt_ids)
+            if groups:
+                group = groups[-1]
+                width = max(n, max(len(r.seq.prompt_ids) for r in group))
+                if (len(group) + 1) * width <= PREFILL_TOKENS:
+                    group.append(row)
+                    continue
+            groups.append([row])
+        return groups
+
+    def _prefill(self, rows: list["_Row"]) -> None:
+        """Run newly admitted rows' prompts into their slots (right-padded together) and take their first tokens."""
+        device = self.model.device
+        vocab = self.model.config.vocab_size
+        for row in rows:
+            seq, params = row.seq, row.seq.request.params
+            if params.seed is not None:
+                row.generator = torch.Generator(device=device).manual_seed(derive_seed(params.seed, seq.index))
+            if params.repetition_penalty != 1.0:
+                row.present = torch.zeros(vocab, dtype=torch.bool, device=device)
+                row.present[torch.tensor(seq.prompt_ids, device=device)] = True
+            if params.penalised:
+                row.counts = torch.zeros(vocab, device=device)
+        lengths = [len(r.seq.prompt_ids) for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, :lengths[b]] = torch.tensor(r.seq.prompt_ids)
+        positions = torch.arange(width).expand(len(rows), width)
+        cache = self._row_cache()
+        cache.rows = (slice(rows[0].slot, rows[0].slot + 1) if len(rows) == 1
+                      else torch.tensor([r.slot for r in rows], device=device))
+        scoring = any(r.seq.request.prompt_logprobs is not None for r in rows)
+        every = scoring or min(lengths) != width  # right padding: the last real token is not the last position
+        logits = self.model(ids.to(device), position_ids=positions.to(device), cache=cache,
+                            logits_to_keep=0 if every else 1).logits
+        self.stats.batches += 1
+        last = logits[torch.arange(len(rows)), torch.tensor(lengths) - 1] if every else logits[:, -1]
+        going = []
+        for b, row in enumerate(rows):
+            seq = row.seq
+            if seq.request.prompt_logprobs is not None:
+                self._score_prompt(seq, logits[b, :lengths[b]])
+            row.position = lengths[b]
+            if seq.max_tokens == 0 or self._row_done(seq):
+                row.finished = True
+                self._end_row(seq)
             else:
-                tail = seq.decoder.finish()
-                if tail:
-                    request._emit(Event("delta", seq.index, text=tail))
-                # A row that ended before its budget without a stop string ended at an end-of-text token.
-                reason = "stop" if seq.decoder.stopped or seq.tokens < seq.max_tokens else "length"
-            self._count_finished(seq, reason)
-            request._finish_row(seq, reason)
+                going.append(b)
+        if going:
+            self._take_tokens([rows[b] for b in going], last[going].float())
+
+    def _decode(self, rows: list["_Row"]) -> None:
+        """One forward pass for every running row, each at its own position, then each row's next token."""
+        width = max(r.slot for r in rows) + 1  # slots [0, width): free ones in between decode a dummy token
+        ids, positions = [[self.tokenizer.pad_id]] * width, [[0]] * width
+        for r in rows:
+            ids[r.slot], positions[r.slot] = [r.next_token], [r.position]
+        device = self.model.device
+        cache = self._row_cache()
+        cache.rows = slice(0, width)
+        logits = self.model(torch.tensor(ids, device=device), position_ids=torch.tensor(positions, device=device),
+                            cache=cache, logits_to_keep=1).logits[:, -1].float()
+        for r in rows:
+            r.position += 1
+        self.stats.batches += 1
+        self.stats.recent_batches.append(BatchRecord(len(rows), len({r.seq.request.id for r in rows}), len(rows), 0.0))
+        if len(rows) < width or any(r.slot != i for i, r in enumerate(rows)):
+            logits = logits[[r.slot for r in rows]]
+        self._take_tokens(rows, logits)
+
+    def _take_tokens(self, rows: list["_Row"], logits: torch.Tensor) -> None:
+        """Sample each row's next token from its logits row (``logits`` [len(rows), V]) with its own settings;
+        rows with the same settings and no generator of their own are sampled together."""
+        logprobs: dict[int, torch.Tensor] = {}
+        wanted = [i for i, r in enumerate(rows) if r.seq.request.params.logprobs]
+        if wanted:
+            all_lp = torch.log_softmax(logits[wanted], dim=-1)
+            logprobs = {i: all_lp[j:j + 1] for j, i in enumerate(wanted)}
+        penalised = [i for i, r in enumerate(rows) if r.counts is not None or r.present is not None]
+        if penalised:
+            logits = logits.clone()
+            for i in penalised:
+                logits[i] = _penalise(rows[i], logits[i])
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            p = r.seq.request.params
+            groups.setdefault((p.temperature, p.top_k, p.top_p) if r.generator is None else ("row", i), []).append(i)
+        picks: list[Optional[torch.Tensor]] = [None] * len(rows)
+        for key, members in groups.items():
+            p = rows[members[0]].seq.request.params
+            drawn = sample_next(logits[members], p.temperature, p.top_k, p.top_p, rows[members[0]].generator)
+            for j, i in enumerate(members):
+                picks[i] = drawn[j:j + 1]
+        tokens = torch.cat(picks).tolist()  # one host sync for the whole step
+        eos = set(self.eos_ids)
+        for i, (r, token) in enumerate(zip(rows, tokens)):
+            seq, p = r.seq, r.seq.request.params
+            if token in eos and not p.ignore_eos:
+                if i in logprobs:
+                    self._keep_eos_logprob(seq, token_logprobs(logprobs[i], [token], p.top_logprobs)[0])
+                r.finished = True
+                self._end_row(seq)
+                continue
+            entry = token_logprobs(logprobs[i], [token], p.top_logprobs)[0] if i in logprobs else None
+            if r.counts is not None:
+                r.counts[token] += 1
+            if r.present is not None:
+                r.present[token] = True
+            self._keep_token(seq, token, entry)
+            self.stats.tokens_generated += 1
+            r.next_token = token
+            if self._row_done(seq) or r.position >= self.context_length:
+                r.finished = True
+                self._end_row(seq)
+
+
+@dataclass(eq=False)
+class _Row:
+    """A running row of the continuous scheduler: its slot in the KV cache and its sampling state."""
+
+    seq: Sequence
+    slot: int
+    position: int = 0  # where the next token goes (= tokens in the cache)
+    next_token: int = 0
+    finished: bool = False
+    generator: Optional[torch.Generator] = None
+    present: Optional[torch.Tensor] = None  # [V] bool, tokens in the context (repetition penalty)
+    counts: Optional[torch.Tensor] = None  # [V] generated-token counts (frequency/presence penalties)
+
+
+
+def _penalise(row: _Row, logits: torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency/presence penalties, then Hugging Face's repetition penalty, on one row's logits [V]."""
+    p = row.seq.request.params
+    if row.counts is not None:
+        logits = logits - p.frequency_penalty * row.counts - p.presence_penalty * (row.counts > 0)
+    if row.present is not None:
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(row.present, penalised, logits)
+    return logits

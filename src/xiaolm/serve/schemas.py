@@ -10,6 +10,7 @@ back and that we do not implement (``tools``, ``response_format``, ``logit_bias`
 naming the field, as vLLM does, unless they hold their no-op value; other unknown fields are tolerated and ignored
 (``extra="allow"``), so clients that send newer harmless options still get an answer. A few extensions that vLLM and
 llama.cpp also accept are honoured: ``top_k``, ``repetition_penalty`` and ``ignore_eos``.
+``logprobs`` / ``top_logprobs``, ``frequency_penalty`` and ``presence_penalty`` are OpenAI's.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ UNSUPPORTED: dict[str, tuple] = {
     "best_of": (None, 1), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "grammar": (None,), "json_schema": (None,),
 }
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 class _Tolerant(BaseModel):
@@ -89,6 +92,8 @@ class _SamplingRequest(_Tolerant):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: Optional[str] = None
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     # extensions (vLLM / llama.cpp spelling)
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0)
@@ -112,6 +117,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -120,9 +126,9 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     # A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's four forms).
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0 only with echo (score the prompt)
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy form: how many alternatives
     suffix: Optional[str] = None
 
     def requested_max_tokens(self) -> Optional[int]:

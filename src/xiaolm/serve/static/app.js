@@ -69,11 +69,11 @@ function showSliderValues() {
   els.topPValue.textContent = Number(els.topP.value).toFixed(2);
 }
 
+// The Max tokens field is a cap; empty (the default) means "as much as fits", which the server works out.
 function maxTokens() {
-  let n = parseInt(els.maxTokens.value, 10);
-  if (!Number.isFinite(n) || n < 1) n = 256;
-  if (state.context) n = Math.min(n, state.context - 1);
-  return n;
+  const n = parseInt(els.maxTokens.value, 10);
+  if (!Number.isFinite(n) || n < 1) return null;
+  return state.context ? Math.min(n, state.context - 1) : n;
 }
 
 // ------------------------------------------------------------------------------------------ rendering
@@ -168,20 +168,23 @@ function takeEvents(buffer, onData) {
 async function readError(response) {
   try {
     const body = await response.json();
-    if (body && body.error) return { message: body.error.message || `HTTP ${response.status}`, code: body.error.code };
+    if (body && body.error) {
+      return { message: body.error.message || `HTTP ${response.status}`, code: body.error.code, param: body.error.param };
+    }
   } catch (_) { /* not JSON */ }
-  return { message: `HTTP ${response.status}`, code: null };
+  return { message: `HTTP ${response.status}`, code: null, param: null };
 }
 
-// POST the conversation. A small model has a short context window, so when the server answers
-// context_length_exceeded the oldest turns are left out (one user/assistant pair at a time), and as a last resort
-// max_tokens is left to the server (it then uses what the window has left). Returns {response, dropped}.
+// POST the conversation. Old turns are dropped only when the conversation itself no longer fits the context
+// window (the server names "messages"); a Max tokens that does not fit beside it is instead left to the server,
+// which then allows what the window has left. Returns {response, dropped, clamped}.
 async function postChat(turn, signal) {
   const system = els.system.value.trim();
   let history = state.history.slice();
   let dropped = 0;
   let limit = maxTokens();
-  for (let attempt = 0; attempt <= state.history.length / 2 + 1; attempt++) {
+  let clamped = false;
+  for (let attempt = 0; attempt <= state.history.length / 2 + 2; attempt++) {
     const messages = [];
     if (system) messages.push({ role: "system", content: system });
     messages.push(...history, turn);
@@ -193,14 +196,15 @@ async function postChat(turn, signal) {
     const response = await apiFetch("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request), signal,
     });
-    if (response.ok) return { response, dropped };
+    if (response.ok) return { response, dropped, clamped };
     const error = await readError(response);
     if (error.code !== "context_length_exceeded") throw new Error(error.message);
-    if (history.length >= 2) {
+    if (error.param === "max_tokens" && limit !== null) {
+      limit = null;   // the conversation fits, the cap does not: answer with what is left
+      clamped = true;
+    } else if (history.length >= 2) {
       history = history.slice(2);
       dropped += 1;
-    } else if (limit !== null) {
-      limit = null;
     } else {
       throw new Error(`${error.message}（这条消息太长了，请缩短后再发）`);
     }
@@ -233,10 +237,13 @@ async function send() {
   let usage = null;
   let failure = null;
   let dropped = 0;
+  let clamped = false;
 
   try {
     const posted = await postChat(turn, controller.signal);
     dropped = posted.dropped;
+    clamped = posted.clamped;
+    if (dropped) showDropped(reply, dropped);
     const reader = posted.response.body.getReader();
     const decoder = new TextDecoder("utf-8");
     let buffer = "";
@@ -296,12 +303,20 @@ async function send() {
     }
     if (firstTokenAt !== null) parts.push(`首字 ${((firstTokenAt - started) / 1000).toFixed(2)} s`);
     if (finish === "length") parts.push("达到长度上限 (length)");
-    if (dropped) parts.push(`已省略较早的 ${dropped} 轮对话（上下文长度有限）`);
+    if (clamped) parts.push("最大生成长度已按上下文剩余空间缩短");
     if (!content) parts.push("（模型没有生成文字）");
     reply.foot.textContent = parts.join(" · ");
   }
   scrollDown(false);
   els.input.focus();
+}
+
+// Say plainly that the model did not see the whole conversation this time.
+function showDropped(reply, dropped) {
+  const note = document.createElement("div");
+  note.className = "msg-note";
+  note.textContent = `对话已超出模型的上下文长度（${state.context || "?"} tokens）：较早的 ${dropped} 轮对话这次没有发送给模型。`;
+  reply.root.insertBefore(note, reply.body);
 }
 
 function stop() {
