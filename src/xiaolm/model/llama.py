@@ -187,6 +187,17 @@ class KVCache:
         self.static = static
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # static mode: next slot to write
         self.slots = torch.arange(max_len, device=device)
+        if static:
+            # CUDA graphs skip a compiled step that mutates its inputs unless they have fixed addresses
+            # ("skipping cudagraphs due to mutated inputs"); a new address later makes them re-record, not recompile.
+            for t in (*self.k, *self.v, self.valid, self.slot, self.slots):
+                torch._dynamo.mark_static_address(t)
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch of prompts, keeping its tensors (and so any CUDA graph built on them)."""
+        self.valid.zero_()
+        self.slot.zero_()
+        self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: Optional[torch.Tensor] = None):
         if self.static:
