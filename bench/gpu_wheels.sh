@@ -40,6 +40,9 @@ WHEELS=(
   typing-extensions==4.16.0  # pydantic 2.14 needs >= 4.16; installed only if the image's is older
   opentelemetry-api==1.45.2  # a dependency of fastapi 0.165
   uvicorn==0.54.0
+  rouge-score==0.1.2        # eval instruct's ROUGE-L (sacrebleu, absl-py, six are on the image)
+  nltk==3.10.4              # a dependency of rouge-score
+  defusedxml==0.7.1         # a dependency of nltk
 )
 
 TMP=$(mktemp -d)
