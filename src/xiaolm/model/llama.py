@@ -145,9 +145,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.max_positions = max_positions
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.bfloat16)`` (GPU serving) would round the frequencies to 8 bits of mantissa: position 500
+        # would then rotate up to ~0.7 rad off the angle the model was trained with. They stay float32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # [B, T] -> cos, sin of shape [B, 1, T, head_dim]; computed in float32 like Hugging Face.
