@@ -307,6 +307,19 @@ def test_serve_streams_a_chat_completion_on_cuda(device, tiny_run):
     assert text
 
 
+def test_rotary_frequencies_stay_float32_when_the_model_is_cast_to_bf16():
+    """GPU serving casts the weights to bfloat16; the RoPE frequencies must not follow (``model.to`` on CPU does
+    the same cast, so this runs here)."""
+    model = tiny_model("cpu", max_pos=1024)
+    positions = torch.arange(1000)[None]
+    want_cos, want_sin = model.model.rotary_emb(positions, torch.float32)
+    model = model.to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    cos, sin = model.model.rotary_emb(positions, torch.float32)
+    assert torch.allclose(cos, want_cos, atol=1e-5) and torch.allclose(sin, want_sin, atol=1e-5)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------------ MFU table
 
 
