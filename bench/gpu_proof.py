@@ -5,7 +5,7 @@ next one starts), within a global budget, and writes OUT/gpu_report.md, OUT/gpu_
 (every step's full output). The corpus for the end-to-end route (synth -> prepare -> tokenizer -> tokenize ->
 instructions) is built by a background chain on the CPU cores while the GPU runs the tests and benchmarks.
 
-    python bench/gpu_proof.py [--quick] [--dry-run] [--out DIR] [--work DIR]
+    python bench/gpu_proof.py [--quick] [--dry-run] [--profile] [--out DIR] [--work DIR]
 
 ``--dry-run`` runs the same steps on the CPU with tiny shapes and budgets (CI runs it through
 tests/test_gpu_proof.py, so the script cannot rot between GPU runs).
@@ -53,7 +53,7 @@ FULL = Plan(
     train_args=["--shapes", "58m-v64k", "29m-v8k", "134m-v64k", "--steps", "10", "--warmup", "3", "--rounds", "2"],
     generate_args=["--batches", "1", "64", "--new-tokens", "256", "--reps", "2"],
     boxes={"env": 20, "data": 170, "pytest_gpu": 75, "train_throughput": 100, "generate_throughput": 45,
-           "pretrain": 200, "sft": 75, "eval_instruct": 40},
+           "profile": 60, "pretrain": 200, "sft": 75, "eval_instruct": 40},
 )
 QUICK = Plan(
     budget=240, device="cuda", stories=50_000, vocab=8192, preset="58m", seq_len=512, micro_batch=64,
@@ -61,7 +61,7 @@ QUICK = Plan(
     train_args=["--shapes", "58m-v64k", "--steps", "8", "--warmup", "3", "--rounds", "1"],
     generate_args=["--batches", "1", "64", "--new-tokens", "128", "--reps", "1"],
     boxes={"env": 15, "data": 80, "pytest_gpu": 60, "train_throughput": 45, "generate_throughput": 25,
-           "pretrain": 75, "sft": 30, "eval_instruct": 20},
+           "profile": 45, "pretrain": 75, "sft": 30, "eval_instruct": 20},
 )
 DRY = Plan(
     budget=170, device="cpu", stories=1500, vocab=1024, preset="tiny", seq_len=128, micro_batch=8,
@@ -71,7 +71,7 @@ DRY = Plan(
     generate_args=["--device", "cpu", "--shape", "quickstart-v4k", "--batches", "1", "4", "--new-tokens", "8",
                    "--reps", "1", "--no-compile"],
     boxes={"env": 15, "data": 60, "pytest_gpu": 45, "train_throughput": 25, "generate_throughput": 20,
-           "pretrain": 45, "sft": 30, "eval_instruct": 25},
+           "profile": 20, "pretrain": 45, "sft": 30, "eval_instruct": 25},
 )
 
 
@@ -168,7 +168,8 @@ def cmd_env(args) -> None:
 
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available()}
     for dist in ("transformers", "tokenizers", "safetensors", "numpy", "jieba", "datasketch", "zhconv", "OpenCC",
                  "gguf", "fastapi", "starlette", "pydantic", "uvicorn", "peft", "triton"):
         try:
@@ -177,8 +178,8 @@ def cmd_env(args) -> None:
             info[dist] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+        info.update(gpu=torch.cuda.get_device_name(0),
+                    capability=".".join(map(str, torch.cuda.get_device_capability(0))), memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
                     sms=props.multi_processor_count)
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
@@ -266,6 +267,53 @@ def cmd_timed_pretrain(args) -> None:
     }, ensure_ascii=False))
 
 
+def cmd_profile(args) -> None:
+    """torch.profiler over a few training steps of our model (compiled, bf16, fused AdamW, chunked CE on a GPU):
+    the top kernels by device time, and a Chrome trace (gzipped) at ``--trace``."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from xiaolm.model.llama import Llama, LlamaConfig
+
+    gpu = torch.cuda.is_available()
+    dev = "cuda" if gpu else "cpu"
+    h, layers, heads, mlp, vocab, batch, seq = (512, 8, 8, 1376, 64793, 64, 512) if gpu else (64, 2, 4, 176, 512, 2, 64)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=mlp, num_hidden_layers=layers,
+                              num_attention_heads=heads, num_key_value_heads=heads,
+                              max_position_embeddings=seq)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    step_model = torch.compile(model) if gpu else model
+    x = torch.randint(0, vocab, (batch, seq + 1), device=dev)
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=gpu):
+            loss = step_model(x[:, :-1], targets=x[:, 1:], loss_chunk_size=8192 if gpu else 0).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if gpu else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    raw = Path(args.trace).with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    print(json.dumps({"trace": str(args.trace), "shape": f"{h}x{layers} v{vocab} batch {batch}x{seq}"}))
+
+
 def cmd_install_plan(args) -> None:
     """Wheels in ``--wheels`` whose distribution the running Python lacks or has in an older version (checked,
     never assumed: a newer image keeps its own)."""
@@ -333,7 +381,7 @@ def write_report(runner: Runner, figures: dict, mode: str) -> None:
             md.append(f"| eval instruct {key} | {value} |")
         md += ["", "Sampled stories:", ""] + [f"- {s}" for s in e2e.get("samples", [])]
     for s in runner.steps:
-        if s["step"] in ("pytest_gpu", "train_throughput", "generate_throughput") and s["output"]:
+        if s["step"] in ("pytest_gpu", "train_throughput", "generate_throughput", "profile") and s["output"]:
             md += ["", f"## {s['step']}", "", "```", table_lines(s["output"]), "```"]
     bad = [s for s in runner.steps if s["status"] != "ok"]
     for s in bad:
@@ -347,8 +395,11 @@ def write_report(runner: Runner, figures: dict, mode: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sub", nargs="?", default="proof", choices=["proof", "env", "timed-pretrain", "install-plan"])
+    ap.add_argument("sub", nargs="?", default="proof",
+                    choices=["proof", "env", "timed-pretrain", "install-plan", "profile"])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile a few training steps (top kernels in the log, OUT/trace.json.gz)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT") or "out/gpu_proof")
     ap.add_argument("--work", default=None, help="scratch directory for corpora and runs (default: OUT/work)")
@@ -361,6 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--sample-tokens", type=int, default=120)
     ap.add_argument("--wheels", default=".whl")
+    ap.add_argument("--trace", default="trace.json.gz")
     args = ap.parse_args(argv)
     if args.sub == "env":
         cmd_env(args)
@@ -370,6 +422,9 @@ def main(argv=None) -> int:
         return 0
     if args.sub == "install-plan":
         cmd_install_plan(args)
+        return 0
+    if args.sub == "profile":
+        cmd_profile(args)
         return 0
 
     plan = DRY if args.dry_run else (QUICK if args.quick else FULL)
@@ -411,6 +466,8 @@ def main(argv=None) -> int:
     figures["pytest_gpu"] = m.group(1) if m else None
     r.run("train_throughput", [sys.executable, "bench/train_throughput.py", *plan.train_args])
     r.run("generate_throughput", [sys.executable, "bench/generate_throughput.py", *plan.generate_args])
+    if args.profile:
+        r.run("profile", [*me, "profile", "--trace", out / "trace.json.gz"])
 
     data_step = r.finish("data", data_proc, max(1.0, data_box - (time.monotonic() - data_t)), data_t)
     data_step["box_s"] = round(data_box, 1)

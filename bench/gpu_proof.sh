@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU proof: one command that shows every GPU path of xiaolm works, and how fast, on whatever GPU is at hand.
 #
-#   bash bench/gpu_proof.sh [--quick] [--dry-run] [--out DIR] [--work DIR]      (OUT=DIR is accepted too)
+#   bash bench/gpu_proof.sh [--quick] [--dry-run] [--profile] [--out DIR] [--work DIR]   (OUT=DIR is accepted too)
+#
+# --profile adds torch.profiler over a few training steps: the top kernels in the log and OUT/trace.json.gz (use it
+# on a --quick rerun when the throughput falls short of the goals, to see where the time goes).
 #
 # Full: at most 8 minutes on one H100/H200 (budget 480 s; --quick 240 s): environment and a measured bf16 matmul,
 # `pytest -m gpu` (tests/test_gpu.py), bench/train_throughput.py on the three anchor shapes (ours vs transformers,

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "pytest_gpu", "train_throughput", "generate_throughput", "data", "pretrain", "sft", "eval_instruct"]
+STEPS = ["env", "pytest_gpu", "train_throughput", "generate_throughput", "profile", "data", "pretrain", "sft",
+         "eval_instruct"]
 
 
 def _proof_module():
@@ -31,7 +32,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     out = tmp_path / "proof"
     env = dict(os.environ, OUT=str(out), PYTHONPATH=str(REPO / "src"))
     env.pop("XIAOLM_SITE", None)
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_proof.sh"), "--dry-run"], capture_output=True,
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_proof.sh"), "--dry-run", "--profile"], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=400)
     log = (out / "gpu_proof.log").read_text(encoding="utf-8") if (out / "gpu_proof.log").exists() else ""
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log[-3000:]
@@ -46,6 +47,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert pre["steps"] >= 10 and math.isfinite(pre["val_bpc"]) and pre["tokens_per_s"] > 0
     assert len(pre["samples"]) == 5
     assert fig["eval_instruct"]["samples"] == 6
+    assert (out / "trace.json.gz").stat().st_size > 1000
     md = (out / "gpu_report.md").read_text(encoding="utf-8")
     for needle in ("| pretrain val_bpc |", "## train_throughput", "xiaolm", "## generate_throughput", "hf dynamic"):
         assert needle in md, needle
