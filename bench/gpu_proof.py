@@ -53,7 +53,7 @@ FULL = Plan(
     train_args=["--shapes", "58m-v64k", "29m-v8k", "134m-v64k", "--steps", "10", "--warmup", "3", "--rounds", "2"],
     generate_args=["--batches", "1", "64", "--new-tokens", "256", "--reps", "2"],
     boxes={"env": 20, "data": 170, "pytest_gpu": 75, "train_throughput": 100, "generate_throughput": 45,
-           "profile": 60, "pretrain": 200, "sft": 75, "eval_instruct": 40},
+           "profile": 60, "pretrain": 215, "sft": 75, "eval_instruct": 40},
 )
 QUICK = Plan(
     budget=240, device="cuda", stories=50_000, vocab=8192, preset="58m", seq_len=512, micro_batch=64,
@@ -61,7 +61,7 @@ QUICK = Plan(
     train_args=["--shapes", "58m-v64k", "--steps", "8", "--warmup", "3", "--rounds", "1"],
     generate_args=["--batches", "1", "64", "--new-tokens", "128", "--reps", "1"],
     boxes={"env": 15, "data": 80, "pytest_gpu": 60, "train_throughput": 45, "generate_throughput": 25,
-           "profile": 45, "pretrain": 75, "sft": 30, "eval_instruct": 20},
+           "profile": 45, "pretrain": 85, "sft": 45, "eval_instruct": 20},
 )
 DRY = Plan(
     budget=170, device="cpu", stories=1500, vocab=1024, preset="tiny", seq_len=128, micro_batch=8,
@@ -238,8 +238,8 @@ def cmd_timed_pretrain(args) -> None:
     step_s = calibrate_step_time(pcfg) * max(1, pcfg.train.global_batch_tokens // (args.seq_len * args.micro_batch)
                                              if pcfg.train.global_batch_tokens else 1)
     left = args.seconds - (time.monotonic() - t0)
-    # evaluations, samples and checkpoints take ~15% (as in the quickstart)
-    pcfg.train.max_steps = max(10, int(left * 0.85 / step_s))
+    # evaluations, samples, checkpoints and the second compile take ~20-25%
+    pcfg.train.max_steps = max(10, int(left * 0.75 / step_s))
     pcfg.train.max_tokens = None
     pcfg.train.warmup_steps = min(pcfg.train.warmup_steps, max(1, pcfg.train.max_steps // 10))
     pcfg.train.eval_every = max(5, pcfg.train.max_steps // 3)
@@ -476,9 +476,13 @@ def main(argv=None) -> int:
         print((out / "gpu_report.md").read_text(encoding="utf-8"))
         return 1
     run, sft = work / "run", work / "sft"
+    # if the earlier steps ran long, train a little less rather than lose SFT and eval to the budget
+    reserve = plan.boxes["sft"] + plan.boxes["eval_instruct"] + (plan.boxes["pretrain"] - plan.pretrain_s)
+    pretrain_s = max(min(plan.pretrain_s, r.left() - reserve), plan.pretrain_s / 3)
+    figures["pretrain_seconds_asked"] = round(pretrain_s, 1)
     step = r.run("pretrain", [*me, "timed-pretrain", "--data", shards, "--out", run, "--preset", plan.preset,
                               "--seq-len", plan.seq_len, "--micro-batch", plan.micro_batch, "--device", plan.device,
-                              "--seconds", plan.pretrain_s, "--sample-tokens", 120 if plan.device == "cuda" else 16])
+                              "--seconds", pretrain_s, "--sample-tokens", 120 if plan.device == "cuda" else 16])
     figures["pretrain"] = last_json(step["output"])
     if step["status"] == "ok":
         # SFT for about sft_s seconds: SIGTERM then (the trainer saves a checkpoint and exits)
@@ -486,7 +490,7 @@ def main(argv=None) -> int:
                             "--out", sft, "--device", plan.device, "--no-progress", "--no-tensorboard",
                             "--eval-every", 0, "--max-steps", 100_000, "--seq-len", plan.seq_len,
                             "--eval-conversations", 16, "--sample-prompts", 1, "--sample-tokens", 16),
-              soft_stop=plan.sft_s + (20 if plan.device == "cuda" else 10))
+              soft_stop=min(plan.sft_s + (20 if plan.device == "cuda" else 10), plan.boxes["sft"] - 10))
         if any(p.name.startswith("step-") for p in (sft / "checkpoints").glob("*")):
             result = work / "eval_instruct.json"
             step = r.run("eval_instruct", xiaolm("eval", "instruct", sft, "--data", instruct / "heldout.jsonl",
