@@ -129,3 +129,31 @@ def heldout_eval(story_sft):
         return cache[key]
 
     return evaluate
+
+
+# ------------------------------------------------------------------------------------ markers: slow, gpu
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:      # a broken torch install is "no CUDA" here, not a collection error
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip with a reason where CUDA is absent; ``slow`` tests run only when ``-m`` names them
+    (``pytest -m slow``), so the default ``pytest -q`` stays fast."""
+    markexpr = config.getoption("markexpr", "") or ""
+    run_slow = "slow" in markexpr and "not slow" not in markexpr
+    no_cuda = None
+    for item in items:
+        if "gpu" in item.keywords:
+            if no_cuda is None:
+                no_cuda = not cuda_available()
+            if no_cuda:
+                item.add_marker(pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False)"))
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with pytest -m slow"))

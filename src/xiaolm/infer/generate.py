@@ -126,7 +126,10 @@ def generate_ids(
     static = static_cache or compile_step
     cache = None
     if use_cache and max_new_tokens > 0:
-        cache = model.new_cache(B, longest + max_new_tokens, static=static)
+        if compile_step:
+            cache = _reused_static_cache(model, B, longest + max_new_tokens)
+        else:
+            cache = model.new_cache(B, longest + max_new_tokens, static=static)
     decode = _decode_step(model, compile_step) if cache is not None and static else None
     step_ids, step_mask = input_ids, (mask if padded else None)
     for t in range(max_new_tokens):
@@ -167,6 +170,27 @@ def generate_ids(
 
 
 _COMPILED: dict = {}
+_STATIC_CACHES: dict = {}
+
+
+def _reused_static_cache(model, batch: int, need: int):
+    """A static cache of at least ``need`` slots for the compiled step, reused across calls.
+
+    The length is rounded up to a power of two (masked slots change nothing), so varying prompt lengths do not
+    recompile the step for every new shape (dynamo gives up after ``recompile_limit`` shapes), and the same
+    tensors are reused, so a CUDA graph captured on them replays instead of being recorded again.
+    """
+    limit = model.config.max_position_embeddings
+    size = min(max(64, 1 << (need - 1).bit_length()), max(limit, need))
+    key = (id(model), batch, size, model.model.embed_tokens.weight.dtype, str(model.device))
+    cache = _STATIC_CACHES.get(key)
+    if cache is None:
+        if len(_STATIC_CACHES) >= 8:      # bounded: drop the oldest
+            _STATIC_CACHES.pop(next(iter(_STATIC_CACHES)))
+        cache = _STATIC_CACHES[key] = model.new_cache(batch, size, static=True)
+    else:
+        cache.reset()
+    return cache
 
 
 def _decode_step(model, compile_step: bool):

@@ -145,9 +145,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.max_positions = max_positions
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.bfloat16)`` (GPU serving) would round the frequencies to 8 bits of mantissa: position 500
+        # would then rotate up to ~0.7 rad off the angle the model was trained with. They stay float32.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # [B, T] -> cos, sin of shape [B, 1, T, head_dim]; computed in float32 like Hugging Face.
@@ -187,6 +198,17 @@ class KVCache:
         self.static = static
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # static mode: next slot to write
         self.slots = torch.arange(max_len, device=device)
+        if static:
+            # CUDA graphs skip a compiled step that mutates its inputs unless they have fixed addresses
+            # ("skipping cudagraphs due to mutated inputs"); a new address later makes them re-record, not recompile.
+            for t in (*self.k, *self.v, self.valid, self.slot, self.slots):
+                torch._dynamo.mark_static_address(t)
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch of prompts, keeping its tensors (and so any CUDA graph built on them)."""
+        self.valid.zero_()
+        self.slot.zero_()
+        self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: Optional[torch.Tensor] = None):
         if self.static:
