@@ -2,8 +2,9 @@
 
 In CI the file is read back with gguf's own reader: keys, tensor names, shapes, types; dequantised Q8_0 / Q4_0
 tensors close to ours; q/k un-permuted back to our layout; and a reference forward pass in llama.cpp's convention
-(interleaved RoPE pairs) on the file's tensors reproduces our logits. Where llama-cpp-python is installed (never in
-CI: it compiles for a long time), llama.cpp itself must tokenise as we do and continue greedily as we do.
+(interleaved RoPE pairs) on the file's tensors reproduces our logits. Where llama-cpp-python is installed (.ci/run
+builds it once into a wheel cache and reuses it), llama.cpp itself must tokenise as we do and continue greedily as
+we do.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def test_metadata_tokenizer_and_tensors_read_back(gguf_files, tiny_run):
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
         "tokenizer.ggml.bos_token_id": tok.eot_id, "tokenizer.ggml.eos_token_id": tok.eot_id,
         "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.unknown_token_id": tok.eot_id,
-        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_bos_token": True,  # a plain prompt starts after <|endoftext|>, as in xiaolm generate
     }
     for key, value in expect.items():
         assert _field(r, key) == value, key
