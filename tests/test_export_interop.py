@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import xiaolm
 from xiaolm.cli import main
 from xiaolm.export.gguf import export_gguf
 from xiaolm.export.hf import export_hf
@@ -23,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 
 PROMPTS = ["从前", "有一天，小猫", "莉莉和她的妈妈"]
 NEW_TOKENS = 24
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(xiaolm.__file__).resolve().parents[1])  # the xiaolm under test, for subprocesses
 
 
 def _chat_copy(tiny_run: Path, dst: Path, kind: str = "sft") -> Path:
