@@ -18,6 +18,9 @@ Written with the ``gguf`` package (the writer llama.cpp's own converter uses), n
   document separator the model was trained after: a plain prompt is conditioned as ``xiaolm generate`` and the HF
   export condition it) and the ChatML template go in too; a chat run's eos is ``<|im_end|>``. Exported from an HF
   directory of ours, the file gets the same metadata as from the run (``xiaolm_export.json`` says what it was).
+- ``--type q4_k_m|q5_k_m|q6_k`` (the K-quants people pick in Ollama) need llama.cpp's own quantiser, which the
+  ``gguf`` package does not have: an F16 file is written first and quantised with ``llama_cpp.llama_model_quantize``
+  (``pip install llama-cpp-python``). Matrices whose rows are not a multiple of 256 get llama.cpp's fallback types.
 - An Ollama ``Modelfile`` (ChatML template, ``<|im_end|>`` stop) is printed and written beside the file.
 """
 from __future__ import annotations
@@ -35,7 +38,9 @@ from xiaolm.config import opt, parse_config
 from xiaolm.export.target import GGUF_BASENAME
 from xiaolm.utils import atomic_write_text, fail, log
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+# Quantised by llama.cpp from our F16 file: type -> llama_ftype (llama.h LLAMA_FTYPE_MOSTLY_*).
+K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 BLOCK = 32  # values per Q8_0 / Q4_0 block
 
 
@@ -175,15 +180,52 @@ def export_gguf(run: str | Path, out: str | Path, ftype: str = "f16", which: str
 
     if ftype not in GGUF_TYPES:
         raise fail(f"--type {ftype}: choose one of {', '.join(GGUF_TYPES)}")
+    llama_cpp = import_llama_cpp(ftype) if ftype in K_QUANTS else None
     src = load_export_source(run, which=which, merge_lora=True)
     out, modelfile_path = prepare_gguf_target(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp")
+    f16 = out.with_name(f".{out.name}.f16.tmp")
     try:
-        return _write_gguf(gguf, src, run, out, tmp, modelfile_path, ftype, chat, name)
+        if llama_cpp is None:
+            return _write_gguf(gguf, src, run, out, tmp, modelfile_path, ftype, chat, name)
+        info = _write_gguf(gguf, src, run, f16, tmp, modelfile_path, "f16", chat, name, final=out)
+        quantize_with_llama_cpp(llama_cpp, f16, tmp, ftype)
+        tmp.replace(out)
+        return {**info, "path": str(out), "type": ftype, "bytes": out.stat().st_size,
+                "tensor_types": gguf_tensor_types(out)}
     except OSError as exc:
         raise fail(f"export gguf: writing {out} failed: {exc.strerror or exc}")
     finally:
         tmp.unlink(missing_ok=True)
+        f16.unlink(missing_ok=True)
+
+
+def import_llama_cpp(ftype: str):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise fail(f"--type {ftype}: K-quants are made by llama.cpp's quantiser: pip install llama-cpp-python "
+                   f"(or use --type q8_0 / q4_0, which need nothing more)") from None
+    return llama_cpp
+
+
+def quantize_with_llama_cpp(llama_cpp, src: Path, dst: Path, ftype: str, threads: int = 0) -> None:
+    """llama.cpp's own ``llama-quantize`` on an F16 GGUF (importance matrix none, output head per its rules)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = K_QUANTS[ftype]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise fail(f"export gguf: llama.cpp could not quantise to {ftype} (code {rc})")
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    import gguf
+
+    types: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return types
 
 
 def import_gguf():
@@ -195,7 +237,8 @@ def import_gguf():
 
 
 def _write_gguf(gguf, src, run, out: Path, tmp: Path, modelfile_path: Path, ftype: str, chat: Optional[bool],
-                name: Optional[str]) -> dict:
+                name: Optional[str], final: Optional[Path] = None) -> dict:
+    """Write ``out`` through ``tmp``; ``final`` is the name the Modelfile points to (default ``out``)."""
     from xiaolm.export.hf import is_chat_run
     from xiaolm.tokenizer import CHAT_TEMPLATE, EOT, IM_END
 
@@ -271,7 +314,7 @@ def _write_gguf(gguf, src, run, out: Path, tmp: Path, modelfile_path: Path, ftyp
     w.close()
     tmp.replace(out)
 
-    modelfile = ollama_modelfile(out.name, cfg.max_position_embeddings, chat)
+    modelfile = ollama_modelfile((final or out).name, cfg.max_position_embeddings, chat)
     atomic_write_text(modelfile_path, modelfile)
     return {"path": str(out), "type": ftype, "bytes": out.stat().st_size, "tensor_types": types_used,
             "modelfile": str(modelfile_path), "modelfile_text": modelfile, "chat": chat}
@@ -284,7 +327,8 @@ def _write_gguf(gguf, src, run, out: Path, tmp: Path, modelfile_path: Path, ftyp
 class ExportGGUFConfig:
     run: str = opt(None, "RUNDIR, checkpoint directory or Hugging Face Llama directory to export")
     out: str = opt(None, "output .gguf file")
-    type: Literal["f32", "f16", "q8_0", "q4_0"] = opt("f16", "tensor type: f32, f16, q8_0 or q4_0")
+    type: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = opt(
+        "f16", "tensor type: f32, f16, q8_0, q4_0, or the K-quants q4_k_m, q5_k_m, q6_k (these need llama-cpp-python)")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
     chat: Optional[bool] = opt(None, "treat as a chat model (eos <|im_end|>); default: from the run's stage")
     name: Optional[str] = opt(None, "general.name in the file (default: the run directory's name)")
