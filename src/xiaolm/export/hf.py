@@ -281,9 +281,9 @@ def card_metadata(src: "ExportSource", license: str = "apache-2.0", base_model: 
     meta = dict(src.meta)
     if not base_model:
         base = meta.get("base") or meta.get("base_model") or meta.get("init_from")
-        if not base:
-            base = (_run_config(src.run_dir).get("model") or {}).get("init_from") \
-                if isinstance(_run_config(src.run_dir).get("model"), dict) else None
+        if not base:  # continued pretraining: --model.init-from
+            section = _run_config(src.run_dir).get("model")
+            base = section.get("init_from") if isinstance(section, dict) else None
         if isinstance(base, str) and base:
             base_model = Path(base.rstrip("/")).name
     if datasets is None:
