@@ -109,6 +109,25 @@ def test_chat_template_encodes_exactly_what_sft_trained_on(tiny_run, tmp_path):
         assert ids[0] == tok.im_start_id
 
 
+def test_llama_cpp_chat_answers_like_xiaolm_chat(tiny_run, tmp_path, monkeypatch):
+    """llama-cpp-python renders the GGUF's ChatML template and adds no BOS in front: the same prompt tokens, so the
+    same greedy answer as xiaolm's chat encoding."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run builds it once)")
+    from xiaolm.infer.generate import SamplingConfig, generate
+
+    run = _chat_copy(tiny_run, tmp_path / "sft_run")
+    info = export_gguf(run, tmp_path / "chat.gguf", ftype="f32")
+    model, tok, _ = load_model(run)
+    llm = _llama_cpp(llama_cpp, monkeypatch, Path(info["path"]), model.config.max_position_embeddings)
+    for content in ("讲一个故事", "小猫在做什么？"):
+        messages = [{"role": "user", "content": content}]
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        ours = generate(model, tok, [""], SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0), prompt_ids=[ids])[0]
+        out = llm.create_chat_completion(messages, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1,
+                                         repeat_penalty=1.0)
+        assert out["choices"][0]["message"]["content"] == ours, content
+
+
 # ------------------------------------------------------------------------------------- 12.2 GGUF from an HF dir
 
 

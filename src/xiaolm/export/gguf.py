@@ -211,10 +211,18 @@ def import_llama_cpp(ftype: str):
 
 def quantize_with_llama_cpp(llama_cpp, src: Path, dst: Path, ftype: str, threads: int = 0) -> None:
     """llama.cpp's own ``llama-quantize`` on an F16 GGUF (importance matrix none, output head per its rules)."""
+    import contextlib
+
+    try:  # llama.cpp prints a line per tensor; the summary line of `export gguf` says what came out
+        from llama_cpp._utils import suppress_stdout_stderr
+        quiet = suppress_stdout_stderr(disable=False)
+    except ImportError:
+        quiet = contextlib.nullcontext()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = K_QUANTS[ftype]
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with quiet:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         raise fail(f"export gguf: llama.cpp could not quantise to {ftype} (code {rc})")
 
@@ -348,6 +356,10 @@ def main(argv: list[str]) -> int:
                        overwrite=cfg.overwrite)
     types = ", ".join(f"{n} {k}" for k, n in info["tensor_types"].items())
     log(f"export gguf: wrote {info['path']} ({info['bytes'] / 1e6:.2f} MB; tensors {types})")
+    fallback = [k for k in info["tensor_types"] if cfg.type in K_QUANTS and k != "F32" and not k.endswith("_K")]
+    if fallback:
+        log(f"export gguf: llama.cpp used {', '.join(fallback)} for matrices whose rows are not a multiple of 256 "
+            f"(K-quant blocks)")
     log(f"export gguf: Ollama Modelfile at {info['modelfile']}:")
     print(info["modelfile_text"], file=sys.stdout, end="")
     return 0
