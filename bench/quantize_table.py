@@ -10,6 +10,10 @@ Columns: bpc (validation bits per character on the same tokens), dBPC (relative 
 file: checkpoint / bf16 copy / QDIR model.safetensors), linear (the matrices of the transformer blocks alone),
 params (bytes of parameters and buffers in memory), peak RSS (of the worker process, torch runtime included),
 tok/s (greedy decoding, batch 1, KV cache, after a warm-up).
+
+With llama-cpp-python installed, ``--gguf`` adds the GGUF exports (``xiaolm export gguf --type ...``: f16, q8_0,
+q4_0 and llama.cpp's K-quants q4_k_m, q5_k_m, q6_k) evaluated by llama.cpp itself on the same validation windows:
+their BPC, its delta against float32 (ours, this run) and against the GGUF f16 file, and the file size.
 """
 from __future__ import annotations
 
@@ -86,6 +90,74 @@ def worker(args) -> dict:
             "decode_tok_s": best, "decoded": len(out), "device": args.device}
 
 
+GGUF_VARIANTS = ("f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+
+
+def gguf_worker(args) -> dict:
+    """BPC of one GGUF file computed by llama.cpp, on the windows ``StreamEvaluator`` uses for ours."""
+    import math
+
+    import numpy as np
+
+    import llama_cpp
+    import llama_cpp.llama as module
+    from xiaolm.eval.ppl import token_stream
+    from xiaolm.train.checkpoint import load_model
+    from xiaolm.train.pretrain import StreamEvaluator
+
+    default = module.llama_cpp.llama_model_default_params
+
+    def params():  # no AMX / repacked buffers: SIGILL inside some VMs
+        p = default()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    model, tok, _ = load_model(args.run, device="cpu", with_tokenizer=True)
+    tokens, _ = token_stream([args.data], tok, "val", "text", args.eval_tokens)
+    seq = min(model.config.max_position_embeddings, args.seq_len or model.config.max_position_embeddings)
+    ev = StreamEvaluator(np.asarray(tokens), tok, seq, args.batch_size)
+    path = Path(args.workdir) / f"model-{args.gguf_variant}.gguf"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=seq + 1, n_batch=seq + 1, logits_all=True, verbose=False,
+                          n_threads=args.threads or None)
+    nats = 0.0
+    for row in ev.windows.numpy():
+        llm.reset()
+        llm.eval([int(t) for t in row[:-1]])
+        logits = np.asarray(llm.scores[: len(row) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nats -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
+    return {"variant": f"gguf {args.gguf_variant}", "bpc": nats / math.log(2) / ev.chars, "tokens": ev.tokens,
+            "disk_bytes": path.stat().st_size}
+
+
+def gguf_rows(args, work: str) -> list[dict]:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("skip gguf: llama-cpp-python is not installed", file=sys.stderr)
+        return []
+    from xiaolm.export.gguf import export_gguf
+
+    rows = []
+    for variant in GGUF_VARIANTS:
+        export_gguf(args.run, Path(work) / f"model-{variant}.gguf", ftype=variant)
+        cmd = [sys.executable, __file__, args.run, "--data", args.data, "--eval-tokens", str(args.eval_tokens),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--gguf-variant", variant,
+               "--workdir", work]
+        if args.seq_len:
+            cmd += ["--seq-len", str(args.seq_len)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            print(f"gguf {variant} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"measured gguf {variant}", file=sys.stderr)
+    return rows
+
+
 def available(variant: str, device: str) -> str | None:
     """Why a variant cannot run here, or None."""
     import importlib.util
@@ -117,12 +189,18 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--embedding-bits", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--gguf", action="store_true",
+                        help="also evaluate the GGUF exports with llama.cpp (needs llama-cpp-python)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf-variant", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(worker(args)))
+        return 0
+    if args.gguf_variant:
+        print(json.dumps(gguf_worker(args)))
         return 0
 
     from xiaolm.infer.quantize import quantize_run
@@ -148,6 +226,7 @@ def main() -> int:
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"measured {variant}", file=sys.stderr)
+        grows = gguf_rows(args, work) if args.gguf else []
     base = next((r for r in rows if r["variant"] == "float32"), rows[0])
     print(f"\nquantisation of {args.run} on {args.device} (int4 group {args.group_size}, embedding "
           f"{args.embedding_bits}-bit in the quantised rows; {base['tokens']:,} validation tokens; "
@@ -169,8 +248,19 @@ def main() -> int:
             delta = 100 * (r["bpc"] / base["bpc"] - 1)
             verdict = "meets" if delta <= targets[bits] else "MISSES"
             print(f"{r['variant']}: BPC {delta:+.2f}% vs float32 {verdict} the {targets[bits]:.0f}% target")
+    if grows:
+        g16 = next((r for r in grows if r["variant"] == "gguf f16"), grows[0])
+        print(f"\nGGUF exports evaluated by llama.cpp on the same {grows[0]['tokens']:,} validation tokens "
+              f"(dBPC vs {base['variant']} above, and vs the GGUF f16 file)\n")
+        head = f"{'variant':<16}{'bpc':>8}{'dBPC':>9}{'vs f16':>9}{'file MB':>9}{'x':>6}"
+        print(head)
+        print("-" * len(head))
+        for r in grows:
+            print(f"{r['variant']:<16}{r['bpc']:>8.4f}{100 * (r['bpc'] / base['bpc'] - 1):>+8.2f}%"
+                  f"{100 * (r['bpc'] / g16['bpc'] - 1):>+8.2f}%{r['disk_bytes'] / 1e6:>9.3f}"
+                  f"{g16['disk_bytes'] / r['disk_bytes']:>6.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows + grows, "args": vars(args)}, indent=2))
     return 0
 
 

@@ -2,8 +2,9 @@
 
 In CI the file is read back with gguf's own reader: keys, tensor names, shapes, types; dequantised Q8_0 / Q4_0
 tensors close to ours; q/k un-permuted back to our layout; and a reference forward pass in llama.cpp's convention
-(interleaved RoPE pairs) on the file's tensors reproduces our logits. Where llama-cpp-python is installed (never in
-CI: it compiles for a long time), llama.cpp itself must tokenise as we do and continue greedily as we do.
+(interleaved RoPE pairs) on the file's tensors reproduces our logits. Where llama-cpp-python is installed (.ci/run
+builds it once into a wheel cache and reuses it), llama.cpp itself must tokenise as we do and continue greedily as
+we do.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def test_metadata_tokenizer_and_tensors_read_back(gguf_files, tiny_run):
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
         "tokenizer.ggml.bos_token_id": tok.eot_id, "tokenizer.ggml.eos_token_id": tok.eot_id,
         "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.unknown_token_id": tok.eot_id,
-        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_bos_token": True,  # a plain prompt starts after <|endoftext|>, as in xiaolm generate
     }
     for key, value in expect.items():
         assert _field(r, key) == value, key
@@ -271,3 +272,41 @@ def test_llama_cpp_tokenises_and_continues_like_us(gguf_files, tiny_run, capsys,
               + ", ".join(f"{k} {v:.4f}" for k, v in report.items()) + f" (logit std {ref.std():.3f})")
     assert report["f32"] < 1e-3
     assert report["q8_0"] < 0.1 * ref.std() and report["q8_0"] < report["q4_0"] < 0.5 * ref.std()
+
+
+def test_k_quants_without_llama_cpp_say_what_to_install(tiny_run, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(SystemExit):
+        main(["export", "gguf", str(tiny_run), str(tmp_path / "k.gguf"), "--type", "q4_k_m"])
+    err = capsys.readouterr().err
+    assert "pip install llama-cpp-python" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_k_quants_are_made_by_llama_cpp_and_stay_close(tiny_run, tmp_path, monkeypatch, capsys):
+    """Runs where llama-cpp-python is installed (.ci/run builds it once into a wheel cache)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from xiaolm.export.gguf import K_QUANTS
+
+    model, tok, _ = load_model(tiny_run)
+    prompt = [tok.eot_id] + tok.encode(PROBES[0] + PROBES[5])
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].numpy()
+    errors = {}
+    for ftype, llama_ftype in K_QUANTS.items():
+        path = tmp_path / f"tiny-{ftype}.gguf"
+        assert main(["export", "gguf", str(tiny_run), str(path), "--type", ftype]) == 0
+        r = gguf.GGUFReader(str(path))
+        assert _field(r, "general.file_type") == llama_ftype and _field(r, "general.basename") == "xiaolm"
+        assert _field(r, "tokenizer.ggml.add_bos_token") is True and "<|im_start|>" in _field(r, "tokenizer.chat_template")
+        assert path.with_name(f"tiny-{ftype}.Modelfile").read_text().count(f"FROM ./tiny-{ftype}.gguf") == 1
+        assert not list(tmp_path.glob(".*.tmp"))
+        llm = _llama_cpp(llama_cpp, monkeypatch, path, model.config.max_position_embeddings)
+        llm.eval(prompt)
+        errors[ftype] = float(np.abs(np.array(llm.scores[: len(prompt)]) - ref).max())
+    with capsys.disabled():
+        print("\nllama.cpp K-quants max |logit error| vs ours: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()) + f" (logit std {ref.std():.3f})")
+    assert errors["q6_k"] <= errors["q4_k_m"] and all(e < 0.5 * ref.std() for e in errors.values())

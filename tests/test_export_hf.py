@@ -81,7 +81,8 @@ def test_transformers_logits_equal_ours(hf_dir, tiny_run):
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # re-tied on load
     for p in PROBES:
-        assert hf_tok(p)["input_ids"] == tok.encode(p)
+        assert hf_tok(p)["input_ids"] == [tok.eot_id] + tok.encode(p)  # the BOS rule of `xiaolm generate`
+        assert hf_tok(p, add_special_tokens=False)["input_ids"] == tok.encode(p)
         assert "token_type_ids" not in hf_tok(p)
     x, mask = _batch(tok)
     with torch.no_grad():

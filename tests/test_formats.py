@@ -171,3 +171,75 @@ def test_iter_json_records_single_object(tmp_path):
     f = tmp_path / "one.json"
     f.write_text('\n\n{"instruction": "a", "output": "b"}\n', encoding="utf-8")
     assert [(line, rec) for line, rec, _ in iter_json_records(f)] == [(3, {"instruction": "a", "output": "b"})]
+
+
+# ------------------------------------------------- files written by Hugging Face datasets, for every data verb
+
+
+ALPACA = [{"instruction": "写一个故事", "input": "", "output": "从前有一只小猫。"},
+          {"instruction": "翻译：cat", "input": "", "output": ""},  # no answer: reported with its row
+          {"instruction": "讲个笑话", "input": "关于狗", "output": "小狗追尾巴。"}]
+MESSAGES = [{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]},
+            {"messages": [{"role": "user", "content": "再见"}, {"role": "assistant", "content": "再见！"}]}]
+
+
+def _datasets_files(tmp_path, records, name):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(records)
+    ds.to_parquet(str(tmp_path / f"{name}.parquet"))
+    ds.save_to_disk(str(tmp_path / f"{name}_saved"))
+    arrow = sorted((tmp_path / f"{name}_saved").glob("*.arrow"))[0]
+    (tmp_path / f"{name}.arrow").write_bytes(arrow.read_bytes())
+    ds.to_csv(str(tmp_path / f"{name}.csv"), index=False)
+    return [tmp_path / f"{name}.parquet", tmp_path / f"{name}_saved", tmp_path / f"{name}.arrow",
+            tmp_path / f"{name}.csv"]
+
+
+def test_conversations_from_parquet_arrow_csv_and_save_to_disk_with_file_row_problems(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ALPACA))
+    want, _ = load_conversations(expand_paths([str(tmp_path / "a.jsonl")]))
+    for path in _datasets_files(tmp_path, ALPACA, "alpaca"):
+        files = expand_paths([str(path)])
+        assert files == [path]  # a saved dataset is one input: its state.json is never data
+        convs, reports = load_conversations(files)
+        assert [c.messages for c in convs] == [c.messages for c in want], path
+        assert reports[0].skipped == 1 and reports[0].problems[0].where == f"{path}:{3 if path.suffix == '.csv' else 2}"
+    for path in _datasets_files(tmp_path, MESSAGES, "chat")[:3]:  # nested columns (lists of structs)
+        convs, reports = load_conversations(expand_paths([str(path)]))
+        assert [c.messages for c in convs] == [r["messages"] for r in MESSAGES] and reports[0].skipped == 0
+    # a directory of them
+    convs, _ = load_conversations(expand_paths([str(tmp_path)], split=None))
+    assert len(convs) >= 4 * 2
+
+
+def test_prompt_sets_eval_samples_and_preference_pairs_read_parquet(tmp_path):
+    from xiaolm.data.pairs import load_preference_file, load_prompt_set
+    from xiaolm.eval.instruct import load_eval_samples
+
+    parquet = _datasets_files(tmp_path, MESSAGES, "chat")[0]
+    assert len(load_prompt_set([str(parquet)], heldout=[]).prompts) == 2
+    samples, _ = load_eval_samples([str(parquet)])
+    assert [s["prompt"][-1]["content"] for s in samples] == ["你好", "再见"]
+    pairs = [{"prompt": "写一句诗", "chosen": "春眠不觉晓。", "rejected": "诗诗诗。"},
+             {"prompt": "问候", "chosen": "你好！", "rejected": None}]
+    for path in _datasets_files(tmp_path, pairs, "pairs")[:3]:
+        got, _labelled, report = load_preference_file(path)
+        assert [p["chosen"] for p in got] == ["春眠不觉晓。"] and report.skipped == 1, path
+        assert report.problems[0].startswith(f"{path}:2: ")
+
+
+def test_data_instruct_reads_stories_from_parquet_and_save_to_disk(tmp_path, stories_file):
+    datasets = pytest.importorskip("datasets")
+    from xiaolm.cli import main
+
+    lines = stories_file.read_text().splitlines()[:40]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    ds = datasets.Dataset.from_list([json.loads(x) for x in lines])
+    ds.to_parquet(str(tmp_path / "s.parquet"))
+    ds.save_to_disk(str(tmp_path / "s_saved"))
+    outs = {}
+    for name in ("s.jsonl", "s.parquet", "s_saved"):
+        assert main(["data", "instruct", str(tmp_path / name), "--out", str(tmp_path / f"out-{name}"),
+                     "--seed", "0"]) == 0
+        outs[name] = [json.loads(x)["messages"] for x in (tmp_path / f"out-{name}" / "train.jsonl").read_text().splitlines()]
+    assert outs["s.jsonl"] and outs["s.parquet"] == outs["s.jsonl"] == outs["s_saved"]

@@ -266,3 +266,70 @@ def test_iter_records_checks_all_inputs_before_reading(tmp_path):
     good = write(tmp_path / "g.jsonl", '{"text": "x"}\n')
     with pytest.raises(InputError, match="absent.txt"):
         iter_records([str(good), str(tmp_path / "absent.txt")])  # raised at the call, not on first next()
+
+
+# ------------------------------------------------------------------------ files written by Hugging Face datasets
+
+
+def _hf_dataset(n: int = 7):
+    datasets = pytest.importorskip("datasets")
+    texts = [f"第{i}个故事：小猫和小狗在花园里玩。" for i in range(n)]
+    return datasets.Dataset.from_dict({"text": texts, "id": list(range(n))}), texts
+
+
+def test_datasets_parquet_arrow_and_save_to_disk_are_read_with_rows_named(tmp_path):
+    import datasets
+
+    ds, texts = _hf_dataset()
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    arrow = sorted((tmp_path / "saved").glob("*.arrow"))[0]
+    (tmp_path / "single.arrow").write_bytes(arrow.read_bytes())
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "dict"))
+    for inp, want in ((tmp_path / "d.parquet", texts), (tmp_path / "saved", texts),
+                      (tmp_path / "single.arrow", texts), (tmp_path / "dict", texts)):
+        records, log = read([inp])
+        assert [r.text for r in records] == want, inp
+        assert log.malformed_total == 0 and not log.warnings, (inp, log.warnings)
+        assert records[2].source.endswith("#3")
+        assert not any("state.json" in r.source or "dataset_info" in r.source for r in records)
+    records, _ = read([tmp_path / "dict"], hf_split="test")
+    assert [r.text for r in records] == texts[:2]
+    with pytest.raises(InputError, match="without split 'validation'"):
+        resolve_inputs([str(tmp_path / "dict")], hf_split="validation")
+
+
+def test_a_directory_with_a_saved_dataset_inside_skips_its_json_bookkeeping(tmp_path):
+    ds, texts = _hf_dataset(4)
+    ds.save_to_disk(str(tmp_path / "corpus" / "part1"))
+    records, log = read([tmp_path / "corpus"])
+    assert [r.text for r in records] == texts and log.malformed_total == 0 and not log.warnings
+
+
+def test_arrow_rows_missing_the_field_are_reported_with_file_and_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["好的故事。", None, "另一个故事。"]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    records, log = read([tmp_path / "saved"])
+    assert [r.text for r in records] == ["好的故事。", "另一个故事。"]
+    assert log.malformed_total == 1 and log.malformed[0].row == 2 and log.malformed[0].file.endswith(".arrow")
+
+
+def test_prepare_and_tokenize_read_a_save_to_disk_directory(tmp_path, tokenizer_dir, stories_file):
+    import datasets
+
+    from xiaolm.cli import main
+    from xiaolm.data.shards import TokenShards
+
+    texts = [json.loads(line)["story_zh"] for line in stories_file.read_text().splitlines()[:30]]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    assert main(["data", "prepare", str(tmp_path / "saved"), "--out", str(tmp_path / "prep")]) == 0
+    n = sum(len((tmp_path / "prep" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "val"))
+    assert n == len(texts)
+    for inp in ("saved", "d.parquet"):
+        out = tmp_path / f"shards-{inp}"
+        assert main(["data", "tokenize", str(tmp_path / inp), "--tokenizer", str(tokenizer_dir),
+                     "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+        assert len(TokenShards(out, "train").doc_starts) == len(texts)

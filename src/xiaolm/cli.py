@@ -62,10 +62,21 @@ def _usage(table: dict, prefix: str) -> str:
     return "\n".join(lines)
 
 
+# Optional packages a verb may need, and the extra that installs them.
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "gguf": "export"}
+
+
 def _run(target: str, argv: list[str]) -> int:
     module_name, func_name = target.split(":")
-    module = importlib.import_module(module_name)
-    result = getattr(module, func_name)(argv)
+    try:
+        module = importlib.import_module(module_name)
+        result = getattr(module, func_name)(argv)
+    except ModuleNotFoundError as exc:  # an extra that is not installed: say which, in one line
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"xiaolm: error: this verb needs {top}: pip install 'xiaolm[{EXTRAS[top]}]'", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

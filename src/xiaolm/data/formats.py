@@ -8,7 +8,9 @@ Layouts (detected per record, or forced with ``fmt``):
   (our instruction data keeps ``constraints`` and ``story_id`` there) are kept as ``Conversation.meta``.
 
 Files may be JSON Lines, a JSON array (pretty-printed or not), or one JSON object; the extension does not decide
-(``Belle_open_source_1k.json`` is JSON Lines). A malformed record is reported with its file, line and reason and
+(``Belle_open_source_1k.json`` is JSON Lines). CSV, Parquet and Arrow files and ``datasets`` ``save_to_disk``
+directories are read through the shared reader (``xiaolm.data.readers.iter_raw_records``), their rows named
+``file:row``. A malformed record is reported with its file, line and reason and
 skipped; it never stops the load. A conversation whose last user turn has no answer is kept with that turn trimmed,
 and that is reported too.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".gz")  # what a directory of data contributes
 
 # ShareGPT speaker names seen in the wild -> OpenAI roles.
 _SHAREGPT_ROLES = {
@@ -96,9 +99,18 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, object, Optional[
     """Yield ``(line, record, error)`` for every record of a JSON Lines file, a JSON array or a single object.
 
     ``error`` is a reason string for a record that could not be parsed (then ``record`` is None). A JSON array with a
-    syntax error yields the records before the error, then one error at the line where parsing stopped.
+    syntax error yields the records before the error, then one error at the line where parsing stopped. CSV,
+    Parquet, Arrow files and ``save_to_disk`` directories: their rows, ``line`` being the CSV line or the row.
     """
+    from xiaolm.data.readers import ROW_FORMATS, InputError, _format_of, is_saved_dataset, iter_raw_records
+
     path = Path(path)
+    if is_saved_dataset(path) or _format_of(str(path))[0] in ROW_FORMATS:
+        try:
+            yield from iter_raw_records(path)
+        except InputError as exc:
+            yield 0, None, str(exc)
+        return
     if path.suffix == ".gz":
         import gzip
 
@@ -342,20 +354,27 @@ def load_file(path: str | Path, fmt: str = "auto", require_answer: bool = True) 
 
 def expand_paths(paths: list[str], split: Optional[str] = "train", skip_reports: bool = False) -> list[Path]:
     """Files named directly, or inside directories. An instruction-data directory (``xiaolm data instruct``) gives
-    its ``{split}.jsonl`` (unless ``split`` is None); any other directory gives all its ``*.json`` / ``*.jsonl``
-    files, less the ``*.report.json`` files xiaolm writes beside its outputs when ``skip_reports``."""
+    its ``{split}.jsonl`` (unless ``split`` is None); a ``save_to_disk`` directory is one input; any other directory
+    gives its data files (``DATA_SUFFIXES``) and saved datasets, less the ``*.report.json`` files xiaolm writes
+    beside its outputs when ``skip_reports``."""
+    from xiaolm.data.readers import is_saved_dataset
+
     files: list[Path] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir():
+        if is_saved_dataset(path):  # read as a whole (iter_json_records), never its state.json
+            files.append(path)
+        elif path.is_dir():
             own = path / f"{split}.jsonl"
             if split is not None and own.is_file():
                 files.append(own)
                 continue
-            found = sorted(q for q in path.iterdir() if q.is_file() and q.name.endswith((".json", ".jsonl", ".gz"))
+            found = sorted(q for q in path.iterdir()
+                           if (q.is_file() and q.name.endswith(DATA_SUFFIXES) or is_saved_dataset(q))
                            and not (skip_reports and q.name.endswith(".report.json")))
             if not found:
-                raise FileNotFoundError(f"{path}: no .json or .jsonl files in this directory")
+                raise FileNotFoundError(f"{path}: no data files in this directory "
+                                        f"({', '.join(DATA_SUFFIXES)} or a save_to_disk directory)")
             files.extend(found)
         elif path.is_file():
             files.append(path)

@@ -256,10 +256,12 @@ def read_stories(paths: Iterable[str], field: str, problems: list[str], limit: O
 
 def build_instruct(cfg: InstructConfig) -> dict:
     """Write ``train.jsonl``, ``heldout.jsonl`` and ``report.json`` into ``cfg.out``; return the report."""
+    from xiaolm.data.readers import is_saved_dataset
+
     if not cfg.stories:
         raise fail("give at least one story file: xiaolm data instruct STORIES... --out DIR")
     for p in cfg.stories:
-        if not Path(p).is_file():
+        if not Path(p).is_file() and not is_saved_dataset(p):
             raise fail(f"{p}: no such file")
     if not 0 <= cfg.heldout_fraction < 1:
         raise fail("--heldout-fraction must be in [0, 1)")

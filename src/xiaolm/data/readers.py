@@ -15,6 +15,9 @@ Formats (each also gzip-compressed as ``NAME.EXT.gz``):
   object's only list-valued key), or a single record. A ``.json`` file that is really JSON Lines is read as such.
 - ``.csv``: header row, then rows; the field is a column name.
 - ``.parquet``: rows; the field's first component is a column (structs are followed by the rest of the path).
+- ``.arrow``: Arrow IPC files (the stream format ``datasets`` writes, or the file format), read like parquet.
+- a ``datasets`` ``save_to_disk`` directory (``state.json`` + ``data-*.arrow``; a ``DatasetDict`` directory gives
+  its ``hf_split`` split): its Arrow files, in order. Its JSON bookkeeping files are never read as data.
 - ``hf:NAME`` (e.g. ``hf:adam89/TinyStoriesChinese`` or ``hf:/path/to/local/dataset``): loaded with
   ``datasets.load_dataset(NAME, hf_config, split=hf_split, cache_dir=hf_cache_dir)``.
 
@@ -44,7 +47,8 @@ from typing import Any, Iterable, Iterator
 
 from xiaolm.utils import log
 
-FORMATS = ("txt", "jsonl", "json", "csv", "parquet")
+FORMATS = ("txt", "jsonl", "json", "csv", "parquet", "arrow")
+ROW_FORMATS = ("csv", "parquet", "arrow")  # what the conversation / pair loaders read through ``iter_raw_records``
 TXT_MODES = ("line", "paragraph", "file", "chapter")
 HF_PREFIX = "hf:"
 
@@ -83,6 +87,7 @@ class Record:
     source_file: str
     line: int | None = None
     row: int | None = None
+    value: Any = None  # the whole record, for ``iter_raw_records``
 
     @property
     def source(self) -> str:
@@ -189,11 +194,73 @@ def _check_readable(path: str, fmt: str, compressed: bool) -> None:
             raise InputError(f"{path}: reading parquet needs pyarrow (pip install 'xiaolm[data]')") from None
         except Exception as exc:  # pyarrow raises its own error types for a damaged footer
             raise InputError(f"{path}: not a readable parquet file: {exc}") from None
+    elif fmt == "arrow":
+        try:
+            _arrow_reader(p).schema
+        except ImportError:
+            raise InputError(f"{path}: reading Arrow files needs pyarrow (pip install 'xiaolm[data]')") from None
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable Arrow file: {exc}") from None
 
 
-def _files_in_dir(directory: Path) -> list[str]:
+def _arrow_reader(source):
+    """An Arrow IPC reader over a path or bytes: the stream format (what ``datasets`` writes), else the
+    random-access file format."""
+    import pyarrow as pa
+
+    def buffer():
+        return pa.py_buffer(source) if isinstance(source, bytes) else pa.memory_map(str(source))
+
+    try:
+        return pa.ipc.open_stream(buffer())
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(buffer())
+
+
+def _arrow_batches(reader):
+    if hasattr(reader, "num_record_batches"):  # file format
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    else:
+        yield from reader
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """A directory written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict of them)."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+                           or (p / "dataset_dict.json").is_file())
+
+
+def saved_dataset_files(path: str | os.PathLike, split: str = "train") -> list[str]:
+    """The Arrow files of a ``save_to_disk`` directory, in order; for a DatasetDict, those of ``split``."""
+    p = Path(path)
+    if (p / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((p / "dataset_dict.json").read_text(encoding="utf-8")).get("splits") or []
+        except (ValueError, OSError, AttributeError) as exc:
+            raise InputError(f"{p / 'dataset_dict.json'}: unreadable ({exc})") from None
+        if split not in splits:
+            raise InputError(f"{p}: a saved DatasetDict without split {split!r} (splits: {', '.join(splits)}); "
+                             f"choose one with --hf-split or name its folder")
+        p = p / split
+    try:
+        state = json.loads((p / "state.json").read_text(encoding="utf-8"))
+        files = [str(p / f["filename"]) for f in state["_data_files"]]
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise InputError(f"{p / 'state.json'}: not a datasets save_to_disk state file ({exc})") from None
+    if not files:
+        raise InputError(f"{p}: the saved dataset lists no data files")
+    return files
+
+
+def _files_in_dir(directory: Path, split: str = "train") -> list[str]:
     found = []
     for root, dirs, files in os.walk(directory):
+        if is_saved_dataset(root):  # its data files only, never its state.json / dataset_info.json
+            found.extend(saved_dataset_files(root, split))
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith("."):
@@ -256,7 +323,7 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike | InputFile], *, hf_split:
         if spec.startswith(HF_PREFIX):
             resolved.append(InputFile(spec, "hf", False, _load_hf(spec, hf_split, hf_config, hf_cache_dir)))
         elif Path(spec).is_dir():
-            files = _files_in_dir(Path(spec))
+            files = _files_in_dir(Path(spec), hf_split)
             files = [f for f in files if _format_of(f)[0] in allowed]
             if not files:
                 kinds = ", ".join(f".{f}" for f in FORMATS if f in allowed)
@@ -383,6 +450,8 @@ class _Reader:
             return data.decode("utf-8", errors="surrogateescape"), True
 
     def _emit(self, value: Any, line: int | None, row: int | None = None, raw_bad: bool = False) -> Record | None:
+        if self.field is None:  # iter_raw_records: the record itself
+            return Record("", self.file, line, row, value=value)
         text, reason = extract_field(value, self.field, self.joiner)
         if reason is None:
             reason = _check_text(text, raw_bad)
@@ -529,8 +598,9 @@ class _Reader:
         except csv.Error as exc:
             self.bad(1, f"bad CSV row: header: {exc}; file skipped")
             return
-        column = next((header.index(f) for f in self.field.split("|") if f in header), None)
-        if column is None:
+        column = None if self.field is None else next(
+            (header.index(f) for f in self.field.split("|") if f in header), None)
+        if column is None and self.field is not None:
             self.seen_keys = header[:20]
         previous_end = reader.line_num
         while True:
@@ -548,15 +618,17 @@ class _Reader:
             if len(row) != len(header):
                 self.bad(line, f"bad CSV row: {len(row)} fields, header has {len(header)}")
                 continue
-            if column is None:
+            if column is None and self.field is not None:
                 self.bad(line, f"missing field: no column '{self.field}' (columns: {', '.join(header[:8])})")
                 continue
-            value = row[column]
             reason = _check_text("".join(row), had_bad)
             if reason is not None:
                 self.bad(line, reason)
                 continue
-            yield Record(value, self.file, line)
+            if self.field is None:
+                yield Record("", self.file, line, value=dict(zip(header, row)))
+            else:
+                yield Record(row[column], self.file, line)
 
     # -- parquet and Hugging Face rows
 
@@ -584,16 +656,9 @@ class _Reader:
         except Exception as exc:
             self.bad(None, f"unreadable file: {exc}; file skipped")
             return
-        names = pf.schema_arrow.names
-        tops = [f.split(".", 1)[0] for f in self.field.split("|")] if self.field else []
-        columns = [t for t in dict.fromkeys(tops) if t in names]
-        if not columns:
-            self.seen_keys = names[:20]
-
-            def empties():
-                for _ in range(pf.metadata.num_rows):
-                    yield None
-            yield from self._iter_rows(empties(), top_column_missing=True)
+        columns = self._columns(pf.schema_arrow.names)
+        if columns == []:
+            yield from self._iter_rows((None for _ in range(pf.metadata.num_rows)), top_column_missing=True)
             return
 
         def rows():
@@ -602,6 +667,41 @@ class _Reader:
         try:
             yield from self._iter_rows(rows())
         except Exception as exc:  # a damaged row group part-way
+            self.bad(None, f"unreadable file: {exc}; rest of file skipped")
+
+    def _columns(self, names: list[str]) -> list[str] | None:
+        """The columns the field path needs (None: all, for raw records; []: none of them is there)."""
+        if self.field is None:
+            return None
+        tops = [f.split(".", 1)[0] for f in self.field.split("|")] if self.field else []
+        columns = [t for t in dict.fromkeys(tops) if t in names]
+        if not columns:
+            self.seen_keys = names[:20]
+        return columns
+
+    def _iter_arrow(self) -> Iterator[Record]:
+        source: Any = self.file
+        if self.item.compressed:
+            source = self._read_all()
+            if source is None:
+                return
+        try:
+            reader = _arrow_reader(source)
+            columns = self._columns(reader.schema.names)
+        except Exception as exc:  # pyarrow's own error types
+            self.bad(None, f"unreadable file: {exc}; file skipped")
+            return
+
+        def batches():
+            for batch in _arrow_batches(reader):
+                yield batch if columns is None else batch.select(columns)
+        try:
+            if columns == []:
+                yield from self._iter_rows((None for b in batches() for _ in range(b.num_rows)),
+                                           top_column_missing=True)
+                return
+            yield from self._iter_rows(row for b in batches() for row in b.to_pylist())
+        except Exception as exc:  # a damaged batch part-way
             self.bad(None, f"unreadable file: {exc}; rest of file skipped")
 
     def _iter_hf(self) -> Iterator[Record]:
@@ -668,7 +768,7 @@ class _Reader:
     def records(self) -> Iterator[Record]:
         reader = {
             "txt": self._iter_txt, "jsonl": self._iter_jsonl, "json": self._iter_json, "csv": self._iter_csv,
-            "parquet": self._iter_parquet, "hf": self._iter_hf,
+            "parquet": self._iter_parquet, "arrow": self._iter_arrow, "hf": self._iter_hf,
         }[self.item.format]
         stats = self.log.files.setdefault(self.file, FileStats(self.file, self.item.format))
         for rec in reader():
@@ -713,6 +813,37 @@ def iter_records(inputs: Iterable[str | os.PathLike | InputFile], field: str = "
     return generate()
 
 
+def iter_raw_records(path: str | os.PathLike, hf_split: str = "train"
+                     ) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line, record, error)`` for every record of one CSV, Parquet or Arrow file or ``save_to_disk`` directory,
+    in the shape of ``xiaolm.data.formats.iter_json_records`` (the conversation and pair loaders): ``record`` is the
+    whole row (a dict; a CSV row maps its header to strings), ``line`` the CSV line or the 1-based row, so that
+    ``f"{path}:{line}"`` names it. Problems come as ``(line, None, reason)`` in reading order."""
+    inputs = resolve_inputs([path], hf_split=hf_split, formats=ROW_FORMATS)
+    pending: list[Malformed] = []
+
+    class _Collect(ReadLog):
+        def add_malformed(self, file, line, reason, row=None):
+            pending.append(Malformed(file, line, reason, row))
+
+    collector = _Collect()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    offset = 0  # rows continue across the Arrow files of one saved dataset
+    for item in inputs:
+        reader = _Reader(item, collector, None, "", "line", re.compile("$^"), None, ",")
+        last = 0
+        for rec in reader.records():
+            while pending:
+                m = pending.pop(0)
+                yield (m.line if m.line is not None else offset + (m.row or 0)), None, m.reason
+            last = rec.row or 0
+            yield (rec.line if rec.line is not None else offset + rec.row), rec.value, None
+        while pending:
+            m = pending.pop(0)
+            yield (m.line if m.line is not None else offset + (m.row or 0)), None, m.reason
+        offset += last
+
+
 def read_options_from(cfg: Any) -> dict:
     """The keyword arguments of :func:`iter_records` taken from any config object that has those attributes."""
     names = ("field", "joiner", "txt_mode", "chapter_regex", "json_key", "csv_delimiter", "hf_split", "hf_config",
@@ -722,5 +853,6 @@ def read_options_from(cfg: Any) -> dict:
 
 __all__ = [
     "FORMATS", "TXT_MODES", "InputError", "InputFile", "Record", "Malformed", "FileStats", "ReadLog",
-    "resolve_inputs", "iter_records", "extract_field", "read_options_from",
+    "resolve_inputs", "iter_records", "iter_raw_records", "is_saved_dataset", "saved_dataset_files", "extract_field",
+    "read_options_from",
 ]

@@ -19,7 +19,9 @@ streamed, never held in memory.
 Inputs (``resolve_inputs`` / ``iter_documents``, shared with tokenizer training): a prepared corpus directory
 (``train.jsonl`` -> split ``train``, ``val.jsonl`` -> split ``val``), other directories (their ``.jsonl`` and
 ``.txt`` files), ``.jsonl`` files (text in ``--field``), ``.txt`` files (one document per line), each optionally
-``.gz``. A malformed record is counted and reported with file and line, never fatal.
+``.gz``; ``.json``, ``.csv``, ``.parquet``, ``.arrow`` files and ``datasets`` ``save_to_disk`` directories are read
+through the shared reader (``xiaolm.data.readers``, text in ``--field``). A malformed record is counted and
+reported with file and line (or row), never fatal.
 """
 from __future__ import annotations
 
@@ -68,6 +70,14 @@ def _kind_of(path: Path) -> str | None:
     return None
 
 
+def _record_kind(path: Path) -> str | None:
+    """``records`` for what only the shared reader reads: other formats and ``save_to_disk`` directories."""
+    from xiaolm.data.readers import _format_of, is_saved_dataset
+
+    return "records" if is_saved_dataset(path) or _format_of(str(path))[0] in ("json", "csv", "parquet", "arrow") \
+        else None
+
+
 def resolve_inputs(inputs: Sequence[str | Path], split: str = "train") -> list[TextSource]:
     """Turn command-line inputs into ``TextSource``s, checking that every one exists and is readable first.
 
@@ -81,7 +91,12 @@ def resolve_inputs(inputs: Sequence[str | Path], split: str = "train") -> list[T
     sources: list[TextSource] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if _record_kind(path):
+            from xiaolm.data.readers import resolve_inputs as check_readable
+
+            check_readable([str(path)])  # raises InputError (a ValueError) naming the path
+            sources.append(TextSource(path, split, "records"))
+        elif path.is_dir():
             prepared = [(path / f"{name}.jsonl", name) for name in ("train", "val")]
             if any(p.is_file() for p, _ in prepared):
                 sources += [TextSource(p, name, "jsonl") for p, name in prepared if p.is_file()]
@@ -102,6 +117,25 @@ def resolve_inputs(inputs: Sequence[str | Path], split: str = "train") -> list[T
         if not os.access(source.path, os.R_OK):
             raise PermissionError(f"input not readable: {source.path}")
     return sources
+
+
+def input_batches(source: TextSource, field: str, batch_lines: int,
+                  errors: list[dict] | None = None) -> Iterator[tuple[int, list[bytes]]]:
+    """``read_line_batches``, or for a ``records`` source the texts the shared reader finds (one JSON string per
+    line; its malformed records are reported with file:line / file#row as they are met)."""
+    if source.kind != "records":
+        yield from read_line_batches(source, batch_lines=batch_lines, errors=errors)
+        return
+    from xiaolm.data.readers import iter_records
+
+    batch: list[bytes] = []
+    for n, rec in enumerate(iter_records([str(source.path)], field=field), 1):
+        batch.append(json.dumps(rec.text, ensure_ascii=False).encode("utf-8") + b"\n")
+        if len(batch) >= batch_lines:
+            yield n - len(batch) + 1, batch
+            batch = []
+    if batch:
+        yield n - len(batch) + 1, batch
 
 
 def _open_binary(path: Path):
@@ -172,6 +206,13 @@ def parse_lines(path: str, kind: str, field: str, first_lineno: int, lines: Sequ
             if line.strip():
                 texts.append(line)
             continue
+        if kind == "records":  # already read and checked by the shared reader
+            text = json.loads(line)
+            if text.strip():
+                texts.append(text)
+            else:
+                empty += 1
+            continue
         if not line.strip():
             continue
         try:
@@ -210,7 +251,7 @@ def iter_documents(sources: Iterable[TextSource], field: str = "text", splits: S
         if splits is not None and source.split not in splits:
             continue
         unreadable: list[dict] = []
-        for first, lines in read_line_batches(source, batch_lines=4096, errors=unreadable):
+        for first, lines in input_batches(source, field, 4096, errors=unreadable):
             texts, malformed, empty = parse_lines(str(source.path), source.kind, field, first, lines)
             _note_malformed(stats, unreadable)
             unreadable.clear()
@@ -453,13 +494,13 @@ def run(cfg: TokenizeConfig) -> dict:
     stats = {"documents": 0, "malformed": 0, "malformed_records": [], "empty": 0, "chars": 0, "bytes": 0}
     split_stats: dict[str, dict] = {}
     # The bar counts raw input bytes; a gzip file's uncompressed size is unknown, so then there is no total.
-    compressed = any(s.path.name.lower().endswith(".gz") for s in sources)
+    compressed = any(s.path.name.lower().endswith(".gz") or s.kind == "records" for s in sources)
     total_bytes = None if compressed else sum(s.path.stat().st_size for s in sources)
 
     def tasks() -> Iterator[tuple[TextSource, tuple]]:
         for source in sources:
             unreadable: list[dict] = []
-            for first, lines in read_line_batches(source, batch_lines=max(1, cfg.batch_size), errors=unreadable):
+            for first, lines in input_batches(source, cfg.field, max(1, cfg.batch_size), errors=unreadable):
                 yield source, (str(source.path), source.kind, cfg.field, first, lines)
             for err in unreadable:
                 log(f"tokenize: {err['file']}:{err['line']}: {err['reason']}")

@@ -14,8 +14,13 @@ Written with the ``gguf`` package (the writer llama.cpp's own converter uses), n
   (``TENSOR_DUPLICATED``), which is what ``convert_hf_to_gguf.py`` relies on for tied models.
 - The tokenizer is embedded as ``tokenizer.ggml.model = gpt2`` with ``tokenizer.ggml.pre = gpt-2``: ours is
   byte-level BPE behind exactly the GPT-2 regex pre-tokenizer, no normaliser (checked before writing). Token types
-  mark special tokens CONTROL. bos/eos/pad/unk ids, ``add_bos_token = false`` (documents and prompts carry their
-  own ``<|endoftext|>``) and the ChatML template go in too; a chat run's eos is ``<|im_end|>``.
+  mark special tokens CONTROL. bos/eos/pad/unk ids, ``add_bos_token = true`` with bos = ``<|endoftext|>`` (the
+  document separator the model was trained after: a plain prompt is conditioned as ``xiaolm generate`` and the HF
+  export condition it) and the ChatML template go in too; a chat run's eos is ``<|im_end|>``. Exported from an HF
+  directory of ours, the file gets the same metadata as from the run (``xiaolm_export.json`` says what it was).
+- ``--type q4_k_m|q5_k_m|q6_k`` (the K-quants people pick in Ollama) need llama.cpp's own quantiser, which the
+  ``gguf`` package does not have: an F16 file is written first and quantised with ``llama_cpp.llama_model_quantize``
+  (``pip install llama-cpp-python``). Matrices whose rows are not a multiple of 256 get llama.cpp's fallback types.
 - An Ollama ``Modelfile`` (ChatML template, ``<|im_end|>`` stop) is printed and written beside the file.
 """
 from __future__ import annotations
@@ -30,9 +35,12 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, parse_config
+from xiaolm.export.target import GGUF_BASENAME
 from xiaolm.utils import atomic_write_text, fail, log
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+# Quantised by llama.cpp from our F16 file: type -> llama_ftype (llama.h LLAMA_FTYPE_MOSTLY_*).
+K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 BLOCK = 32  # values per Q8_0 / Q4_0 block
 
 
@@ -163,16 +171,85 @@ def ollama_modelfile(gguf_name: str, context: int, chat: bool) -> str:
 
 
 def export_gguf(run: str | Path, out: str | Path, ftype: str = "f16", which: str = "latest",
-                chat: Optional[bool] = None, name: Optional[str] = None) -> dict:
+                chat: Optional[bool] = None, name: Optional[str] = None, overwrite: bool = False) -> dict:
     """Write ``out`` (.gguf) and its Modelfile; returns a summary (path, types, bytes, modelfile)."""
-    import gguf
+    gguf = import_gguf()
 
-    from xiaolm.export.hf import is_chat_run, load_export_source
-    from xiaolm.tokenizer import CHAT_TEMPLATE, EOT, IM_END
+    from xiaolm.export.hf import load_export_source
+    from xiaolm.export.target import prepare_gguf_target
 
     if ftype not in GGUF_TYPES:
         raise fail(f"--type {ftype}: choose one of {', '.join(GGUF_TYPES)}")
+    llama_cpp = import_llama_cpp(ftype) if ftype in K_QUANTS else None
     src = load_export_source(run, which=which, merge_lora=True)
+    out, modelfile_path = prepare_gguf_target(out, overwrite)
+    tmp = out.with_name(f".{out.name}.tmp")
+    f16 = out.with_name(f".{out.name}.f16.tmp")
+    try:
+        if llama_cpp is None:
+            return _write_gguf(gguf, src, run, out, tmp, modelfile_path, ftype, chat, name)
+        info = _write_gguf(gguf, src, run, f16, tmp, modelfile_path, "f16", chat, name, final=out)
+        quantize_with_llama_cpp(llama_cpp, f16, tmp, ftype)
+        tmp.replace(out)
+        return {**info, "path": str(out), "type": ftype, "bytes": out.stat().st_size,
+                "tensor_types": gguf_tensor_types(out)}
+    except OSError as exc:
+        raise fail(f"export gguf: writing {out} failed: {exc.strerror or exc}")
+    finally:
+        tmp.unlink(missing_ok=True)
+        f16.unlink(missing_ok=True)
+
+
+def import_llama_cpp(ftype: str):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise fail(f"--type {ftype}: K-quants are made by llama.cpp's quantiser: pip install llama-cpp-python "
+                   f"(or use --type q8_0 / q4_0, which need nothing more)") from None
+    return llama_cpp
+
+
+def quantize_with_llama_cpp(llama_cpp, src: Path, dst: Path, ftype: str, threads: int = 0) -> None:
+    """llama.cpp's own ``llama-quantize`` on an F16 GGUF (importance matrix none, output head per its rules)."""
+    import contextlib
+
+    try:  # llama.cpp prints a line per tensor; the summary line of `export gguf` says what came out
+        from llama_cpp._utils import suppress_stdout_stderr
+        quiet = suppress_stdout_stderr(disable=False)
+    except ImportError:
+        quiet = contextlib.nullcontext()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = K_QUANTS[ftype]
+    params.nthread = threads
+    with quiet:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise fail(f"export gguf: llama.cpp could not quantise to {ftype} (code {rc})")
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    import gguf
+
+    types: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return types
+
+
+def import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise fail("export gguf needs the gguf package: pip install 'xiaolm[export]'") from None
+    return gguf
+
+
+def _write_gguf(gguf, src, run, out: Path, tmp: Path, modelfile_path: Path, ftype: str, chat: Optional[bool],
+                name: Optional[str], final: Optional[Path] = None) -> dict:
+    """Write ``out`` through ``tmp``; ``final`` is the name the Modelfile points to (default ``out``)."""
+    from xiaolm.export.hf import is_chat_run
+    from xiaolm.tokenizer import CHAT_TEMPLATE, EOT, IM_END
+
     model, tokenizer = src.model, src.tokenizer
     cfg = model.config
     tok_file = Path(tokenizer.path) / "tokenizer.json" if getattr(tokenizer, "path", None) else None
@@ -183,17 +260,14 @@ def export_gguf(run: str | Path, out: str | Path, ftype: str = "f16", which: str
     tokens, token_types, merges = gguf_vocab(tok_json, cfg.vocab_size)
     chat = is_chat_run(src.meta, src.run_dir) if chat is None else chat
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    title = name or (src.run_dir.name if src.run_dir is not None else out.stem)
+    title = name or src.meta.get("name") or (src.run_dir.name if src.run_dir is not None else out.stem)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[ftype]
 
     w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(title)
-    w.add_basename("xiaolm")
+    w.add_basename(GGUF_BASENAME)
     n_params = sum(p.numel() for p in model.parameters())
     w.add_size_label(f"{n_params / 1e6:.0f}M" if n_params >= 1e6 else f"{n_params / 1e3:.0f}K")
     w.add_description("small Chinese language model trained from scratch with xiaolm"
@@ -230,7 +304,7 @@ def export_gguf(run: str | Path, out: str | Path, ftype: str = "f16", which: str
     w.add_unk_token_id(eot_id)
     if im_end is not None:
         w.add_eot_token_id(im_end)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
     w.add_chat_template(template)
@@ -248,8 +322,7 @@ def export_gguf(run: str | Path, out: str | Path, ftype: str = "f16", which: str
     w.close()
     tmp.replace(out)
 
-    modelfile = ollama_modelfile(out.name, cfg.max_position_embeddings, chat)
-    modelfile_path = out.with_name(out.stem + ".Modelfile")
+    modelfile = ollama_modelfile((final or out).name, cfg.max_position_embeddings, chat)
     atomic_write_text(modelfile_path, modelfile)
     return {"path": str(out), "type": ftype, "bytes": out.stat().st_size, "tensor_types": types_used,
             "modelfile": str(modelfile_path), "modelfile_text": modelfile, "chat": chat}
@@ -262,10 +335,12 @@ def export_gguf(run: str | Path, out: str | Path, ftype: str = "f16", which: str
 class ExportGGUFConfig:
     run: str = opt(None, "RUNDIR, checkpoint directory or Hugging Face Llama directory to export")
     out: str = opt(None, "output .gguf file")
-    type: Literal["f32", "f16", "q8_0", "q4_0"] = opt("f16", "tensor type: f32, f16, q8_0 or q4_0")
+    type: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = opt(
+        "f16", "tensor type: f32, f16, q8_0, q4_0, or the K-quants q4_k_m, q5_k_m, q6_k (these need llama-cpp-python)")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
     chat: Optional[bool] = opt(None, "treat as a chat model (eos <|im_end|>); default: from the run's stage")
     name: Optional[str] = opt(None, "general.name in the file (default: the run directory's name)")
+    overwrite: bool = opt(False, "replace an earlier xiaolm export at OUT (any other existing file is refused)")
 
 
 def main(argv: list[str]) -> int:
@@ -275,9 +350,16 @@ def main(argv: list[str]) -> int:
         "beside it. Run it with: llama-cli -m OUT.gguf, or ollama create NAME -f OUT.Modelfile.",
         positionals={"run": "RUNDIR", "out": "OUT.gguf"},
     )
-    info = export_gguf(cfg.run, cfg.out, ftype=cfg.type, which=cfg.checkpoint, chat=cfg.chat, name=cfg.name)
+    if not cfg.run or not cfg.out:
+        raise fail("export gguf: give RUNDIR and OUT.gguf")
+    info = export_gguf(cfg.run, cfg.out, ftype=cfg.type, which=cfg.checkpoint, chat=cfg.chat, name=cfg.name,
+                       overwrite=cfg.overwrite)
     types = ", ".join(f"{n} {k}" for k, n in info["tensor_types"].items())
     log(f"export gguf: wrote {info['path']} ({info['bytes'] / 1e6:.2f} MB; tensors {types})")
+    fallback = [k for k in info["tensor_types"] if cfg.type in K_QUANTS and k != "F32" and not k.endswith("_K")]
+    if fallback:
+        log(f"export gguf: llama.cpp used {', '.join(fallback)} for matrices whose rows are not a multiple of 256 "
+            f"(K-quant blocks)")
     log(f"export gguf: Ollama Modelfile at {info['modelfile']}:")
     print(info["modelfile_text"], file=sys.stdout, end="")
     return 0

@@ -108,7 +108,7 @@ def load_export_source(path: str | Path, which: str = "latest", merge_lora: bool
                    f"(GGUF quantises itself: --type q8_0 / q4_0)")
     if (path / "config.json").is_file() and not (path / "checkpoints").is_dir() and not (path / META_FILE).is_file():
         model, tok = load_hf_llama(path, device="cpu", dtype=torch.float32)
-        return ExportSource(model, tok, None, None, {"kind": "hf", "source": str(path)}, None)
+        return ExportSource(model, tok, None, None, hf_dir_meta(path, tok), None)
     try:
         ckpt = find_checkpoint(path, which)
         meta = verify_checkpoint(ckpt)
@@ -137,8 +137,30 @@ def load_export_source(path: str | Path, which: str = "latest", merge_lora: bool
     return ExportSource(model, tokenizer, ckpt, run_dir, meta, None)
 
 
+def hf_dir_meta(path: Path, tokenizer) -> dict:
+    """What a Hugging Face directory says about its model, so that exporting it (to GGUF) gives what exporting its
+    run gives: our own export's ``xiaolm_export.json`` (name, chat, training facts), else chat when its eos is
+    ``<|im_end|>``, and its directory name."""
+    from xiaolm.export.target import read_marker
+
+    marker = read_marker(path) or {}
+    meta = {**(marker.get("meta") if isinstance(marker.get("meta"), dict) else {}),
+            "kind": marker.get("kind") or "hf", "source": str(path), "name": marker.get("name") or path.resolve().name}
+    if isinstance(marker.get("chat"), bool):
+        meta["chat"] = marker["chat"]
+    else:
+        im_end = tokenizer.token_to_id("<|im_end|>") if tokenizer is not None else None
+        eos = _read_hf_config(path).get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [eos]
+        meta["chat"] = im_end is not None and im_end in eos
+    return meta
+
+
 def is_chat_run(meta: dict, run_dir: Optional[Path]) -> bool:
-    """A model tuned to answer ChatML turns: its checkpoint says it came from SFT or preference tuning."""
+    """A model tuned to answer ChatML turns: its checkpoint says it came from SFT or preference tuning (an HF
+    directory: see ``hf_dir_meta``)."""
+    if isinstance(meta.get("chat"), bool):
+        return meta["chat"]
     kind = str(meta.get("kind") or "").lower()
     if kind in CHAT_KINDS or kind.split("-")[0] in CHAT_KINDS:  # "sft", "sft-merged", "dpo", ...
         return True
@@ -194,18 +216,33 @@ def hf_config_dict(cfg, dtype: str, eos_id: int, bos_id: int, pad_id: int) -> di
     }
 
 
-def _write_tokenizer(tokenizer, out: Path, chat: bool) -> None:
-    """The run's tokenizer files; for a chat model, eos is <|im_end|> so pipelines stop at the end of a turn."""
-    from xiaolm.tokenizer import CHAT_TEMPLATE, IM_END
+def _write_tokenizer(tokenizer, out: Path, chat: bool, context: int) -> list[str]:
+    """The run's tokenizer files; returns the names written. For a chat model, eos is <|im_end|> so pipelines stop
+    at the end of a turn. With our tokenizer, a plain prompt gets <|endoftext|> in front (the document separator
+    the model was trained after, what ``xiaolm generate`` does): a post-processor in tokenizer.json plus
+    ``add_bos_token``. Chat templates are rendered and encoded without it (transformers passes
+    ``add_special_tokens=False``), exactly as SFT trained on them."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    from xiaolm.tokenizer import CHAT_TEMPLATE, EOT, IM_END
 
     if hasattr(tokenizer, "save"):
         tokenizer.save(out)
     conf_path = out / "tokenizer_config.json"
     conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
     conf["model_input_names"] = ["input_ids", "attention_mask"]
+    conf["model_max_length"] = int(context)
     conf.setdefault("chat_template", CHAT_TEMPLATE)
     if chat and tokenizer.token_to_id(IM_END) is not None:
         conf["eos_token"] = IM_END
+    eot_id = tokenizer.token_to_id(EOT)
+    if eot_id is not None and (out / "tokenizer.json").is_file():
+        tk = Tokenizer.from_file(str(out / "tokenizer.json"))
+        tk.post_processor = TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A $B:1",
+                                               special_tokens=[(EOT, eot_id)])
+        atomic_write_text(out / "tokenizer.json", tk.to_str(pretty=True))
+        conf.update(bos_token=EOT, add_bos_token=True, add_eos_token=False)
     atomic_write_json(conf_path, conf)
     if not (out / "chat_template.jinja").is_file():
         atomic_write_text(out / "chat_template.jinja", conf["chat_template"])
@@ -214,6 +251,7 @@ def _write_tokenizer(tokenizer, out: Path, chat: bool) -> None:
         smap = json.loads(smap_path.read_text(encoding="utf-8"))
         smap["eos_token"] = conf.get("eos_token", smap.get("eos_token"))
         atomic_write_json(smap_path, smap)
+    return [name for name in TOKENIZER_FILES if (out / name).is_file()]  # the target held none of them before
 
 
 def _fmt(value) -> str:
@@ -224,15 +262,59 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params: int, where: str = ".") -> str:
+def _run_config(run_dir: Optional[Path]) -> dict:
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return {}
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def card_metadata(src: "ExportSource", license: str = "apache-2.0", base_model: Optional[str] = None,
+                  datasets: Optional[list[str]] = None) -> dict:
+    """The model card's YAML header (what the Hub and model indexes read). ``base_model`` defaults to the name of
+    the model a fine-tuned run started from; ``datasets`` to the names of the run's ``data`` inputs."""
+    meta = dict(src.meta)
+    if not base_model:
+        base = meta.get("base") or meta.get("base_model") or meta.get("init_from")
+        if not base:  # continued pretraining: --model.init-from
+            section = _run_config(src.run_dir).get("model")
+            base = section.get("init_from") if isinstance(section, dict) else None
+        if isinstance(base, str) and base:
+            base_model = Path(base.rstrip("/")).name
+    if datasets is None:
+        found: list[str] = []
+        conf = _run_config(src.run_dir)
+        for section in (conf, *(v for v in conf.values() if isinstance(v, dict))):
+            value = section.get("data")
+            for item in (value if isinstance(value, list) else [value]):
+                if isinstance(item, str) and item and Path(item.rstrip("/")).name not in found:
+                    found.append(Path(item.rstrip("/")).name)
+        datasets = found
+    out = {"language": ["zh"], "license": license, "library_name": "transformers",
+           "pipeline_tag": "text-generation"}
+    if base_model:
+        out["base_model"] = base_model
+    if datasets:
+        out["datasets"] = list(datasets)
+    return out
+
+
+def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params: int, where: str = ".",
+               metadata: Optional[dict] = None) -> str:
     """README.md: what the model is, how it was trained, how well it does, how to run it, what it cannot do."""
+    import yaml
+
     run_dir = src.run_dir
+    header = dict(metadata if metadata is not None else card_metadata(src))
+    header["tags"] = ["xiaolm", "llama"] + (["chat"] if chat else [])
     lines = [
         "---",
-        "language:\n- zh",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags:\n- xiaolm\n- llama" + ("\n- chat" if chat else ""),
+        yaml.safe_dump(header, allow_unicode=True, sort_keys=False).rstrip(),
         "---",
         "",
         f"# {name}",
@@ -319,15 +401,16 @@ def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params
         ]
     else:
         lines += [
-            '# documents start after <|endoftext|>, as in training',
-            'ids = tok("<|endoftext|>从前，有一个小女孩", return_tensors="pt")',
+            '# the tokenizer puts <|endoftext|> (the document separator it was trained after) in front',
+            'ids = tok("从前，有一个小女孩", return_tensors="pt")',
             "out = model.generate(**ids, max_new_tokens=64, do_sample=True, temperature=0.8)",
             "print(tok.decode(out[0], skip_special_tokens=True))",
         ]
     lines += ["```", ""]
     if src.adapter_dir is not None:
         lines += ["A LoRA adapter (peft format) is in `adapter/`: "
-                  "`PeftModel.from_pretrained(model, \"<this dir>/adapter\")`.", ""]
+                  f"`AutoPeftModelForCausalLM.from_pretrained(\"{where}/adapter\")` from the directory the export "
+                  "was written from, or anywhere `PeftModel.from_pretrained(model, \"<this dir>/adapter\")`.", ""]
     lines += [
         "## Limitations",
         "",
@@ -350,19 +433,35 @@ def export_hf(
     chat: Optional[bool] = None,
     merge_lora: bool = False,
     name: Optional[str] = None,
+    overwrite: bool = False,
+    license: str = "apache-2.0",
+    base_model: Optional[str] = None,
+    datasets: Optional[list[str]] = None,
 ) -> Path:
-    """Write the Hugging Face directory for ``run`` into ``out``; returns ``out``."""
-    from safetensors.torch import save_file
-
-    from xiaolm.tokenizer import EOT, IM_END
+    """Write the Hugging Face directory for ``run`` into ``out``; returns ``out``. The names of the files written
+    are in ``out/xiaolm_export.json`` (``files``)."""
+    from xiaolm.export.target import prepare_hf_target
 
     if dtype not in DTYPES:
         raise fail(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     src = load_export_source(run, which=which, merge_lora=merge_lora)
+    out = prepare_hf_target(out, overwrite, run)
+    try:
+        _write_hf(src, out, dtype, chat, name, run, card_metadata(src, license, base_model, datasets))
+    except OSError as exc:
+        raise fail(f"export hf: writing {out} failed: {exc.strerror or exc}")
+    return out
+
+
+def _write_hf(src: ExportSource, out: Path, dtype: str, chat: Optional[bool], name: Optional[str], run,
+              metadata: dict) -> list[str]:
+    from safetensors.torch import save_file
+
+    from xiaolm.export.target import MARKER
+    from xiaolm.tokenizer import EOT, IM_END
+
     model, tokenizer = src.model, src.tokenizer
     cfg = model.config
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     chat = is_chat_run(src.meta, src.run_dir) if chat is None else chat
 
     eot_id = tokenizer.token_to_id(EOT)
@@ -380,6 +479,7 @@ def export_hf(
     torch_dtype = DTYPES[dtype]
     tensors = {k: v.detach().to("cpu", torch_dtype).contiguous().clone() for k, v in sd.items()
                if not k.endswith("rotary_emb.inv_freq")}
+    written = ["model.safetensors", "config.json", "generation_config.json"]
     with atomic_output(out / "model.safetensors") as part:  # normal permissions, never a half-written file
         save_file(tensors, str(part), metadata={"format": "pt"})
     atomic_write_json(out / "config.json", hf_config_dict(cfg, dtype, eos_id, bos_id, pad_id))
@@ -391,20 +491,41 @@ def export_hf(
         "transformers_version": hf_config_dict(cfg, dtype, eos_id, bos_id, pad_id)["transformers_version"],
     }
     atomic_write_json(out / "generation_config.json", gen)
-    _write_tokenizer(tokenizer, out, chat)
+    written += _write_tokenizer(tokenizer, out, chat, cfg.max_position_embeddings)
     if src.adapter_dir is not None:
-        dest = out / "adapter"
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(src.adapter_dir, dest)
-        conf_path = dest / "adapter_config.json"
-        conf = json.loads(conf_path.read_text(encoding="utf-8"))
-        conf["base_model_name_or_path"] = str(out.resolve())
-        atomic_write_json(conf_path, conf)
+        write_peft_adapter(src.adapter_dir, out)
+        written.append("adapter")
     params = sum(t.numel() for t in tensors.values())
-    title = name or (src.run_dir.name if src.run_dir is not None else out.name)
-    atomic_write_text(out / "README.md", model_card(title, cfg, src, chat, dtype, params, where=f"./{out.name}"))
-    return out
+    title = name or src.meta.get("name") or (src.run_dir.name if src.run_dir is not None else out.name)
+    atomic_write_text(out / "README.md", model_card(title, cfg, src, chat, dtype, params, where=f"./{out.name}",
+                                                    metadata=metadata))
+    written += ["README.md", MARKER]
+    keep = {k: v for k, v in src.meta.items() if isinstance(v, (str, int, float, bool)) and k != "files"}
+    atomic_write_json(out / MARKER, {
+        "format": "xiaolm-hf-export", "source": str(run), "name": title, "chat": bool(chat),
+        "kind": src.meta.get("kind"), "checkpoint": src.ckpt.name if src.ckpt is not None else None,
+        "meta": keep, "files": written})
+    return written
+
+
+def write_peft_adapter(adapter_dir: Path, out: Path) -> Path:
+    """``out/adapter``: the LoRA adapter with a standard CAUSAL_LM config, so that
+    ``AutoPeftModelForCausalLM.from_pretrained("OUT/adapter")`` loads base and adapter with no xiaolm import. The
+    base path is the export as named from the directory the export was written from (relative, like a Hub id:
+    peft resolves it against the working directory); ``auto_mapping`` (which would import xiaolm) is dropped."""
+    import os
+
+    dest = out / "adapter"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(adapter_dir, dest)
+    conf_path = dest / "adapter_config.json"
+    conf = json.loads(conf_path.read_text(encoding="utf-8"))
+    conf.pop("auto_mapping", None)
+    conf["task_type"] = "CAUSAL_LM"
+    conf["base_model_name_or_path"] = os.path.relpath(out.resolve(), Path.cwd().resolve())
+    atomic_write_json(conf_path, conf)
+    return dest
 
 
 # ================================================================================================== import
@@ -690,6 +811,10 @@ class ExportHFConfig:
     chat: Optional[bool] = opt(None, "treat as a chat model (eos <|im_end|>); default: from the run's stage")
     merge_lora: bool = opt(False, "merge a LoRA checkpoint's adapter into the weights instead of writing adapter/")
     name: Optional[str] = opt(None, "model name in the model card (default: the run directory's name)")
+    overwrite: bool = opt(False, "replace an earlier xiaolm export in OUTDIR (other non-empty directories are refused)")
+    license: str = opt("apache-2.0", "license in the model card's metadata (the weights' license: mind the data's)")
+    base_model: Optional[str] = opt(None, "base_model in the model card (default: the model a fine-tune started from)")
+    datasets: Optional[list[str]] = opt(None, "datasets in the model card (default: the names of the run's --data)")
 
 
 def main(argv: list[str]) -> int:
@@ -700,8 +825,13 @@ def main(argv: list[str]) -> int:
         "AutoModelForCausalLM / AutoTokenizer load with no remote code.",
         positionals={"run": "RUNDIR", "out": "OUTDIR"},
     )
+    if not cfg.run or not cfg.out:
+        raise fail("export hf: give RUNDIR and OUTDIR")
     out = export_hf(cfg.run, cfg.out, dtype=cfg.dtype, which=cfg.checkpoint, chat=cfg.chat,
-                    merge_lora=cfg.merge_lora, name=cfg.name)
-    log(f"export hf: wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+                    merge_lora=cfg.merge_lora, name=cfg.name, overwrite=cfg.overwrite, license=cfg.license,
+                    base_model=cfg.base_model, datasets=cfg.datasets)
+    from xiaolm.export.target import read_marker
+
+    log(f"export hf: wrote {out} ({', '.join((read_marker(out) or {}).get('files', []))})")
     print(out, file=sys.stdout)
     return 0

@@ -200,6 +200,19 @@ def teardown_distributed() -> None:
 # ----------------------------------------------------------------------------------------------- logging
 
 
+def resolve_tensorboard(cfg) -> None:
+    """``--tensorboard`` (on by default) without TensorBoard installed: one warning, and the option is turned off
+    so that config.yaml records what really happens."""
+    if not cfg.tensorboard:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception:
+        log("warning: TensorBoard is not installed (pip install tensorboard): writing metrics.jsonl only; "
+            "config.yaml records tensorboard: false")
+        cfg.tensorboard = False
+
+
 class MetricsLog:
     """metrics.jsonl (and TensorBoard when installed), written by rank 0."""
 
@@ -561,6 +574,7 @@ class Trainer:
     ) -> FitResult:
         cfg, env = self.cfg, self.env
         self.resume_checkpoint()  # before config.yaml is rewritten
+        resolve_tensorboard(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if env.is_main and self.full_config is not None:
             save_config(self.full_config, self.run_dir / "config.yaml")

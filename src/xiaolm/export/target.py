@@ -1,0 +1,138 @@
+"""Where an export may write: never over a user's files, never into a run, and one clear line when it cannot.
+
+An HF export directory carries ``xiaolm_export.json`` (what was exported, from where, and the files written). A
+non-empty directory without it is someone else's and is refused; one with it is replaced only with ``--overwrite``,
+and then only the files of the earlier export are removed. A GGUF file is ours when its ``general.basename`` is
+``xiaolm``; the same rule applies to it and its Modelfile. Run and checkpoint directories are refused outright:
+exporting into one would replace its ``config.yaml`` and tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from xiaolm.utils import fail
+
+MARKER = "xiaolm_export.json"
+GGUF_BASENAME = "xiaolm"
+MODELFILE_HEAD = "# Ollama Modelfile: ollama create "
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() or ((path / "meta.json").is_file() and (path / "model_config.json").is_file())
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A RUNDIR, a checkpoint directory, a run's tokenizer/ or checkpoints/ folder, or anything inside those.
+    (A new folder beside them, RUNDIR/hf, is fine.)"""
+    if _is_run(path):
+        return True
+    for p in path.parents:
+        if _is_run(p) and (path == p / "tokenizer" or p / "checkpoints" in (path, *path.parents)):
+            return True
+    return False
+
+
+def read_marker(out: Path) -> Optional[dict]:
+    try:
+        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The first existing ancestor must be a writable directory (missing ones are created)."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise fail(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise fail(f"{what} {path}: {parent} is not writable")
+
+
+def prepare_hf_target(out: str | Path, overwrite: bool, source: str | Path) -> Path:
+    """Check ``out`` for ``export hf`` and create it; returns it. Removes an earlier export's files with
+    ``overwrite``. Exits with one line when ``out`` must not be written."""
+    out = Path(out)
+    src = Path(source).resolve()
+    if out.exists() and not out.is_dir():
+        raise fail(f"export hf: {out} is a file; give a directory to write the model into")
+    if out.resolve() == src:
+        raise fail(f"export hf: {out} is the directory being exported; write the export somewhere else")
+    if _is_run_dir(out.resolve()):
+        raise fail(f"export hf: {out} is (inside) a run directory; exporting there would replace the run's "
+                   f"config.yaml and tokenizer. Write the export somewhere else")
+    _check_parent(out, "export hf:")
+    if out.is_dir() and any(out.iterdir()):
+        marker = read_marker(out)
+        if marker is None:
+            raise fail(f"export hf: {out} is not empty and is not an earlier xiaolm export; choose an empty or new "
+                       f"directory (nothing was written)")
+        if not overwrite:
+            raise fail(f"export hf: {out} holds an earlier export ({marker.get('source', '?')}); "
+                       f"pass --overwrite to replace it")
+        for name in marker.get("files") or []:
+            p = out / str(name)
+            if p.resolve().parent != out.resolve():  # a marker naming files elsewhere is not trusted
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"export hf: cannot create {out}: {exc.strerror}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise fail(f"export hf: {out} is not writable")
+    return out
+
+
+def is_our_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return False
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get("general.basename")
+        return field is not None and field.contents() == GGUF_BASENAME
+    except Exception:  # unreadable, truncated or not a GGUF at all: not ours
+        return False
+
+
+def prepare_gguf_target(out: str | Path, overwrite: bool) -> tuple[Path, Path]:
+    """Check ``out`` (.gguf) and its Modelfile for ``export gguf``; returns both paths."""
+    out = Path(out)
+    modelfile = out.with_name(out.stem + ".Modelfile")
+    if out.is_dir():
+        raise fail(f"export gguf: {out} is a directory; give the .gguf file to write")
+    _check_parent(out, "export gguf:")
+    if out.exists():
+        if not is_our_gguf(out):
+            raise fail(f"export gguf: {out} exists and is not a GGUF written by xiaolm; choose another name "
+                       f"(nothing was written)")
+        if not overwrite:
+            raise fail(f"export gguf: {out} exists (an earlier export); pass --overwrite to replace it")
+    if modelfile.exists():
+        try:
+            ours = modelfile.read_text(encoding="utf-8").startswith(MODELFILE_HEAD)
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours or modelfile.is_dir():
+            raise fail(f"export gguf: {modelfile} exists and was not written by xiaolm; choose another name "
+                       f"(nothing was written)")
+        if not overwrite:
+            raise fail(f"export gguf: {modelfile} exists (an earlier export); pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"export gguf: cannot create {out.parent}: {exc.strerror}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise fail(f"export gguf: {out.parent} is not writable")
+    return out, modelfile
