@@ -99,8 +99,11 @@ def mix_corpus(sources: list[tuple[str, Path, float, Optional[int]]], out: Path)
 
 def materialise_hf(spec: str, folder: Path, split: str = "train", config: Optional[str] = None,
                    limit: Optional[int] = None) -> Path:
-    """``hf:NAME`` as a local JSON Lines file (once; a rerun reuses it), so the loaders that read files read it."""
+    """``hf:NAME`` (or ``hf:NAME:CONFIG``) as a local JSON Lines file (once; a rerun reuses it), so the loaders
+    that read files read it."""
     name = spec[len("hf:"):]
+    if ":" in name:
+        name, config = name.split(":", 1)
     path = folder / (name.replace("/", "__") + (f"__{config}" if config else "") + f"__{split}.jsonl")
     if path.is_file():
         return path
