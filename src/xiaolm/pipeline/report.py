@@ -25,7 +25,7 @@ def _f(v: Any, digits: int = 4) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
