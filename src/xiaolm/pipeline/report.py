@@ -83,7 +83,7 @@ def _curve(run: Path) -> list[str]:
 
 def write_report(cfg, rows: list[dict]) -> Path:
     from xiaolm.eval.instruct import format_table
-    from xiaolm.pipeline.route import STAGE_TABLE, command_for, final_run
+    from xiaolm.pipeline.route import command_for, final_run
     from xiaolm.pipeline.state import StageState
 
     work = Path(cfg.workdir)

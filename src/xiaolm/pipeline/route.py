@@ -99,10 +99,6 @@ class PipelineConfig:
 # --------------------------------------------------------------------------------------------------- wiring
 
 
-def _default(value, fallback):
-    return value if value else fallback
-
-
 def wire(cfg: PipelineConfig) -> PipelineConfig:
     """Fill each stage's inputs and outputs from the previous stage's, where the recipe leaves them empty."""
     w = Path(cfg.workdir)
