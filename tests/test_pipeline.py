@@ -313,3 +313,23 @@ def test_mixing_weights_repeat_and_subsample_stably():
     assert sum(copies(k, 0.0) for k in keys) == 0
     with pytest.raises(ValueError):
         copies("x", -1.0)
+
+
+def test_grpo_instead_of_dpo_reruns_only_alignment_and_after(story_route):
+    """Switching the recipe's alignment to GRPO keeps every stage up to SFT (and the pairs stage is no longer
+    asked for). Runs last in this module: it replaces the route's final model."""
+    work, argv = story_route["work"], story_route["argv"]
+    sft_mtime = (work / "sft" / "summary.json").stat().st_mtime_ns
+    grpo = ["--align", "grpo", "--grpo.train.max-steps", "2", "--grpo.group-size", "2", "--grpo.prompts-per-step",
+            "2", "--grpo.sampling.max-new-tokens", "8", "--grpo.eval-limit", "2", "--grpo.eval-max-new-tokens", "8",
+            "--grpo.train.eval-every", "0"]
+    plan = _plan(argv + grpo)
+    assert plan["sft"]["action"] == "skip" and plan["pairs"]["action"] == "off"
+    assert plan["align"]["action"] == "rerun" and plan["export"]["action"] == "rerun"
+    assert main(["pipeline", *argv, *grpo]) == 0
+    assert (work / "sft" / "summary.json").stat().st_mtime_ns == sft_mtime
+    report = json.loads((work / "report.json").read_text())
+    assert report["complete"] and report["final_model"] == str(work / "grpo")
+    assert report["stages"]["align"]["command"].startswith(f"xiaolm grpo {work / 'sft'} --config")
+    assert set(report["eval"]["ppl"]) == {"base", "grpo"}
+    assert json.loads((work / "grpo" / "summary.json").read_text())["steps"] == 2
