@@ -267,7 +267,9 @@ def test_general_zh_recipe_through_its_offline_twin(tmp_path):
     twin = tmp_path / "general-zh-twin.yaml"
     twin.write_text(yaml.safe_dump(_offline_twin(recipe, tmp_path), allow_unicode=True), encoding="utf-8")
     work = tmp_path / "work"
-    assert main(["pipeline", "--config", str(twin), "--workdir", str(work), *GENERAL_TINY]) == 0
+    assert main(["pipeline", "--config", str(twin), "--workdir", str(work), *GENERAL_TINY, "--reward-model",
+                 "--reward.train.max-steps", "3", "--reward.train.micro-batch-size", "4", "--reward.seq-len", "128",
+                 "--reward.heldout-fraction", "0.2"]) == 0
     mixed = json.loads((work / "data" / "report.json").read_text())["mixture"]
     # Weights as stated: wikipedia 2.0 doubles its training documents, webnovel 0.5 keeps about half.
     assert mixed["wikipedia"]["train_docs"] == 2 * mixed["wikipedia"]["train_docs_in"]
@@ -276,6 +278,9 @@ def test_general_zh_recipe_through_its_offline_twin(tmp_path):
     assert sft_mix["sharegpt"]["train"] > 1.5 * sft_mix["alpaca_zh"]["train"]  # weight 2.0 against 1.0
     report = json.loads((work / "report.json").read_text())
     assert report["complete"] and report["final_model"] == str(work / "dpo")
+    assert report["stages"]["reward"]["status"] == "done"
+    assert 0 <= report["stages"]["reward"]["figures"]["heldout_accuracy"] <= 1
+    assert "reward model held-out pair accuracy" in (work / "REPORT.md").read_text()
     assert (work / "export" / "model.gguf").is_file() and (work / "export" / "hf" / "config.json").is_file()
 
 
