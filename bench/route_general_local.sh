@@ -12,7 +12,7 @@ WORK=${1:-runs/bench-general-zh-local}
 shift || true
 if [ ! -d ../shared/data ]; then echo "skip: ../shared/data not present"; exit 0; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} MKL_NUM_THREADS=${MKL_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
-echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(nproc --all) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 start=$(date +%s)
 python -m xiaolm pipeline --config configs/general-zh-local.yaml --workdir "$WORK" "$@"
 end=$(date +%s)

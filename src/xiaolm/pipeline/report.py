@@ -148,8 +148,9 @@ def write_report(cfg, rows: list[dict]) -> Path:
         a = r.get("all_constraints") or {}
         rep = r.get("repetition") or {}
         extra = f", ROUGE-L {r['rouge_l']:.2f}" if "rouge_l" in r else ""
-        L.append(f"| instruction following, {name} | all constraints {_pct(a.get('rate'))} of {a.get('n', 0)}, "
-                 f"rep-4 {_f(rep.get('rep4'), 3)}{extra} |")
+        met = f"all constraints {_pct(a.get('rate'))} of {a.get('n')}, " if a.get("n") else ""
+        L.append(f"| instruction following, {name} ({r.get('samples')} held-out prompts) | {met}"
+                 f"rep-4 {_f(rep.get('rep4'), 3)}, mean length {_f(rep.get('mean_chars'), 0)} chars{extra} |")
 
     L += ["", "## Stages", "",
           "| stage | this run | status | wall s | tokens (chars for prepare) | device | peak RSS MB | key figures |",

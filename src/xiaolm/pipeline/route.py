@@ -217,6 +217,7 @@ def _run_prepare(cfg: PipelineConfig, resume: bool) -> dict:
             mixed["mixture"][name]["prepare"] = {k: rep.get(k) for k in ("documents_in", "documents_kept",
                                                                           "duplicates_exact", "duplicates_near")}
         mixed["documents_in"] = sum(r.get("documents_in", 0) for r in reports.values())
+        mixed["documents_kept"] = sum(r.get("documents_kept", 0) for r in reports.values())  # before weighting
         atomic_write_json(Path(cfg.prepare.out) / "report.json", mixed)
         return mixed
     except InputError as exc:
