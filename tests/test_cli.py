@@ -107,7 +107,7 @@ def test_every_recipe_in_configs_loads_with_its_verb():
     from xiaolm.pipeline import PipelineConfig
     from xiaolm.train.sft import SFTConfig
 
-    kinds = {"tinystories": PipelineConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
+    kinds = {"tinystories": PipelineConfig, "general": PipelineConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
              "grpo": GRPOConfig}
     recipes = sorted((REPO / "configs").glob("*.yaml"))
     assert len(recipes) >= 6
