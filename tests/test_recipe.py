@@ -70,7 +70,7 @@ def test_muon_resume_reproduces_uninterrupted_losses(shards_dir, tmp_path):
     assert [s for s, _ in split] == list(range(1, 11))
     assert max(abs(a - b) for (_, a), (_, b) in zip(full, split)) <= 1e-6
     # and Muon trained: different losses from AdamW at the same steps
-    assert _pretrain(shards_dir, tmp_path / "adamw", *args[2:]) == 0
+    assert _pretrain(shards_dir, tmp_path / "adamw", *args[4:], "--optimizer", "adamw") == 0
     assert _train_losses(tmp_path / "adamw")[-1][1] != full[-1][1]
 
 
@@ -173,3 +173,12 @@ def test_aligned_windows_train_and_resume(shards_dir, tmp_path):
     assert _pretrain(shards_dir, tmp_path / "split", *args, "--resume") == 0
     full, split = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "split")
     assert max(abs(a - b) for (_, a), (_, b) in zip(full, split)) <= 1e-6
+
+
+def test_pretraining_defaults_are_the_measured_recipe_and_other_verbs_keep_adamw():
+    from xiaolm.train.pretrain import PretrainConfig
+
+    cfg = PretrainConfig()
+    assert (cfg.train.optimizer, cfg.train.schedule, cfg.model.zero_init_residual) == ("muon", "wsd", True)
+    assert cfg.train.windows == "random"  # aligned windows won alone but were not measured with Muon
+    assert (TrainConfig().optimizer, TrainConfig().schedule) == ("adamw", "cosine")  # SFT/DPO/reward unchanged

@@ -39,7 +39,7 @@ class ModelSection:
     doc_mask: bool = opt(False, "keep attention inside each document of a packed window (positions restart too)")
     attn_impl: Literal["sdpa", "flex"] = opt("sdpa", "attention kernel for --doc-mask: sdpa (dense mask) or flex "
                                                      "(FlexAttention, skips masked blocks; CUDA only)")
-    zero_init_residual: bool = opt(False, "start o_proj and down_proj at zero (each block the identity); "
+    zero_init_residual: bool = opt(True, "start o_proj and down_proj at zero (each block the identity); "
                                           "ignored with --init-from")
     init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
 
@@ -55,6 +55,13 @@ class EvalSection:
 
 @dataclass
 class PretrainTrainConfig(TrainConfig):
+    # Pretraining's measured recipe (docs/RECIPE.md): Muon on the hidden matrices, warmup-stable-decay.
+    optimizer: Literal["adamw", "muon"] = opt(
+        "muon", "muon: Muon for the hidden matrices (attention, MLP), AdamW for embeddings/head/norms; or adamw"
+    )
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
+        "wsd", "decay after warmup: wsd (constant, then linear over decay_fraction), cosine, linear, or constant"
+    )
     windows: Literal["random", "aligned"] = opt(
         "random", "training windows: random (the stream cut every seq_len tokens, in seeded order) or aligned "
                   "(every window starts at a document start, its tail filled by the next documents)"
