@@ -426,6 +426,13 @@ class Llama(nn.Module):
             nn.init.normal_(layer.self_attn.o_proj.weight, std=scale)
             nn.init.normal_(layer.mlp.down_proj.weight, std=scale)
 
+    def zero_init_residual_(self) -> None:
+        """Zero every residual branch's output projection (o_proj, down_proj), as modded-nanogpt and nanochat do:
+        each block starts as the identity. An initialisation only; the weights stay a standard Llama's."""
+        for layer in self.model.layers:
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)

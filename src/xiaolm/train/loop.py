@@ -61,8 +61,16 @@ class TrainConfig:
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
     warmup_steps: int = opt(100, "linear warmup steps (capped at 10% of the run)")
     schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
-        "cosine", "decay after warmup: cosine, linear, constant, or wsd (constant then linear over the last 20%)"
+        "cosine", "decay after warmup: cosine, linear, constant, or wsd (constant, then linear over decay_fraction)"
     )
+    decay_fraction: float = opt(0.2, "with schedule wsd: the final fraction of the run that decays linearly")
+    optimizer: Literal["adamw", "muon"] = opt(
+        "adamw", "adamw, or muon: Muon for the hidden matrices (attention, MLP), AdamW for embeddings/head/norms"
+    )
+    muon_lr: float = opt(0.02, "with optimizer muon: peak learning rate of the hidden matrices")
+    adam_lr: Optional[float] = opt(None, "with optimizer muon: peak lr of the AdamW groups (default: lr)")
+    muon_momentum: float = opt(0.95, "with optimizer muon: Muon's (Nesterov) momentum")
+    muon_weight_decay: float = opt(0.0, "with optimizer muon: decoupled weight decay of the hidden matrices")
     weight_decay: float = opt(0.1, "AdamW weight decay (matrices only, never norms or embeddings)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
@@ -114,9 +122,9 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
         return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "linear":
         return peak - (peak - floor) * progress
-    # wsd: warmup, stable, then linear decay over the last 20% of the run
-    decay_start = 0.8
-    if progress < decay_start:
+    # wsd: warmup, stable, then linear decay over the last decay_fraction of the run
+    decay_start = 1.0 - min(1.0, max(0.0, cfg.decay_fraction))
+    if progress < decay_start or decay_start >= 1.0:
         return peak
     return peak - (peak - floor) * (progress - decay_start) / (1 - decay_start)
 
@@ -397,11 +405,10 @@ class Trainer:
         self.model = self._wrap(self.raw_model)
         groups = param_groups if param_groups is not None else self.raw_model.param_groups(cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
-        fused = self.device.startswith("cuda") or self.device == "cpu"
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused if not cfg.fsdp else False
-        )
-        self.fused = fused and not cfg.fsdp
+        from xiaolm.train.optim import build_optimizer
+
+        self.optimizer, self.fused = build_optimizer(cfg, self.raw_model, groups, self.device,
+                                                     sharded=cfg.fsdp and dist_env.distributed)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.peak_flops = cfg.peak_flops or device_peak_flops(self.device)
 
@@ -608,7 +615,7 @@ class Trainer:
             while step < self.total_steps:
                 lr = lr_at(step, cfg, self.total_steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's and AdamW's own peaks (optim.py)
                 step_loss = torch.zeros((), device=self.device)
                 step_tokens = 0
                 for micro in range(accum):

@@ -39,6 +39,8 @@ class ModelSection:
     doc_mask: bool = opt(False, "keep attention inside each document of a packed window (positions restart too)")
     attn_impl: Literal["sdpa", "flex"] = opt("sdpa", "attention kernel for --doc-mask: sdpa (dense mask) or flex "
                                                      "(FlexAttention, skips masked blocks; CUDA only)")
+    zero_init_residual: bool = opt(True, "start o_proj and down_proj at zero (each block the identity); "
+                                          "ignored with --init-from")
     init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
 
 
@@ -52,6 +54,21 @@ class EvalSection:
 
 
 @dataclass
+class PretrainTrainConfig(TrainConfig):
+    # Pretraining's measured recipe (docs/RECIPE.md): Muon on the hidden matrices, warmup-stable-decay.
+    optimizer: Literal["adamw", "muon"] = opt(
+        "muon", "muon: Muon for the hidden matrices (attention, MLP), AdamW for embeddings/head/norms; or adamw"
+    )
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
+        "wsd", "decay after warmup: wsd (constant, then linear over decay_fraction), cosine, linear, or constant"
+    )
+    windows: Literal["random", "aligned"] = opt(
+        "random", "training windows: random (the stream cut every seq_len tokens, in seeded order) or aligned "
+                  "(every window starts at a document start, its tail filled by the next documents)"
+    )
+
+
+@dataclass
 class PretrainConfig:
     data: Optional[list[str]] = opt(None, "token shard directory (xiaolm data tokenize); several mix: --data a/ b/ c/, "
                               "weighted with --data-weights or as DIR:WEIGHT (all from one tokenizer)")
@@ -60,7 +77,7 @@ class PretrainConfig:
     tokenizer: Optional[str] = opt(None, "tokenizer directory (default: the one the shards name)")
     out: str = opt("runs/pretrain", "run directory: checkpoints, metrics.jsonl, config.yaml, loss_curve.png")
     model: ModelSection = field(default_factory=ModelSection)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     lr_sweep: list[float] = opt([], "run short trials at these learning rates instead (see xiaolm sweep)")
 
@@ -93,13 +110,16 @@ class WindowSampler:
             self._epoch = epoch
         return int(self._perm[pos])
 
+    def window_start(self, window: int) -> int:
+        return window * self.seq_len
+
     def epochs_at(self, step: int) -> float:
         return step * self.global_batch / self.num_windows
 
     def __call__(self, step: int, micro: int) -> dict:
         first = step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
         rows = np.stack([
-            self.mix.read(g) if self.mix else self.shards.read(self.window_id(g) * self.seq_len, self.seq_len + 1)
+            self.mix.read(g) if self.mix else self.shards.read(self.window_start(self.window_id(g)), self.seq_len + 1)
             for g in range(first, first + self.micro_batch)
         ])
         rows = torch.from_numpy(rows.astype(np.int64))
@@ -109,6 +129,36 @@ class WindowSampler:
 
             batch["doc_ids"] = doc_ids_from_tokens(batch["input_ids"], self.eot_id)
         return batch
+
+
+def aligned_window_starts(doc_starts: np.ndarray, num_tokens: int, seq_len: int) -> np.ndarray:
+    """Window starts that fall on document starts: each window of ``seq_len + 1`` tokens starts at a document,
+    its tail is filled by the next documents, and the next window starts at the document the tail cut (so every
+    document is also seen whole from its first token). Inside a document longer than a window, windows follow
+    on back to back. nanochat's BOS-aligned packing is the model; this keeps the order of the stream."""
+    starts, s, last = [], 0, num_tokens - seq_len - 1
+    docs = np.asarray(doc_starts, dtype=np.int64)
+    while s <= last:
+        starts.append(s)
+        # the latest document start inside (s, s + seq_len]: the one the window's end cut, or the next one
+        i = int(np.searchsorted(docs, s + seq_len, side="right")) - 1
+        s = int(docs[i]) if i >= 0 and docs[i] > s else s + seq_len
+    return np.asarray(starts, dtype=np.int64)
+
+
+class AlignedWindowSampler(WindowSampler):
+    """``WindowSampler`` over document-aligned windows (``--train.windows aligned``): same order, resume and
+    rank-disjointness guarantees, windows from :func:`aligned_window_starts`."""
+
+    def __init__(self, shards, seq_len: int, *args, **kwargs):
+        super().__init__(shards, seq_len, *args, **kwargs)
+        self.starts = aligned_window_starts(shards.doc_starts, shards.num_tokens, seq_len)
+        if len(self.starts) < 1:
+            raise ValueError(f"{shards.num_tokens} tokens are too few for one window of {seq_len + 1}")
+        self.num_windows = len(self.starts)
+
+    def window_start(self, window: int) -> int:
+        return int(self.starts[window])
 
 
 def lm_loss(model, batch: dict, chunk: int = 0):
@@ -272,7 +322,10 @@ def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer):
         tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id,
         pad_token_id=tokenizer.pad_id, **overrides,
     )
-    return Llama(mcfg)
+    model = Llama(mcfg)
+    if m.zero_init_residual:
+        model.zero_init_residual_()
+    return model
 
 
 def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
@@ -301,8 +354,12 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * env.world_size * seq
     total_steps = resolve_steps(t, tokens_per_step, default_steps=None if t.max_tokens or t.max_steps else
                                 max(1, train_shards.num_tokens // tokens_per_step))
-    sampler = WindowSampler(train_shards, seq, t.seed, t.micro_batch_size, t.grad_accum_steps, env,
-                            doc_mask=cfg.model.doc_mask, eot_id=tokenizer.eot_id)
+    aligned = t.windows == "aligned"
+    if aligned and hasattr(train_shards, "windows"):  # MixedShards draws its own windows per directory
+        raise fail("--windows aligned reads one shard directory; with several --data directories use --windows random")
+    sampler = (AlignedWindowSampler if aligned else WindowSampler)(train_shards, seq, t.seed, t.micro_batch_size,
+                                                                   t.grad_accum_steps, env,
+                                                                   doc_mask=cfg.model.doc_mask, eot_id=tokenizer.eot_id)
     eval_source = val_shards if val_shards is not None else train_shards
     if val_shards is None:
         log("warning: the shards have no 'val' split; validation uses the start of the training data")

@@ -1,0 +1,99 @@
+"""Optimisers for the training engine: AdamW (the default) or Muon for hidden matrices with AdamW for the rest.
+
+Muon (Keller Jordan's, as in modded-nanogpt and nanochat; ``torch.optim.Muon``) orthogonalises each 2-D hidden
+matrix's momentum with a few Newton-Schulz iterations. It suits the attention and MLP projections; the embedding,
+an untied head and the norm gains stay with AdamW. See docs/RECIPE.md for the measurements.
+
+Under DDP every rank holds the full, all-reduced gradient, so every rank orthogonalises the same matrix and the
+replicas stay identical. Under FSDP2 a rank holds only a shard of each matrix, and orthogonalising a shard is not
+orthogonalising the matrix, so Muon refuses to run there (see :func:`build_optimizer`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def hidden_matrix_ids(model: torch.nn.Module) -> set[int]:
+    """The parameters Muon should take: 2-D weights other than the embedding and the output head."""
+    ids = set()
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name:
+            ids.add(id(p))
+    return ids
+
+
+class MuonAdamW:
+    """Muon on the hidden matrices and AdamW on everything else, stepped, saved and scheduled as one optimiser.
+
+    ``param_groups`` lists both optimisers' groups; each carries ``lr_scale`` (its peak lr over the run's ``--lr``),
+    so the engine's schedule multiplies one curve into every group's own learning rate.
+    """
+
+    def __init__(self, groups: list[dict], hidden: set[int], *, muon_lr: float, adam_lr: float, base_lr: float,
+                 muon_momentum: float, muon_weight_decay: float, betas, eps: float, fused: bool):
+        muon_groups, adam_groups = [], []
+        for g in groups:
+            mats = [p for p in g["params"] if id(p) in hidden]
+            rest = [p for p in g["params"] if id(p) not in hidden]
+            if mats:
+                muon_groups.append({"params": mats, "lr": muon_lr, "weight_decay": muon_weight_decay,
+                                    "lr_scale": muon_lr / base_lr})
+            if rest:
+                adam_groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": rest,
+                                    "lr": adam_lr, "lr_scale": adam_lr / base_lr})
+        if not muon_groups:
+            raise ValueError("--optimizer muon: the model has no 2-D hidden matrices to give Muon")
+        self.muon = torch.optim.Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, nesterov=True,
+                                     weight_decay=muon_weight_decay, adjust_lr_fn="original")
+        self.adam = torch.optim.AdamW(adam_groups, lr=adam_lr, betas=betas, eps=eps, fused=fused) if adam_groups \
+            else None
+        self._opts = [o for o in (self.muon, self.adam) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self._opts for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {k: v for o in self._opts for k, v in o.state.items()}
+
+    def step(self) -> None:
+        for o in self._opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self._opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adam.state_dict() if self.adam else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "muon" not in state:
+            raise ValueError("the checkpoint's optimizer state is AdamW's; resume with --optimizer adamw")
+        self.muon.load_state_dict(state["muon"])
+        if self.adam is not None:
+            self.adam.load_state_dict(state["adamw"])
+
+
+def build_optimizer(cfg, model: torch.nn.Module, groups: list[dict], device: str, sharded: bool):
+    """The optimiser ``cfg.optimizer`` names, and whether it is the fused AdamW that takes ``found_inf``."""
+    fused = (device.startswith("cuda") or device == "cpu") and not cfg.fsdp
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused), fused
+    if cfg.optimizer != "muon":
+        raise ValueError(f"--optimizer {cfg.optimizer!r}: choose adamw or muon")
+    if sharded:
+        # A rank holds a shard of each matrix; Newton-Schulz on a shard is not the matrix's orthogonalisation.
+        raise ValueError("--optimizer muon does not run under --fsdp (each rank holds only a shard of every "
+                         "matrix); train with DDP (drop --fsdp) or use --optimizer adamw")
+    if cfg.precision == "fp16":
+        raise ValueError("--optimizer muon: use --precision bf16 or fp32 (fp16 loss scaling steps one optimizer)")
+    adam_lr: Optional[float] = cfg.adam_lr if cfg.adam_lr is not None else cfg.lr
+    opt = MuonAdamW(groups, hidden_matrix_ids(model), muon_lr=cfg.muon_lr, adam_lr=adam_lr, base_lr=cfg.lr,
+                    muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay, betas=betas,
+                    eps=cfg.eps, fused=fused)
+    return opt, False
