@@ -80,6 +80,15 @@ def tiny_run(tmp_path_factory, shards_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def loaded(tiny_run):
+    """``(model, tokenizer)`` of ``tiny_run`` on the CPU, loaded once for the serving tests."""
+    from xiaolm.train.checkpoint import load_model
+
+    model, tokenizer, _info = load_model(tiny_run, device="cpu")
+    return model, tokenizer
+
+
 # The instruction-tuning and alignment headlines share one story model: pretrained on the built-in stories, then
 # SFT on instructions built from them. Budgets are CPU-sized (a few minutes on 2 cores) and every seed is fixed.
 # Instructions keep each constraint with probability 0.3 (at least one), so many carry one or two constraints: with

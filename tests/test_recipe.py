@@ -78,7 +78,12 @@ def test_muon_two_processes_train_like_one(shards_dir, tmp_path):
     common = ["--data", str(shards_dir), *TINY_PRETRAIN, *MUON, "--max-steps", "4", "--log-every", "1",
               "--eval-every", "0", "--micro-batch-size", "4", "--sample-tokens", "0"]
     one = tmp_path / "one"
-    assert main(["pretrain", "--out", str(one), "--grad-accum-steps", "2", *common]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order as the one-thread ranks below
+    try:
+        assert main(["pretrain", "--out", str(one), "--grad-accum-steps", "2", *common]) == 0
+    finally:
+        torch.set_num_threads(threads)
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
@@ -89,7 +94,9 @@ def test_muon_two_processes_train_like_one(shards_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _train_losses(one), _train_losses(two)
     assert len(a) == len(b) == 4
-    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
+    # Newton-Schulz runs in bf16 (torch.optim.Muon), so a last-bit difference in a summed gradient can round
+    # differently there: 1e-4 on a loss of ~7 (a wrong average or a missed all-reduce moves it by far more)
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
     wa, _, _ = load_model(one, with_tokenizer=False)
     wb, _, _ = load_model(two, with_tokenizer=False)
     for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):

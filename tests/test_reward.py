@@ -56,11 +56,13 @@ def test_reward_model_learns_and_scores(tmp_path, tiny_run, easy_pairs, capsys):
     out = tmp_path / "rm"
     assert main(["reward", str(tiny_run), "--data", str(easy_pairs), "--out", str(out), "--max-steps", "40",
                  "--lr", "3e-3", "--micro-batch-size", "16", "--heldout-fraction", "0.2", "--eval-every", "20",
-                 *FAST]) == 0
+                 *FAST, "--log-every", "1"]) == 0
     printed = capsys.readouterr().out
     assert "held-out" in printed
     train = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
-    assert train[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # first interval starts at ln 2 exactly
+    # the head starts at zero, so the first step's loss (before any update) is ln 2 exactly; a whole logging
+    # interval is not: a well-pretrained base learns these easy pairs within a few steps
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert "accuracy" in train[-1] and "margin" in train[-1]
     s = json.loads((out / "summary.json").read_text())
     assert s["heldout_pairs"] > 15 and s["train_pairs"] + s["heldout_pairs"] == 160

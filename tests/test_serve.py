@@ -30,14 +30,6 @@ CHAT = [{"role": "system", "content": "你是一个讲故事的助手。"}, {"ro
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_run):
-    from xiaolm.train.checkpoint import load_model
-
-    model, tokenizer, _info = load_model(tiny_run, device="cpu")
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def client(loaded):
     model, tokenizer = loaded
     with TestClient(create_app(model=model, tokenizer=tokenizer, model_name=MODEL, max_batch=4)) as c:

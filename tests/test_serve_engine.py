@@ -15,14 +15,6 @@ from xiaolm.serve.engine import (GENERATION_FAILED, Engine, GenerationRequest, S
 SCHEDULERS = ["continuous", "static"]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_run):
-    from xiaolm.train.checkpoint import load_model
-
-    model, tokenizer, _info = load_model(tiny_run, device="cpu")
-    return model, tokenizer
-
-
 class Wrapped(torch.nn.Module):
     """The real model behind a hook run before each forward pass (a pause, or an injected failure)."""
 
