@@ -270,7 +270,9 @@ def test_llama_cpp_tokenises_and_continues_like_us(gguf_files, tiny_run, capsys,
     with capsys.disabled():
         print(f"\nllama.cpp {llama_cpp.__version__} max |logit error| vs ours: "
               + ", ".join(f"{k} {v:.4f}" for k, v in report.items()) + f" (logit std {ref.std():.3f})")
-    assert report["f32"] < 1e-3
+    # float32 kernels summing in another order: the error grows with the logits' scale (std ~2 for a model
+    # trained with the Muon recipe, ~1.3 before), so the bound is relative to it, as the quantised ones are
+    assert report["f32"] < 1e-3 * max(1.0, ref.std())
     assert report["q8_0"] < 0.1 * ref.std() and report["q8_0"] < report["q4_0"] < 0.5 * ref.std()
 
 
