@@ -166,3 +166,16 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False)"))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with pytest -m slow"))
+
+
+def stop_process(proc) -> str:
+    """SIGTERM a server started with Popen (SIGKILL after 20 s) and return what it printed."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out.decode(errors="replace")

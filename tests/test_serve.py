@@ -25,6 +25,8 @@ from xiaolm.infer.generate import SamplingConfig, generate, generate_ids  # noqa
 from xiaolm.serve.app import BackgroundServer, create_app  # noqa: E402
 from xiaolm.serve.engine import Engine, GenerationRequest, QueueFull, SamplingParams  # noqa: E402
 
+from conftest import stop_process  # noqa: E402
+
 MODEL = "tiny"
 CHAT = [{"role": "system", "content": "你是一个讲故事的助手。"}, {"role": "user", "content": "讲一个关于小猫的故事。"}]
 
@@ -491,13 +493,7 @@ def test_cli_serve_starts_and_answers(tiny_run):
                        json={"model": "cli-model", "prompt": "小猫", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
     finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-    log = out.decode(errors="replace")
+        log = stop_process(proc)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (so the exit status says "terminated").
     assert proc.returncode in (0, -signal.SIGTERM), log
     assert "Application shutdown complete" in log and "Traceback" not in log, log
