@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xiaolm.infer.cache import new_cache
 from xiaolm.model.llama import (
     PRESETS,
     Llama,
@@ -71,7 +72,7 @@ def test_kv_cache_equals_full_forward():
     x = torch.randint(0, 200, (2, 30))
     with torch.no_grad():
         full = model(x).logits
-        cache = model.new_cache(2, 40)
+        cache = new_cache(model, 2, 40)
         parts = [model(x[:, :17], cache=cache).logits]
         for t in range(17, 30):  # one token at a time, as in decoding
             parts.append(model(x[:, t : t + 1], cache=cache).logits)
@@ -172,7 +173,7 @@ def test_static_cache_equals_dynamic_cache_with_padding():
     outs = {}
     with torch.no_grad():
         for static in (False, True):
-            cache = model.new_cache(3, 20, static=static)
+            cache = new_cache(model, 3, 20, static=static)
             logits = [model(x, attention_mask=mask, cache=cache).logits]
             for t in range(steps.shape[1]):
                 logits.append(model(steps[:, t : t + 1], attention_mask=torch.ones(3, 1, dtype=torch.long),

@@ -357,9 +357,6 @@ class SlowModel(torch.nn.Module):
     def device(self):
         return self.inner.device
 
-    def new_cache(self, *args, **kwargs):
-        return self.inner.new_cache(*args, **kwargs)
-
     def forward(self, *args, **kwargs):
         time.sleep(self.delay)
         return self.inner(*args, **kwargs)

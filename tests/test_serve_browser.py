@@ -44,9 +44,6 @@ class SlowModel(torch.nn.Module):
     def device(self):
         return self.inner.device
 
-    def new_cache(self, *args, **kwargs):
-        return self.inner.new_cache(*args, **kwargs)
-
     def forward(self, input_ids, *args, **kwargs):
         positions = kwargs.get("position_ids")
         if positions is not None and input_ids.shape[1] > 1:  # a prefill of newly admitted rows (right-padded)

@@ -26,9 +26,6 @@ class Wrapped(torch.nn.Module):
     def device(self):
         return self.inner.device
 
-    def new_cache(self, *args, **kwargs):
-        return self.inner.new_cache(*args, **kwargs)
-
     def forward(self, *args, **kwargs):
         if self.before is not None:
             self.before(*args, **kwargs)
@@ -455,7 +452,7 @@ def test_lm_eval_harness_local_completions_parses_our_scores(loaded):
 
 
 def test_row_kv_cache_rows_at_different_lengths_match_running_each_alone(loaded):
-    from xiaolm.model.llama import RowKVCache
+    from xiaolm.infer.cache import RowKVCache
 
     model, tokenizer = loaded
     prompts = [_ids(tokenizer, "从前有一个小女孩叫莉莉。"), _ids(tokenizer, "小猫")]

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from xiaolm.config import opt
+from xiaolm.infer.cache import new_cache
 
 # ------------------------------------------------------------------------------------------------ sampling
 
@@ -129,7 +130,7 @@ def generate_ids(
         if compile_step:
             cache = _reused_static_cache(model, B, longest + max_new_tokens)
         else:
-            cache = model.new_cache(B, longest + max_new_tokens, static=static)
+            cache = new_cache(model, B, longest + max_new_tokens, static=static)
     decode = _decode_step(model, compile_step) if cache is not None and static else None
     step_ids, step_mask = input_ids, (mask if padded else None)
     for t in range(max_new_tokens):
@@ -187,7 +188,7 @@ def _reused_static_cache(model, batch: int, need: int):
     if cache is None:
         if len(_STATIC_CACHES) >= 8:      # bounded: drop the oldest
             _STATIC_CACHES.pop(next(iter(_STATIC_CACHES)))
-        cache = _STATIC_CACHES[key] = model.new_cache(batch, size, static=True)
+        cache = _STATIC_CACHES[key] = new_cache(model, batch, size, static=True)
     else:
         cache.reset()
     return cache

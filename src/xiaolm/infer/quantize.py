@@ -230,9 +230,6 @@ class QuantizedLlama(Llama):
     def tie_weights(self) -> None:  # the tie is built in (TiedQuantHead)
         return None
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None, **kwargs):
-        return super().new_cache(batch_size, max_len, dtype or self.compute_dtype, **kwargs)
-
 
 # ================================================================================================== quantise
 

@@ -5,6 +5,9 @@ through ``scaled_dot_product_attention`` (flash kernels on GPU), a SwiGLU MLP, n
 
 Parameter names and config field names are those of ``transformers.LlamaForCausalLM`` / ``LlamaConfig``, so a
 state dict exports to Hugging Face as a copy and imports from it the same way.
+
+Decode caches live in ``xiaolm.infer.cache``; the network sees one only as an object with ``update(layer, k, v,
+write)`` (and hands its whole pass to a cache whose ``drives_forward`` is true).
 """
 from __future__ import annotations
 
@@ -176,96 +179,6 @@ def apply_rotary(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-class KVCache:
-    """A preallocated key/value cache: one [B, kv_heads, max_len, head_dim] pair per layer.
-
-    Slots fill left to right, at the same slot for every row (left padding keeps rows aligned); ``valid`` marks
-    the slots that hold real tokens, so padding is never attended to.
-
-    Two modes compute the same thing. The default attends over the filled slots only (shapes grow by one each
-    step: cheapest in eager mode). ``static=True`` always attends over all ``max_len`` slots with a mask and keeps
-    the write position in a tensor, so every decode step has identical shapes and no Python-side state changes:
-    what ``torch.compile(mode="reduce-overhead")`` needs to capture the step in a CUDA graph.
-    """
-
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device, dtype, static: bool = False):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.max_len = max_len
-        self.length = 0  # dynamic mode: filled slots (static mode counts in ``slot`` instead)
-        self.static = static
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # static mode: next slot to write
-        self.slots = torch.arange(max_len, device=device)
-        if static:
-            # CUDA graphs skip a compiled step that mutates its inputs unless they have fixed addresses
-            # ("skipping cudagraphs due to mutated inputs"); a new address later makes them re-record, not recompile.
-            for t in (*self.k, *self.v, self.valid, self.slot, self.slots):
-                torch._dynamo.mark_static_address(t)
-
-    def reset(self) -> None:
-        """Empty the cache for a new batch of prompts, keeping its tensors (and so any CUDA graph built on them)."""
-        self.valid.zero_()
-        self.slot.zero_()
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: Optional[torch.Tensor] = None):
-        if self.static:
-            self.k[layer].index_copy_(2, write, k.to(self.k[layer].dtype))
-            self.v[layer].index_copy_(2, write, v.to(self.v[layer].dtype))
-            return self.k[layer], self.v[layer]
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} > {self.max_len} slots")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (for dropping finished sequences or beam-style selection)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-        self.valid = self.valid.index_select(0, index)
-
-
-class RowKVCache:
-    """A key/value cache of ``slots`` independent rows, each at its own length (continuous batching).
-
-    A row is one sequence; it is written at its own positions (``position_ids`` [B, T] of a forward pass say where),
-    so a newly admitted row can be prefilled alone while the other rows keep their state, and a finished row's slot is
-    reused at once. ``rows`` (a ``slice``, set by the caller before each forward pass) names the slots the batch's
-    rows live in (or a tensor of slot ids); keys are read back up to the longest row, and each query sees the keys
-    at positions up to its own, never what an earlier occupant (or right padding) left beyond it: every position is
-    written again before a query of the row can reach it.
-    """
-
-    per_row = True
-
-    def __init__(self, cfg: LlamaConfig, slots: int, max_len: int, device, dtype):
-        shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.slots, self.max_len = slots, max_len
-        self.positions = torch.arange(max_len, device=device)
-        self.rows = slice(0, slots)
-        self.static = False
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write):
-        """``write`` = (position_ids [B, T], keys to return, row index [B, T]): store at each row's positions,
-        return the rows' keys."""
-        position_ids, length, b = write
-        if isinstance(self.rows, slice):  # views: writes land in the cache, reads copy nothing
-            ks, vs = self.k[layer][self.rows], self.v[layer][self.rows]
-        else:  # a tensor of slot ids (rows admitted together that are not neighbours)
-            ks, vs = self.k[layer], self.v[layer]
-        ks[b, :, position_ids] = k.transpose(1, 2).to(ks.dtype)
-        vs[b, :, position_ids] = v.transpose(1, 2).to(vs.dtype)
-        if not isinstance(self.rows, slice):
-            ks, vs = ks[self.rows], vs[self.rows]
-        return ks[:, :, :length], vs[:, :, :length]
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -276,7 +189,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], write: Optional[torch.Tensor] = None):
+    def forward(self, x, cos, sin, mask, cache, write: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -452,7 +365,7 @@ class Llama(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         doc_ids: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        cache=None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden].
 
@@ -461,10 +374,8 @@ class Llama(nn.Module):
         """
         B, T = input_ids.shape
         write = None
-        if cache is not None and cache.static:
-            return self._hidden_states_static(input_ids, position_ids, attention_mask, cache)
-        if getattr(cache, "per_row", False):
-            return self._hidden_states_rows(input_ids, position_ids, cache)
+        if getattr(cache, "drives_forward", False):  # a static or per-row cache runs its own pass (xiaolm.infer.cache)
+            return cache.hidden_states(self, input_ids, position_ids, attention_mask)
         past = cache.length if cache is not None else 0
         key_valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
@@ -492,44 +403,6 @@ class Llama(nn.Module):
             cache.length = past + T
         return self.model.norm(x)
 
-    def _hidden_states_static(self, input_ids, position_ids, attention_mask, cache: KVCache) -> torch.Tensor:
-        """Fixed-shape path: write at ``cache.slot`` and attend over every slot through a mask (see KVCache)."""
-        B, T = input_ids.shape
-        write = cache.slot + torch.arange(T, device=input_ids.device)
-        new_valid = (attention_mask.bool() if attention_mask is not None
-                     else torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
-        cache.valid.index_copy_(1, write, new_valid)
-        if position_ids is None:
-            position_ids = (cache.valid.long().cumsum(1) - 1).clamp(min=0).index_select(1, write)
-        q_slot = write[None, None, :, None]
-        k_slot = cache.slots[None, None, None, :]
-        mask = ((k_slot <= q_slot) & cache.valid[:, None, None, :]) | (k_slot == q_slot)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, write)
-        cache.slot.add_(T)  # a tensor, so a compiled step never sees changing Python state
-        return self.model.norm(x)
-
-    def _hidden_states_rows(self, input_ids, position_ids, cache: RowKVCache) -> torch.Tensor:
-        """Per-row positions in a :class:`RowKVCache`: a query sees its row's keys at positions up to its own."""
-        if position_ids is None:
-            raise ValueError("a RowKVCache needs position_ids (each row is at its own length)")
-        length = int(position_ids.max()) + 1
-        if length > cache.max_len:
-            raise ValueError(f"KV cache full: {length} > {cache.max_len} positions")
-        mask = (cache.positions[:length][None, None, None, :] <= position_ids[:, None, :, None])  # [B, 1, T, keys]
-        if isinstance(cache.rows, slice):
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        else:
-            rows = cache.rows
-        write = (position_ids, length, rows[:, None].expand_as(position_ids))
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, write)
-        return self.model.norm(x)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -537,7 +410,7 @@ class Llama(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         doc_ids: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        cache=None,
         logits_to_keep: int = 0,
         loss_chunk_size: int = 0,
     ) -> CausalLMOutput:
@@ -557,11 +430,6 @@ class Llama(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(logits, loss)
-
-    def new_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                  static: bool = False) -> KVCache:
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        return KVCache(self.config, batch_size, max_len, self.device, dtype, static=static)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices only (not norms, not the embedding): the usual AdamW split."""

@@ -7,7 +7,7 @@ generated token feeds the row's :class:`~xiaolm.infer.generate.StreamDecoder` (s
 a character), and a row ends at its own ``max_tokens``, at a stop string, or as soon as its client has gone.
 
 Two schedulers. ``continuous`` (the default, as in vLLM and llama.cpp's server) keeps a
-:class:`~xiaolm.model.llama.RowKVCache` of ``max_batch`` slots: at every decode step waiting rows are admitted into
+:class:`~xiaolm.infer.cache.RowKVCache` of ``max_batch`` slots: at every decode step waiting rows are admitted into
 free slots (each prefilled alone into its slot), then one forward pass decodes every running row at its own
 position, and a finished row frees its slot at once. Rows with different sampling settings share the forward pass;
 each row samples with its own settings (and its own generator when seeded), so a row's output does not depend on
@@ -38,8 +38,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from xiaolm.infer.cache import RowKVCache, model_dtype
 from xiaolm.infer.generate import StreamDecoder, generate_ids, sample_next
-from xiaolm.model.llama import RowKVCache
 
 log = logging.getLogger("xiaolm.serve")
 SCHEDULERS = ("continuous", "static")
@@ -651,13 +651,8 @@ class Engine:
 
     def _row_cache(self) -> RowKVCache:
         if self._cache is None:
-            dtype = getattr(self.model, "compute_dtype", None)  # a quantised model's
-            weight = getattr(getattr(getattr(self.model, "model", None), "embed_tokens", None), "weight", None)
-            if dtype is None:
-                dtype = weight.dtype if weight is not None else next(
-                    (p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
             self._cache = RowKVCache(self.model.config, self.max_batch, self.context_length, self.model.device,
-                                     dtype)
+                                     model_dtype(self.model))
         return self._cache
 
     def _prefill_groups(self, rows: list["_Row"]) -> list[list["_Row"]]:
