@@ -27,7 +27,7 @@ VERBS: dict[str, object] = {
     },
     "pipeline": ("the whole route from one recipe: data -> pretrain -> SFT -> DPO -> eval -> export -> report",
                  "xiaolm.pipeline:main"),
-    "presets": ("list the model presets with their parameter counts", "xiaolm.model.llama:presets_main"),
+    "presets": ("list the model presets with their parameter counts", "xiaolm.model.presets:presets_main"),
     "pretrain": ("pretrain a model on token shards (one device or torchrun)", "xiaolm.train.pretrain:main"),
     "sweep": ("short pretraining trials at several learning rates; names the best", "xiaolm.train.sweep:main"),
     "sft": ("supervised fine-tuning on chat data, full or LoRA", "xiaolm.train.sft:main"),
