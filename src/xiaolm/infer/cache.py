@@ -97,7 +97,6 @@ class RowKVCache:
         self.slots, self.max_len = slots, max_len
         self.positions = torch.arange(max_len, device=device)
         self.rows = slice(0, slots)
-        self.static = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, write):
         """``write`` = (position_ids [B, T], keys to return, row index [B, T]): store at each row's positions,
