@@ -13,7 +13,8 @@ import torch
 from xiaolm.cli import main
 from xiaolm.model.llama import Llama, preset_config
 from xiaolm.train.loop import DistEnv
-from xiaolm.train.sft import SFTBatches, encode_all, encode_conversation, sft_loss, to_example
+from xiaolm.tokenizer.chat import encode_conversation
+from xiaolm.train.sft import SFTBatches, encode_all, sft_loss, to_example
 
 MULTI_TURN = [
     {"role": "system", "content": "你是一个会讲故事的助手。"},
