@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from xiaolm.cli import main
-from xiaolm.infer.quantize import (
+from xiaolm.infer.quantize import parameter_bytes
+from xiaolm.model.io import find_checkpoint, load_model, load_quantized
+from xiaolm.model.quant import (
     QuantLinear,
     QuantizedLlama,
     dequantize_int4,
     dequantize_int8,
-    load_quantized,
-    parameter_bytes,
     quantize_int4,
     quantize_int8,
     unpack_int4,
 )
-from xiaolm.train.checkpoint import find_checkpoint, load_model
 
 TEXT = "从前，有一个小女孩叫莉莉。她喜欢在花园里玩。有一天，她看到一只小猫。"
 

@@ -31,8 +31,9 @@ def easy_pairs(tmp_path_factory, stories_file):
 
 
 def test_head_reads_the_last_real_token(tiny_run):
-    from xiaolm.align.reward import RewardModel, collate_scored
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.align.reward import collate_scored
+    from xiaolm.model.reward import RewardModel
+    from xiaolm.model.io import load_model
 
     policy, tok, _ = load_model(tiny_run)
     rm = RewardModel.from_policy(policy).eval()

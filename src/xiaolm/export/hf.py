@@ -1,4 +1,4 @@
-"""Hugging Face export (``xiaolm export hf``) and import (``load_hf_llama``).
+"""Hugging Face export (``xiaolm export hf``); the model card is ``xiaolm.export.card``.
 
 Export writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load with no remote code, under transformers 4.5x and 5.x:
@@ -14,12 +14,12 @@ Export writes a directory that ``transformers.AutoModelForCausalLM.from_pretrain
     adapter/                 a LoRA checkpoint's adapter in peft format (``PeftModel.from_pretrained(model, OUT/adapter)``)
     README.md                a model card: architecture, training configuration, evaluation numbers, limitations
 
-Import reads any Hugging Face Llama directory on disk (config.json plus model.safetensors, sharded safetensors or
-pytorch_model.bin, and tokenizer files) into ``xiaolm.model.llama.Llama``, so ``xiaolm pretrain --init-from HFDIR``
-and ``xiaolm sft HFDIR`` continue training someone else's model. What our model cannot represent (rope scaling,
-attention or MLP biases, activations other than SiLU) is refused with a message that names the field. A tokenizer
-written by xiaolm loads as ``XTokenizer``; any other tokenizer is wrapped in ``HFTokenizer``, which offers the same
-methods (see its docstring for what differs).
+Import (``xiaolm.model.io.load_hf_llama``, mapping in ``xiaolm.model.hf``) reads any Hugging Face Llama directory
+on disk (config.json plus model.safetensors, sharded safetensors or pytorch_model.bin, and tokenizer files) into
+``xiaolm.model.llama.Llama``, so ``xiaolm pretrain --init-from HFDIR`` and ``xiaolm sft HFDIR`` continue training
+someone else's model. What our model cannot represent (rope scaling, attention or MLP biases, activations other
+than SiLU) is refused with a message that names the field. A tokenizer written by xiaolm loads as ``XTokenizer``;
+any other tokenizer is wrapped in ``xiaolm.tokenizer.hf.HFTokenizer``, which offers the same methods.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ import torch
 
 from xiaolm.config import opt, parse_config
 from xiaolm.export.card import card_metadata, model_card
-from xiaolm.model.hf import _read_hf_config, _rebuild_rotary, hf_config_dict, llama_config_from_hf, read_hf_state_dict
-from xiaolm.tokenizer.hf import TOKENIZER_FILES, HFImportError, load_hf_tokenizer
+from xiaolm.model.hf import _read_hf_config, hf_config_dict
+from xiaolm.model.io import load_hf_llama
+from xiaolm.tokenizer.hf import TOKENIZER_FILES
 from xiaolm.utils import atomic_output, atomic_write_json, atomic_write_text, fail, log
 
 # Trainer names (meta.json "kind") of runs whose model answers in ChatML turns.
@@ -65,7 +66,7 @@ def _lora_base(ckpt: Path, meta: dict):
     from safetensors.torch import load_file
 
     from xiaolm.model.llama import Llama, LlamaConfig
-    from xiaolm.train.checkpoint import MODEL_CONFIG, MODEL_FILE, load_model
+    from xiaolm.model.io import MODEL_CONFIG, MODEL_FILE, load_model
 
     if (ckpt / MODEL_FILE).is_file() and (ckpt / MODEL_CONFIG).is_file():
         cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
@@ -94,8 +95,8 @@ def _lora_base(ckpt: Path, meta: dict):
 
 def load_export_source(path: str | Path, which: str = "latest", merge_lora: bool = False) -> ExportSource:
     """Load a RUNDIR / checkpoint / Hugging Face directory for export, as float32 on the CPU."""
-    from xiaolm.train.checkpoint import (CheckpointError, META_FILE, _find_tokenizer_dir, find_checkpoint,
-                                        load_model, verify_checkpoint)
+    from xiaolm.model.io import (CheckpointError, META_FILE, _find_tokenizer_dir, find_checkpoint,
+                                 load_model, verify_checkpoint)
 
     path = Path(path)
     if not path.exists():
@@ -316,43 +317,6 @@ def write_peft_adapter(adapter_dir: Path, out: Path) -> Path:
     conf["base_model_name_or_path"] = os.path.relpath(out.resolve(), Path.cwd().resolve())
     atomic_write_json(conf_path, conf)
     return dest
-
-
-# ================================================================================================== import
-
-
-def load_hf_llama(path: str | Path, device: str = "cpu", dtype: Optional[torch.dtype] = None,
-                  with_tokenizer: bool = True):
-    """``(model, tokenizer)`` from a Hugging Face Llama directory. ``dtype=None`` gives float32 (what training
-    and CPU inference want, whatever the file stores)."""
-    from xiaolm.model.llama import Llama
-
-    path = Path(path)
-    conf = _read_hf_config(path)
-    cfg = llama_config_from_hf(conf, str(path / "config.json"))
-    sd = read_hf_state_dict(path)
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if "model.embed_tokens.weight" not in sd and "embed_tokens.weight" in sd:  # a bare LlamaModel
-        sd = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in sd.items()}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        shown_m, shown_u = missing[:6], unexpected[:6]
-        raise HFImportError(f"{path}: weights do not fit config.json (missing {shown_m}"
-                            f"{'...' if len(missing) > 6 else ''}, unexpected {shown_u}"
-                            f"{'...' if len(unexpected) > 6 else ''})")
-    model.tie_weights()
-    _rebuild_rotary(model)
-    model = model.to(device=device, dtype=dtype or torch.float32).eval()
-    tokenizer = load_hf_tokenizer(path, conf) if with_tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise HFImportError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                            f"{cfg.vocab_size} embeddings")
-    return model, tokenizer
 
 
 # ================================================================================================== CLI

@@ -364,7 +364,7 @@ class GenerateConfig:
 
 def main(argv: list[str]) -> int:
     from xiaolm.config import parse_config
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
     from xiaolm.utils import fail, pick_device
 
     cfg, _ = parse_config(

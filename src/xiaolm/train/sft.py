@@ -414,7 +414,7 @@ def _list_bad_records(reports, path: Path) -> None:
 
 def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     """Run SFT as configured; returns the summary (also written to OUT/summary.json)."""
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
 
     if not cfg.run:
         raise fail("give the model to fine-tune: xiaolm sft RUNDIR --data ... --out SFTDIR")
@@ -511,7 +511,8 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         "samples": result.last_eval.get("samples", []),
     }
     if cfg.merge and env.is_main and not result.interrupted:
-        from xiaolm.train.lora import merge_lora, save_merged
+        from xiaolm.model.lora import merge_lora
+        from xiaolm.train.lora import save_merged
 
         merged = merge_lora(trainer.raw_model.to("cpu"))
         meta = {"kind": "sft-merged", "base": str(cfg.run), "lora": lora_info, "step": result.step,
