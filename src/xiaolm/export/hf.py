@@ -60,43 +60,10 @@ class ExportSource:
     adapter_dir: Optional[Path]  # a LoRA checkpoint's adapter (peft format), not merged into ``model``
 
 
-def _lora_base(ckpt: Path, meta: dict):
-    """The base weights a LoRA checkpoint's adapter applies to: the checkpoint's own model.safetensors when it
-    holds them, else the base model its meta.json names."""
-    from safetensors.torch import load_file
-
-    from xiaolm.model.llama import Llama, LlamaConfig
-    from xiaolm.model.io import MODEL_CONFIG, MODEL_FILE, load_model
-
-    if (ckpt / MODEL_FILE).is_file() and (ckpt / MODEL_CONFIG).is_file():
-        cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
-        model = Llama(cfg)
-        sd = {}
-        for key, value in load_file(str(ckpt / MODEL_FILE)).items():  # plain names, or peft's wrapped names
-            if ".lora_" in key:
-                continue
-            key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-            sd[key.replace(".base_layer.", ".")] = value
-        if cfg.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-        if not missing and not unexpected:
-            model.tie_weights()
-            return model.eval()
-    for key in ("base_model", "base", "init_from", "base_run", "base_path"):
-        base = meta.get(key)
-        if isinstance(base, str) and base and Path(base).exists():
-            model, _tok, _info = load_model(base, device="cpu", dtype=torch.float32, with_tokenizer=False)
-            return model
-    raise fail(f"{ckpt}: a LoRA checkpoint, but neither its model.safetensors nor its meta.json base model "
-               f"gives the base weights the adapter applies to")
-
-
 def load_export_source(path: str | Path, which: str = "latest", merge_lora: bool = False) -> ExportSource:
     """Load a RUNDIR / checkpoint / Hugging Face directory for export, as float32 on the CPU."""
-    from xiaolm.model.io import (CheckpointError, META_FILE, _find_tokenizer_dir, find_checkpoint,
-                                 load_model, verify_checkpoint)
+    from xiaolm.model.io import (CheckpointError, META_FILE, find_checkpoint, load_lora_base, load_model,
+                                 load_run_tokenizer, verify_checkpoint)
 
     path = Path(path)
     if not path.exists():
@@ -115,13 +82,10 @@ def load_export_source(path: str | Path, which: str = "latest", merge_lora: bool
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     adapter = ckpt / "adapter"
     if (adapter / "adapter_config.json").is_file():
-        from xiaolm.tokenizer import load_tokenizer
-
-        base = _lora_base(ckpt, meta)
-        tok_dir = _find_tokenizer_dir(ckpt)
-        if tok_dir is None:
-            raise fail(f"{ckpt}: no tokenizer found beside the checkpoint")
-        tokenizer = load_tokenizer(tok_dir)
+        try:
+            base, tokenizer = load_lora_base(ckpt, meta), load_run_tokenizer(ckpt, meta)
+        except CheckpointError as exc:
+            raise fail(str(exc))
         if merge_lora:
             from peft import PeftModel
 

@@ -119,11 +119,36 @@ def load_run_tokenizer(ckpt: Path, meta: dict):
     tok_dir = _find_tokenizer_dir(ckpt)
     if tok_dir is None:
         raise CheckpointError(f"{ckpt}: no tokenizer found beside the checkpoint")
-    tokenizer = load_tokenizer(tok_dir)
+    try:
+        tokenizer = load_tokenizer(tok_dir)
+    except (OSError, ValueError) as exc:  # unreadable, or edited after training (its recorded fingerprint)
+        raise CheckpointError(str(exc)) from None
     want = meta.get("tokenizer_fingerprint")
     if want and tokenizer.fingerprint != want:
-        raise CheckpointError(f"{ckpt}: trained with tokenizer {want}, but {tok_dir} is {tokenizer.fingerprint}")
+        raise CheckpointError(f"{ckpt}: trained with tokenizer {want}, but {tok_dir / 'tokenizer.json'} is "
+                              f"{tokenizer.fingerprint}")
     return tokenizer
+
+
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str | Path,
+                 what: str = "weights do not fit the config", error: type[Exception] = CheckpointError,
+                 assign: bool = False, absent: frozenset[str] | set[str] = frozenset()) -> None:
+    """Fit state dict ``sd`` into ``model`` and re-tie its output head: the one place that knows a tied
+    ``lm_head.weight`` is not stored (safetensors keeps no shared tensors). Any other key that is missing (beyond
+    ``absent``, keys the caller fills itself) or unexpected raises ``error``: "``where``: ``what`` (missing ...,
+    unexpected ...)"."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
+    missing = [k for k in missing if k not in absent and not (k == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise error(f"{where}: {what} (missing {_some(missing)}, unexpected {_some(unexpected)})")
+    model.tie_weights()
+
+
+def _some(names: list[str], shown: int = 6) -> str:
+    return f"{names[:shown]}{'...' if len(names) > shown else ''}"
 
 
 def load_model(
@@ -133,10 +158,14 @@ def load_model(
     which: str = "latest",
     verify: bool = True,
     with_tokenizer: bool = True,
+    reward: bool = False,
 ) -> tuple[torch.nn.Module, Any, ModelInfo]:
     """Load ``(model, tokenizer, info)`` from a RUNDIR, a checkpoint directory, a quantised directory or a
-    Hugging Face Llama directory (continued pretraining / fine-tuning from someone else's model)."""
+    Hugging Face Llama directory (continued pretraining / fine-tuning from someone else's model). ``reward``: a
+    reward model's run (``xiaolm reward``) as a ``RewardModel``; a reward run is refused otherwise, and anything
+    else with ``reward``."""
     from xiaolm.model.llama import Llama, LlamaConfig
+    from xiaolm.model.reward import RewardModel
 
     path = Path(path)
     if not path.exists():
@@ -148,23 +177,22 @@ def load_model(
         return load_quantized(path, device=device, with_tokenizer=with_tokenizer, dtype=dtype)
     ckpt = find_checkpoint(path, which)
     meta = verify_checkpoint(ckpt) if verify else json.loads((ckpt / META_FILE).read_text())
+    if reward and meta.get("kind") != "reward":
+        raise CheckpointError(f"{ckpt}: not a reward model (kind {meta.get('kind')!r}); train one with xiaolm reward")
+    if not reward and meta.get("kind") == "reward":
+        raise CheckpointError(f"{ckpt}: a reward model, not a language model (score responses with it: "
+                              f"xiaolm reward score)")
     if (ckpt / "adapter" / "adapter_config.json").is_file():
         return load_lora_checkpoint(ckpt, meta, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
     cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
-    model = Llama(cfg)
-    sd = load_file(str(ckpt / MODEL_FILE))
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not fit the config (missing {missing}, unexpected {unexpected})")
-    model.tie_weights()
+    model = RewardModel(cfg) if reward else Llama(cfg)
+    load_weights(model, load_file(str(ckpt / MODEL_FILE)), ckpt,
+                 "weights do not fit a reward model" if reward else "weights do not fit the config")
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     tokenizer = load_run_tokenizer(ckpt, meta) if with_tokenizer else None
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return model, tokenizer, ModelInfo(path=ckpt, kind="xiaolm", meta=meta, run_dir=run_dir)
+    return model, tokenizer, ModelInfo(path=ckpt, kind="reward" if reward else "xiaolm", meta=meta, run_dir=run_dir)
 
 
 # ================================================================================================== LoRA
@@ -172,27 +200,16 @@ def load_model(
 
 def load_lora_checkpoint(ckpt: Path, meta: dict, device: str = "cpu", dtype: Optional[torch.dtype] = None,
                          with_tokenizer: bool = True, merge: bool = True) -> tuple[torch.nn.Module, Any, Any]:
-    """Load a checkpoint holding ``adapter/``: the base weights from ``model.safetensors``, the adapter with
+    """Load a checkpoint holding ``adapter/``: the base weights (``load_lora_base``), the adapter with
     ``PeftModel.from_pretrained``. ``merge`` (the default) folds the adapter in and returns a plain ``Llama``, which
     every later stage (generation, export, quantisation, alignment) takes as is; ``merge=False`` returns the
     ``PeftModel``. Returns ``(model, tokenizer, ModelInfo(kind="lora"))``."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
-    from xiaolm.model.llama import Llama, LlamaConfig
-    from xiaolm.model.lora import ADAPTER_DIR, base_weights_from_peft_state, merge_lora
+    from xiaolm.model.lora import ADAPTER_DIR, merge_lora
 
     ckpt = Path(ckpt)
-    cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
-    base = Llama(cfg)
-    sd = base_weights_from_peft_state(load_file(str(ckpt / MODEL_FILE)))
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = base.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: base weights do not fit the config (missing {missing}, unexpected {unexpected})")
-    base.tie_weights()
+    base = load_lora_base(ckpt, meta)
     model = PeftModel.from_pretrained(base, str(ckpt / ADAPTER_DIR), is_trainable=False)
     if merge:
         model = merge_lora(model)
@@ -201,6 +218,31 @@ def load_lora_checkpoint(ckpt: Path, meta: dict, device: str = "cpu", dtype: Opt
     tokenizer = load_run_tokenizer(ckpt, meta) if with_tokenizer else None
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     return model, tokenizer, ModelInfo(path=ckpt, kind="lora", meta=meta, run_dir=run_dir)
+
+
+def load_lora_base(ckpt: Path, meta: dict) -> torch.nn.Module:
+    """The plain float ``Llama`` a LoRA checkpoint's adapter applies to: the base weights in the checkpoint's own
+    model.safetensors (plain names, or peft's wrapped names as LoRA training writes them), else the base model its
+    meta.json names."""
+    from xiaolm.model.llama import Llama, LlamaConfig
+    from xiaolm.model.lora import base_weights_from_peft_state
+
+    ckpt = Path(ckpt)
+    problem = f"neither its {MODEL_FILE} nor its meta.json base model gives"
+    if (ckpt / MODEL_FILE).is_file() and (ckpt / MODEL_CONFIG).is_file():
+        base = Llama(LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8"))))
+        try:
+            load_weights(base, base_weights_from_peft_state(load_file(str(ckpt / MODEL_FILE))), ckpt,
+                         "base weights do not fit the config")
+            return base.eval()
+        except CheckpointError as exc:
+            problem = f"{exc}; nor does its meta.json name a base model with"
+    for key in ("base_model", "base", "init_from", "base_run", "base_path"):
+        named = meta.get(key)
+        if isinstance(named, str) and named and Path(named).exists():
+            model, _tok, _info = load_model(named, device="cpu", dtype=torch.float32, with_tokenizer=False)
+            return model
+    raise CheckpointError(f"{ckpt}: a LoRA checkpoint, but {problem} the base weights the adapter applies to")
 
 
 # ================================================================================================== quantised
@@ -269,12 +311,8 @@ def load_quantized(path: str | Path, device: str = "cpu", with_tokenizer: bool =
         if isinstance(emb, QuantEmbedding):
             model.lm_head = TiedQuantHead(emb)
     sd = {k: v.to(dtype) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     quant_keys = {f"{n}.{b}" for n in modules for b in ("qweight", "scales")}
-    missing = [k for k in missing if k not in quant_keys and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the config (missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]})")
+    load_weights(model, sd, path, assign=True, absent=quant_keys)  # QuantizedLlama.tie_weights: built in
     if cfg.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # a float embedding stays tied the usual way
     model.model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(device)
@@ -324,18 +362,9 @@ def load_hf_llama(path: str | Path, device: str = "cpu", dtype: Optional[torch.d
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     if "model.embed_tokens.weight" not in sd and "embed_tokens.weight" in sd:  # a bare LlamaModel
         sd = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in sd.items()}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Llama(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        shown_m, shown_u = missing[:6], unexpected[:6]
-        raise HFImportError(f"{path}: weights do not fit config.json (missing {shown_m}"
-                            f"{'...' if len(missing) > 6 else ''}, unexpected {shown_u}"
-                            f"{'...' if len(unexpected) > 6 else ''})")
-    model.tie_weights()
+    load_weights(model, sd, path, "weights do not fit config.json", error=HFImportError, assign=True)
     _rebuild_rotary(model)
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     tokenizer = load_hf_tokenizer(path, conf) if with_tokenizer else None
@@ -349,29 +378,6 @@ def load_hf_llama(path: str | Path, device: str = "cpu", dtype: Optional[torch.d
 
 
 def load_reward_model(path: str | Path, device: str = "cpu", which: str = "latest"):
-    """``(RewardModel, tokenizer, info)`` from an RMDIR (or one of its checkpoints) written by ``xiaolm reward``."""
-    from safetensors.torch import load_file
-
-    from xiaolm.model.llama import LlamaConfig
-    from xiaolm.model.reward import RewardModel
-    from xiaolm.tokenizer import load_tokenizer
-
-    ckpt = find_checkpoint(path, which)
-    meta = verify_checkpoint(ckpt)
-    if meta.get("kind") != "reward":
-        raise CheckpointError(f"{ckpt}: not a reward model (kind {meta.get('kind')!r}); train one with xiaolm reward")
-    cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
-    model = RewardModel(cfg)
-    sd = load_file(str(ckpt / MODEL_FILE))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not fit a reward model (missing {missing}, unexpected {unexpected})")
-    model.tie_weights()
-    model.to(device).eval()
-    tok_dir = _find_tokenizer_dir(ckpt)
-    if tok_dir is None:
-        raise CheckpointError(f"{ckpt}: no tokenizer found beside the checkpoint")
-    tokenizer = load_tokenizer(tok_dir)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return model, tokenizer, ModelInfo(path=ckpt, kind="reward", meta=meta, run_dir=run_dir)
+    """``(RewardModel, tokenizer, info)`` from an RMDIR (or one of its checkpoints) written by ``xiaolm reward``,
+    its tokenizer checked against the fingerprint the run trained with (``load_model(..., reward=True)``)."""
+    return load_model(path, device=device, which=which, reward=True)
