@@ -1,13 +1,10 @@
 """The model card (README.md) of a Hugging Face export: YAML metadata the Hub reads, architecture, training
-configuration, evaluation numbers, how to run it, limitations."""
+configuration, evaluation numbers, how to run it, limitations. ``src`` is an ``xiaolm.export.hf.ExportSource``."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:
-    from xiaolm.export.hf import ExportSource
+from typing import Optional
 
 
 def _fmt(value) -> str:

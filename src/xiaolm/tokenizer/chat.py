@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Optional
 
-from xiaolm.tokenizer.core import IM_END, IM_START
+IM_START = "<|im_start|>"  # special token 1 (see xiaolm.tokenizer.core)
+IM_END = "<|im_end|>"  # special token 2
 
 # ChatML. Kept deliberately plain (no default system prompt) so the Python rendering below is obviously identical.
 CHAT_TEMPLATE = (

@@ -22,9 +22,9 @@ from typing import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer
 
+from xiaolm.tokenizer.chat import CHAT_TEMPLATE, IM_END, IM_START, render_chat
+
 EOT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 RESERVED = [f"<|reserved_{i}|>" for i in range(5)]
 SPECIAL_TOKENS: list[str] = [EOT, IM_START, IM_END, *RESERVED]
 
@@ -115,8 +115,6 @@ class XTokenizer:
 
     def apply_chat_template(self, messages: Iterable[Mapping[str, object]], add_generation_prompt: bool = False) -> str:
         """ChatML text for ``messages``; encode it with ``encode`` (special tokens are recognised)."""
-        from xiaolm.tokenizer.chat import render_chat
-
         return render_chat(messages, add_generation_prompt=add_generation_prompt)
 
     def token_to_id(self, token: str) -> int | None:
@@ -135,7 +133,6 @@ class XTokenizer:
 
     def save(self, out_dir: str | Path, extra_info: dict | None = None) -> Path:
         """Write a Hugging Face tokenizer directory plus ``xiaolm_tokenizer.json``. Returns the directory."""
-        from xiaolm.tokenizer.chat import CHAT_TEMPLATE
         from xiaolm.utils import atomic_write_json, atomic_write_text
 
         self._refresh()
