@@ -100,7 +100,7 @@ class ModelInfo:
     """What ``load_model`` found: where the weights came from and what the checkpoint says about them."""
 
     path: Path
-    kind: str  # "xiaolm" | "hf" | "quantized" | "lora"
+    kind: str  # "xiaolm" | "hf" | "quantized" | "lora" | "reward"
     meta: dict = field(default_factory=dict)
     run_dir: Optional[Path] = None
 
@@ -170,7 +170,11 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if (path / "config.json").is_file() and not (path / MODEL_CONFIG).is_file() and not (path / "checkpoints").is_dir():
+    hf_dir = (path / "config.json").is_file() and not (path / MODEL_CONFIG).is_file()
+    if reward and ((hf_dir and not (path / "checkpoints").is_dir()) or (path / "quantization.json").is_file()):
+        raise CheckpointError(f"{path}: not a reward model (a Hugging Face or quantised directory); train one with "
+                              f"xiaolm reward")
+    if hf_dir and not (path / "checkpoints").is_dir():
         model, tokenizer = load_hf_llama(path, device=device, dtype=dtype, with_tokenizer=with_tokenizer)
         return model, tokenizer, ModelInfo(path=path, kind="hf")
     if (path / "quantization.json").is_file():
