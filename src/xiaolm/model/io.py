@@ -341,7 +341,10 @@ def load_quantized(path: str | Path, device: str = "cpu", with_tokenizer: bool =
         tok_dir = path / "tokenizer"
         if not (tok_dir / "tokenizer.json").is_file():
             raise CheckpointError(f"{path}: no tokenizer/ in the quantised directory")
-        tokenizer = load_tokenizer(tok_dir)
+        try:
+            tokenizer = load_tokenizer(tok_dir)
+        except (OSError, ValueError) as exc:  # edited after quantising (its recorded fingerprint)
+            raise CheckpointError(str(exc)) from None
         want = qconf.get("tokenizer_fingerprint")
         if want and tokenizer.fingerprint != want:
             raise CheckpointError(f"{path}: quantised with tokenizer {want}, but tokenizer/ is {tokenizer.fingerprint}")
