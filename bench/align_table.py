@@ -149,7 +149,8 @@ def main() -> int:
                                         "--out", str(out / "rm_real"), "--epochs", str(args.rm_epochs), "--lr",
                                         str(args.rm_lr), *quiet, *seed])
             report["reward_real"] = {"summary": json.loads((out / "rm_real" / "summary.json").read_text())}
-            from xiaolm.align.reward import encode_pairs, load_reward_model, pair_accuracy
+            from xiaolm.align.reward import encode_pairs, pair_accuracy
+            from xiaolm.model.io import load_reward_model
             from xiaolm.data.pairs import load_preferences
 
             rm, tok, _ = load_reward_model(out / "rm_real")

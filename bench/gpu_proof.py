@@ -220,7 +220,7 @@ def cmd_timed_pretrain(args) -> None:
     from xiaolm.config import parse_config
     from xiaolm.infer.generate import SamplingConfig, generate
     from xiaolm.quickstart import OPENINGS, calibrate_step_time
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
     from xiaolm.train.pretrain import PretrainConfig, pretrain
 
     t0 = time.monotonic()

@@ -45,8 +45,8 @@ def worker(args) -> dict:
 
     from xiaolm.eval.ppl import evaluate_ppl, token_stream
     from xiaolm.infer.generate import generate_ids
-    from xiaolm.infer.quantize import load_quantized, parameter_bytes
-    from xiaolm.train.checkpoint import find_checkpoint, load_model
+    from xiaolm.infer.quantize import parameter_bytes
+    from xiaolm.model.io import find_checkpoint, load_model, load_quantized
 
     weights, dtype_name, kernel = VARIANTS[args.variant]
     dtype = getattr(torch, dtype_name)
@@ -102,7 +102,7 @@ def gguf_worker(args) -> dict:
     import llama_cpp
     import llama_cpp.llama as module
     from xiaolm.eval.ppl import token_stream
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
     from xiaolm.train.pretrain import StreamEvaluator
 
     default = module.llama_cpp.llama_model_default_params

@@ -83,7 +83,7 @@ def tiny_run(tmp_path_factory, shards_dir) -> Path:
 @pytest.fixture(scope="session")
 def loaded(tiny_run):
     """``(model, tokenizer)`` of ``tiny_run`` on the CPU, loaded once for the serving tests."""
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     model, tokenizer, _info = load_model(tiny_run, device="cpu")
     return model, tokenizer
@@ -124,7 +124,7 @@ def heldout_eval(story_sft):
     (greedy, 200 new tokens), computed once per run and prompt style and shared by the headline tests."""
     from xiaolm.eval.instruct import evaluate_instruct, load_eval_samples
     from xiaolm.infer.generate import SamplingConfig
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     samples, _ = load_eval_samples([str(story_sft["instruct"] / "heldout.jsonl")], limit=HEADLINE_EVAL_LIMIT)
     cache: dict[str, dict] = {}

@@ -19,7 +19,7 @@ GREEDY = ["--temperature", "0", "--max-new-tokens", "8", "--seed", "0"]
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_run):
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     model, tok, _ = load_model(tiny_run)
     return model, tok

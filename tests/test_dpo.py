@@ -47,7 +47,7 @@ def _metrics(run: Path, kind: str = "train") -> list[dict]:
 def test_reference_once_and_loss_is_ln2_at_step_zero(tiny_run, pairs_file):
     from xiaolm.align.dpo import LossSettings, PreferenceBatches, attach_reference, encode_pairs, preference_loss
     from xiaolm.data.pairs import load_preferences
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
     from xiaolm.train.loop import DistEnv
 
     model, tok, _ = load_model(tiny_run)
@@ -91,7 +91,7 @@ def test_dpo_learns_the_preferences_and_logs_margins(tmp_path, tiny_run, pairs_f
     assert train[-1]["loss"] < 0.3
     ev = _metrics(out, "eval")[-1]
     assert ev["val_accuracy"] == 1.0 and ev["val_loss"] < math.log(2)
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     model, _, info = load_model(out)
     assert info.kind == ("lora" if lora else "xiaolm")
@@ -165,7 +165,7 @@ def test_iterative_rounds_sample_new_pairs(tmp_path, tiny_run, instruct_dir):
     assert [r["round"] for r in s["rounds"]] == [1, 2]
     # round 2's reference is the round-1 policy, so its DPO loss starts at ln 2 again
     assert _metrics(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     load_model(out)
     # a finished round is not rerun: the same command resumes straight into round 2's result

@@ -145,7 +145,7 @@ def test_lm_evaluation_harness_agrees_with_our_scorer(csv_root, tiny_run, tmp_pa
     pytest.importorskip("lm_eval")
     from xiaolm.eval.lm_eval_tasks import run_lm_eval, write_tasks
     from xiaolm.export.hf import export_hf
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     hf_dir = export_hf(tiny_run, tmp_path / "hf")
     names = write_tasks(csv_root, tmp_path / "tasks")

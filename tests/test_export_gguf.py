@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from xiaolm.cli import main
 from xiaolm.export.gguf import check_tokenizer_for_gguf, export_gguf, permute_for_gguf, unpermute_from_gguf
-from xiaolm.train.checkpoint import load_model
+from xiaolm.model.io import load_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -173,7 +173,8 @@ def test_chat_run_eos_and_untied_head(tiny_run, tmp_path):
     import shutil
 
     from xiaolm.model.llama import Llama
-    from xiaolm.train.checkpoint import find_checkpoint, save_checkpoint
+    from xiaolm.model.io import find_checkpoint
+    from xiaolm.train.checkpoint import save_checkpoint
 
     model, tok, _ = load_model(tiny_run)
     cfg = type(model.config).from_dict({**model.config.to_dict(), "tie_word_embeddings": False})

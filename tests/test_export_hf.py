@@ -12,8 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from xiaolm.cli import main
-from xiaolm.export.hf import HFImportError, HFTokenizer, export_hf, load_hf_llama
-from xiaolm.train.checkpoint import find_checkpoint, load_model
+from xiaolm.export.hf import export_hf
+from xiaolm.model.io import load_hf_llama
+from xiaolm.tokenizer.hf import HFImportError, HFTokenizer
+from xiaolm.model.io import find_checkpoint, load_model
 
 transformers = pytest.importorskip("transformers")
 

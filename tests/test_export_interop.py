@@ -17,7 +17,7 @@ import xiaolm
 from xiaolm.cli import main
 from xiaolm.export.gguf import export_gguf
 from xiaolm.export.hf import export_hf
-from xiaolm.train.checkpoint import find_checkpoint, load_model
+from xiaolm.model.io import find_checkpoint, load_model
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

@@ -166,7 +166,7 @@ def test_generate_says_when_the_prompt_does_not_fit_the_context(tiny_run, capsys
 def test_generate_encodes_the_prompt_as_text(tiny_run, capsys):
     """A prompt spelling <|im_start|> gets the same continuation as that text encoded as text (not the marker)."""
     from xiaolm.infer.generate import main, plain_prompt_ids
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     prompt = "<|im_start|>system\n"
     model, tokenizer, _info = load_model(tiny_run, device="cpu")

@@ -256,7 +256,8 @@ def test_compiled_decode_reuses_its_cache_across_prompt_lengths(monkeypatch):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("device", [CUDA])
 def test_quantized_generate_runs(device, bits, tiny_run, tmp_path):
-    from xiaolm.infer.quantize import load_quantized, quantize_run
+    from xiaolm.infer.quantize import quantize_run
+    from xiaolm.model.io import load_quantized
 
     quantize_run(tiny_run, tmp_path / "q", bits=bits, group_size=64)
     model, tokenizer, _ = load_quantized(tmp_path / "q", device=device)
@@ -311,7 +312,7 @@ def test_serve_streams_a_chat_completion_on_cuda(device, tiny_run):
     from fastapi.testclient import TestClient
 
     from xiaolm.serve.app import create_app
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     model, tokenizer, _ = load_model(tiny_run, device=device)
     assert model.device.type == "cuda"

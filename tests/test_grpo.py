@@ -54,7 +54,7 @@ def test_grpo_runs_logs_and_writes_a_policy(tmp_path, tiny_run, instruct_dir, ca
     assert s["batches_sampled"] == 2 and s["generation"]["samples"] == 48 and s["generation"]["samples_per_s"] > 0
     assert s["excluded_heldout"] == 0 and "Samples" in (out / "report.md").read_text()
     assert len(list((out / "rollouts").glob("batch-*.pt"))) == 1  # only the latest batch is kept
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     _, _, info = load_model(out)
     assert info.meta["kind"] == "grpo"

@@ -159,7 +159,7 @@ def test_story_route_report_card_and_exports(story_route):
         assert heading in md
     assert "![pretrain loss curve](run/loss_curve.png)" in md and (work / "run" / "loss_curve.png").is_file()
     # The exports load with their consumers' readers.
-    from xiaolm.export.hf import load_hf_llama
+    from xiaolm.model.io import load_hf_llama
 
     model, tokenizer = load_hf_llama(work / "export" / "hf")
     assert sum(p.numel() for p in model.parameters()) > 0 and tokenizer.im_end_id is not None

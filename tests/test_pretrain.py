@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from xiaolm.cli import main
-from xiaolm.train.checkpoint import CheckpointError, find_checkpoint, load_model
+from xiaolm.model.io import CheckpointError, find_checkpoint, load_model
 from xiaolm.train.loop import TrainConfig, lr_at
 
 from conftest import TINY_PRETRAIN

@@ -8,18 +8,17 @@ import pytest
 import torch
 
 from xiaolm.cli import main
-from xiaolm.infer.quantize import (
+from xiaolm.infer.quantize import parameter_bytes
+from xiaolm.model.io import find_checkpoint, load_model, load_quantized
+from xiaolm.model.quant import (
     QuantLinear,
     QuantizedLlama,
     dequantize_int4,
     dequantize_int8,
-    load_quantized,
-    parameter_bytes,
     quantize_int4,
     quantize_int8,
     unpack_int4,
 )
-from xiaolm.train.checkpoint import find_checkpoint, load_model
 
 TEXT = "从前，有一个小女孩叫莉莉。她喜欢在花园里玩。有一天，她看到一只小猫。"
 
@@ -153,3 +152,21 @@ def test_torchao_int8_backend_agrees():
     theirs = QuantLinear(q, s, 8, 128, 128, kernel="torchao")
     x = torch.randn(4, 128)
     assert torch.allclose(ours(x), theirs(x), atol=1e-4)
+
+
+def test_a_qdir_whose_tokenizer_was_edited_is_one_line(qdirs, tmp_path, capsys):
+    """tokenizer.json changed under the fingerprint xiaolm_tokenizer.json records: a one-line error naming the
+    directory (as for a run), not a traceback."""
+    import shutil
+
+    q = tmp_path / "q8"
+    shutil.copytree(qdirs[8], q)
+    data = json.loads((q / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (q / "tokenizer" / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main(["generate", str(q), "--prompt", "有一天，", "--max-new-tokens", "2"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(q / "tokenizer") in lines[0] and "edited after training" in lines[0], lines

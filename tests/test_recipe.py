@@ -14,7 +14,8 @@ import torch
 
 from xiaolm.cli import main
 from xiaolm.model.llama import Llama, preset_config
-from xiaolm.train.checkpoint import find_checkpoint, load_model, load_trainer_state
+from xiaolm.model.io import find_checkpoint, load_model
+from xiaolm.train.checkpoint import load_trainer_state
 from xiaolm.train.loop import TrainConfig, lr_at
 from xiaolm.train.optim import MuonAdamW, build_optimizer, hidden_matrix_ids
 from xiaolm.train.pretrain import aligned_window_starts

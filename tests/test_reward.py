@@ -31,8 +31,9 @@ def easy_pairs(tmp_path_factory, stories_file):
 
 
 def test_head_reads_the_last_real_token(tiny_run):
-    from xiaolm.align.reward import RewardModel, collate_scored
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.align.reward import collate_scored
+    from xiaolm.model.reward import RewardModel
+    from xiaolm.model.io import load_model
 
     policy, tok, _ = load_model(tiny_run)
     rm = RewardModel.from_policy(policy).eval()
@@ -110,3 +111,47 @@ def test_real_preference_files_train_and_evaluate(tmp_path, tiny_run, shared_dat
     s = json.loads((out / "summary.json").read_text())
     assert s["train_pairs"] + s["heldout_pairs"] == 400 and s["heldout_pairs"] > 60
     assert 0.0 <= s["heldout_accuracy"] <= 1.0 and s["truncated_pairs"] > 0  # long code answers keep their end
+
+
+def _change_tokenizer(tok_dir, keep_record: bool) -> None:
+    """Swap two tokens' ids in ``tok_dir``: another tokenizer put in its place (its own xiaolm_tokenizer.json
+    removed), or, with ``keep_record``, tokenizer.json edited under the fingerprint xiaolm_tokenizer.json records."""
+    data = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tok_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    if not keep_record:
+        (tok_dir / "xiaolm_tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize("change", ["replaced", "edited"])
+def test_a_reward_run_whose_tokenizer_changed_is_refused_like_a_policy_run(tmp_path, tiny_run, capsys, change):
+    """A reward run's tokenizer is checked against the fingerprint the run trained with, as a policy run's is: a
+    changed tokenizer/ is one line naming the file, not scores computed on the wrong ids (or a traceback)."""
+    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.model.reward import RewardModel
+    from xiaolm.train.checkpoint import save_checkpoint
+
+    policy, tok, _ = load_model(tiny_run)
+    rm = RewardModel.from_policy(policy)
+    rm_dir, lm_dir = tmp_path / "rm", tmp_path / "lm"
+    for run, model, kind in ((rm_dir, rm, "reward"), (lm_dir, policy, "pretrain")):
+        save_checkpoint(run, 1, model, model.config.to_dict(), {"kind": kind, "tokenizer_fingerprint": tok.fingerprint})
+        tok.save(run / "tokenizer")
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"prompt": "写一个故事。", "chosen": "从前有一只小猫。", "rejected": "猫猫猫猫。"}])
+    assert main(["reward", "score", str(rm_dir), "--data", str(pairs)]) == 0  # as trained: it scores
+    capsys.readouterr()
+    with pytest.raises(CheckpointError, match="a reward model, not a language model"):
+        load_model(rm_dir)
+    errors = []
+    for run, argv in ((rm_dir, ["reward", "score", str(rm_dir), "--data", str(pairs)]),
+                      (lm_dir, ["generate", str(lm_dir), "--prompt", "从前", "--max-new-tokens", "2"])):
+        _change_tokenizer(run / "tokenizer", keep_record=change == "edited")
+        with pytest.raises(SystemExit):
+            main(argv)
+        errors.append((run, capsys.readouterr().err.strip().splitlines()))
+    for run, lines in errors:
+        assert len(lines) == 1 and lines[0].startswith("xiaolm: error:"), lines
+        assert str(run / "tokenizer") in lines[0] and "tokenizer.json" in lines[0], lines

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from xiaolm.cli import main
-from xiaolm.train.checkpoint import find_checkpoint, load_model, verify_checkpoint
+from xiaolm.model.io import find_checkpoint, load_model, verify_checkpoint
 
 from conftest import TINY_PRETRAIN
 

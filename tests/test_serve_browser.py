@@ -55,7 +55,7 @@ class SlowModel(torch.nn.Module):
 @pytest.fixture(scope="module")
 def page_server(tiny_run):
     from xiaolm.serve.app import BackgroundServer, create_app
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     model, tokenizer, _info = load_model(tiny_run, device="cpu")
     slow = SlowModel(model, 0.02)

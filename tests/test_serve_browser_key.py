@@ -24,7 +24,7 @@ def test_page_asks_for_the_api_key_once_and_keeps_it_in_the_tab(tiny_run, tmp_pa
     except ImportError:
         pytest.fail("Playwright for Python is needed for the browser test: pip install playwright")
     from xiaolm.serve.app import LOOPBACK_HOSTS, BackgroundServer, create_app
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     model, tokenizer, _info = load_model(tiny_run, device="cpu")
     app = create_app(model=model, tokenizer=tokenizer, model_name="tiny", api_key=KEY,

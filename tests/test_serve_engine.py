@@ -380,7 +380,8 @@ def test_a_failing_generation_is_a_500_without_our_exception_text_and_the_server
 
 
 def test_a_quantised_model_is_served_by_the_continuous_engine(tiny_run, tmp_path):
-    from xiaolm.infer.quantize import load_quantized, quantize_run
+    from xiaolm.infer.quantize import quantize_run
+    from xiaolm.model.io import load_quantized
 
     quantize_run(tiny_run, tmp_path / "q8", bits=8)
     model, tokenizer, _info = load_quantized(tmp_path / "q8")

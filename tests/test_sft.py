@@ -13,7 +13,8 @@ import torch
 from xiaolm.cli import main
 from xiaolm.model.llama import Llama, preset_config
 from xiaolm.train.loop import DistEnv
-from xiaolm.train.sft import SFTBatches, encode_all, encode_conversation, sft_loss, to_example
+from xiaolm.tokenizer.chat import encode_conversation
+from xiaolm.train.sft import SFTBatches, encode_all, sft_loss, to_example
 
 MULTI_TURN = [
     {"role": "system", "content": "你是一个会讲故事的助手。"},
@@ -171,7 +172,7 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_full_sft_run_dir_and_resume(tiny_run, chat_file, tmp_path, capsys):
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     out = tmp_path / "sft"
     args = ["sft", str(tiny_run), "--data", str(chat_file), *FAST_SFT, "--max-steps", "8", "--eval-every", "4"]
@@ -213,7 +214,8 @@ def test_bad_inputs_are_clear_errors(tiny_run, chat_file, tmp_path, capsys):
 
 
 def test_lora_starts_as_the_base_model_and_trains_only_adapters():
-    from xiaolm.train.lora import apply_lora, merge_lora, trainable_parameters
+    from xiaolm.model.lora import merge_lora
+    from xiaolm.train.lora import apply_lora, trainable_parameters
 
     torch.manual_seed(0)
     base = Llama(preset_config("tiny", vocab_size=300, max_position_embeddings=64)).eval()
@@ -251,8 +253,8 @@ def test_lora_sft_checkpoint_merge_and_hugging_face(tiny_run, chat_file, tmp_pat
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from xiaolm.train.checkpoint import find_checkpoint, load_model
-    from xiaolm.train.lora import load_lora_checkpoint
+    from xiaolm.model.io import find_checkpoint, load_model
+    from xiaolm.model.io import load_lora_checkpoint
 
     out = tmp_path / "lora"
     assert main(["sft", str(tiny_run), "--data", str(chat_file), *FAST_SFT, "--max-steps", "6", "--eval-every", "3",

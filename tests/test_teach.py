@@ -68,7 +68,7 @@ class Flaky:
 
 @pytest.fixture(scope="module")
 def model(tiny_run):
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     return load_model(tiny_run, device="cpu")[:2]
 

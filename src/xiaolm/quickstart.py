@@ -174,7 +174,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     timings["pretrain_s"] = time.perf_counter() - t
 
     from xiaolm.infer.generate import SamplingConfig, generate
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     model, tokenizer, _ = load_model(out / "run", device=device)
     texts = generate(model, tokenizer, OPENINGS, SamplingConfig(

@@ -24,16 +24,9 @@ import torch
 from xiaolm.config import opt
 from xiaolm.infer.generate import SamplingConfig
 from xiaolm.model.losses import token_logprobs
+from xiaolm.tokenizer.chat import prompt_ids
 
 # ------------------------------------------------------------------------------------------------ encoding
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the chat prompt for ``messages``, ending with ``<|im_start|>assistant\\n`` (piecewise, as SFT)."""
-    from xiaolm.train.sft import encode_conversation
-
-    ids, _ = encode_conversation(tokenizer, list(messages) + [{"role": "assistant", "content": ""}])
-    return ids[:-1]  # drop the empty answer's <|im_end|>
 
 
 @dataclass

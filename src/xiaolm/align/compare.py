@@ -15,7 +15,7 @@ def evaluate_models(models: dict, samples: list[dict], max_new_tokens: int = 256
     Paths are loaded one at a time, so only one model is in memory."""
     from xiaolm.eval.instruct import evaluate_instruct
     from xiaolm.infer.generate import SamplingConfig
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
     out = {}

@@ -452,7 +452,7 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
     result = trainer.fit(batches, lambda m, b: preference_loss(m, b, settings), eval_fn)
     trained = trainer.raw_model
     if cfg.lora:
-        from xiaolm.train.lora import merge_lora
+        from xiaolm.model.lora import merge_lora
 
         trained = merge_lora(trained)
     summary = {
@@ -514,7 +514,7 @@ def _sample_pairs(cfg: DPOConfig, policy, tokenizer, prompt_set, round_index: in
 def dpo(cfg: DPOConfig, env: Optional[DistEnv] = None) -> dict:
     """Run (iterated) preference optimisation as configured; returns the summary (also OUT/summary.json)."""
     from xiaolm.data.pairs import load_preferences, load_prompt_set
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
 
     if not cfg.run:
         raise fail("give the SFT model: xiaolm dpo SFTDIR --data PAIRS --out DPODIR")

@@ -273,7 +273,7 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     """Run GRPO as configured; returns the summary (also OUT/summary.json)."""
     from xiaolm.align.dpo import instruct_metrics
     from xiaolm.data.pairs import load_prompt_set
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
 
     if not cfg.run:
         raise fail("give the SFT model: xiaolm grpo SFTDIR --prompts FILE --out GRPODIR")

@@ -31,75 +31,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from xiaolm.config import opt, parse_config
-from xiaolm.model.llama import Llama, LlamaConfig
+from xiaolm.model.io import load_reward_model
+from xiaolm.model.reward import RewardModel
 from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
 from xiaolm.utils import fail, log, seed_everything, stable_hash
-
-
-class RewardModel(Llama):
-    """The Llama body plus a scalar head on the last real token; ``forward(input_ids, lengths) -> scores [B]``."""
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__(cfg)
-        self.score = nn.Linear(cfg.hidden_size, 1)
-        nn.init.zeros_(self.score.weight)
-        nn.init.zeros_(self.score.bias)
-        if not cfg.tie_word_embeddings:  # the LM head is not used; keep it out of the optimiser
-            self.lm_head.weight.requires_grad_(False)
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        h = self.hidden_states(input_ids)
-        last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
-        return self.score(last).squeeze(-1).float()
-
-    @classmethod
-    def from_policy(cls, model: Llama) -> "RewardModel":
-        rm = cls(model.config)
-        missing, unexpected = rm.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("score.") for k in missing):
-            raise ValueError(f"cannot build a reward model from this model (missing {missing}, "
-                             f"unexpected {unexpected})")
-        rm.tie_weights()
-        return rm
-
-
-def load_reward_model(path: str | Path, device: str = "cpu", which: str = "latest"):
-    """``(RewardModel, tokenizer, info)`` from an RMDIR (or one of its checkpoints) written by ``xiaolm reward``."""
-    from safetensors.torch import load_file
-
-    from xiaolm.tokenizer import load_tokenizer
-    from xiaolm.train.checkpoint import (
-        MODEL_CONFIG,
-        MODEL_FILE,
-        CheckpointError,
-        ModelInfo,
-        _find_tokenizer_dir,
-        find_checkpoint,
-        verify_checkpoint,
-    )
-
-    ckpt = find_checkpoint(path, which)
-    meta = verify_checkpoint(ckpt)
-    if meta.get("kind") != "reward":
-        raise CheckpointError(f"{ckpt}: not a reward model (kind {meta.get('kind')!r}); train one with xiaolm reward")
-    cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
-    model = RewardModel(cfg)
-    sd = load_file(str(ckpt / MODEL_FILE))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not fit a reward model (missing {missing}, unexpected {unexpected})")
-    model.tie_weights()
-    model.to(device).eval()
-    tok_dir = _find_tokenizer_dir(ckpt)
-    if tok_dir is None:
-        raise CheckpointError(f"{ckpt}: no tokenizer found beside the checkpoint")
-    tokenizer = load_tokenizer(tok_dir)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return model, tokenizer, ModelInfo(path=ckpt, kind="reward", meta=meta, run_dir=run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -263,7 +200,7 @@ class RewardConfig:
 
 def train_reward(cfg: RewardConfig, env: Optional[DistEnv] = None) -> dict:
     from xiaolm.data.pairs import load_preferences
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
 
     if not cfg.run:
         raise fail("give the model to start from: xiaolm reward SFTDIR --data PAIRS --out RMDIR")
@@ -395,7 +332,7 @@ def _response_record(rec: object) -> tuple[list[dict], str]:
 def score_main(argv: list[str]) -> int:
     from xiaolm.data.formats import iter_json_records
     from xiaolm.data.pairs import PairError, convert_pair_record, expand_pair_paths
-    from xiaolm.train.checkpoint import CheckpointError
+    from xiaolm.model.io import CheckpointError
     from xiaolm.utils import pick_device, write_jsonl
 
     cfg, _ = parse_config(

@@ -395,7 +395,7 @@ class Scorer:
         if kind in ("reward", "both"):
             if not reward_model:
                 raise ValueError(f"--scorer {kind} needs --reward-model RMDIR")
-            from xiaolm.align.reward import load_reward_model
+            from xiaolm.model.io import load_reward_model
 
             self.rm, self.rm_tokenizer, _ = load_reward_model(reward_model, device=device)
 
@@ -521,7 +521,7 @@ def _normalise(cfg: PairsConfig) -> dict:
 
 
 def _on_policy(cfg: PairsConfig) -> dict:
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
     from xiaolm.utils import pick_device
 
     if not cfg.prompts:

@@ -251,7 +251,7 @@ def format_table(result: dict, title: str = "") -> str:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
     from xiaolm.utils import atomic_write_json, fail, log, pick_device
 
     cfg, _ = parse_config(

@@ -348,7 +348,7 @@ class MCConfig:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
 
     cfg, _ = parse_config(
         MCConfig, argv, "xiaolm eval mc",

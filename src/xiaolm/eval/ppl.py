@@ -63,7 +63,7 @@ def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
 
     cfg, _ = parse_config(
         PplConfig, argv, "xiaolm eval ppl",

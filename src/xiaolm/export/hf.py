@@ -1,4 +1,4 @@
-"""Hugging Face export (``xiaolm export hf``) and import (``load_hf_llama``).
+"""Hugging Face export (``xiaolm export hf``); the model card is ``xiaolm.export.card``.
 
 Export writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` load with no remote code, under transformers 4.5x and 5.x:
@@ -14,12 +14,12 @@ Export writes a directory that ``transformers.AutoModelForCausalLM.from_pretrain
     adapter/                 a LoRA checkpoint's adapter in peft format (``PeftModel.from_pretrained(model, OUT/adapter)``)
     README.md                a model card: architecture, training configuration, evaluation numbers, limitations
 
-Import reads any Hugging Face Llama directory on disk (config.json plus model.safetensors, sharded safetensors or
-pytorch_model.bin, and tokenizer files) into ``xiaolm.model.llama.Llama``, so ``xiaolm pretrain --init-from HFDIR``
-and ``xiaolm sft HFDIR`` continue training someone else's model. What our model cannot represent (rope scaling,
-attention or MLP biases, activations other than SiLU) is refused with a message that names the field. A tokenizer
-written by xiaolm loads as ``XTokenizer``; any other tokenizer is wrapped in ``HFTokenizer``, which offers the same
-methods (see its docstring for what differs).
+Import (``xiaolm.model.io.load_hf_llama``, mapping in ``xiaolm.model.hf``) reads any Hugging Face Llama directory
+on disk (config.json plus model.safetensors, sharded safetensors or pytorch_model.bin, and tokenizer files) into
+``xiaolm.model.llama.Llama``, so ``xiaolm pretrain --init-from HFDIR`` and ``xiaolm sft HFDIR`` continue training
+someone else's model. What our model cannot represent (rope scaling, attention or MLP biases, activations other
+than SiLU) is refused with a message that names the field. A tokenizer written by xiaolm loads as ``XTokenizer``;
+any other tokenizer is wrapped in ``xiaolm.tokenizer.hf.HFTokenizer``, which offers the same methods.
 """
 from __future__ import annotations
 
@@ -33,17 +33,15 @@ from typing import Any, Literal, Optional
 import torch
 
 from xiaolm.config import opt, parse_config
+from xiaolm.export.card import card_metadata, model_card
+from xiaolm.model.hf import _read_hf_config, hf_config_dict
+from xiaolm.model.io import load_hf_llama
+from xiaolm.tokenizer.hf import TOKENIZER_FILES
 from xiaolm.utils import atomic_output, atomic_write_json, atomic_write_text, fail, log
 
 # Trainer names (meta.json "kind") of runs whose model answers in ChatML turns.
 CHAT_KINDS = {"sft", "lora", "dpo", "ipo", "simpo", "orpo", "kto", "grpo", "align", "chat"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "xiaolm_tokenizer.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
-
-
-class HFImportError(ValueError):
-    """A Hugging Face directory this model cannot represent, or cannot read."""
 
 
 # ================================================================================================== loading a run
@@ -62,43 +60,10 @@ class ExportSource:
     adapter_dir: Optional[Path]  # a LoRA checkpoint's adapter (peft format), not merged into ``model``
 
 
-def _lora_base(ckpt: Path, meta: dict):
-    """The base weights a LoRA checkpoint's adapter applies to: the checkpoint's own model.safetensors when it
-    holds them, else the base model its meta.json names."""
-    from safetensors.torch import load_file
-
-    from xiaolm.model.llama import Llama, LlamaConfig
-    from xiaolm.train.checkpoint import MODEL_CONFIG, MODEL_FILE, load_model
-
-    if (ckpt / MODEL_FILE).is_file() and (ckpt / MODEL_CONFIG).is_file():
-        cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
-        model = Llama(cfg)
-        sd = {}
-        for key, value in load_file(str(ckpt / MODEL_FILE)).items():  # plain names, or peft's wrapped names
-            if ".lora_" in key:
-                continue
-            key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-            sd[key.replace(".base_layer.", ".")] = value
-        if cfg.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-        if not missing and not unexpected:
-            model.tie_weights()
-            return model.eval()
-    for key in ("base_model", "base", "init_from", "base_run", "base_path"):
-        base = meta.get(key)
-        if isinstance(base, str) and base and Path(base).exists():
-            model, _tok, _info = load_model(base, device="cpu", dtype=torch.float32, with_tokenizer=False)
-            return model
-    raise fail(f"{ckpt}: a LoRA checkpoint, but neither its model.safetensors nor its meta.json base model "
-               f"gives the base weights the adapter applies to")
-
-
 def load_export_source(path: str | Path, which: str = "latest", merge_lora: bool = False) -> ExportSource:
     """Load a RUNDIR / checkpoint / Hugging Face directory for export, as float32 on the CPU."""
-    from xiaolm.train.checkpoint import (CheckpointError, META_FILE, _find_tokenizer_dir, find_checkpoint,
-                                        load_model, verify_checkpoint)
+    from xiaolm.model.io import (CheckpointError, META_FILE, find_checkpoint, load_lora_base, load_model,
+                                 load_run_tokenizer, verify_checkpoint)
 
     path = Path(path)
     if not path.exists():
@@ -117,13 +82,10 @@ def load_export_source(path: str | Path, which: str = "latest", merge_lora: bool
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     adapter = ckpt / "adapter"
     if (adapter / "adapter_config.json").is_file():
-        from xiaolm.tokenizer import load_tokenizer
-
-        base = _lora_base(ckpt, meta)
-        tok_dir = _find_tokenizer_dir(ckpt)
-        if tok_dir is None:
-            raise fail(f"{ckpt}: no tokenizer found beside the checkpoint")
-        tokenizer = load_tokenizer(tok_dir)
+        try:
+            base, tokenizer = load_lora_base(ckpt, meta), load_run_tokenizer(ckpt, meta)
+        except CheckpointError as exc:
+            raise fail(str(exc))
         if merge_lora:
             from peft import PeftModel
 
@@ -180,42 +142,6 @@ def is_chat_run(meta: dict, run_dir: Optional[Path]) -> bool:
 # ================================================================================================== export
 
 
-def hf_config_dict(cfg, dtype: str, eos_id: int, bos_id: int, pad_id: int) -> dict:
-    """config.json for ``LlamaForCausalLM``: every field explicit, readable by transformers 4.5x and 5.x."""
-    import transformers
-
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "initializer_range": cfg.initializer_range,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": float(cfg.rope_theta),
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
-        "use_cache": True,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "torch_dtype": dtype,  # transformers 4.x
-        "dtype": dtype,  # transformers 5.x
-        "transformers_version": transformers.__version__,
-    }
-
-
 def _write_tokenizer(tokenizer, out: Path, chat: bool, context: int) -> list[str]:
     """The run's tokenizer files; returns the names written. For a chat model, eos is <|im_end|> so pipelines stop
     at the end of a turn. With our tokenizer, a plain prompt gets <|endoftext|> in front (the document separator
@@ -252,177 +178,6 @@ def _write_tokenizer(tokenizer, out: Path, chat: bool, context: int) -> list[str
         smap["eos_token"] = conf.get("eos_token", smap.get("eos_token"))
         atomic_write_json(smap_path, smap)
     return [name for name in TOKENIZER_FILES if (out / name).is_file()]  # the target held none of them before
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _run_config(run_dir: Optional[Path]) -> dict:
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return {}
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def card_metadata(src: "ExportSource", license: str = "apache-2.0", base_model: Optional[str] = None,
-                  datasets: Optional[list[str]] = None) -> dict:
-    """The model card's YAML header (what the Hub and model indexes read). ``base_model`` defaults to the name of
-    the model a fine-tuned run started from; ``datasets`` to the names of the run's ``data`` inputs."""
-    meta = dict(src.meta)
-    if not base_model:
-        base = meta.get("base") or meta.get("base_model") or meta.get("init_from")
-        if not base:  # continued pretraining: --model.init-from
-            section = _run_config(src.run_dir).get("model")
-            base = section.get("init_from") if isinstance(section, dict) else None
-        if isinstance(base, str) and base:
-            base_model = Path(base.rstrip("/")).name
-    if datasets is None:
-        found: list[str] = []
-        conf = _run_config(src.run_dir)
-        for section in (conf, *(v for v in conf.values() if isinstance(v, dict))):
-            value = section.get("data")
-            for item in (value if isinstance(value, list) else [value]):
-                if isinstance(item, str) and item and Path(item.rstrip("/")).name not in found:
-                    found.append(Path(item.rstrip("/")).name)
-        datasets = found
-    out = {"language": ["zh"], "license": license, "library_name": "transformers",
-           "pipeline_tag": "text-generation"}
-    if base_model:
-        out["base_model"] = base_model
-    if datasets:
-        out["datasets"] = list(datasets)
-    return out
-
-
-def model_card(name: str, cfg, src: ExportSource, chat: bool, dtype: str, params: int, where: str = ".",
-               metadata: Optional[dict] = None) -> str:
-    """README.md: what the model is, how it was trained, how well it does, how to run it, what it cannot do."""
-    import yaml
-
-    run_dir = src.run_dir
-    header = dict(metadata if metadata is not None else card_metadata(src))
-    header["tags"] = ["xiaolm", "llama"] + (["chat"] if chat else [])
-    lines = [
-        "---",
-        yaml.safe_dump(header, allow_unicode=True, sort_keys=False).rstrip(),
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"A small Chinese {'chat' if chat else 'base (not instruction-tuned)'} language model trained from scratch "
-        f"with xiaolm (小LM): a Llama-style decoder ({params / 1e6:.2f}M parameters) in the "
-        "standard `LlamaForCausalLM` layout, so it loads with transformers, vLLM, llama.cpp (after GGUF export) and "
-        "anything else that reads Llama.",
-        "",
-        "## Architecture",
-        "",
-        "| field | value |",
-        "|---|---|",
-    ]
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                "tie_word_embeddings"):
-        lines.append(f"| {key} | {getattr(cfg, key)} |")
-    lines += [f"| parameters | {params:,} |", f"| weights dtype | {dtype} |", ""]
-
-    summary = {}
-    if run_dir is not None and (run_dir / "summary.json").is_file():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            summary = {}
-    lines += ["## Training", ""]
-    meta = src.meta
-    facts = {
-        "stage": meta.get("kind"),
-        "optimizer steps": meta.get("step") or summary.get("steps"),
-        "tokens seen": meta.get("tokens") or summary.get("tokens"),
-        "wall time (s)": round(float(summary.get("wall_s") or meta.get("elapsed_s") or 0), 1) or None,
-        "device": summary.get("device"),
-        "tokenizer fingerprint": meta.get("tokenizer_fingerprint"),
-    }
-    lines += ["| measure | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.items() if v not in (None, "")]
-    config_text = ""
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        config_text = (run_dir / "config.yaml").read_text(encoding="utf-8")
-    if config_text:
-        lines += ["", "Training configuration (`config.yaml` of the run; replay with `xiaolm ... --config`):", "",
-                  "```yaml", config_text.rstrip(), "```"]
-    lines += ["", "## Evaluation", ""]
-    evals = {k: v for k, v in {**summary, **meta}.items()
-             if k.startswith("val_") and isinstance(v, (int, float))}
-    if evals:
-        lines += ["Held-out validation split of the training corpus:", "", "| metric | value |", "|---|---|"]
-        labels = {"val_loss": "loss (nats/token)", "val_ppl": "perplexity", "val_bpc": "bits per character",
-                  "val_bpb": "bits per byte", "val_tokens": "tokens evaluated"}
-        lines += [f"| {labels.get(k, k)} | {_fmt(v)} |" for k, v in sorted(evals.items())]
-    extra = []
-    if run_dir is not None:
-        for f in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
-            try:
-                res = json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, OSError):
-                continue
-            if isinstance(res, dict) and "accuracy" in res:
-                chance = res.get("chance", 0.25)
-                extra.append(f"| {f.stem} | accuracy {100 * res['accuracy']:.2f}% (chance {100 * chance:.0f}%) |")
-            elif isinstance(res, dict) and "bits_per_char" in res:
-                extra.append(f"| {f.stem} | {res['bits_per_char']:.4f} bits/char |")
-    if extra:
-        lines += ["", "| evaluation | result |", "|---|---|", *extra]
-    if not evals and not extra:
-        lines += ["No evaluation numbers were recorded with this run."]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'tok = AutoTokenizer.from_pretrained("{where}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
-    ]
-    if chat:
-        lines += [
-            'ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,',
-            '                              return_tensors="pt", return_dict=True)',
-            "out = model.generate(**ids, max_new_tokens=64)",
-            'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
-        ]
-    else:
-        lines += [
-            '# the tokenizer puts <|endoftext|> (the document separator it was trained after) in front',
-            'ids = tok("从前，有一个小女孩", return_tensors="pt")',
-            "out = model.generate(**ids, max_new_tokens=64, do_sample=True, temperature=0.8)",
-            "print(tok.decode(out[0], skip_special_tokens=True))",
-        ]
-    lines += ["```", ""]
-    if src.adapter_dir is not None:
-        lines += ["A LoRA adapter (peft format) is in `adapter/`: "
-                  f"`AutoPeftModelForCausalLM.from_pretrained(\"{where}/adapter\")` from the directory the export "
-                  "was written from, or anywhere `PeftModel.from_pretrained(model, \"<this dir>/adapter\")`.", ""]
-    lines += [
-        "## Limitations",
-        "",
-        "A small model trained briefly on a narrow corpus: it writes fluent-looking text in the style of its "
-        "training data but knows little, makes things up, and should not be relied on for facts or advice. "
-        "Multiple-choice benchmark scores of models this size sit near the 25% chance level.",
-        "",
-        "(Evaluation files written to `RUNDIR/eval/*.json`, e.g. `xiaolm eval mc RUNDIR --data CMMLU "
-        "--out RUNDIR/eval/cmmlu.json`, are listed in the Evaluation section of this card.)",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def export_hf(
@@ -526,277 +281,6 @@ def write_peft_adapter(adapter_dir: Path, out: Path) -> Path:
     conf["base_model_name_or_path"] = os.path.relpath(out.resolve(), Path.cwd().resolve())
     atomic_write_json(conf_path, conf)
     return dest
-
-
-# ================================================================================================== import
-
-
-_SUPPORTED_ARCHS = {"LlamaForCausalLM"}
-
-
-def _read_hf_config(path: Path) -> dict:
-    f = path / "config.json"
-    try:
-        conf = json.loads(f.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HFImportError(f"{path}: not a Hugging Face model directory (no config.json)") from None
-    except json.JSONDecodeError as exc:
-        raise HFImportError(f"{f}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(conf, dict):
-        raise HFImportError(f"{f}: expected a JSON object")
-    return conf
-
-
-def llama_config_from_hf(conf: dict, where: str = "config.json"):
-    """Our ``LlamaConfig`` from a Hugging Face config dict; refuses what our model cannot compute exactly."""
-    from xiaolm.model.llama import LlamaConfig
-
-    model_type = conf.get("model_type")
-    archs = conf.get("architectures") or []
-    if model_type != "llama" and not (set(archs) & _SUPPORTED_ARCHS):
-        raise HFImportError(f"{where}: model_type {model_type!r} / architectures {archs}: only Llama "
-                            f"(LlamaForCausalLM) models can be imported")
-    act = conf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise HFImportError(f"{where}: hidden_act {act!r} is not supported (the model uses SiLU / SwiGLU)")
-    for key in ("attention_bias", "mlp_bias"):
-        if conf.get(key):
-            raise HFImportError(f"{where}: {key} = true is not supported (the model has no biases)")
-    rope_params = conf.get("rope_parameters") or {}
-    scaling = conf.get("rope_scaling")
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else None
-    rope_type = rope_type or rope_params.get("rope_type", "default")
-    if rope_type not in (None, "default"):
-        raise HFImportError(f"{where}: rope scaling {rope_type!r} is not supported (only plain RoPE)")
-    theta = conf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    hidden, heads = conf["hidden_size"], conf["num_attention_heads"]
-
-    def token_id(key):
-        v = conf.get(key)
-        if isinstance(v, list):
-            v = v[0] if v else None
-        return 0 if v is None else int(v)
-
-    try:
-        return LlamaConfig(
-            vocab_size=int(conf["vocab_size"]),
-            hidden_size=int(hidden),
-            intermediate_size=int(conf["intermediate_size"]),
-            num_hidden_layers=int(conf["num_hidden_layers"]),
-            num_attention_heads=int(heads),
-            num_key_value_heads=int(conf.get("num_key_value_heads") or heads),
-            head_dim=int(conf.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(conf.get("max_position_embeddings", 2048)),
-            rope_theta=float(theta),
-            rms_norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(conf.get("tie_word_embeddings", False)),
-            initializer_range=float(conf.get("initializer_range", 0.02)),
-            bos_token_id=token_id("bos_token_id"),
-            eos_token_id=token_id("eos_token_id"),
-            pad_token_id=token_id("pad_token_id"),
-        )
-    except KeyError as exc:
-        raise HFImportError(f"{where}: required field {exc.args[0]!r} is missing") from None
-    except ValueError as exc:
-        raise HFImportError(f"{where}: {exc}") from None
-
-
-def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face directory: model.safetensors, sharded safetensors (index file), or
-    pytorch_model.bin (single or sharded; loaded with ``weights_only=True``)."""
-    from safetensors.torch import load_file
-
-    def from_index(index_file: Path, loader) -> dict:
-        try:
-            index = json.loads(index_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise HFImportError(f"{index_file}: not valid JSON ({exc.msg})") from None
-        sd = {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
-            if not (path / shard).is_file():
-                raise HFImportError(f"{index_file} names shard {shard}, which is missing")
-            sd.update(loader(path / shard))
-        return sd
-
-    def torch_load(f: Path) -> dict:
-        return torch.load(f, map_location="cpu", weights_only=True)
-
-    if (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
-    if (path / "model.safetensors.index.json").is_file():
-        return from_index(path / "model.safetensors.index.json", lambda f: load_file(str(f)))
-    if (path / "pytorch_model.bin").is_file():
-        return torch_load(path / "pytorch_model.bin")
-    if (path / "pytorch_model.bin.index.json").is_file():
-        return from_index(path / "pytorch_model.bin.index.json", torch_load)
-    raise HFImportError(f"{path}: no weights (expected model.safetensors, model.safetensors.index.json or "
-                        f"pytorch_model.bin)")
-
-
-def load_hf_llama(path: str | Path, device: str = "cpu", dtype: Optional[torch.dtype] = None,
-                  with_tokenizer: bool = True):
-    """``(model, tokenizer)`` from a Hugging Face Llama directory. ``dtype=None`` gives float32 (what training
-    and CPU inference want, whatever the file stores)."""
-    from xiaolm.model.llama import Llama
-
-    path = Path(path)
-    conf = _read_hf_config(path)
-    cfg = llama_config_from_hf(conf, str(path / "config.json"))
-    sd = read_hf_state_dict(path)
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if "model.embed_tokens.weight" not in sd and "embed_tokens.weight" in sd:  # a bare LlamaModel
-        sd = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in sd.items()}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = Llama(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        shown_m, shown_u = missing[:6], unexpected[:6]
-        raise HFImportError(f"{path}: weights do not fit config.json (missing {shown_m}"
-                            f"{'...' if len(missing) > 6 else ''}, unexpected {shown_u}"
-                            f"{'...' if len(unexpected) > 6 else ''})")
-    model.tie_weights()
-    _rebuild_rotary(model)
-    model = model.to(device=device, dtype=dtype or torch.float32).eval()
-    tokenizer = load_hf_tokenizer(path, conf) if with_tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise HFImportError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                            f"{cfg.vocab_size} embeddings")
-    return model, tokenizer
-
-
-def _rebuild_rotary(model) -> None:
-    """The rotary tables are non-persistent buffers: a model built on the meta device needs them recomputed."""
-    from xiaolm.model.llama import RotaryEmbedding
-
-    cfg = model.config
-    model.model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftovers:
-        raise HFImportError(f"tensors without values after loading: {leftovers[:6]}")
-
-
-# ================================================================================================== tokenizers
-
-
-def load_hf_tokenizer(path: str | Path, model_conf: Optional[dict] = None):
-    """Our ``XTokenizer`` when the directory holds a xiaolm tokenizer (an export round trip), else an
-    ``HFTokenizer`` wrapping whatever ``tokenizer.json`` it holds."""
-    from xiaolm.tokenizer import load_tokenizer
-
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise HFImportError(f"{path}: no tokenizer.json (only fast tokenizers are supported; a slow "
-                            f"SentencePiece-only tokenizer can be converted with transformers first)")
-    try:
-        return load_tokenizer(path)
-    except ValueError:
-        return HFTokenizer(path, model_conf)
-
-
-class HFTokenizer:
-    """Someone else's Hugging Face fast tokenizer behind ``XTokenizer``'s methods.
-
-    Differences from ``XTokenizer``: special tokens are wherever that tokenizer puts them. ``eot_id`` is its eos
-    token (falling back to bos), ``pad_id`` its pad token (else ``eot_id``), ``im_start_id`` / ``im_end_id`` are the
-    ids of ``<|im_start|>`` / ``<|im_end|>`` when it has them (else None). ``apply_chat_template`` uses its own
-    template (ChatML when it has none). Encoding never adds BOS/EOS, like ours. Data tokenised for xiaolm must use
-    this same tokenizer (the fingerprint check enforces it).
-    """
-
-    def __init__(self, path: str | Path, model_conf: Optional[dict] = None):
-        from tokenizers import Tokenizer
-
-        from xiaolm.tokenizer.core import fingerprint_of_json
-
-        self.path = Path(path)
-        file = self.path / "tokenizer.json"
-        try:
-            self.tok = Tokenizer.from_file(str(file))
-        except Exception as exc:  # the Rust side raises a bare Exception
-            raise HFImportError(f"{file}: not a readable tokenizer.json: {exc}") from None
-        conf_file = self.path / "tokenizer_config.json"
-        self.config = json.loads(conf_file.read_text(encoding="utf-8")) if conf_file.is_file() else {}
-        self.info = {}
-        model_conf = model_conf or {}
-        self.chat_template = self.config.get("chat_template")
-        if (self.path / "chat_template.jinja").is_file():
-            self.chat_template = (self.path / "chat_template.jinja").read_text(encoding="utf-8")
-
-        def special(name: str, conf_key: str) -> Optional[int]:
-            token = self.config.get(name)
-            if isinstance(token, dict):
-                token = token.get("content")
-            if isinstance(token, str) and self.tok.token_to_id(token) is not None:
-                return self.tok.token_to_id(token)
-            v = model_conf.get(conf_key)
-            return (v[0] if v else None) if isinstance(v, list) else v
-
-        eos = special("eos_token", "eos_token_id")
-        bos = special("bos_token", "bos_token_id")
-        pad = special("pad_token", "pad_token_id")
-        self.eot_id = eos if eos is not None else (bos if bos is not None else 0)
-        self.pad_id = pad if pad is not None else self.eot_id
-        self.im_start_id = self.tok.token_to_id("<|im_start|>")
-        self.im_end_id = self.tok.token_to_id("<|im_end|>")
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = fingerprint_of_json(json.loads(self.tok.to_str()))
-
-    def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        if allow_special:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        previous = self.tok.encode_special_tokens
-        self.tok.encode_special_tokens = True
-        try:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tok.encode_special_tokens = previous
-
-    def encode_batch(self, texts, allow_special: bool = True) -> list[list[int]]:
-        return [self.encode(t, allow_special) for t in texts]
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
-        from xiaolm.tokenizer import render_chat
-
-        if not self.chat_template:
-            return render_chat(messages, add_generation_prompt=add_generation_prompt)
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
-
-        def raise_exception(message):
-            raise ValueError(f"{self.path}: chat template: {message}")
-
-        env.globals["raise_exception"] = raise_exception
-        specials = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
-                    if k.endswith("_token") and isinstance(v, (str, dict))}
-        return env.from_string(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **specials)
-
-    def token_to_id(self, token: str) -> Optional[int]:
-        return self.tok.token_to_id(token)
-
-    def id_to_token(self, index: int) -> Optional[str]:
-        return self.tok.id_to_token(int(index))
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def save(self, out_dir: str | Path, extra_info: Optional[dict] = None) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
-            if (self.path / name).is_file() and (self.path / name).resolve() != (out / name).resolve():
-                shutil.copyfile(self.path / name, out / name)
-        return out
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
 
 
 # ================================================================================================== CLI

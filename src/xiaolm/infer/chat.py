@@ -181,7 +181,7 @@ def run_chat(session: ChatSession, stdin=None, stdout=None, stderr=None, interac
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
     from xiaolm.utils import fail, pick_device
 
     cfg, _ = parse_config(

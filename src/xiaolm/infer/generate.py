@@ -274,7 +274,7 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
     """The chat prompt for ``messages``, ending with ``<|im_start|>assistant\\n``, encoded exactly as ``xiaolm sft``
     trains: only the template's markers are control tokens, so a content that spells ``<|im_end|>`` cannot forge a
     turn. ``xiaolm chat``, ``generate --chat`` and the server's chat endpoint share this rule."""
-    from xiaolm.align.common import prompt_ids
+    from xiaolm.tokenizer.chat import prompt_ids
 
     return prompt_ids(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
 
@@ -365,7 +365,7 @@ class GenerateConfig:
 
 def main(argv: list[str]) -> int:
     from xiaolm.config import parse_config
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
     from xiaolm.utils import fail, pick_device
 
     cfg, _ = parse_config(

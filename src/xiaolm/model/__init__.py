@@ -1,1 +1,1 @@
-"""The Llama-style decoder, in one readable file (llama.py)."""
+"""The Llama-style decoder, in one readable file (llama.py); loading one from disk (io.py)."""

@@ -20,7 +20,7 @@ def evaluate_route(cfg) -> dict:
     from xiaolm.eval.ppl import evaluate_ppl, token_stream
     from xiaolm.infer.generate import SamplingConfig
     from xiaolm.pipeline.route import _eval_models, instruct_dir
-    from xiaolm.train.checkpoint import load_model
+    from xiaolm.model.io import load_model
 
     e = cfg.eval
     device = pick_device(e.device)

@@ -323,7 +323,7 @@ def create_app(
     if model is None:
         if run is None:
             raise ValueError("create_app needs a run directory or a loaded model and tokenizer")
-        from xiaolm.train.checkpoint import load_model
+        from xiaolm.model.io import load_model
 
         model, tokenizer, _info = load_model(run, device=device, dtype=dtype, which=checkpoint)
     if tokenizer is None:
@@ -838,7 +838,7 @@ def _pick_dtype(name: str, device: str):
 
 def main(argv: list[str]) -> int:
     from xiaolm.config import parse_config
-    from xiaolm.train.checkpoint import CheckpointError
+    from xiaolm.model.io import CheckpointError
     from xiaolm.utils import fail, log, pick_device
 
     cfg, _ = parse_config(

@@ -3,15 +3,14 @@
 ``load_tokenizer(dir) -> XTokenizer``; ``train_tokenizer`` lives in ``xiaolm.tokenizer.train`` (imported lazily so
 loading a tokenizer does not pull in the training code).
 """
+from xiaolm.tokenizer.chat import CHAT_TEMPLATE, render_chat
 from xiaolm.tokenizer.core import (
-    CHAT_TEMPLATE,
     EOT,
     IM_END,
     IM_START,
     SPECIAL_TOKENS,
     XTokenizer,
     load_tokenizer,
-    render_chat,
 )
 
 

@@ -10,8 +10,7 @@ Special tokens sit at the lowest ids so that every vocabulary size agrees on the
     2 <|im_end|>      ChatML turn end
     3..7 <|reserved_0|>..<|reserved_4|>   unused, kept for later stages
 
-The chat template is ChatML. ``XTokenizer.apply_chat_template`` renders it in Python and gives exactly what the
-Jinja template (``CHAT_TEMPLATE``) gives in transformers; the tests check the two agree.
+The chat template is ChatML (``xiaolm.tokenizer.chat``); ``XTokenizer.apply_chat_template`` renders it.
 """
 from __future__ import annotations
 
@@ -23,19 +22,11 @@ from typing import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer
 
+from xiaolm.tokenizer.chat import CHAT_TEMPLATE, IM_END, IM_START, render_chat
+
 EOT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 RESERVED = [f"<|reserved_{i}|>" for i in range(5)]
 SPECIAL_TOKENS: list[str] = [EOT, IM_START, IM_END, *RESERVED]
-
-# ChatML. Kept deliberately plain (no default system prompt) so the Python rendering below is obviously identical.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 TOKENIZER_FILE = "tokenizer.json"
 XIAOLM_FILE = "xiaolm_tokenizer.json"
@@ -43,21 +34,6 @@ MODEL_MAX_LENGTH = 4096
 # encode_special_tokens is one flag on the shared Rust tokenizer: threads that encode (the server does, off its
 # event loop) must not see it toggled halfway, or text could be encoded as control tokens.
 _SPECIAL_FLAG_LOCK = threading.RLock()
-
-
-def render_chat(messages: Iterable[Mapping[str, object]], add_generation_prompt: bool = False) -> str:
-    """ChatML rendering of ``messages`` (each ``{"role": ..., "content": ...}``), identical to ``CHAT_TEMPLATE``."""
-    parts = []
-    for message in messages:
-        parts.append(f"{IM_START}{_jinja_str(message['role'])}\n{_jinja_str(message['content'])}{IM_END}\n")
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts)
-
-
-def _jinja_str(value: object) -> str:
-    """How Jinja prints a value in ``{{ }}``: ``None`` prints as ``None``, like ``str``."""
-    return str(value)
 
 
 def fingerprint_of_json(data: dict) -> str:

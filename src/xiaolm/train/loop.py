@@ -32,17 +32,8 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, save_config
-from xiaolm.train.checkpoint import (
-    MODEL_CONFIG,
-    CheckpointError,
-    find_checkpoint,
-    resolve_checkpoint_choice,
-    step_checkpoints,
-    load_trainer_state,
-    save_checkpoint,
-    state_dict_for_save,
-    verify_checkpoint,
-)
+from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
+from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
 from xiaolm.utils import human, log, pick_device, write_jsonl
 
 # ----------------------------------------------------------------------------------------------- config

@@ -7,20 +7,19 @@ Our model's parameter names are Hugging Face Llama's, so a peft adapter trained 
 A LoRA checkpoint is a normal xiaolm checkpoint directory (atomic, sha256-verified, resumable) whose
 ``model.safetensors`` holds the peft-wrapped model's full state (frozen base weights and adapter weights, under
 peft's names, so ``--resume`` restores both exactly), plus ``adapter/`` in peft's format.
-``xiaolm.train.checkpoint.load_model`` hands such a checkpoint to ``load_lora_checkpoint``.
+``xiaolm.model.io.load_model`` hands such a checkpoint to ``load_lora_checkpoint``.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from xiaolm.model.lora import ADAPTER_DIR, _PEFT_PREFIX
+
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTER_DIR = "adapter"
-_PEFT_PREFIX = "base_model.model."
 
 
 def apply_lora(model: torch.nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05,
@@ -66,58 +65,6 @@ def adapter_files(peft_model) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         return {f"{ADAPTER_DIR}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-
-
-def base_weights_from_peft_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain Llama weights from a peft-wrapped state dict: strip the wrapper prefix and ``base_layer.``, drop LoRA."""
-    out = {}
-    for key, value in sd.items():
-        if ".lora_" in key:
-            continue
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-        out[name.replace(".base_layer.", ".")] = value
-    return out
-
-
-def merge_lora(peft_model) -> torch.nn.Module:
-    """Fold the adapter into the base weights (W + B A * alpha / r) and return the plain ``Llama``."""
-    model = peft_model.merge_and_unload()
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model
-
-
-def load_lora_checkpoint(ckpt: Path, meta: dict, device: str = "cpu", dtype: Optional[torch.dtype] = None,
-                         with_tokenizer: bool = True, merge: bool = True) -> tuple[torch.nn.Module, Any, Any]:
-    """Load a checkpoint holding ``adapter/``: the base weights from ``model.safetensors``, the adapter with
-    ``PeftModel.from_pretrained``. ``merge`` (the default) folds the adapter in and returns a plain ``Llama``, which
-    every later stage (generation, export, quantisation, alignment) takes as is; ``merge=False`` returns the
-    ``PeftModel``. Returns ``(model, tokenizer, ModelInfo(kind="lora"))``."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    from xiaolm.model.llama import Llama, LlamaConfig
-    from xiaolm.train.checkpoint import MODEL_CONFIG, MODEL_FILE, CheckpointError, ModelInfo, load_run_tokenizer
-
-    ckpt = Path(ckpt)
-    cfg = LlamaConfig.from_dict(json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8")))
-    base = Llama(cfg)
-    sd = base_weights_from_peft_state(load_file(str(ckpt / MODEL_FILE)))
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = base.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: base weights do not fit the config (missing {missing}, unexpected {unexpected})")
-    base.tie_weights()
-    model = PeftModel.from_pretrained(base, str(ckpt / ADAPTER_DIR), is_trainable=False)
-    if merge:
-        model = merge_lora(model)
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    model.eval()
-    tokenizer = load_run_tokenizer(ckpt, meta) if with_tokenizer else None
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return model, tokenizer, ModelInfo(path=ckpt, kind="lora", meta=meta, run_dir=run_dir)
 
 
 def save_merged(model: torch.nn.Module, out_dir: str | Path, meta: dict, tokenizer=None) -> Path:

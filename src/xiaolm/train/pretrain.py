@@ -306,7 +306,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer):
 
     m = cfg.model
     if m.init_from:
-        from xiaolm.train.checkpoint import load_model
+        from xiaolm.model.io import load_model
 
         model, init_tok, _ = load_model(m.init_from, device="cpu", dtype=torch.float32)
         if init_tok is not None and init_tok.fingerprint != tokenizer.fingerprint:

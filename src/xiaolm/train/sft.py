@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, parse_config
+from xiaolm.tokenizer.chat import encode_conversation
 from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
 from xiaolm.utils import fail, human, log, seed_everything, stable_hash
 
@@ -91,33 +92,6 @@ class Example:
     @property
     def label_count(self) -> int:
         return int((self.targets != -100).sum())
-
-
-def encode_conversation(tokenizer, messages: list[dict], content_ids: Optional[list[list[int]]] = None,
-                        ) -> tuple[list[int], list[bool]]:
-    """Token ids of the ChatML rendering of ``messages`` and, per token, whether it carries a label: True exactly on
-    assistant contents and their closing ``<|im_end|>``. The final newline after the last ``<|im_end|>`` is left off
-    (it would be an input with nothing to predict).
-
-    Message contents are encoded with ``allow_special=False``, so text that looks like a chat marker stays text."""
-    if content_ids is None:
-        content_ids = [tokenizer.encode(m["content"], allow_special=False) for m in messages]
-    newline = tokenizer.encode("\n")
-    ids: list[int] = []
-    mask: list[bool] = []
-    for k, (m, body) in enumerate(zip(messages, content_ids)):
-        header = [tokenizer.im_start_id] + tokenizer.encode(f"{m['role']}\n")
-        is_answer = m["role"] == "assistant"
-        ids += header
-        mask += [False] * len(header)
-        ids += body
-        mask += [is_answer] * len(body)
-        ids.append(tokenizer.im_end_id)
-        mask.append(is_answer)
-        if k < len(messages) - 1:
-            ids += newline
-            mask += [False] * len(newline)
-    return ids, mask
 
 
 def to_example(ids: list[int], mask: list[bool]) -> Example:
@@ -440,7 +414,7 @@ def _list_bad_records(reports, path: Path) -> None:
 
 def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     """Run SFT as configured; returns the summary (also written to OUT/summary.json)."""
-    from xiaolm.train.checkpoint import CheckpointError, load_model
+    from xiaolm.model.io import CheckpointError, load_model
 
     if not cfg.run:
         raise fail("give the model to fine-tune: xiaolm sft RUNDIR --data ... --out SFTDIR")
@@ -537,7 +511,8 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         "samples": result.last_eval.get("samples", []),
     }
     if cfg.merge and env.is_main and not result.interrupted:
-        from xiaolm.train.lora import merge_lora, save_merged
+        from xiaolm.model.lora import merge_lora
+        from xiaolm.train.lora import save_merged
 
         merged = merge_lora(trainer.raw_model.to("cpu"))
         meta = {"kind": "sft-merged", "base": str(cfg.run), "lora": lora_info, "step": result.step,
