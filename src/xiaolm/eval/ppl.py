@@ -56,7 +56,7 @@ def token_stream(data: list[str], tokenizer, split: str, field: str, max_tokens:
 
 
 def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size: int) -> dict:
-    from xiaolm.train.pretrain import StreamEvaluator
+    from xiaolm.eval.loss import StreamEvaluator
 
     seq_len = min(seq_len, len(tokens) - 1)
     return StreamEvaluator(tokens, tokenizer, seq_len, batch_size)(model)
