@@ -19,8 +19,8 @@ from xiaolm.data.shards import (
     tokenize_to_shards,
 )
 from xiaolm.data.sources import resolve_inputs
+from xiaolm.data.vocab import train_tokenizer
 from xiaolm.tokenizer import load_tokenizer
-from xiaolm.tokenizer.train import train_tokenizer
 
 _WORDS = ["小明", "莉莉", "小猫", "老奶奶", "公园", "气球", "苹果", "开心", "难过", "朋友", "河边", "Hello", "OK", "2024"]
 _PUNCT = ["，", "。", "！", "？", "“", "”", "\n", " ", "、"]

@@ -23,7 +23,7 @@ VERBS: dict[str, object] = {
         "teach": ("instruction data from a teacher model at any OpenAI-compatible endpoint", "xiaolm.data.teach:main"),
     },
     "tokenizer": {
-        "train": ("train a byte-level BPE tokenizer on a corpus", "xiaolm.tokenizer.train:main"),
+        "train": ("train a byte-level BPE tokenizer on a corpus", "xiaolm.data.vocab:main"),
     },
     "pipeline": ("the whole route from one recipe: data -> pretrain -> SFT -> DPO -> eval -> export -> report",
                  "xiaolm.pipeline:main"),

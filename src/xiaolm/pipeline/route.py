@@ -34,9 +34,9 @@ from xiaolm.data.instruct import InstructConfig
 from xiaolm.data.pairs import PairsConfig
 from xiaolm.data.prepare import PrepareConfig
 from xiaolm.data.shards import TokenizeConfig
+from xiaolm.data.vocab import TokenizerTrainConfig
 from xiaolm.pipeline.mix import CorpusSource, InstructMixConfig
 from xiaolm.pipeline.state import StageState, fingerprint
-from xiaolm.tokenizer.train import TokenizerTrainConfig
 from xiaolm.train.pretrain import PretrainConfig
 from xiaolm.train.sft import SFTConfig
 from xiaolm.utils import atomic_write_json, fail, log
@@ -227,9 +227,9 @@ def _run_prepare(cfg: PipelineConfig, resume: bool) -> dict:
 
 
 def _run_tokenizer(cfg: PipelineConfig, resume: bool) -> dict:
-    from xiaolm.tokenizer import train as tokenizer_mod
+    from xiaolm.data import vocab as vocab_mod
 
-    tok = tokenizer_mod.run(cfg.tokenizer)
+    tok = vocab_mod.run(cfg.tokenizer)
     report = Path(tok.path) / "report.json"
     out = {"path": str(tok.path), "vocab_size": tok.vocab_size}
     if report.is_file():
