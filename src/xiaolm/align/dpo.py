@@ -58,8 +58,8 @@ from xiaolm.align.common import (
     response_logps,
     steps_for_epochs,
 )
+from xiaolm.align.onpolicy import OnPolicyOptions
 from xiaolm.config import opt, parse_config
-from xiaolm.data.pairs import OnPolicyOptions
 from xiaolm.eval.instruct import instruct_metrics
 from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
@@ -480,7 +480,7 @@ def _note_dropped(what: str, given: int, kept: int, seq: int) -> None:
 
 def _sample_pairs(cfg: DPOConfig, policy, tokenizer, prompt_set, round_index: int,
                   device_note: str) -> tuple[list, dict]:
-    from xiaolm.data.pairs import build_onpolicy_pairs
+    from xiaolm.align.onpolicy import build_onpolicy_pairs
 
     p = cfg.pairs
     scorer = p.make_scorer(str(policy.device))

@@ -126,7 +126,7 @@ class Rollouts:
         self.weights = RewardWeights.of(cfg)
         self.scorer = None
         if cfg.reward_model:
-            from xiaolm.data.pairs import Scorer
+            from xiaolm.align.onpolicy import Scorer
 
             self.scorer = Scorer("reward", reward_model=cfg.reward_model, device=env.device)
         self.prompt_ids = [prompt_ids(tokenizer, p["prompt"]) for p in prompts]

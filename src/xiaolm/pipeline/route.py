@@ -28,10 +28,10 @@ from typing import Any, Callable, Literal, Optional
 
 from xiaolm.align.dpo import DPOConfig
 from xiaolm.align.grpo import GRPOConfig
+from xiaolm.align.onpolicy import PairsConfig
 from xiaolm.align.reward import RewardConfig
 from xiaolm.config import opt, parse_config, save_config
 from xiaolm.data.instruct import InstructConfig
-from xiaolm.data.pairs import PairsConfig
 from xiaolm.data.prepare import PrepareConfig
 from xiaolm.data.shards import TokenizeConfig
 from xiaolm.data.vocab import TokenizerTrainConfig
@@ -271,7 +271,7 @@ def _run_sft(cfg: PipelineConfig, resume: bool) -> dict:
 
 
 def _run_pairs(cfg: PipelineConfig, resume: bool) -> dict:
-    from xiaolm.data import pairs as pairs_mod
+    from xiaolm.align import onpolicy as pairs_mod
     from xiaolm.pipeline.mix import materialise_hf
 
     path = Path(cfg.workdir) / "configs" / "pairs.yaml"
