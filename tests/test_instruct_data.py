@@ -14,7 +14,7 @@ from xiaolm.data.instruct import (
     story_id_of,
     word_candidates,
 )
-from xiaolm.eval.verify import score_response
+from xiaolm.tasks.constraints import score_response
 from xiaolm.utils import read_jsonl
 
 

@@ -176,7 +176,7 @@ class Rollouts:
     def sample(self, g: int) -> dict:
         """Sample, score and precompute everything batch g needs (old and reference log-probabilities)."""
         from xiaolm.align.losses import group_advantages
-        from xiaolm.eval.verify import score_response
+        from xiaolm.tasks.constraints import score_response
 
         cfg, tok, model = self.cfg, self.tokenizer, self.model
         P, G = cfg.prompts_per_step, cfg.group_size
