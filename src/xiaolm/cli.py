@@ -18,7 +18,7 @@ VERBS: dict[str, object] = {
         "prepare": ("ingest, clean, filter, deduplicate and split raw text", "xiaolm.data.prepare:main"),
         "tokenize": ("encode documents into memory-mapped token shards, in parallel", "xiaolm.data.shards:main"),
         "verify": ("check token shards: sizes, sha256 checksums, ids within the vocabulary", "xiaolm.data.shards:verify_main"),
-        "instruct": ("build instruction data with checkable constraints from story records", "xiaolm.data.instruct:main"),
+        "instruct": ("build instruction data with checkable constraints from story records", "xiaolm.tasks.instruct:main"),
         "pairs": ("build preference pairs: load common layouts or sample on-policy", "xiaolm.align.onpolicy:main"),
         "teach": ("instruction data from a teacher model at any OpenAI-compatible endpoint", "xiaolm.data.teach:main"),
     },

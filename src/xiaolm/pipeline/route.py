@@ -31,12 +31,12 @@ from xiaolm.align.grpo import GRPOConfig
 from xiaolm.align.onpolicy import PairsConfig
 from xiaolm.align.reward import RewardConfig
 from xiaolm.config import opt, parse_config, save_config
-from xiaolm.data.instruct import InstructConfig
 from xiaolm.data.prepare import PrepareConfig
 from xiaolm.data.shards import TokenizeConfig
 from xiaolm.data.vocab import TokenizerTrainConfig
 from xiaolm.pipeline.mix import CorpusSource, InstructMixConfig
 from xiaolm.pipeline.state import StageState, fingerprint
+from xiaolm.tasks.instruct import InstructConfig
 from xiaolm.train.pretrain import PretrainConfig
 from xiaolm.train.sft import SFTConfig
 from xiaolm.utils import atomic_write_json, fail, log
@@ -259,7 +259,7 @@ def _run_instruct(cfg: PipelineConfig, resume: bool) -> dict:
         from xiaolm.pipeline.mix import mix_instructions
 
         return mix_instructions(cfg.instruct_mix, Path(cfg.instruct_mix.out))
-    from xiaolm.data.instruct import build_instruct
+    from xiaolm.tasks.instruct import build_instruct
 
     return build_instruct(cfg.instruct)
 
