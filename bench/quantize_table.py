@@ -102,8 +102,8 @@ def gguf_worker(args) -> dict:
     import llama_cpp
     import llama_cpp.llama as module
     from xiaolm.eval.ppl import token_stream
+    from xiaolm.eval.loss import StreamEvaluator
     from xiaolm.model.io import load_model
-    from xiaolm.train.pretrain import StreamEvaluator
 
     default = module.llama_cpp.llama_model_default_params
 

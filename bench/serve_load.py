@@ -76,7 +76,7 @@ def build_tiny_run(root: Path, preset: str, context: int) -> Path:
 
     from xiaolm.data.synth import write_stories
     from xiaolm.model.llama import Llama, preset_config
-    from xiaolm.tokenizer.train import train_tokenizer
+    from xiaolm.data.vocab import train_tokenizer
     from xiaolm.train.checkpoint import save_checkpoint
 
     stories = root / "stories.jsonl"

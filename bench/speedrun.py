@@ -63,7 +63,7 @@ def build_data(cache: Path, stories: int, vocab: int, seed: int = 0) -> Path:
     from xiaolm.data.prepare import prepare
     from xiaolm.data.shards import tokenize_to_shards
     from xiaolm.data.synth import write_stories
-    from xiaolm.tokenizer.train import train_tokenizer
+    from xiaolm.data.vocab import train_tokenizer
 
     shards = cache / "shards"
     if (shards / "meta.json").is_file():
@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-tokens", type=int, default=48)
     args = ap.parse_args(argv)
 
-    from xiaolm.train.pretrain import PretrainConfig, StreamEvaluator, _open_data
+    from xiaolm.eval.loss import StreamEvaluator
+    from xiaolm.train.pretrain import PretrainConfig, _open_data
     from xiaolm.utils import pick_device
 
     device = pick_device("auto")

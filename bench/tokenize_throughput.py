@@ -104,7 +104,7 @@ def main() -> int:
 
     from xiaolm.data.shards import TokenShards, default_workers, tokenize_to_shards
     from xiaolm.tokenizer import load_tokenizer
-    from xiaolm.tokenizer.train import train_tokenizer
+    from xiaolm.data.vocab import train_tokenizer
 
     max_bytes = int(args.max_mb * 1e6)
     if args.corpus:

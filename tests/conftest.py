@@ -47,7 +47,7 @@ def prepared_dir(tmp_path_factory, stories_file) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, prepared_dir) -> Path:
-    from xiaolm.tokenizer.train import train_tokenizer
+    from xiaolm.data.vocab import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([str(prepared_dir)], out, vocab_size=1024)

@@ -107,7 +107,7 @@ def test_ray_executor_gives_the_same_output(corpus, tmp_path):
 
 def test_datatrove_tokenize_reads_as_one_split_equal_to_ours(corpus, tmp_path):
     from xiaolm.data.shards import TokenShards, tokenize_to_shards
-    from xiaolm.tokenizer.train import train_tokenizer
+    from xiaolm.data.vocab import train_tokenizer
 
     prepare(corpus, tmp_path / "prepared", workers=0, field="story_zh", quiet=True, val_fraction=0.2)
     extra = tmp_path / "extra.jsonl"  # malformed lines must be reported with the same file and line

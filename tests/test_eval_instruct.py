@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from xiaolm.eval.verify import (
+from xiaolm.tasks.constraints import (
     aggregate_repetition,
     constraint_reward,
     has_dialogue,
@@ -63,7 +63,7 @@ def test_marker_checks_follow_the_generator():
 def test_reference_stories_pass_their_own_feature_checks():
     """On the built-in corpus the feature checks agree with the declared features, both ways."""
     from xiaolm.data.synth import generate_stories
-    from xiaolm.eval.verify import FEATURE_NAMES
+    from xiaolm.tasks.constraints import FEATURE_NAMES
 
     for rec in generate_stories(200, seed=11):
         declared = {FEATURE_NAMES[f] for f in rec["instruction"]["features"]}

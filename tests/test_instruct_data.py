@@ -6,7 +6,8 @@ import json
 import pytest
 
 from xiaolm.cli import main
-from xiaolm.data.instruct import (
+from xiaolm.tasks.constraints import score_response
+from xiaolm.tasks.instruct import (
     InstructConfig,
     build_instruct,
     is_heldout,
@@ -14,7 +15,6 @@ from xiaolm.data.instruct import (
     story_id_of,
     word_candidates,
 )
-from xiaolm.eval.verify import score_response
 from xiaolm.utils import read_jsonl
 
 

@@ -13,7 +13,7 @@ the same way"), greedy. Asserted:
 from __future__ import annotations
 
 from xiaolm.eval.instruct import format_table
-from xiaolm.eval.verify import repetition_metrics
+from xiaolm.tasks.constraints import repetition_metrics
 
 
 def length_matched_rep4(reference_answers: list[str], answers: list[str]) -> tuple[float, float]:

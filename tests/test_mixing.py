@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xiaolm.data.shards import MixedShards, ShardMismatchError, parse_data_dirs, tokenize_to_shards
-from xiaolm.tokenizer.train import train_tokenizer
+from xiaolm.data.vocab import train_tokenizer
 
 SEQ = 16
 

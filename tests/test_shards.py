@@ -16,11 +16,11 @@ from xiaolm.data.shards import (
     TokenShards,
     dtype_for_vocab,
     main as tokenize_main,
-    resolve_inputs,
     tokenize_to_shards,
 )
+from xiaolm.data.sources import resolve_inputs
+from xiaolm.data.vocab import train_tokenizer
 from xiaolm.tokenizer import load_tokenizer
-from xiaolm.tokenizer.train import train_tokenizer
 
 _WORDS = ["小明", "莉莉", "小猫", "老奶奶", "公园", "气球", "苹果", "开心", "难过", "朋友", "河边", "Hello", "OK", "2024"]
 _PUNCT = ["，", "。", "！", "？", "“", "”", "\n", " ", "、"]

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xiaolm.data.vocab import main as train_main
+from xiaolm.data.vocab import train_tokenizer
 from xiaolm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, XTokenizer, load_tokenizer
 from xiaolm.tokenizer.core import fingerprint_of_json
-from xiaolm.tokenizer.train import main as train_main
-from xiaolm.tokenizer.train import train_tokenizer, training_chunks
+from xiaolm.tokenizer.train import train_bpe, training_chunks
 
 VOCAB = 640
 
@@ -387,3 +388,27 @@ def test_plain_files_and_malformed_records(tmp_path):
     assert reasons == {(12, "not valid JSON"), (23, "missing field 'body'"), (34, "not UTF-8")}
     assert all(r["file"] == str(jsonl) for r in training["malformed_records"])
     assert t.info["eval"]["measured_on"].startswith("train")
+
+
+def test_train_bpe_takes_texts_and_matches_the_file_entry(tmp_path):
+    docs = make_docs(300, 5)
+    path = _write_txt(tmp_path / "docs.txt", [d.replace("\n", " ") for d in docs])
+    from_file = train_tokenizer([path], tmp_path / "tok", vocab_size=400, progress=False)
+    from_texts, trained = train_bpe(iter(d.replace("\n", " ") for d in docs), 400, progress=False)
+    assert from_texts.tok.get_vocab() == from_file.tok.get_vocab()
+    assert trained["chunks"] == from_file.info["training"]["chunks"] > 0
+
+
+def test_tokenizer_package_imports_nothing_from_the_data_layer():
+    # The tokenizer sits below data/: reading corpora for it is xiaolm.data.vocab's (lazy imports count too).
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "src" / "xiaolm" / "tokenizer"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith("xiaolm.") and
+                      n.split(".")[1] not in ("tokenizer", "utils", "config", "errors")]
+    assert found == []

@@ -123,7 +123,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from xiaolm.data.prepare import prepare
     from xiaolm.data.shards import tokenize_to_shards
     from xiaolm.data.synth import write_stories
-    from xiaolm.tokenizer.train import train_tokenizer
+    from xiaolm.data.vocab import train_tokenizer
     from xiaolm.train.pretrain import PretrainConfig, pretrain
 
     device = pick_device(cfg.device)

@@ -165,9 +165,9 @@ class RewardWeights:
 
 
 def rule_reward(constraints: dict, text: str, weights: Optional[RewardWeights] = None) -> float:
-    """``xiaolm.eval.verify.constraint_reward`` (share of checks met + bonus when all are met - repetition; -1 for an
-    empty answer), plus optional partial credit for each required word that appears."""
-    from xiaolm.eval.verify import constraint_reward, words_present
+    """``xiaolm.tasks.constraints.constraint_reward`` (share of checks met + bonus when all are met - repetition; -1
+    for an empty answer), plus optional partial credit for each required word that appears."""
+    from xiaolm.tasks.constraints import constraint_reward, words_present
 
     w = weights or RewardWeights()
     score = constraint_reward(constraints, text, repetition_weight=w.repetition_weight,

@@ -126,7 +126,7 @@ class Rollouts:
         self.weights = RewardWeights.of(cfg)
         self.scorer = None
         if cfg.reward_model:
-            from xiaolm.data.pairs import Scorer
+            from xiaolm.align.onpolicy import Scorer
 
             self.scorer = Scorer("reward", reward_model=cfg.reward_model, device=env.device)
         self.prompt_ids = [prompt_ids(tokenizer, p["prompt"]) for p in prompts]
@@ -176,7 +176,7 @@ class Rollouts:
     def sample(self, g: int) -> dict:
         """Sample, score and precompute everything batch g needs (old and reference log-probabilities)."""
         from xiaolm.align.losses import group_advantages
-        from xiaolm.eval.verify import score_response
+        from xiaolm.tasks.constraints import score_response
 
         cfg, tok, model = self.cfg, self.tokenizer, self.model
         P, G = cfg.prompts_per_step, cfg.group_size
@@ -271,8 +271,8 @@ def grpo_loss(model, batch: dict, cfg: GRPOConfig, accum: int) -> tuple[torch.Te
 
 def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     """Run GRPO as configured; returns the summary (also OUT/summary.json)."""
-    from xiaolm.align.dpo import instruct_metrics
     from xiaolm.data.pairs import load_prompt_set
+    from xiaolm.eval.instruct import instruct_metrics
     from xiaolm.model.io import CheckpointError, load_model
 
     if not cfg.run:

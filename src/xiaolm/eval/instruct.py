@@ -1,7 +1,7 @@
 """``xiaolm eval instruct``: does the model write what was asked? Rule-checked constraints and repetition.
 
 For each held-out sample the model answers the instruction (batched generation); the answer is checked against
-the sample's structured constraints by ``xiaolm.eval.verify`` (词汇, 随机句子, 开头, 对话 by exact rules; 悲伤的结局,
+the sample's structured constraints by ``xiaolm.tasks.constraints`` (词汇, 随机句子, 开头, 对话 by exact rules; 悲伤的结局,
 寓意, 转折, 伏笔, 冲突 by the built-in generator's marker words, reported but outside the all-constraints rate
 unless ``--markers``; 摘要 is not scored). Repetition (share of repeated 4-grams, distinct-1/2) is measured on every
 answer, since loops are what small models do worst. Where samples carry a reference answer (our instruction data,
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from xiaolm.config import opt, parse_config
-from xiaolm.eval.verify import aggregate_repetition, repetition_metrics, score_response, words_present
 from xiaolm.infer.generate import SamplingConfig
+from xiaolm.tasks.constraints import aggregate_repetition, repetition_metrics, score_response, words_present
 
 
 def _eval_sampling() -> SamplingConfig:
@@ -213,6 +213,17 @@ def evaluate_instruct(model, tokenizer, samples: list[dict], style: str = "chat"
             for s, r in zip(samples, responses)
         ]
     return result
+
+
+def instruct_metrics(model, tokenizer, samples, max_new_tokens: int) -> dict:
+    """A short instruction-following eval (greedy): all-constraints rate, word rate and repetition."""
+    r = evaluate_instruct(model, tokenizer, samples, "chat", SamplingConfig(max_new_tokens=max_new_tokens,
+                                                                            temperature=0.0, seed=0),
+                          batch_size=64, keep_generations=False)
+    out = {"val_all_met": r["all_constraints"]["rate"], "val_rep4": r["repetition"]["rep4"]}
+    if "词汇" in r["constraints"]:
+        out["val_words"] = r["constraints"]["词汇"]["rate"]
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -28,15 +28,15 @@ from typing import Any, Callable, Literal, Optional
 
 from xiaolm.align.dpo import DPOConfig
 from xiaolm.align.grpo import GRPOConfig
+from xiaolm.align.onpolicy import PairsConfig
 from xiaolm.align.reward import RewardConfig
 from xiaolm.config import opt, parse_config, save_config
-from xiaolm.data.instruct import InstructConfig
-from xiaolm.data.pairs import PairsConfig
 from xiaolm.data.prepare import PrepareConfig
 from xiaolm.data.shards import TokenizeConfig
+from xiaolm.data.vocab import TokenizerTrainConfig
 from xiaolm.pipeline.mix import CorpusSource, InstructMixConfig
 from xiaolm.pipeline.state import StageState, fingerprint
-from xiaolm.tokenizer.train import TokenizerTrainConfig
+from xiaolm.tasks.instruct import InstructConfig
 from xiaolm.train.pretrain import PretrainConfig
 from xiaolm.train.sft import SFTConfig
 from xiaolm.utils import atomic_write_json, fail, log
@@ -227,9 +227,9 @@ def _run_prepare(cfg: PipelineConfig, resume: bool) -> dict:
 
 
 def _run_tokenizer(cfg: PipelineConfig, resume: bool) -> dict:
-    from xiaolm.tokenizer import train as tokenizer_mod
+    from xiaolm.data import vocab as vocab_mod
 
-    tok = tokenizer_mod.run(cfg.tokenizer)
+    tok = vocab_mod.run(cfg.tokenizer)
     report = Path(tok.path) / "report.json"
     out = {"path": str(tok.path), "vocab_size": tok.vocab_size}
     if report.is_file():
@@ -259,7 +259,7 @@ def _run_instruct(cfg: PipelineConfig, resume: bool) -> dict:
         from xiaolm.pipeline.mix import mix_instructions
 
         return mix_instructions(cfg.instruct_mix, Path(cfg.instruct_mix.out))
-    from xiaolm.data.instruct import build_instruct
+    from xiaolm.tasks.instruct import build_instruct
 
     return build_instruct(cfg.instruct)
 
@@ -271,7 +271,7 @@ def _run_sft(cfg: PipelineConfig, resume: bool) -> dict:
 
 
 def _run_pairs(cfg: PipelineConfig, resume: bool) -> dict:
-    from xiaolm.data import pairs as pairs_mod
+    from xiaolm.align import onpolicy as pairs_mod
     from xiaolm.pipeline.mix import materialise_hf
 
     path = Path(cfg.workdir) / "configs" / "pairs.yaml"

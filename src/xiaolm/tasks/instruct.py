@@ -15,7 +15,7 @@ Chinese and without any translation model: every constraint is read off the Chin
 Each sample keeps a random subset of the story's constraints (each with probability ``keep_prob``, at least one), in
 random order, phrased in one of several wordings (a labelled list like TinyStories-Instruct's, or sentences). The
 answer is the story. Records are OpenAI messages with the constraints kept as structured fields, so they can be
-checked later (``xiaolm.eval.verify``)::
+checked later (``xiaolm.tasks.constraints``)::
 
     {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "constraints": {...}, "story_id": "..."}
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from xiaolm.config import opt, parse_config, save_config
-from xiaolm.eval.verify import FEATURE_NAMES
+from xiaolm.tasks.constraints import FEATURE_NAMES
 from xiaolm.utils import atomic_write_json, fail, log, stable_hash, write_jsonl
 
 CONSTRAINT_KEYS = ("词汇", "特征", "随机句子", "开头", "摘要")
