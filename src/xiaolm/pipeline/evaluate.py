@@ -19,7 +19,7 @@ def evaluate_route(cfg) -> dict:
     from xiaolm.eval.instruct import evaluate_instruct, format_table, generate_answers, load_eval_samples
     from xiaolm.eval.ppl import evaluate_ppl, token_stream
     from xiaolm.infer.generate import SamplingConfig
-    from xiaolm.pipeline.route import _eval_models, instruct_dir
+    from xiaolm.pipeline.paths import _eval_models, instruct_dir
     from xiaolm.train.checkpoint import load_model
 
     e = cfg.eval
