@@ -103,7 +103,7 @@ def gguf_worker(args) -> dict:
     import llama_cpp.llama as module
     from xiaolm.eval.ppl import token_stream
     from xiaolm.train.checkpoint import load_model
-    from xiaolm.train.pretrain import StreamEvaluator
+    from xiaolm.eval.loss import StreamEvaluator
 
     default = module.llama_cpp.llama_model_default_params
 

@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-tokens", type=int, default=48)
     args = ap.parse_args(argv)
 
-    from xiaolm.train.pretrain import PretrainConfig, StreamEvaluator, _open_data
+    from xiaolm.eval.loss import StreamEvaluator
+    from xiaolm.train.pretrain import PretrainConfig, _open_data
     from xiaolm.utils import pick_device
 
     device = pick_device("auto")

@@ -16,9 +16,9 @@ from xiaolm.data.shards import (
     TokenShards,
     dtype_for_vocab,
     main as tokenize_main,
-    resolve_inputs,
     tokenize_to_shards,
 )
+from xiaolm.data.sources import resolve_inputs
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.train import train_tokenizer
 

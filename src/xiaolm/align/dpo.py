@@ -60,7 +60,7 @@ from xiaolm.align.common import (
 )
 from xiaolm.config import opt, parse_config
 from xiaolm.data.pairs import OnPolicyOptions
-from xiaolm.infer.generate import SamplingConfig
+from xiaolm.eval.instruct import instruct_metrics
 from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
 
@@ -366,19 +366,6 @@ def _load_instruct_eval(cfg: DPOConfig):
 
     samples, _ = load_eval_samples(cfg.eval_prompts, limit=cfg.eval_limit)
     return samples
-
-
-def instruct_metrics(model, tokenizer, samples, max_new_tokens: int) -> dict:
-    """A short instruction-following eval (greedy): all-constraints rate, word rate and repetition."""
-    from xiaolm.eval.instruct import evaluate_instruct
-
-    r = evaluate_instruct(model, tokenizer, samples, "chat", SamplingConfig(max_new_tokens=max_new_tokens,
-                                                                            temperature=0.0, seed=0),
-                          batch_size=64, keep_generations=False)
-    out = {"val_all_met": r["all_constraints"]["rate"], "val_rep4": r["repetition"]["rep4"]}
-    if "词汇" in r["constraints"]:
-        out["val_words"] = r["constraints"]["词汇"]["rate"]
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _round_done(run_dir: Path) -> bool:

@@ -271,8 +271,8 @@ def grpo_loss(model, batch: dict, cfg: GRPOConfig, accum: int) -> tuple[torch.Te
 
 def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     """Run GRPO as configured; returns the summary (also OUT/summary.json)."""
-    from xiaolm.align.dpo import instruct_metrics
     from xiaolm.data.pairs import load_prompt_set
+    from xiaolm.eval.instruct import instruct_metrics
     from xiaolm.train.checkpoint import CheckpointError, load_model
 
     if not cfg.run:

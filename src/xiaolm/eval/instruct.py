@@ -215,6 +215,17 @@ def evaluate_instruct(model, tokenizer, samples: list[dict], style: str = "chat"
     return result
 
 
+def instruct_metrics(model, tokenizer, samples, max_new_tokens: int) -> dict:
+    """A short instruction-following eval (greedy): all-constraints rate, word rate and repetition."""
+    r = evaluate_instruct(model, tokenizer, samples, "chat", SamplingConfig(max_new_tokens=max_new_tokens,
+                                                                            temperature=0.0, seed=0),
+                          batch_size=64, keep_generations=False)
+    out = {"val_all_met": r["all_constraints"]["rate"], "val_rep4": r["repetition"]["rep4"]}
+    if "词汇" in r["constraints"]:
+        out["val_words"] = r["constraints"]["词汇"]["rate"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 

@@ -41,7 +41,7 @@ def token_stream(data: list[str], tokenizer, split: str, field: str, max_tokens:
         shards = TokenShards(first, use, expect_fingerprint=tokenizer.fingerprint)
         n = min(shards.num_tokens, max_tokens + 1)
         return shards.read(0, n), f"{first} ({use} split, {n} tokens)"
-    from xiaolm.data.shards import iter_documents, resolve_inputs
+    from xiaolm.data.sources import iter_documents, resolve_inputs
 
     sources = resolve_inputs(data)
     splits = {s.split for s in sources}
@@ -56,7 +56,7 @@ def token_stream(data: list[str], tokenizer, split: str, field: str, max_tokens:
 
 
 def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size: int) -> dict:
-    from xiaolm.train.pretrain import StreamEvaluator
+    from xiaolm.eval.loss import StreamEvaluator
 
     seq_len = min(seq_len, len(tokens) - 1)
     return StreamEvaluator(tokens, tokenizer, seq_len, batch_size)(model)

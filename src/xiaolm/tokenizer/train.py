@@ -84,7 +84,7 @@ def run(cfg: TokenizerTrainConfig) -> XTokenizer:
     from tokenizers import pre_tokenizers, trainers
 
     from xiaolm.config import save_config
-    from xiaolm.data.shards import iter_documents, resolve_inputs
+    from xiaolm.data.sources import iter_documents, resolve_inputs
     from xiaolm.utils import log, stable_hash
 
     minimum = len(SPECIAL_TOKENS) + 256
@@ -194,7 +194,7 @@ def sampling_fraction(sources, budget_bytes: int) -> float:
 
 def measure_chars_per_token(tok: XTokenizer, sources, field: str, max_chars: int) -> dict:
     """Characters (and UTF-8 bytes) per token over up to ``max_chars`` characters of ``sources``' documents."""
-    from xiaolm.data.shards import iter_documents
+    from xiaolm.data.sources import iter_documents
 
     docs = chars = nbytes = tokens = 0
     batch: list[str] = []
