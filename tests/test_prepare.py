@@ -195,7 +195,7 @@ def test_split_is_stable_when_data_is_added(tmp_path):
 
 
 def test_output_is_deterministic_and_independent_of_workers(tmp_path, monkeypatch):
-    import xiaolm.data.prepare as prep
+    import xiaolm.data.prepare_core as prep
 
     monkeypatch.setattr(prep, "BATCH_DOCS", 7)  # many small batches through the worker pool
     records = [{"text": s} for s in STORIES * 2] + [{"text": LONG_DOC}] + [{"text": "短"}]

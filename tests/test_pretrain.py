@@ -193,9 +193,10 @@ def test_two_processes_train_like_one(shards_dir, tmp_path):
         assert (pa - pb).abs().max() < 1e-4, name
 
 
-def test_lr_sweep_names_the_best(shards_dir, tmp_path, capsys):
+@pytest.mark.parametrize("verb", ["sweep", "pretrain"])  # `xiaolm pretrain --lr-sweep` runs the same sweep
+def test_lr_sweep_names_the_best(shards_dir, tmp_path, capsys, verb):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--data", str(shards_dir), "--out", str(out), *FAST, "--max-steps", "8",
+    assert main([verb, "--data", str(shards_dir), "--out", str(out), *FAST, "--max-steps", "8",
                  "--eval-every", "0", "--lr-sweep", "1e-5,3e-3"]) == 0
     result = json.loads((out / "sweep.json").read_text())
     assert [t["lr"] for t in result["trials"]] == [1e-5, 3e-3]

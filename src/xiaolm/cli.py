@@ -29,7 +29,7 @@ VERBS: dict[str, object] = {
                  "xiaolm.pipeline:main"),
     "presets": ("list the model presets with their parameter counts", "xiaolm.model.presets:presets_main"),
     "pretrain": ("pretrain a model on token shards (one device or torchrun)", "xiaolm.train.pretrain:main"),
-    "sweep": ("short pretraining trials at several learning rates; names the best", "xiaolm.train.sweep:main"),
+    "sweep": ("short pretraining trials at several learning rates; names the best", "xiaolm.train.pretrain:sweep_main"),
     "sft": ("supervised fine-tuning on chat data, full or LoRA", "xiaolm.train.sft:main"),
     "reward": ("train a reward model (or `xiaolm reward score` to score responses)", "xiaolm.align.reward:main"),
     "dpo": ("direct preference optimisation: dpo, ipo, simpo, orpo, kto", "xiaolm.align.dpo:main"),

@@ -11,7 +11,7 @@ Stage 1: task ``r`` reads a contiguous run of the input files (``iter_records``,
 file and line), cleans, splits long documents, filters, and computes MinHash signatures (character 5-grams,
 :class:`~xiaolm.data.dedup.MinHasher`), writing ``OUT/.datatrove/stage1/{r}.jsonl`` (text, source, file),
 ``{r}.sig`` (uint32 signatures) and ``{r}.stats.json`` (its counters and read log). Stage 2 reads the tasks'
-outputs in task order, which is input order, and hands them to :func:`xiaolm.data.prepare.prepare`'s own
+outputs in task order, which is input order, and hands them to :func:`xiaolm.data.prepare_core.run_prepare`'s own
 deduplication, split and report code: ``train.jsonl``, ``val.jsonl`` and ``report.json`` (counters summed over the
 tasks) are the same as the default engine's for the same inputs, whatever the number of tasks.
 
@@ -75,7 +75,7 @@ class XiaolmReader(PipelineStep):
         self.cfg = cfg
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from xiaolm.data.prepare import _unescape
+        from xiaolm.data.prepare_core import _unescape
         from xiaolm.data.readers import ReadLog, iter_records, read_options_from, resolve_inputs
 
         cfg = self.cfg
@@ -125,7 +125,7 @@ class XiaolmCleanFilterMinhash(PipelineStep):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         from xiaolm.data.clean import FILTER_RULES
-        from xiaolm.data.prepare import MAX_EXAMPLES_PER_RULE, _BatchWorker
+        from xiaolm.data.prepare_core import MAX_EXAMPLES_PER_RULE, _BatchWorker
 
         worker = _BatchWorker(self.cfg.clean, self.cfg.filters, self.cfg.dedup)
         totals: dict[str, Any] = {"characters_after_cleaning": 0, "long_documents_split": 0,
@@ -271,7 +271,7 @@ class _Stage1Results:
             self.cleaned.append(json.loads((self.dir / f"{r:05d}.clean.json").read_text(encoding="utf-8")))
 
     def results(self):
-        from xiaolm.data.prepare import _Cleaned
+        from xiaolm.data.prepare_core import _Cleaned
 
         num_perm = self.cfg.dedup.num_perm
         near = self.cfg.dedup.near and not self.near_done
@@ -306,7 +306,7 @@ class _Stage1Results:
 
     @staticmethod
     def _batch(batch, sig_file, num_perm: int, near: bool):
-        from xiaolm.data.prepare import _Cleaned
+        from xiaolm.data.prepare_core import _Cleaned
 
         sigs = None
         if near:
@@ -327,9 +327,9 @@ class XiaolmDedupSplit(PipelineStep):
         self.cfg, self.tasks = cfg, tasks
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from xiaolm.data.prepare import prepare
+        from xiaolm.data.prepare_core import run_prepare
 
-        report = prepare(self.cfg.inputs, self.cfg.out, self.cfg, _stage1=_Stage1Results(self.cfg, self.tasks))
+        report = run_prepare(self.cfg, _stage1=_Stage1Results(self.cfg, self.tasks))
         self.stat_update("documents_kept", value=report["documents_kept"])
         return
         yield

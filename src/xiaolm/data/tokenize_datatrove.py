@@ -83,7 +83,7 @@ class XiaolmTokenizeRange(PipelineStep):
         self.cfg = cfg
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from xiaolm.data.shards import _encode_task, _init_worker_in_process, _SplitWriter, dtype_for_vocab
+        from xiaolm.data.shard_writer import _encode_task, _init_worker_in_process, _SplitWriter, dtype_for_vocab
         from xiaolm.data.sources import _note_malformed, read_line_batches, resolve_inputs
         from xiaolm.tokenizer import load_tokenizer
 
@@ -141,7 +141,7 @@ class XiaolmMergeShards(PipelineStep):
 
 def merge_task_shards(cfg, tasks: int, started: float) -> dict:
     from xiaolm.config import save_config
-    from xiaolm.data.shards import FORMAT_VERSION, META_FILE, dtype_for_vocab
+    from xiaolm.data.shard_writer import FORMAT_VERSION, META_FILE, dtype_for_vocab
     from xiaolm.data.sources import MAX_MALFORMED_LISTED, resolve_inputs
     from xiaolm.tokenizer import load_tokenizer
     from xiaolm.utils import atomic_write_json
@@ -204,7 +204,7 @@ def merge_task_shards(cfg, tasks: int, started: float) -> dict:
 
 def tokenize_datatrove(cfg) -> dict | None:
     """Run the tasks and the merge; returns meta.json's content (None with Slurm, whose jobs finish later)."""
-    from xiaolm.data.shards import _clear_previous_output
+    from xiaolm.data.shard_writer import _clear_previous_output
     from xiaolm.data.sources import resolve_inputs
     from xiaolm.tokenizer import load_tokenizer
     from xiaolm.utils import log

@@ -38,6 +38,7 @@ from typing import Literal, Optional
 import torch
 
 from xiaolm.config import opt, parse_config, save_config
+from xiaolm.eval.mc_data import _csvs, subject_of
 from xiaolm.utils import atomic_write_json, fail, log, pick_device
 
 LETTERS = ("A", "B", "C", "D")
@@ -65,14 +66,6 @@ class MCData:
 
 
 # ================================================================================================== reading
-
-
-def subject_of(path: Path) -> str:
-    stem = path.stem
-    for suffix in ("_test", "_dev", "_val", "_validation"):
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)]
-    return stem
 
 
 def read_mc_csv(path: Path, malformed: list[str]) -> list[MCQuestion]:
@@ -126,10 +119,6 @@ def read_mc_csv(path: Path, malformed: list[str]) -> list[MCQuestion]:
             out.append(MCQuestion(subject_of(path), qid, question, options, LETTERS.index(answer),  # type: ignore[arg-type]
                                   f"{path}:{line}"))
     return out
-
-
-def _csvs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
 
 
 def load_mc_data(data: str | Path, split: str = "test", subjects: Optional[list[str]] = None,

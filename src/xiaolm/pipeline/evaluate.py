@@ -19,8 +19,8 @@ def evaluate_route(cfg) -> dict:
     from xiaolm.eval.instruct import evaluate_instruct, format_table, generate_answers, load_eval_samples
     from xiaolm.eval.ppl import evaluate_ppl, token_stream
     from xiaolm.infer.generate import SamplingConfig
-    from xiaolm.pipeline.route import _eval_models, instruct_dir
     from xiaolm.model.io import load_model
+    from xiaolm.pipeline.paths import _eval_models, instruct_dir
 
     e = cfg.eval
     device = pick_device(e.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from xiaolm.utils import atomic_write_json, atomic_write_text
 
@@ -81,9 +81,11 @@ def _curve(run: Path) -> list[str]:
     return rows
 
 
-def write_report(cfg, rows: list[dict]) -> Path:
+def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) -> Path:
+    """REPORT.md and report.json for a route; ``command_for(cfg, stage)`` is the command that replays a stage
+    (``route.command_for``, passed in: it needs route's stage table)."""
     from xiaolm.eval.instruct import format_table
-    from xiaolm.pipeline.route import command_for, final_run
+    from xiaolm.pipeline.paths import final_run
     from xiaolm.pipeline.state import StageState
 
     work = Path(cfg.workdir)

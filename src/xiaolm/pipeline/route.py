@@ -35,6 +35,7 @@ from xiaolm.data.prepare import PrepareConfig
 from xiaolm.data.shards import TokenizeConfig
 from xiaolm.data.vocab import TokenizerTrainConfig
 from xiaolm.pipeline.mix import CorpusSource, InstructMixConfig
+from xiaolm.pipeline.paths import _eval_models, final_run, instruct_dir
 from xiaolm.pipeline.state import StageState, fingerprint
 from xiaolm.tasks.instruct import InstructConfig
 from xiaolm.train.pretrain import PretrainConfig
@@ -165,14 +166,6 @@ def _story_files(cfg: PipelineConfig) -> list[str]:
             return files
     cfg.instruct.field = "text"
     return [str(Path(cfg.prepare.out) / "train.jsonl"), str(Path(cfg.prepare.out) / "val.jsonl")]
-
-
-def instruct_dir(cfg: PipelineConfig) -> Path:
-    return Path(cfg.instruct_mix.out if cfg.instruct_mix.sources else cfg.instruct.out)
-
-
-def final_run(cfg: PipelineConfig) -> str:
-    return {"dpo": cfg.dpo.out, "grpo": cfg.grpo.out}.get(cfg.align, cfg.sft.out)
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -308,13 +301,6 @@ def _align_section(cfg: PipelineConfig):
 
 def _uses_pairs(cfg: PipelineConfig) -> bool:
     return cfg.align == "dpo" or cfg.reward_model
-
-
-def _eval_models(cfg: PipelineConfig) -> dict[str, str]:
-    models = {"base": cfg.pretrain.out, "sft": cfg.sft.out}
-    if cfg.align != "none":
-        models[cfg.align] = final_run(cfg)
-    return models
 
 
 def _run_eval(cfg: PipelineConfig, resume: bool) -> dict:
@@ -559,7 +545,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: Optional[str] = None, dry_run:
     if "report" in cfg.stages:
         from xiaolm.pipeline.report import write_report
 
-        write_report(cfg, rows)
+        write_report(cfg, rows, command_for)
     return {"workdir": cfg.workdir, "plan": rows, "results": results, "exit_code": code}
 
 

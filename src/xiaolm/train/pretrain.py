@@ -286,7 +286,7 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
     if cfg.lr_sweep:
         from xiaolm.train.sweep import sweep
 
-        return sweep(cfg)
+        return sweep(cfg, pretrain)
     if not cfg.data:
         raise fail("--data SHARDDIR is required")
     env = env or setup_distributed(cfg.train.device)
@@ -379,3 +379,18 @@ def main(argv: list[str]) -> int:
 
         print_summary(summary, file=sys.stdout)
     return int(summary.get("exit_code", 0))
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``xiaolm sweep``."""
+    from xiaolm.train.sweep import sweep
+
+    cfg, _ = parse_config(
+        PretrainConfig, argv, "xiaolm sweep",
+        "Short pretraining trials at several learning rates (--lr-sweep 1e-4,3e-4,1e-3); prints and plots the "
+        "loss per rate and names the best. Takes every xiaolm pretrain option.",
+    )
+    if not cfg.lr_sweep:
+        cfg.lr_sweep = [1e-4, 3e-4, 1e-3, 3e-3]
+    sweep(cfg, pretrain)
+    return 0

@@ -1,4 +1,5 @@
-"""``xiaolm sweep`` (or ``xiaolm pretrain --lr-sweep ...``): short trials at several learning rates.
+"""``xiaolm sweep`` (or ``xiaolm pretrain --lr-sweep ...``; both entries are in ``xiaolm.train.pretrain``): short
+trials at several learning rates.
 
 Each rate trains the same model from the same initialisation on the same batches for a short budget; the table
 and plot show final training and validation loss per rate and name the best. Small models want much higher rates
@@ -10,14 +11,14 @@ import copy
 import math
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
-from xiaolm.config import parse_config
 from xiaolm.utils import atomic_write_json, log
 
 
-def sweep(cfg) -> dict:
-    from xiaolm.train.pretrain import pretrain
-
+def sweep(cfg, pretrain: Callable[[Any], dict]) -> dict:
+    """One short ``pretrain(trial_cfg)`` run per rate in ``cfg.lr_sweep``; ``pretrain`` is passed in by
+    ``xiaolm.train.pretrain``, whose ``pretrain()`` dispatches here, so this module imports nothing from it."""
     rates = list(cfg.lr_sweep)
     if not rates:
         raise ValueError("--lr-sweep needs at least one learning rate")
@@ -83,17 +84,3 @@ def _plot(base: Path, results: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(base / "sweep.png")
     plt.close(fig)
-
-
-def main(argv: list[str]) -> int:
-    from xiaolm.train.pretrain import PretrainConfig
-
-    cfg, _ = parse_config(
-        PretrainConfig, argv, "xiaolm sweep",
-        "Short pretraining trials at several learning rates (--lr-sweep 1e-4,3e-4,1e-3); prints and plots the "
-        "loss per rate and names the best. Takes every xiaolm pretrain option.",
-    )
-    if not cfg.lr_sweep:
-        cfg.lr_sweep = [1e-4, 3e-4, 1e-3, 3e-3]
-    sweep(cfg)
-    return 0

@@ -40,7 +40,7 @@ def _task_name(subject: str) -> str:
 def write_tasks(data: str | Path, out_dir: str | Path, split: str = "test",
                 subjects: Optional[list[str]] = None) -> list[str]:
     """Write the task YAMLs for the CSVs under ``data`` into ``out_dir``; returns the per-subject task names."""
-    from xiaolm.eval.mc import _csvs, subject_of
+    from xiaolm.eval.mc_data import _csvs, subject_of
 
     data = Path(data).resolve()
     if (data / split).is_dir():
