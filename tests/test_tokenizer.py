@@ -143,7 +143,10 @@ EMOJI = st.sampled_from(["😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳�
 COMMON = st.sampled_from(list("的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会"
                               "，。！？、；：“”‘’（）《》…—　abcXYZ0123456789 .,!?'\"-_"))
 WHITESPACE = st.sampled_from([" ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", "\t\t", " \n ", "\u3000", "\xa0"])
-MIXED = st.lists(st.one_of(COMMON, CJK_EXTENSIONS, EMOJI, WHITESPACE, st.characters()), max_size=60).map("".join)
+# Unicode text only: a lone surrogate (category Cs) is not a character; the readers count such records as malformed
+# before any tokenizer sees them (st.text() leaves them out already; st.characters() does not).
+ANY_CHARACTER = st.characters(exclude_categories=("Cs",))
+MIXED = st.lists(st.one_of(COMMON, CJK_EXTENSIONS, EMOJI, WHITESPACE, ANY_CHARACTER), max_size=60).map("".join)
 
 lossless_settings = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
