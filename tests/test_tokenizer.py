@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, XTokenizer, load_tokenizer
 from xiaolm.tokenizer.core import fingerprint_of_json
 from xiaolm.tokenizer.train import main as train_main
@@ -338,11 +339,10 @@ def test_cli_help_lists_options(capsys):
         assert flag in text
 
 
-def test_missing_input_fails_before_work(tmp_path, capsys):
+def test_missing_input_fails_before_work(tmp_path):
     out = tmp_path / "never"
-    with pytest.raises(SystemExit):
+    with pytest.raises(XiaolmError, match="input not found"):
         train_main([str(tmp_path / "nope.jsonl"), "--out", str(out)])
-    assert "input not found" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "no_tokenizer_here")

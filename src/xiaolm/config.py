@@ -18,8 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 
-class ConfigError(ValueError):
-    """A recipe or flag that does not fit the config's schema."""
+from xiaolm.errors import ConfigError  # noqa: F401 - raised here, and imported from here by callers
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, short: bool = True):

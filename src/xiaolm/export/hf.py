@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from xiaolm.config import opt, parse_config
+from xiaolm.errors import ExportError
 from xiaolm.utils import atomic_output, atomic_write_json, atomic_write_text, fail, log
 
 # Trainer names (meta.json "kind") of runs whose model answers in ChatML turns.
@@ -42,7 +43,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "xiaolm_tokenizer.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
-class HFImportError(ValueError):
+class HFImportError(ExportError):
     """A Hugging Face directory this model cannot represent, or cannot read."""
 
 

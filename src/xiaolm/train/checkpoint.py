@@ -26,8 +26,7 @@ TRAINER_FILE = "trainer.pt"
 META_FILE = "meta.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt."""
+from xiaolm.errors import CheckpointError  # noqa: E402,F401 - a checkpoint that is missing, incomplete or corrupt
 
 
 def step_dir_name(step: int) -> str:
