@@ -292,7 +292,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         main(["data", "prepare", "--help"])
     assert exc.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--field", "--txt-mode", "--min-chars", "--dedup.threshold", "--val-fraction", "--to-simplified"):
+    for flag in ("--field", "--txt-mode", "--min-chars", "--threshold", "--val-fraction", "--to-simplified"):
         assert flag in help_text
 
 
