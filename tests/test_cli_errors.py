@@ -104,3 +104,14 @@ def test_every_stage_ends_an_expected_error_in_one_line(tmp_path, monkeypatch, c
     assert [x for x in lines if "error:" in x] == [lines[-1]], err
     named = "--num must be at least 1" if argv[:2] == ["data", "synth"] else N
     assert lines[-1].startswith("xiaolm: error: ") and named in lines[-1], err
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["pretrain", "--data", "d", "--max-steps", "many"], "config.train.max_steps: cannot read 'many' as int"),
+    (["dpo", "run", "--config", "no-such-recipe.yaml"], "recipe not found: no-such-recipe.yaml"),
+])
+def test_a_value_that_does_not_fit_its_field_is_one_line_not_a_usage_dump(tmp_path, monkeypatch, capsys, argv, named):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xiaolm: error: {named}") and len(err.splitlines()) == 1, err

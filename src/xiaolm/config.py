@@ -388,9 +388,6 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str,
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = resolve_config(cls, args)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    cfg = resolve_config(cls, args)  # a ConfigError names the field; the CLI prints it as one line
     refuse_unused(cls, cfg, args, unused, prog)
     return cfg, args
