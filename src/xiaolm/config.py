@@ -20,7 +20,6 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-
 from xiaolm.errors import ConfigError  # noqa: F401 - raised here, and imported from here by callers
 
 
@@ -284,14 +283,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str,
     """Add ``--config`` and a flag for every leaf of ``cls``.
 
     ``positionals`` maps a dotted field to its metavar; those fields are taken as positional arguments. ``unused``
-    fields (shared options this verb ignores) are left out of ``--help``; ``resolve_config`` refuses them.
+    fields (shared options this verb ignores) are left out of ``--help``; ``refuse_unused`` refuses them.
     """
     positionals = positionals or {}
     parser.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe; flags given here override it")
     leaves = list(_leaves(cls))
     all_flags = config_flags(cls)
     if set(unused) - set(all_flags):
-        raise ValueError(f"unused names no field of {cls.__name__}: {sorted(set(unused) - set(all_flags))}")
+        raise ValueError(f"unused= names no field of {cls.__name__}: {sorted(set(unused) - set(all_flags))}")
     group = parser.add_argument_group("options (also settable in a --config recipe)")
     for name, f, tp in leaves:
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
