@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from xiaolm.cli import main
+from xiaolm.errors import XiaolmError
 from xiaolm.eval.mc import LETTERS, build_prompt, evaluate_mc, load_mc_data
 from xiaolm.model.llama import CausalLMOutput, LlamaConfig
 
@@ -116,7 +117,7 @@ def test_cli_on_a_trained_model_reports_chance_beside_the_score(csv_root, tiny_r
     assert (tmp_path / "mc.config.yaml").is_file()
 
 
-def test_c_eval_header_and_clear_errors(tmp_path, capsys):
+def test_c_eval_header_and_clear_errors(tmp_path):
     ceval = tmp_path / "ceval" / "val"
     _write(ceval / "computer_network_val.csv",
            [["0", "TCP 属于哪一层？", "物理层", "传输层", "应用层", "链路层", "B", "解析"]],
@@ -124,10 +125,9 @@ def test_c_eval_header_and_clear_errors(tmp_path, capsys):
     data = load_mc_data(tmp_path / "ceval" / "val")
     assert data.questions[0].subject == "computer_network" and data.questions[0].answer == 1
     _write(tmp_path / "bad" / "x.csv", [["1", "q", "a", "b", "c", "d"]], header=["", "Question", "A", "B", "C", "D"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(XiaolmError, match="x.csv:1"):
         load_mc_data(tmp_path / "bad")
-    assert "x.csv:1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(XiaolmError, match="missing"):
         load_mc_data(tmp_path / "missing")
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from xiaolm.cli import main
+from xiaolm.errors import XiaolmError
 from xiaolm.export.gguf import check_tokenizer_for_gguf, export_gguf, permute_for_gguf, unpermute_from_gguf
 from xiaolm.model.io import load_model
 
@@ -212,7 +213,7 @@ def test_tokenizers_llama_cpp_would_split_differently_are_refused():
     for change in ({"normalizer": {"type": "NFC"}}, {"pre_tokenizer": {"type": "Metaspace"}},
                    {"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}},
                    {"model": {"type": "Unigram"}}):
-        with pytest.raises(SystemExit):
+        with pytest.raises(XiaolmError, match="^bad: "):
             check_tokenizer_for_gguf({**base, **change}, "bad")
 
 
@@ -281,8 +282,7 @@ def test_k_quants_without_llama_cpp_say_what_to_install(tiny_run, tmp_path, caps
     import sys
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    with pytest.raises(SystemExit):
-        main(["export", "gguf", str(tiny_run), str(tmp_path / "k.gguf"), "--type", "q4_k_m"])
+    assert main(["export", "gguf", str(tiny_run), str(tmp_path / "k.gguf"), "--type", "q4_k_m"]) == 2
     err = capsys.readouterr().err
     assert "pip install llama-cpp-python" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing written

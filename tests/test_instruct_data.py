@@ -143,6 +143,5 @@ def test_english_summary_is_not_used_and_malformed_records_are_reported(tmp_path
 
 
 def test_missing_story_file_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["data", "instruct", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
+    assert main(["data", "instruct", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "none.jsonl: no such file" in capsys.readouterr().err

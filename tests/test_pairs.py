@@ -98,10 +98,8 @@ def test_cli_normalises_files_and_reports(tmp_path, capsys):
     assert (tmp_path / "pairs.jsonl.config.yaml").is_file()
     # normalised output reads back as is
     assert main(["data", "pairs", "--data", str(out), "--out", str(tmp_path / "again.jsonl")]) == 0
-    with pytest.raises(SystemExit):
-        main(["data", "pairs", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)])
-    with pytest.raises(SystemExit):
-        main(["data", "pairs", "--out", str(out)])  # neither --data nor --policy
+    assert main(["data", "pairs", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert main(["data", "pairs", "--out", str(out)]) == 2  # neither --data nor --policy
 
 
 # ------------------------------------------------------------------------------------------------ real files
@@ -170,9 +168,9 @@ def test_on_policy_pairs(tmp_path, tiny_run, instruct_dir, capsys):
 
 def test_on_policy_refuses_heldout_prompts_and_reference_mode(tmp_path, tiny_run, instruct_dir):
     out = tmp_path / "pairs.jsonl"
-    with pytest.raises(SystemExit):  # every prompt of the held-out file is held out
-        main(["data", "pairs", "--policy", str(tiny_run), "--prompts", str(instruct_dir / "heldout.jsonl"),
-              "--heldout", str(instruct_dir / "heldout.jsonl"), "--out", str(out), *ONPOLICY])
+    # every prompt of the held-out file is held out
+    assert main(["data", "pairs", "--policy", str(tiny_run), "--prompts", str(instruct_dir / "heldout.jsonl"),
+                 "--heldout", str(instruct_dir / "heldout.jsonl"), "--out", str(out), *ONPOLICY]) == 2
     assert main(["data", "pairs", "--policy", str(tiny_run), "--prompts", str(instruct_dir / "train.jsonl"),
                  "--out", str(out), *ONPOLICY, "--mode", "reference"]) == 0
     train = {json.dumps(r["messages"][:-1], ensure_ascii=False): r["messages"][-1]["content"]

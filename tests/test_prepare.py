@@ -285,15 +285,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert saved["dedup"]["threshold"] == 0.85 and saved["filters"]["min_chars"] == 5
     assert "documents in 1" in capsys.readouterr().err
     # A missing input is one clear error line naming it, before anything is written.
-    with pytest.raises(SystemExit) as exc:
-        main(["data", "prepare", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "out3")])
-    assert exc.value.code == 2 and "absent.jsonl" in capsys.readouterr().err
+    code = main(["data", "prepare", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "out3")])
+    assert code == 2 and "absent.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "out3").exists()
     with pytest.raises(SystemExit) as exc:
         main(["data", "prepare", "--help"])
     assert exc.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--field", "--txt-mode", "--min-chars", "--dedup.threshold", "--val-fraction", "--to-simplified"):
+    for flag in ("--field", "--txt-mode", "--min-chars", "--threshold", "--val-fraction", "--to-simplified"):
         assert flag in help_text
 
 

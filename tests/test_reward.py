@@ -92,13 +92,10 @@ def test_reward_model_learns_and_scores(tmp_path, tiny_run, easy_pairs, capsys):
 
 
 def test_score_refuses_a_policy_and_missing_files(tmp_path, tiny_run, easy_pairs, capsys):
-    with pytest.raises(SystemExit):
-        main(["reward", "score", str(tiny_run), "--data", str(easy_pairs)])
+    assert main(["reward", "score", str(tiny_run), "--data", str(easy_pairs)]) == 2
     assert "not a reward model" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["reward", "score", str(tiny_run), "--data", str(tmp_path / "missing.jsonl")])
-    with pytest.raises(SystemExit):
-        main(["reward", str(tiny_run), "--out", str(tmp_path / "x")])  # no --data
+    assert main(["reward", "score", str(tiny_run), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["reward", str(tiny_run), "--out", str(tmp_path / "x")]) == 2  # no --data
 
 
 def test_real_preference_files_train_and_evaluate(tmp_path, tiny_run, shared_data):

@@ -20,6 +20,7 @@ from xiaolm.data.shards import (
 )
 from xiaolm.data.sources import resolve_inputs
 from xiaolm.data.vocab import train_tokenizer
+from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import load_tokenizer
 
 _WORDS = ["小明", "莉莉", "小猫", "老奶奶", "公园", "气球", "苹果", "开心", "难过", "朋友", "河边", "Hello", "OK", "2024"]
@@ -199,7 +200,7 @@ def test_rerun_replaces_previous_shards(corpus, tmp_path):
     assert TokenShards(out).num_docs == len(corpus["train"])
 
 
-def test_errors_before_work(corpus, tmp_path, capsys):
+def test_errors_before_work(corpus, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="not a tokenizer directory|tokenizer not found"):
         tokenize_to_shards([str(corpus["prepared"])], tmp_path / "no_tok", out)
@@ -208,9 +209,8 @@ def test_errors_before_work(corpus, tmp_path, capsys):
     with pytest.raises(ValueError, match="unsupported input"):
         resolve_inputs([str(corpus["tok_dir"] / "config.yaml")])
     assert not out.exists()
-    with pytest.raises(SystemExit):
+    with pytest.raises(XiaolmError, match="input not found"):
         tokenize_main([str(tmp_path / "missing.jsonl"), "--tokenizer", str(corpus["tok_dir"]), "--out", str(out)])
-    assert "input not found" in capsys.readouterr().err
 
 
 def test_cli(corpus, tmp_path, capsys):

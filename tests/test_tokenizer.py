@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from xiaolm.data.vocab import main as train_main
 from xiaolm.data.vocab import train_tokenizer
+from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, XTokenizer, load_tokenizer
 from xiaolm.tokenizer.core import fingerprint_of_json
 from xiaolm.tokenizer.train import train_bpe, training_chunks
@@ -342,11 +343,10 @@ def test_cli_help_lists_options(capsys):
         assert flag in text
 
 
-def test_missing_input_fails_before_work(tmp_path, capsys):
+def test_missing_input_fails_before_work(tmp_path):
     out = tmp_path / "never"
-    with pytest.raises(SystemExit):
+    with pytest.raises(XiaolmError, match="input not found"):
         train_main([str(tmp_path / "nope.jsonl"), "--out", str(out)])
-    assert "input not found" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "no_tokenizer_here")

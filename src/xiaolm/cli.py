@@ -70,9 +70,14 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "gguf": 
 
 def _run(target: str, argv: list[str]) -> int:
     module_name, func_name = target.split(":")
+    from xiaolm.errors import XiaolmError
+
     try:
         module = importlib.import_module(module_name)
         result = getattr(module, func_name)(argv)
+    except XiaolmError as exc:  # an expected error, raised anywhere in the library: one line, no traceback
+        print(f"xiaolm: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
     except ModuleNotFoundError as exc:  # an extra that is not installed: say which, in one line
         top = (exc.name or "").split(".")[0]
         if top not in EXTRAS:

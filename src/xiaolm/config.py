@@ -3,8 +3,11 @@
 Every verb describes its options as a (possibly nested) dataclass. Values come from, in rising precedence:
 the dataclass defaults, a YAML recipe given with ``--config``, and command-line flags. Every leaf field
 ``a.b`` is settable as ``--a.b VALUE``; a leaf whose name is unique in the tree is also settable by its short
-form (``--max-steps`` for ``train.max_steps``). Each run writes the fully resolved config beside its outputs,
-so a recipe can always be replayed exactly.
+form (``--max-steps`` for ``train.max_steps``), and ``opt(short="--seed")`` claims a short form where the name
+clashes. ``--help`` lists one spelling per option (the short form, else ``--a.b-c``); the underscore and dotted
+variants are accepted without being listed. A verb names the shared fields it ignores (``unused=``): they are
+hidden and refused. Each run writes the fully resolved config beside its outputs, so a recipe can always be
+replayed exactly.
 """
 from __future__ import annotations
 
@@ -17,13 +20,16 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or flag that does not fit the config's schema."""
+from xiaolm.errors import ConfigError  # noqa: F401 - raised here, and imported from here by callers
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, short: bool = True):
-    """A dataclass field with a help string. ``short=False`` hides the short flag form."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, short: bool | str = True):
+    """A dataclass field with a help string.
+
+    The short flag (``--max-steps`` for ``train.max_steps``) exists while the leaf name is unique in a verb's tree;
+    ``short=False`` hides it, and ``short="--seed"`` claims that flag explicitly, so that it also exists where the
+    name clashes (``train.seed`` beside ``sampling.seed``). A flag claimed by two leaves of one tree goes to neither.
+    """
     meta = {"help": help, "short": short}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
@@ -228,18 +234,63 @@ def _default_of(f):
     return None
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str, str] | None = None) -> None:
-    """Add ``--config`` and a flag for every leaf of ``cls``.
+def _claimed_shorts(leaves) -> dict[str, str]:
+    """Dotted name -> the short flag it claims with ``opt(short="--flag")``, where exactly one leaf claims it and no
+    top-level field is spelt so."""
+    claims: dict[str, list[str]] = {}
+    for name, f, _tp in leaves:
+        flag = f.metadata.get("short", True)
+        if isinstance(flag, str):
+            claims.setdefault(flag, []).append(name)
+    top = {f"--{name.replace('_', '-')}" for name, _f, _tp in leaves if "." not in name}
+    return {names[0]: flag for flag, names in claims.items() if len(names) == 1 and flag not in top}
 
-    ``positionals`` maps a dotted field to its metavar; those fields are taken as positional arguments.
-    """
-    positionals = positionals or {}
-    parser.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe; flags given here override it")
+
+def config_flags(cls) -> dict[str, list[str]]:
+    """Dotted name -> every flag that sets it, the one ``--help`` shows first (the short form where there is one,
+    else the dotted form with dashes). The others (underscore and dotted variants) are accepted silently."""
     leaves = list(_leaves(cls))
     short_counts: dict[str, int] = {}
     for name, _f, _tp in leaves:
         short = name.rsplit(".", 1)[-1]
         short_counts[short] = short_counts.get(short, 0) + 1
+    claimed = _claimed_shorts(leaves)
+    out: dict[str, list[str]] = {}
+    for name, f, _tp in leaves:
+        short = name.rsplit(".", 1)[-1]
+        flags = []
+        if "." in name:
+            flags.append(f"--{name}")
+            if "_" in name:
+                flags.append(f"--{name.replace('_', '-')}")
+        auto = f"--{short.replace('_', '-')}"
+        if short_counts[short] == 1 and f.metadata.get("short", True) is not False and (
+                auto not in claimed.values() or claimed.get(name) == auto):
+            flags.append(auto)
+            if "_" in short:
+                flags.append(f"--{short}")
+        elif "." not in name:
+            flags.append(auto)
+        if name in claimed:
+            flags += [x for x in (claimed[name], "--" + claimed[name][2:].replace("-", "_")) if x not in flags]
+        shown = claimed.get(name) or (auto if auto in flags else f"--{name.replace('_', '-')}")
+        out[name] = [shown] + [x for x in flags if x != shown]
+    return out
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str, str] | None = None,
+                    unused: typing.Collection[str] = ()) -> None:
+    """Add ``--config`` and a flag for every leaf of ``cls``.
+
+    ``positionals`` maps a dotted field to its metavar; those fields are taken as positional arguments. ``unused``
+    fields (shared options this verb ignores) are left out of ``--help``; ``refuse_unused`` refuses them.
+    """
+    positionals = positionals or {}
+    parser.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe; flags given here override it")
+    leaves = list(_leaves(cls))
+    all_flags = config_flags(cls)
+    if set(unused) - set(all_flags):
+        raise ValueError(f"unused= names no field of {cls.__name__}: {sorted(set(unused) - set(all_flags))}")
     group = parser.add_argument_group("options (also settable in a --config recipe)")
     for name, f, tp in leaves:
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
@@ -252,31 +303,28 @@ def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str,
                 help=help_text,
             )
             continue
-        short = name.rsplit(".", 1)[-1]
-        flags = []
-        if "." in name:
-            flags.append(f"--{name}")
-            if "_" in name:
-                flags.append(f"--{name.replace('_', '-')}")
-        if short_counts[short] == 1 and f.metadata.get("short", True):
-            flags.append(f"--{short.replace('_', '-')}")
-            if "_" in short:
-                flags.append(f"--{short}")
-        elif "." not in name:
-            flags.append(f"--{name.replace('_', '-')}")
+        # One spelling in --help; the others are the same option, accepted without being listed.
+        shown, *aliases = all_flags[name]
+        if name in unused:
+            shown, aliases = None, [shown, *aliases]
         kwargs: dict[str, Any] = {"dest": name.replace(".", "__"), "default": argparse.SUPPRESS}
-        shown = "" if default in (None, "", []) else f" (default: {default})".replace("%", "%%")
+        default_text = "" if default in (None, "", []) else f" (default: {default})".replace("%", "%%")
         if get_origin(inner) is Literal:
             kwargs["choices"] = [str(c) for c in get_args(inner)]
         if inner is bool:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text + shown, **kwargs)
-            continue
-        if get_origin(inner) in (list, tuple):
-            kwargs["nargs"] = "+"
-        metavar = {int: "N", float: "X", str: "S"}.get(inner, None)
-        if metavar and "choices" not in kwargs:
-            kwargs["metavar"] = metavar
-        group.add_argument(*flags, help=help_text + shown, **kwargs)
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            if get_origin(inner) in (list, tuple):
+                kwargs["nargs"] = "+"
+                if "choices" not in kwargs:
+                    kwargs["metavar"] = name.rsplit(".", 1)[-1].upper()  # not the dest's PAIRS__SAMPLING__STOP
+            metavar = {int: "N", float: "X", str: "S"}.get(inner, None)
+            if metavar and "choices" not in kwargs and "metavar" not in kwargs:
+                kwargs["metavar"] = metavar
+        if shown is not None:
+            group.add_argument(shown, help=help_text + default_text, **kwargs)
+        if aliases:
+            group.add_argument(*aliases, help=argparse.SUPPRESS, **kwargs)
 
 
 def resolve_config(cls, args: argparse.Namespace):
@@ -299,22 +347,46 @@ def resolve_config(cls, args: argparse.Namespace):
     return config_from_dict(cls, data, where=str(recipe) if recipe else "config")
 
 
+def _default_at(cls, dotted: str):
+    """The default of a dotted leaf, as the sections' own defaults set it."""
+    tp, value = cls, dataclasses.MISSING
+    for part in dotted.split("."):
+        f = {f.name: f for f in dataclasses.fields(tp)}[part]
+        value = _default_of(f) if value is dataclasses.MISSING else getattr(value, part)
+        tp = _unwrap_optional(_field_types(tp)[part])[0]
+    return value
+
+
+def refuse_unused(cls, cfg, args: argparse.Namespace, unused: typing.Collection[str], prog: str) -> None:
+    """A shared option this verb ignores, set on the command line or to a non-default value in a recipe, is an
+    error: silently ignoring it would let a user believe it took effect."""
+    for name in unused:
+        flag = f"--{name.replace('_', '-')}"
+        if hasattr(args, name.replace(".", "__")):
+            raise ConfigError(f"{flag} is not used by {prog}")
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value != _default_at(cls, name):
+            raise ConfigError(f"{getattr(args, 'config', None)}: {name} is not used by {prog} (remove it)")
+
+
 def parse_config(cls, argv: list[str] | None, prog: str, description: str,
                  positionals: dict[str, str] | None = None, epilog: str | None = None,
-                 extra: typing.Callable[[argparse.ArgumentParser], None] | None = None):
+                 extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
+                 unused: typing.Collection[str] = ()):
     """Build the parser for one verb, parse ``argv`` and resolve the config.
 
-    Returns ``(config, namespace)``; ``extra`` may add flags that are not part of the config.
+    Returns ``(config, namespace)``; ``extra`` may add flags that are not part of the config. ``unused`` names the
+    shared fields this verb ignores: hidden from ``--help`` and refused when set (one line, through the CLI).
     """
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_args(parser, cls, positionals)
+    add_config_args(parser, cls, positionals, unused)
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = resolve_config(cls, args)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    cfg = resolve_config(cls, args)  # a ConfigError names the field; the CLI prints it as one line
+    refuse_unused(cls, cfg, args, unused, prog)
     return cfg, args

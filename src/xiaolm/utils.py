@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from xiaolm.errors import XiaolmError
+
 # ------------------------------------------------------------------------------------------------ files
 
 
@@ -173,7 +175,6 @@ def log(*parts: Any, file=None) -> None:
         print(*parts, file=file or sys.stderr, flush=True)
 
 
-def fail(message: str, code: int = 2) -> "SystemExit":
-    """A clear, single-line error for bad input; raise what this returns."""
-    print(f"xiaolm: error: {message}", file=sys.stderr, flush=True)
-    return SystemExit(code)
+def fail(message: str, code: int = 2, kind: "type[XiaolmError]" = XiaolmError) -> "XiaolmError":
+    """A clear, single-line error for bad input; raise what this returns (the CLI prints it and exits ``code``)."""
+    return kind(message, code)

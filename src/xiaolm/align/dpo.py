@@ -631,6 +631,7 @@ def main(argv: list[str]) -> int:
         "  xiaolm dpo runs/sft --prompts data/instruct --rounds 3 --out runs/dpo-iter\n"
         "  xiaolm eval instruct runs/dpo --data data/instruct/heldout.jsonl",
         positionals={"run": "SFTDIR"},
+        unused={"train.loss_chunk_size"},  # the pair losses need every token's log-probability, not a fused CE
     )
     summary, env = run_training(dpo, cfg)
     if env.is_main:

@@ -391,6 +391,8 @@ def main(argv: list[str]) -> int:
         "example:\n"
         "  xiaolm grpo runs/sft --prompts data/instruct --eval-prompts data/instruct/heldout.jsonl --out runs/grpo",
         positionals={"run": "SFTDIR"},
+        # steps come from --max-steps or the prompts; batches are sampled by the current weights; no fused CE
+        unused={"train.max_tokens", "train.prefetch", "train.loss_chunk_size"},
     )
     summary, env = run_training(grpo, cfg)
     if env.is_main:

@@ -420,6 +420,7 @@ def main(argv: list[str]) -> int:
         "  xiaolm reward runs/sft --data data/pairs.jsonl --out runs/reward\n"
         "  xiaolm reward score runs/reward --data data/pairs_heldout.jsonl",
         positionals={"run": "SFTDIR"},
+        unused={"train.loss_chunk_size"},  # a scalar head on the last token: no language-model loss to chunk
     )
     summary, env = run_training(train_reward, cfg)
     if env.is_main:

@@ -36,7 +36,7 @@ MAX_EXAMPLES_PER_RULE = 5
 @dataclass
 class PrepareConfig:
     inputs: list[str] = opt([], "input files, directories (recursive), globs, or hf:NAME datasets "
-                                ".txt .jsonl .json .csv .parquet, each optionally .gz")
+                                ".txt .jsonl .json .csv .parquet, each optionally .gz", short="--inputs")
     out: str = opt("", "output directory for train.jsonl, val.jsonl, report.json, config.yaml")
     field: str = opt("text", "field path of the text in each record: story_zh, modern, paragraphs (a list is "
                              "joined), nested a.b.c, alternatives modern|paragraphs (first present); ignored for "

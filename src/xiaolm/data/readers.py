@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from xiaolm.errors import DataError
 from xiaolm.utils import log
 
 FORMATS = ("txt", "jsonl", "json", "csv", "parquet", "arrow")
@@ -57,7 +58,7 @@ _STREAM_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, OSError)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """An input that cannot be used (missing, unreadable, unknown kind); raised before any work starts."""
 
 

@@ -18,15 +18,13 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 
+from xiaolm.errors import CheckpointError  # a checkpoint that is missing, incomplete or corrupt
 from xiaolm.utils import log, sha256_file
 
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
 META_FILE = "meta.json"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:

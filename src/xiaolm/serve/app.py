@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -910,6 +909,3 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.set_inheritable(True)
     return sock
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from xiaolm.errors import ExportError
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "xiaolm_tokenizer.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
-class HFImportError(ValueError):
+class HFImportError(ExportError):
     """A Hugging Face directory this model cannot represent, or cannot read."""
 
 

@@ -72,7 +72,7 @@ class TrainConfig:
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool = opt(False, "torch.compile the model (GPU: faster after a one-off compile)")
-    seed: int = opt(1337, "seed for initialisation and data order")
+    seed: int = opt(1337, "seed for initialisation and data order", short="--seed")
     log_every: int = opt(10, "log every N optimizer steps")
     eval_every: int = opt(200, "evaluate (and save) every N steps; 0: only at the end")
     save_every: int = opt(0, "also save every N steps (0: at evaluations and the end)")
