@@ -25,8 +25,8 @@ def test_fail_returns_an_error_and_prints_nothing(capsys):
 def test_the_modules_own_errors_are_xiaolm_errors_of_the_same_builtin_kind():
     from xiaolm.config import ConfigError as config_error
     from xiaolm.data.readers import InputError
-    from xiaolm.export.hf import HFImportError
-    from xiaolm.train.checkpoint import CheckpointError as checkpoint_error
+    from xiaolm.tokenizer.hf import HFImportError
+    from xiaolm.model.io import CheckpointError as checkpoint_error
 
     assert config_error is ConfigError and checkpoint_error is CheckpointError
     assert issubclass(ConfigError, ValueError) and issubclass(CheckpointError, RuntimeError)  # old except clauses
