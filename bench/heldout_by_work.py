@@ -89,14 +89,27 @@ def build_fold(heldout: str, sources: dict[str, Path], cache: Path, vocab: int, 
     return shards
 
 
-def train_seconds(run: Path) -> float:
-    """The trainer's elapsed time at its last logged step (training and checkpoint saves, not evaluations)."""
+def train_seconds(run: Path, at_step: int | None = None) -> float:
+    """The trainer's elapsed time at its last logged step, or at ``at_step`` (training and checkpoint saves, not
+    evaluations)."""
     last = 0.0
     for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        if rec.get("kind") == "train":
+        if rec.get("kind") == "train" and (at_step is None or rec["step"] == at_step):
             last = rec["elapsed_s"]
     return last
+
+
+def score(model: Path, shards: Path, heldout_dir: Path, args, log: Path, commands: list[str]) -> dict[str, dict]:
+    """``xiaolm eval ppl`` of a run or checkpoint on the training text's val split and on the held-out novel."""
+    scores = {}
+    for key, data in (("val", ["--data", str(shards), "--split", "val"]),
+                      ("heldout", ["--data", str(heldout_dir), "--split", "train"])):
+        out = model / f"eval-{key}.json"
+        xiaolm(["eval", "ppl", str(model), *data, "--max-tokens", str(args.eval_tokens), "--batch-size", "16",
+                "--device", args.device, "--out", str(out)], log, commands)
+        scores[key] = json.loads(out.read_text(encoding="utf-8"))
+    return scores
 
 
 def run_fold(heldout: str, sources: dict[str, Path], shards: Path, work: Path, args, log: Path,
@@ -105,7 +118,7 @@ def run_fold(heldout: str, sources: dict[str, Path], shards: Path, work: Path, a
               "--micro-batch-size", str(args.batch), "--lr", str(args.lr), "--warmup-steps", str(args.warmup),
               "--max-steps", str(args.steps), "--seed", str(args.seed), "--log-every", str(args.steps // args.chunks),
               "--eval-every", "0", "--eval-tokens", "4096", "--sample-tokens", "1", "--no-progress",
-              "--no-tensorboard", "--device", args.device]
+              "--no-tensorboard", "--keep-last", str(args.chunks + 1), "--device", args.device]
     runs = {name: work / f"{heldout}-{name}" for name in VARIANTS}
     for r in runs.values():
         if r.exists():
@@ -119,22 +132,21 @@ def run_fold(heldout: str, sources: dict[str, Path], shards: Path, work: Path, a
                   flush=True)
     rows = []
     for name, run in runs.items():
-        scores = {}
-        for key, data in (("val", ["--data", str(shards), "--split", "val"]),
-                          ("heldout", ["--data", str(sources[heldout]), "--split", "train"])):
-            out = run / f"eval-{key}.json"
-            xiaolm(["eval", "ppl", str(run), *data, "--max-tokens", str(args.eval_tokens), "--batch-size", "16",
-                    "--device", args.device, "--out", str(out)], log, commands)
-            scores[key] = json.loads(out.read_text(encoding="utf-8"))
-        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-        rows.append({
-            "heldout": heldout, "variant": name, "flags": VARIANTS[name], "tokens": summary["tokens"],
-            "steps": summary["steps"], "train_s": train_seconds(run),
-            "val_bpc": round(scores["val"]["bits_per_char"], 4), "val_tokens": scores["val"]["tokens"],
-            "heldout_bpc": round(scores["heldout"]["bits_per_char"], 4), "heldout_tokens": scores["heldout"]["tokens"],
-            "heldout_chars_per_token": round(scores["heldout"]["chars_per_token"], 4),
-            "final_train_loss": summary.get("final_train_loss"),
-        })
+        # Every slice's checkpoint is scored too: a variant that beats the baseline's full run with a fraction of
+        # its tokens and seconds wins at equal wall-clock, not only at equal tokens (its lr not yet decayed there).
+        for stop in stops:
+            model = run if stop == args.steps else run / "checkpoints" / f"step-{stop:08d}"
+            scores = score(model, shards, sources[heldout], args, log, commands)
+            rows.append({
+                "heldout": heldout, "variant": name if stop == args.steps else f"{name} @ step {stop}",
+                "flags": VARIANTS[name], "steps": stop, "tokens": stop * args.batch * args.seq_len,
+                "train_s": train_seconds(run, stop), "final": stop == args.steps,
+                "val_bpc": round(scores["val"]["bits_per_char"], 4), "val_tokens": scores["val"]["tokens"],
+                "heldout_bpc": round(scores["heldout"]["bits_per_char"], 4),
+                "heldout_tokens": scores["heldout"]["tokens"],
+                "heldout_chars_per_token": round(scores["heldout"]["chars_per_token"], 4),
+            })
+        print(f"  {heldout} held out: {name:<13} scored", flush=True)
     return rows
 
 
@@ -142,7 +154,7 @@ def table(rows: list[dict]) -> list[str]:
     lines = ["| held out | variant | tokens | wall s (training) | train-val bpc | held-out-novel bpc | vs baseline |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next(b for b in rows if b["heldout"] == r["heldout"] and b["variant"] == BASELINE)
+        base = next(b for b in rows if b["heldout"] == r["heldout"] and b["variant"] == BASELINE)  # full run
         lines.append(f"| {r['heldout']} | {r['variant']} | {r['tokens']:,} | {r['train_s']:.1f} | {r['val_bpc']:.4f} "
                      f"| {r['heldout_bpc']:.4f} | {r['heldout_bpc'] - base['heldout_bpc']:+.4f} |")
     return lines
@@ -218,6 +230,8 @@ def main(argv=None) -> int:
         print(f"heldout_by_work: {e}", file=sys.stderr)
         return 1
     load_end = os.getloadavg()
+    folds_seen = list(dict.fromkeys(r["heldout"] for r in rows))  # full runs first, then the mid-run checkpoints
+    rows.sort(key=lambda r: (folds_seen.index(r["heldout"]), not r["final"], r["steps"]))
     lines = table(rows)
     print("\n" + "\n".join(lines))
     print(f"bits/char over at most {args.eval_tokens:,} tokens of each text; held-out = the novel never trained on "
