@@ -147,6 +147,26 @@ def run_fold(heldout: str, sources: dict[str, Path], shards: Path, work: Path, a
                 "heldout_chars_per_token": round(scores["heldout"]["chars_per_token"], 4),
             })
         print(f"  {heldout} held out: {name:<13} scored", flush=True)
+    # Equal wall-clock: a variant slower than the baseline here gets a run of its own, as many steps as it made
+    # in the baseline's training seconds (its schedule spanning them), so both questions are answered by a run.
+    base_s = train_seconds(runs[BASELINE])
+    for name, flags in VARIANTS.items():
+        own_s = train_seconds(runs[name])
+        if name == BASELINE or own_s <= base_s or not args.equal_time:
+            continue
+        steps = max(1, int(args.steps * base_s / own_s))
+        run = work / f"{heldout}-{name}-equal-time"
+        xiaolm(["pretrain", *common, *flags, "--max-steps", str(steps), "--out", str(run)], log, commands)
+        scores = score(run, shards, sources[heldout], args, log, commands)
+        rows.append({
+            "heldout": heldout, "variant": f"{name}, baseline's seconds ({steps} steps)", "flags": VARIANTS[name],
+            "steps": steps, "tokens": steps * args.batch * args.seq_len, "train_s": train_seconds(run),
+            "final": True, "equal_time": True,
+            "val_bpc": round(scores["val"]["bits_per_char"], 4), "val_tokens": scores["val"]["tokens"],
+            "heldout_bpc": round(scores["heldout"]["bits_per_char"], 4), "heldout_tokens": scores["heldout"]["tokens"],
+            "heldout_chars_per_token": round(scores["heldout"]["chars_per_token"], 4),
+        })
+        print(f"  {heldout} held out: {name:<13} equal-time run of {steps} steps scored", flush=True)
     return rows
 
 
@@ -184,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunks", type=int, default=2, help="slices each variant trains in turn (interleaving)")
     ap.add_argument("--eval-tokens", type=int, default=65536, help="tokens scored on each evaluation text")
+    ap.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train a variant slower than the baseline for the baseline's seconds")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="/tmp/xiaolm-heldout-cache", help="prepared text, tokenizers, shards")
     ap.add_argument("--work", default=None, help="run directories (default: a new /tmp/xiaolm-heldout-STAMP)")
@@ -231,7 +253,8 @@ def main(argv=None) -> int:
         return 1
     load_end = os.getloadavg()
     folds_seen = list(dict.fromkeys(r["heldout"] for r in rows))  # full runs first, then the mid-run checkpoints
-    rows.sort(key=lambda r: (folds_seen.index(r["heldout"]), not r["final"], r["steps"]))
+    rows.sort(key=lambda r: (folds_seen.index(r["heldout"]), not r["final"], r.get("equal_time", False),
+                             -r["steps"]))
     lines = table(rows)
     print("\n" + "\n".join(lines))
     print(f"bits/char over at most {args.eval_tokens:,} tokens of each text; held-out = the novel never trained on "
