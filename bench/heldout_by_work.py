@@ -152,7 +152,7 @@ def run_fold(heldout: str, sources: dict[str, Path], shards: Path, work: Path, a
     base_s = train_seconds(runs[BASELINE])
     for name, flags in VARIANTS.items():
         own_s = train_seconds(runs[name])
-        if name == BASELINE or own_s <= base_s or not args.equal_time:
+        if name == BASELINE or own_s <= base_s * (1 + args.equal_time_margin) or not args.equal_time:
             continue
         steps = max(1, int(args.steps * base_s / own_s))
         run = work / f"{heldout}-{name}-equal-time"
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=65536, help="tokens scored on each evaluation text")
     ap.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=True,
                     help="also train a variant slower than the baseline for the baseline's seconds")
+    ap.add_argument("--equal-time-margin", type=float, default=0.1,
+                    help="...when it is slower by more than this fraction (less is within this machine's noise)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="/tmp/xiaolm-heldout-cache", help="prepared text, tokenizers, shards")
     ap.add_argument("--work", default=None, help="run directories (default: a new /tmp/xiaolm-heldout-STAMP)")
