@@ -11,7 +11,8 @@ Everything goes through xiaolm's CLI (``python -m xiaolm data prepare / tokenize
 / eval ppl``), so the bench measures what a user runs. Variants are interleaved: each trains ``--chunks`` slices of
 its run in turn (``--stop-at-step``, then ``--resume``, which reproduces an uninterrupted run), so a busy machine
 slows them alike; wall seconds are the trainer's own training time (evaluations excluded), indicative on a shared
-machine. Results (table, commands, machine, load) go to bench/results/heldout-by-work-*.json and .md.
+machine. Each slice's checkpoint is scored as well, and a variant more than 10% slower than the baseline also trains
+a run of its own for the steps it made in the baseline's seconds: equal tokens and equal wall-clock. Results (table, commands, machine, load) go to bench/results/heldout-by-work-*.json and .md.
 
     OMP_NUM_THREADS=1 python bench/heldout_by_work.py                      # hold out 红楼梦 (one fold)
     OMP_NUM_THREADS=1 python bench/heldout_by_work.py --heldout all        # three folds, one per novel
