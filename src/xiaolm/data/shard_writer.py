@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xiaolm.data.sources import parse_lines
+from xiaolm.data.sources import _note_malformed, parse_lines
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -156,6 +156,24 @@ class _SplitWriter:
             self._fh.close()
             self._fh = None
             (self.dir / f"shard_{self.index:05d}.bin.tmp").unlink(missing_ok=True)
+
+
+def add_encoded(writers: dict[str, _SplitWriter], out: Path, dtype: np.dtype, shard_tokens: int, fingerprint: str,
+                source, result: dict, stats: dict, split_stats: dict[str, dict]) -> None:
+    """File one encoded batch of ``source`` (an ``_encode_task`` result): its documents go to the split's writer
+    under ``out`` (opened on first use), its counts into ``stats`` and ``split_stats[split]``."""
+    writer = writers.get(source.split)
+    if writer is None:
+        writer = writers[source.split] = _SplitWriter(out / source.split, dtype, shard_tokens, fingerprint)
+    if len(result["lengths"]):
+        writer.add(result["tokens"], result["lengths"], str(source.path))
+    _note_malformed(stats, result["malformed"])
+    for key in ("empty", "chars", "bytes"):
+        stats[key] += result[key]
+    stats["documents"] += len(result["lengths"])
+    split = split_stats.setdefault(source.split, {"chars": 0, "bytes": 0})
+    split["chars"] += result["chars"]
+    split["bytes"] += result["bytes"]
 
 
 def _clear_previous_output(out: Path) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from xiaolm.config import opt
 from xiaolm.data.shard_writer import _WORKER, FORMAT_VERSION, META_FILE, _clear_previous_output, _encode_task, \
-    _init_worker, _init_worker_in_process, _SplitWriter, dtype_for_vocab
+    _init_worker, _init_worker_in_process, _SplitWriter, add_encoded, dtype_for_vocab
 from xiaolm.data.sources import TextSource, _note_malformed, input_batches, resolve_inputs
 
 
@@ -123,20 +123,7 @@ def run(cfg: TokenizeConfig) -> dict:
             _note_malformed(stats, unreadable)
 
     def consume(source: TextSource, result: dict, raw_size: int) -> None:
-        writer = writers.get(source.split)
-        if writer is None:
-            writer = writers[source.split] = _SplitWriter(out / source.split, dtype, cfg.shard_tokens,
-                                                          tok.fingerprint)
-        if len(result["lengths"]):
-            writer.add(result["tokens"], result["lengths"], str(source.path))
-        _note_malformed(stats, result["malformed"])
-        stats["empty"] += result["empty"]
-        stats["documents"] += len(result["lengths"])
-        stats["chars"] += result["chars"]
-        stats["bytes"] += result["bytes"]
-        s = split_stats.setdefault(source.split, {"chars": 0, "bytes": 0})
-        s["chars"] += result["chars"]
-        s["bytes"] += result["bytes"]
+        add_encoded(writers, out, dtype, cfg.shard_tokens, tok.fingerprint, source, result, stats, split_stats)
         if bar is not None:
             bar.update(raw_size)
 

@@ -15,8 +15,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from xiaolm.data.prepare_datatrove import PipelineStep, _executor, _need_datatrove, _quiet
 
 WORK = Path(".datatrove") / "tokenize"
@@ -83,8 +81,9 @@ class XiaolmTokenizeRange(PipelineStep):
         self.cfg = cfg
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from xiaolm.data.shard_writer import _encode_task, _init_worker_in_process, _SplitWriter, dtype_for_vocab
-        from xiaolm.data.sources import _note_malformed, read_line_batches, resolve_inputs
+        from xiaolm.data.shard_writer import _encode_task, _init_worker_in_process, _SplitWriter, add_encoded, \
+            dtype_for_vocab
+        from xiaolm.data.sources import read_line_batches, resolve_inputs
         from xiaolm.tokenizer import load_tokenizer
 
         cfg = self.cfg
@@ -100,19 +99,8 @@ class XiaolmTokenizeRange(PipelineStep):
                        else _lines_from(source.path, start, end, max(1, cfg.batch_size)))
             for first, lines in batches:
                 result = _encode_task((str(source.path), source.kind, cfg.field, first, lines))
-                writer = writers.get(source.split)
-                if writer is None:
-                    writer = writers[source.split] = _SplitWriter(task_dir / source.split, dtype, cfg.shard_tokens,
-                                                                  tok.fingerprint)
-                if len(result["lengths"]):
-                    writer.add(result["tokens"], result["lengths"], str(source.path))
-                _note_malformed(stats, result["malformed"])
-                for key in ("empty", "chars", "bytes"):
-                    stats[key] += result[key]
-                stats["documents"] += len(result["lengths"])
-                split = stats["splits"].setdefault(source.split, {"chars": 0, "bytes": 0})
-                split["chars"] += result["chars"]
-                split["bytes"] += result["bytes"]
+                add_encoded(writers, task_dir, dtype, cfg.shard_tokens, tok.fingerprint, source, result, stats,
+                            stats["splits"])
                 self.stat_update("documents", value=len(result["lengths"]))
         for name, writer in writers.items():
             writer.finish()
