@@ -302,16 +302,6 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ control
 
-    @property
-    def alive(self) -> bool:
-        """Whether the engine can serve: not closed, and its worker thread is running (or not started yet, when it
-        starts on the first submit). False once the worker has died, which /health reports as 503."""
-        if self._closed:
-            return False
-        if self._thread is None:
-            return self.autostart
-        return self._thread.is_alive()
-
     def start(self) -> None:
         with self._cond:
             if self._closed:
