@@ -176,6 +176,36 @@ def add_encoded(writers: dict[str, _SplitWriter], out: Path, dtype: np.dtype, sh
     split["bytes"] += result["bytes"]
 
 
+def shards_meta(tok, dtype: np.dtype, splits: dict[str, dict], stats: dict, sources, workers: int, wall: float,
+                engine: str | None = None) -> dict:
+    """The content of a shard directory's meta.json: ``splits`` (per split: tokens, documents, shards, chars,
+    bytes) and the run's counts in ``stats``, from ``workers`` processes (or tasks) in ``wall`` seconds."""
+    total_tokens = sum(s["tokens"] for s in splits.values())
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+                      "path": str(Path(tok.path).resolve()) if tok.path else None},
+        "dtype": dtype.name,
+        "byte_order": "little",
+        "eot_id": tok.eot_id,
+        "splits": splits,
+        "tokens": total_tokens,
+        "documents": stats["documents"],
+        "chars": stats["chars"],
+        "bytes": stats["bytes"],
+        "chars_per_token": round(stats["chars"] / max(1, total_tokens - stats["documents"]), 4),
+        "empty_documents": stats["empty"],
+        "malformed": stats["malformed"],
+        "malformed_records": stats["malformed_records"],
+        "sources": [{"path": str(s.path), "split": s.split, "kind": s.kind} for s in sources],
+        "workers": workers,
+        **({"engine": engine} if engine else {}),
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(total_tokens / wall, 1) if wall > 0 else None,
+        "mb_per_s": round(stats["bytes"] / 1e6 / wall, 3) if wall > 0 else None,
+    }
+
+
 def _clear_previous_output(out: Path) -> None:
     """Remove shards a previous run left in ``out`` (only files this stage writes)."""
     (out / META_FILE).unlink(missing_ok=True)

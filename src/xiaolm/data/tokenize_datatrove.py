@@ -129,7 +129,7 @@ class XiaolmMergeShards(PipelineStep):
 
 def merge_task_shards(cfg, tasks: int, started: float) -> dict:
     from xiaolm.config import save_config
-    from xiaolm.data.shard_writer import FORMAT_VERSION, META_FILE, dtype_for_vocab
+    from xiaolm.data.shard_writer import META_FILE, dtype_for_vocab, shards_meta
     from xiaolm.data.sources import MAX_MALFORMED_LISTED, resolve_inputs
     from xiaolm.tokenizer import load_tokenizer
     from xiaolm.utils import atomic_write_json
@@ -161,30 +161,8 @@ def merge_task_shards(cfg, tasks: int, started: float) -> dict:
                 merged[key] += s.get(key, 0)
     wall = time.time() - started
     sources = resolve_inputs(cfg.inputs, split=cfg.split)
-    total_tokens = sum(s["tokens"] for s in splits.values())
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
-                      "path": str(Path(tok.path).resolve()) if tok.path else None},
-        "dtype": dtype_for_vocab(tok.vocab_size).name,
-        "byte_order": "little",
-        "eot_id": tok.eot_id,
-        "splits": dict(sorted(splits.items())),
-        "tokens": total_tokens,
-        "documents": totals["documents"],
-        "chars": totals["chars"],
-        "bytes": totals["bytes"],
-        "chars_per_token": round(totals["chars"] / max(1, total_tokens - totals["documents"]), 4),
-        "empty_documents": totals["empty"],
-        "malformed": totals["malformed"],
-        "malformed_records": totals["malformed_records"],
-        "sources": [{"path": str(s.path), "split": s.split, "kind": s.kind} for s in sources],
-        "workers": tasks,
-        "engine": "datatrove",
-        "wall_time_s": round(wall, 3),
-        "tokens_per_s": round(total_tokens / wall, 1) if wall > 0 else None,
-        "mb_per_s": round(totals["bytes"] / 1e6 / wall, 3) if wall > 0 else None,
-    }
+    meta = shards_meta(tok, dtype_for_vocab(tok.vocab_size), dict(sorted(splits.items())), totals, sources, tasks,
+                       wall, engine="datatrove")
     save_config(cfg, out / "config.yaml")
     atomic_write_json(out / META_FILE, meta)
     return meta
