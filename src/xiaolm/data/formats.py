@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".gz")  # what a directory of data contributes
@@ -237,39 +237,46 @@ def from_alpaca(rec: dict) -> list[dict]:
     return messages
 
 
-def from_sharegpt(rec: dict) -> list[dict]:
-    key = "conversations" if "conversations" in rec else "messages"
+def _conversation(rec: dict, keys: tuple[str, str], speaker: str, text: str, role_of: Callable[[object, str], str],
+                  first: Callable[[], list[dict]]) -> list[dict]:
+    """``first()`` (called once the list is found, so that a missing list is reported before anything else)
+    followed by the turns of a ShareGPT or OpenAI record: the list under the first of ``keys`` present (else the
+    second); ``role_of(value, where)`` maps a turn's ``speaker`` field to a role or raises RecordError."""
+    key = keys[0] if keys[0] in rec else keys[1]
     turns = rec.get(key)
     if not isinstance(turns, list):
-        raise RecordError("missing field 'conversations' (a list)")
-    messages = []
-    if rec.get("system"):
-        messages.append({"role": "system", "content": _text(rec["system"], "field 'system'")})
+        raise RecordError(f"missing field '{keys[0]}' (a list)")
+    messages = first()
     for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RecordError(f"'{key}[{k}]' needs 'from' and 'value'")
-        speaker = str(turn["from"]).lower()
-        role = _SHAREGPT_ROLES.get(speaker)
-        if role is None:
-            raise RecordError(f"'{key}[{k}].from' is {turn['from']!r} (tool turns are not supported)")
-        messages.append({"role": role, "content": _text(turn["value"], f"'{key}[{k}].value'")})
+        if not isinstance(turn, dict) or speaker not in turn or text not in turn:
+            raise RecordError(f"'{key}[{k}]' needs '{speaker}' and '{text}'")
+        role = role_of(turn[speaker], f"'{key}[{k}].{speaker}'")
+        messages.append({"role": role, "content": _text(turn[text], f"'{key}[{k}].{text}'")})
     return messages
+
+
+def _sharegpt_role(speaker: object, where: str) -> str:
+    role = _SHAREGPT_ROLES.get(str(speaker).lower())
+    if role is None:
+        raise RecordError(f"{where} is {speaker!r} (tool turns are not supported)")
+    return role
+
+
+def _openai_role(role: object, where: str) -> str:
+    if role not in _OPENAI_ROLES:
+        raise RecordError(f"{where} is {role!r}, expected one of {list(_OPENAI_ROLES)}")
+    return role  # type: ignore[return-value]
+
+
+def from_sharegpt(rec: dict) -> list[dict]:
+    def system() -> list[dict]:
+        return [{"role": "system", "content": _text(rec["system"], "field 'system'")}] if rec.get("system") else []
+
+    return _conversation(rec, ("conversations", "messages"), "from", "value", _sharegpt_role, system)
 
 
 def from_openai(rec: dict) -> list[dict]:
-    key = "messages" if "messages" in rec else "conversations"
-    turns = rec.get(key)
-    if not isinstance(turns, list):
-        raise RecordError("missing field 'messages' (a list)")
-    messages = []
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise RecordError(f"'{key}[{k}]' needs 'role' and 'content'")
-        role = turn["role"]
-        if role not in _OPENAI_ROLES:
-            raise RecordError(f"'{key}[{k}].role' is {role!r}, expected one of {list(_OPENAI_ROLES)}")
-        messages.append({"role": role, "content": _text(turn["content"], f"'{key}[{k}].content'")})
-    return messages
+    return _conversation(rec, ("messages", "conversations"), "role", "content", _openai_role, list)
 
 
 _CONVERTERS = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai}

@@ -405,6 +405,22 @@ def _check_text(text: str, had_bad_bytes: bool) -> str | None:
     return "invalid Unicode: the record holds an unpaired surrogate escape"
 
 
+def csv_records(reader) -> Iterator[tuple[int, int, list[str] | None, csv.Error | None]]:
+    """The records of a ``csv.reader`` past its header, each with its first and last line in the file (a quoted
+    field may span lines); a record the csv module cannot read comes as row None with its error, and reading goes on."""
+    previous_end = reader.line_num
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield previous_end + 1, reader.line_num, None, exc
+        else:
+            yield previous_end + 1, reader.line_num, row, None
+        previous_end = reader.line_num
+
+
 # -------------------------------------------------------------------------------------------- readers
 
 
@@ -603,17 +619,10 @@ class _Reader:
             (header.index(f) for f in self.field.split("|") if f in header), None)
         if column is None and self.field is not None:
             self.seen_keys = header[:20]
-        previous_end = reader.line_num
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                self.bad(previous_end + 1, f"bad CSV row: {exc}")
-                previous_end = reader.line_num
+        for line, _end, row, exc in csv_records(reader):
+            if exc is not None:
+                self.bad(line, f"bad CSV row: {exc}")
                 continue
-            line, previous_end = previous_end + 1, reader.line_num
             if not row:
                 continue
             if len(row) != len(header):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xiaolm.data.sources import parse_lines
+from xiaolm.data.sources import _note_malformed, parse_lines
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -156,6 +156,54 @@ class _SplitWriter:
             self._fh.close()
             self._fh = None
             (self.dir / f"shard_{self.index:05d}.bin.tmp").unlink(missing_ok=True)
+
+
+def add_encoded(writers: dict[str, _SplitWriter], out: Path, dtype: np.dtype, shard_tokens: int, fingerprint: str,
+                source, result: dict, stats: dict, split_stats: dict[str, dict]) -> None:
+    """File one encoded batch of ``source`` (an ``_encode_task`` result): its documents go to the split's writer
+    under ``out`` (opened on first use), its counts into ``stats`` and ``split_stats[split]``."""
+    writer = writers.get(source.split)
+    if writer is None:
+        writer = writers[source.split] = _SplitWriter(out / source.split, dtype, shard_tokens, fingerprint)
+    if len(result["lengths"]):
+        writer.add(result["tokens"], result["lengths"], str(source.path))
+    _note_malformed(stats, result["malformed"])
+    for key in ("empty", "chars", "bytes"):
+        stats[key] += result[key]
+    stats["documents"] += len(result["lengths"])
+    split = split_stats.setdefault(source.split, {"chars": 0, "bytes": 0})
+    split["chars"] += result["chars"]
+    split["bytes"] += result["bytes"]
+
+
+def shards_meta(tok, dtype: np.dtype, splits: dict[str, dict], stats: dict, sources, workers: int, wall: float,
+                engine: str | None = None) -> dict:
+    """The content of a shard directory's meta.json: ``splits`` (per split: tokens, documents, shards, chars,
+    bytes) and the run's counts in ``stats``, from ``workers`` processes (or tasks) in ``wall`` seconds."""
+    total_tokens = sum(s["tokens"] for s in splits.values())
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+                      "path": str(Path(tok.path).resolve()) if tok.path else None},
+        "dtype": dtype.name,
+        "byte_order": "little",
+        "eot_id": tok.eot_id,
+        "splits": splits,
+        "tokens": total_tokens,
+        "documents": stats["documents"],
+        "chars": stats["chars"],
+        "bytes": stats["bytes"],
+        "chars_per_token": round(stats["chars"] / max(1, total_tokens - stats["documents"]), 4),
+        "empty_documents": stats["empty"],
+        "malformed": stats["malformed"],
+        "malformed_records": stats["malformed_records"],
+        "sources": [{"path": str(s.path), "split": s.split, "kind": s.kind} for s in sources],
+        "workers": workers,
+        **({"engine": engine} if engine else {}),
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(total_tokens / wall, 1) if wall > 0 else None,
+        "mb_per_s": round(stats["bytes"] / 1e6 / wall, 3) if wall > 0 else None,
+    }
 
 
 def _clear_previous_output(out: Path) -> None:

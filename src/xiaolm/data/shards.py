@@ -33,8 +33,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from xiaolm.config import opt
-from xiaolm.data.shard_writer import _WORKER, FORMAT_VERSION, META_FILE, _clear_previous_output, _encode_task, \
-    _init_worker, _init_worker_in_process, _SplitWriter, dtype_for_vocab
+from xiaolm.data.shard_writer import _WORKER, META_FILE, _clear_previous_output, _encode_task, \
+    _init_worker, _init_worker_in_process, _SplitWriter, add_encoded, dtype_for_vocab, \
+    shards_meta
 from xiaolm.data.sources import TextSource, _note_malformed, input_batches, resolve_inputs
 
 
@@ -123,20 +124,7 @@ def run(cfg: TokenizeConfig) -> dict:
             _note_malformed(stats, unreadable)
 
     def consume(source: TextSource, result: dict, raw_size: int) -> None:
-        writer = writers.get(source.split)
-        if writer is None:
-            writer = writers[source.split] = _SplitWriter(out / source.split, dtype, cfg.shard_tokens,
-                                                          tok.fingerprint)
-        if len(result["lengths"]):
-            writer.add(result["tokens"], result["lengths"], str(source.path))
-        _note_malformed(stats, result["malformed"])
-        stats["empty"] += result["empty"]
-        stats["documents"] += len(result["lengths"])
-        stats["chars"] += result["chars"]
-        stats["bytes"] += result["bytes"]
-        s = split_stats.setdefault(source.split, {"chars": 0, "bytes": 0})
-        s["chars"] += result["chars"]
-        s["bytes"] += result["bytes"]
+        add_encoded(writers, out, dtype, cfg.shard_tokens, tok.fingerprint, source, result, stats, split_stats)
         if bar is not None:
             bar.update(raw_size)
 
@@ -186,28 +174,7 @@ def run(cfg: TokenizeConfig) -> dict:
     stats["malformed_records"].sort(key=lambda r: (order.get(r["file"], len(order)), r["line"]))
     if total_tokens == 0:
         raise ValueError(_nothing_written(cfg, out, stats))
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
-                      "path": str(Path(tok.path).resolve()) if tok.path else None},
-        "dtype": dtype.name,
-        "byte_order": "little",
-        "eot_id": tok.eot_id,
-        "splits": splits,
-        "tokens": total_tokens,
-        "documents": stats["documents"],
-        "chars": stats["chars"],
-        "bytes": stats["bytes"],
-        "chars_per_token": round(stats["chars"] / max(1, total_tokens - stats["documents"]), 4),
-        "empty_documents": stats["empty"],
-        "malformed": stats["malformed"],
-        "malformed_records": stats["malformed_records"],
-        "sources": [{"path": str(s.path), "split": s.split, "kind": s.kind} for s in sources],
-        "workers": workers,
-        "wall_time_s": round(wall, 3),
-        "tokens_per_s": round(total_tokens / wall, 1) if wall > 0 else None,
-        "mb_per_s": round(stats["bytes"] / 1e6 / wall, 3) if wall > 0 else None,
-    }
+    meta = shards_meta(tok, dtype, splits, stats, sources, workers, wall)
     save_config(cfg, out / "config.yaml")
     atomic_write_json(out / META_FILE, meta)
     if stats["malformed"]:

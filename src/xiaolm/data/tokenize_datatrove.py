@@ -15,8 +15,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from xiaolm.data.prepare_datatrove import PipelineStep, _executor, _need_datatrove, _quiet
 
 WORK = Path(".datatrove") / "tokenize"
@@ -83,8 +81,9 @@ class XiaolmTokenizeRange(PipelineStep):
         self.cfg = cfg
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from xiaolm.data.shard_writer import _encode_task, _init_worker_in_process, _SplitWriter, dtype_for_vocab
-        from xiaolm.data.sources import _note_malformed, read_line_batches, resolve_inputs
+        from xiaolm.data.shard_writer import _encode_task, _init_worker_in_process, _SplitWriter, add_encoded, \
+            dtype_for_vocab
+        from xiaolm.data.sources import read_line_batches, resolve_inputs
         from xiaolm.tokenizer import load_tokenizer
 
         cfg = self.cfg
@@ -100,19 +99,8 @@ class XiaolmTokenizeRange(PipelineStep):
                        else _lines_from(source.path, start, end, max(1, cfg.batch_size)))
             for first, lines in batches:
                 result = _encode_task((str(source.path), source.kind, cfg.field, first, lines))
-                writer = writers.get(source.split)
-                if writer is None:
-                    writer = writers[source.split] = _SplitWriter(task_dir / source.split, dtype, cfg.shard_tokens,
-                                                                  tok.fingerprint)
-                if len(result["lengths"]):
-                    writer.add(result["tokens"], result["lengths"], str(source.path))
-                _note_malformed(stats, result["malformed"])
-                for key in ("empty", "chars", "bytes"):
-                    stats[key] += result[key]
-                stats["documents"] += len(result["lengths"])
-                split = stats["splits"].setdefault(source.split, {"chars": 0, "bytes": 0})
-                split["chars"] += result["chars"]
-                split["bytes"] += result["bytes"]
+                add_encoded(writers, task_dir, dtype, cfg.shard_tokens, tok.fingerprint, source, result, stats,
+                            stats["splits"])
                 self.stat_update("documents", value=len(result["lengths"]))
         for name, writer in writers.items():
             writer.finish()
@@ -141,7 +129,7 @@ class XiaolmMergeShards(PipelineStep):
 
 def merge_task_shards(cfg, tasks: int, started: float) -> dict:
     from xiaolm.config import save_config
-    from xiaolm.data.shard_writer import FORMAT_VERSION, META_FILE, dtype_for_vocab
+    from xiaolm.data.shard_writer import META_FILE, dtype_for_vocab, shards_meta
     from xiaolm.data.sources import MAX_MALFORMED_LISTED, resolve_inputs
     from xiaolm.tokenizer import load_tokenizer
     from xiaolm.utils import atomic_write_json
@@ -173,30 +161,8 @@ def merge_task_shards(cfg, tasks: int, started: float) -> dict:
                 merged[key] += s.get(key, 0)
     wall = time.time() - started
     sources = resolve_inputs(cfg.inputs, split=cfg.split)
-    total_tokens = sum(s["tokens"] for s in splits.values())
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
-                      "path": str(Path(tok.path).resolve()) if tok.path else None},
-        "dtype": dtype_for_vocab(tok.vocab_size).name,
-        "byte_order": "little",
-        "eot_id": tok.eot_id,
-        "splits": dict(sorted(splits.items())),
-        "tokens": total_tokens,
-        "documents": totals["documents"],
-        "chars": totals["chars"],
-        "bytes": totals["bytes"],
-        "chars_per_token": round(totals["chars"] / max(1, total_tokens - totals["documents"]), 4),
-        "empty_documents": totals["empty"],
-        "malformed": totals["malformed"],
-        "malformed_records": totals["malformed_records"],
-        "sources": [{"path": str(s.path), "split": s.split, "kind": s.kind} for s in sources],
-        "workers": tasks,
-        "engine": "datatrove",
-        "wall_time_s": round(wall, 3),
-        "tokens_per_s": round(total_tokens / wall, 1) if wall > 0 else None,
-        "mb_per_s": round(totals["bytes"] / 1e6 / wall, 3) if wall > 0 else None,
-    }
+    meta = shards_meta(tok, dtype_for_vocab(tok.vocab_size), dict(sorted(splits.items())), totals, sources, tasks,
+                       wall, engine="datatrove")
     save_config(cfg, out / "config.yaml")
     atomic_write_json(out / META_FILE, meta)
     return meta

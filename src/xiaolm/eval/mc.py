@@ -38,6 +38,7 @@ from typing import Literal, Optional
 import torch
 
 from xiaolm.config import opt, parse_config, save_config
+from xiaolm.data.readers import csv_records
 from xiaolm.eval.mc_data import _csvs, subject_of
 from xiaolm.utils import atomic_write_json, fail, log, pick_device
 
@@ -91,16 +92,10 @@ def read_mc_csv(path: Path, malformed: list[str]) -> list[MCQuestion]:
                        f"(expected Question, A, B, C, D, Answer)")
         id_col = cols.get("id", 0 if header and header[0].strip() == "" else None)
         out = []
-        line = 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                malformed.append(f"{path}:{reader.line_num}: unreadable CSV ({exc})")
+        for _first, line, row, exc in csv_records(reader):
+            if exc is not None:
+                malformed.append(f"{path}:{line}: unreadable CSV ({exc})")
                 continue
-            line = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) < len(header):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # hf.py imports this module
+    from xiaolm.export.hf import ExportSource
 
 
 def _fmt(value) -> str:

@@ -9,14 +9,13 @@ it), ``/save <file>`` (write the conversation as JSON: OpenAI messages), ``/help
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from xiaolm.config import opt, parse_config
-from xiaolm.infer.generate import SamplingConfig, chat_prompt_ids, sampling_problem
+from xiaolm.infer.generate import SamplingConfig, chat_prompt_ids, load_sampling_model
 
 HELP = ("commands: /reset  forget the conversation | /system <text>  set the system message (/system alone clears "
         "it) | /save <file>  write the conversation as JSON | /help | /quit")
@@ -181,21 +180,14 @@ def run_chat(session: ChatSession, stdin=None, stdout=None, stderr=None, interac
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.model.io import CheckpointError, load_model
-    from xiaolm.utils import fail, pick_device
+    from xiaolm.utils import fail
 
     cfg, _ = parse_config(
         ChatConfig, argv, "xiaolm chat",
         "Chat with a model in the terminal; answers stream as they are written.\n" + HELP.replace(" | ", "\n  "),
         positionals={"run": "RUNDIR"},
     )
-    problem = sampling_problem(cfg.sampling)
-    if problem:
-        raise fail(problem)
-    try:
-        model, tokenizer, _info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-    except CheckpointError as exc:
-        raise fail(str(exc))
+    model, tokenizer = load_sampling_model(cfg)
     if getattr(tokenizer, "im_end_id", None) is None:
         raise fail(f"{cfg.run}: the tokenizer has no chat template markers")
     context = cfg.context or model.config.max_position_embeddings

@@ -296,6 +296,22 @@ def sampling_problem(s: SamplingConfig) -> Optional[str]:
     return None
 
 
+def load_sampling_model(cfg, problem: Optional[str] = None):
+    """The model and tokenizer of ``cfg.run`` (on ``cfg.device``) for chat and generate, once the sampling flags
+    and then ``problem`` (the caller's own check, None when it passed) are fine; any failure is a one-line error."""
+    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.utils import fail, pick_device
+
+    problem = sampling_problem(cfg.sampling) or problem
+    if problem:
+        raise fail(problem)
+    try:
+        model, tokenizer, _info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
+    except CheckpointError as exc:
+        raise fail(str(exc))
+    return model, tokenizer
+
+
 def _eos_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eot_id]
     if getattr(tokenizer, "im_end_id", None) is not None:
@@ -365,8 +381,7 @@ class GenerateConfig:
 
 def main(argv: list[str]) -> int:
     from xiaolm.config import parse_config
-    from xiaolm.model.io import CheckpointError, load_model
-    from xiaolm.utils import fail, pick_device
+    from xiaolm.utils import fail
 
     cfg, _ = parse_config(
         GenerateConfig, argv, "xiaolm generate", "Continue a prompt with a trained model (streams to stdout).",
@@ -381,15 +396,8 @@ def main(argv: list[str]) -> int:
             raise fail(f"{cfg.prompts_file}: {exc.strerror}")
     if not prompts:
         prompts = [""]
-    problem = sampling_problem(cfg.sampling)
-    if problem is None and cfg.num_samples < 1:
-        problem = f"--num-samples must be at least 1, got {cfg.num_samples}"
-    if problem:
-        raise fail(problem)
-    try:
-        model, tokenizer, _info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-    except CheckpointError as exc:
-        raise fail(str(exc))
+    problem = f"--num-samples must be at least 1, got {cfg.num_samples}" if cfg.num_samples < 1 else None
+    model, tokenizer = load_sampling_model(cfg, problem)
     prompts = [p for p in prompts for _ in range(cfg.num_samples)]
     prompt_ids = None
     if cfg.chat:

@@ -35,7 +35,7 @@ from xiaolm.data.prepare import PrepareConfig
 from xiaolm.data.shards import TokenizeConfig
 from xiaolm.data.vocab import TokenizerTrainConfig
 from xiaolm.pipeline.mix import CorpusSource, InstructMixConfig
-from xiaolm.pipeline.paths import _eval_models, final_run, instruct_dir
+from xiaolm.pipeline.paths import final_run, instruct_dir
 from xiaolm.pipeline.state import StageState, fingerprint
 from xiaolm.tasks.instruct import InstructConfig
 from xiaolm.train.pretrain import PretrainConfig

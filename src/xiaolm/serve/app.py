@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Optional
+from typing import Any, AsyncIterator, Callable, Literal, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -670,33 +670,36 @@ def _stream_error(message: str, code: str) -> str:
     return _sse(APIError(500, message, type="server_error", code=code).body())
 
 
-async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prompt_tokens: int,
-                       include_usage: bool, served: _Served) -> AsyncIterator[str]:
-    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, logprobs=None) -> dict:
-        obj = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-               "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-        if include_usage:
-            obj["usage"] = None
-        return obj
+def _chunk(meta: _ResponseMeta, object_name: str, include_usage: bool, choice: dict) -> dict:
+    obj = {"id": meta.id, "object": object_name, "created": meta.created, "model": meta.model, "choices": [choice]}
+    if include_usage:
+        obj["usage"] = None
+    return obj
 
+
+async def _stream(gen: GenerationRequest, meta: _ResponseMeta, object_name: str, opening: str, prompt_tokens: int,
+                  include_usage: bool, served: _Served, delta: Callable[[Any], dict],
+                  finish: Callable[[int, str], dict]) -> AsyncIterator[str]:
+    """One streamed response: ``opening``, a chunk per delta (``delta(event)``) and per finished choice
+    (``finish(index, reason)``), the usage chunk, ``[DONE]``; chat and legacy completions differ only in their chunks."""
     try:
-        yield "".join(_sse(chunk(index, {"role": "assistant", "content": ""})) for index in range(n))  # one write
+        if opening:
+            yield opening  # one write
         async for event in _events_with_keepalive(gen, served):
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.kind == "delta":
-                logprobs = chat_logprobs(served.tokenizer, event.logprobs) if gen.params.logprobs else None
-                yield _sse(chunk(event.index, {"content": event.text}, logprobs=logprobs))
+                yield _sse(delta(event))
             elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
-                yield _sse(chunk(event.index, {}, event.finish_reason))
+                yield _sse(finish(event.index, event.finish_reason))
             elif event.kind == "finish" and event.finish_reason == "cancelled":
                 yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
             elif event.kind == "error":
                 _LOG.error("serve: request %s: %s", gen.id, event.text)
                 yield _stream_error(GENERATION_FAILED, "generation_failed")
         if include_usage:
-            yield _sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-                        "model": meta.model, "choices": [], "usage": _usage(prompt_tokens, gen.sequences)})
+            yield _sse({"id": meta.id, "object": object_name, "created": meta.created, "model": meta.model,
+                        "choices": [], "usage": _usage(prompt_tokens, gen.sequences)})
         yield "data: [DONE]\n\n"
     except TimeoutError as exc:
         yield _stream_error(str(exc), "timeout")
@@ -707,48 +710,39 @@ async def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prom
         gen.cancel()  # the client went away (this generator was cancelled) or we are done: free the rows
 
 
-async def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes: list[str], prompt_tokens: int,
-                             include_usage: bool, served: _Served) -> AsyncIterator[str]:
+def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prompt_tokens: int,
+                 include_usage: bool, served: _Served) -> AsyncIterator[str]:
+    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, logprobs=None) -> dict:
+        return _chunk(meta, "chat.completion.chunk", include_usage,
+                      {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+
+    def delta(event) -> dict:
+        logprobs = chat_logprobs(served.tokenizer, event.logprobs) if gen.params.logprobs else None
+        return chunk(event.index, {"content": event.text}, logprobs=logprobs)
+
+    opening = "".join(_sse(chunk(index, {"role": "assistant", "content": ""})) for index in range(n))
+    return _stream(gen, meta, "chat.completion.chunk", opening, prompt_tokens, include_usage, served, delta,
+                   lambda index, reason: chunk(index, {}, reason))
+
+
+def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes: list[str], prompt_tokens: int,
+                       include_usage: bool, served: _Served) -> AsyncIterator[str]:
     offsets = [TextOffsets(len(echo)) for echo in echoes]  # legacy logprobs count characters of the whole text
 
     def chunk(index: int, text: str, finish_reason: Optional[str] = None, logprobs=None) -> dict:
-        obj = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-               "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-        if include_usage:
-            obj["usage"] = None
-        return obj
+        return _chunk(meta, "text_completion", include_usage,
+                      {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
-    try:
-        echoed = "".join(_sse(chunk(index, echo)) for index, echo in enumerate(echoes) if echo)
-        if echoed:
-            yield echoed  # one write
-        async for event in _events_with_keepalive(gen, served):
-            if event is None:
-                yield ": keep-alive\n\n"
-            elif event.kind == "delta":
-                logprobs = None
-                if gen.params.logprobs:
-                    logprobs = completion_logprobs(served.tokenizer, event.logprobs, [e.token for e in event.logprobs],
-                                                   offsets[event.index], gen.params.top_logprobs)
-                yield _sse(chunk(event.index, event.text, logprobs=logprobs))
-            elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
-                yield _sse(chunk(event.index, "", event.finish_reason))
-            elif event.kind == "finish" and event.finish_reason == "cancelled":
-                yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
-            elif event.kind == "error":
-                _LOG.error("serve: request %s: %s", gen.id, event.text)
-                yield _stream_error(GENERATION_FAILED, "generation_failed")
-        if include_usage:
-            yield _sse({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                        "choices": [], "usage": _usage(prompt_tokens, gen.sequences)})
-        yield "data: [DONE]\n\n"
-    except TimeoutError as exc:
-        yield _stream_error(str(exc), "timeout")
-        yield "data: [DONE]\n\n"
-    finally:
-        if not gen.finished and not gen.cancelled:
-            _log_disconnect(gen)
-        gen.cancel()
+    def delta(event) -> dict:
+        logprobs = None
+        if gen.params.logprobs:
+            logprobs = completion_logprobs(served.tokenizer, event.logprobs, [e.token for e in event.logprobs],
+                                           offsets[event.index], gen.params.top_logprobs)
+        return chunk(event.index, event.text, logprobs=logprobs)
+
+    opening = "".join(_sse(chunk(index, echo)) for index, echo in enumerate(echoes) if echo)
+    return _stream(gen, meta, "text_completion", opening, prompt_tokens, include_usage, served, delta,
+                   lambda index, reason: chunk(index, "", reason))
 
 
 # ------------------------------------------------------------------------------------ running the server

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -301,16 +301,6 @@ class Engine:
         self._cache: Optional[RowKVCache] = None
 
     # ------------------------------------------------------------------------------------------ control
-
-    @property
-    def alive(self) -> bool:
-        """Whether the engine can serve: not closed, and its worker thread is running (or not started yet, when it
-        starts on the first submit). False once the worker has died, which /health reports as 503."""
-        if self._closed:
-            return False
-        if self._thread is None:
-            return self.autostart
-        return self._thread.is_alive()
 
     def start(self) -> None:
         with self._cond:
@@ -599,31 +589,11 @@ class Engine:
                     self._running = [r.seq for r in slots if r is not None]
                 for group in self._prefill_groups(admitted):
                     step_rows = [r.seq for r in group]
-                    try:
-                        self._prefill(group)
-                    except Exception:
-                        log.exception("serve: prefill failed")
-                        for row in group:
-                            slots[row.slot] = None
-                        self._fail_rows(step_rows)
-                    else:
-                        for row in group:
-                            if row.finished:
-                                slots[row.slot] = None
+                    self._run_step(self._prefill, group, slots, "prefill")
                 active = [r for r in slots if r is not None]
                 step_rows = [r.seq for r in active]
                 if active:
-                    try:
-                        self._decode(active)
-                    except Exception:
-                        log.exception("serve: decode step failed")
-                        for row in active:
-                            slots[row.slot] = None
-                        self._fail_rows(step_rows)
-                    else:
-                        for row in active:
-                            if row.finished:
-                                slots[row.slot] = None
+                    self._run_step(self._decode, active, slots, "decode step")
             except Exception:  # bookkeeping of our own failed: fail every running row, keep the loop alive
                 log.exception("serve: engine step failed")
                 seen = {id(seq) for seq in step_rows}
@@ -634,6 +604,21 @@ class Engine:
             finally:
                 with self._cond:
                     self._running = [r.seq for r in slots if r is not None]
+
+    def _run_step(self, step: Callable[[list["_Row"]], None], rows: list["_Row"], slots: list[Optional["_Row"]],
+                  what: str) -> None:
+        """Prefill or decode ``rows``; free the slots of the rows that finished, or of them all should it fail."""
+        try:
+            step(rows)
+        except Exception:
+            log.exception("serve: %s failed", what)
+            for row in rows:
+                slots[row.slot] = None
+            self._fail_rows([r.seq for r in rows])
+        else:
+            for row in rows:
+                if row.finished:
+                    slots[row.slot] = None
 
     def _admit(self, slots: list[Optional["_Row"]]) -> list["_Row"]:
         """Move the oldest waiting rows into free slots; called with the lock held."""
