@@ -126,6 +126,16 @@ def test_a_required_option_is_checked_after_the_recipe(tmp_path):
     assert cfg.data == ["b.jsonl"]
 
 
+@dataclass
+class _Route:
+    step: _Documented = field(default_factory=_Documented)
+
+
+def test_a_required_option_of_a_nested_section_is_left_to_its_owner():
+    cfg, _ = parse_config(_Route, [], "t", "d")  # e.g. the pipeline fills prepare.out itself
+    assert cfg.step.data == []
+
+
 def _recipe(tmp_path, text: str) -> Path:
     path = tmp_path / "r.yaml"
     path.write_text(text)

@@ -30,8 +30,8 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, sho
     The short flag (``--max-steps`` for ``train.max_steps``) exists while the leaf name is unique in a verb's tree;
     ``short=False`` hides it, and ``short="--seed"`` claims that flag explicitly, so that it also exists where the
     name clashes (``train.seed`` beside ``sampling.seed``). A flag claimed by two leaves of one tree goes to neither.
-    ``required="--data is required"`` makes ``parse_config`` refuse the field left empty (None, "" or []) after the
-    recipe and the flags are applied, with that message.
+    ``required="--data is required"`` makes ``parse_config`` refuse a verb's top-level field left empty (None, ""
+    or []) once the recipe and the flags are applied, with that message.
     """
     meta = {"help": help, "short": short}
     if required is not None:
@@ -388,15 +388,11 @@ def config_description(cls) -> str | None:
 
 
 def refuse_missing(cls, cfg) -> None:
-    """Raise the ``opt(required=...)`` message of the first leaf of ``cls`` left empty in ``cfg``."""
-    for name, f, _tp in _leaves(cls):
+    """Raise the ``opt(required=...)`` message of the first top-level field of ``cls`` left empty in ``cfg``. Only
+    the verb's own fields count: a config nested as a section (``pipeline``'s ``prepare``) is filled by its owner."""
+    for f in dataclasses.fields(cls):
         message = f.metadata.get("required")
-        if message is None:
-            continue
-        value = cfg
-        for part in name.split("."):
-            value = getattr(value, part)
-        if not value:
+        if message is not None and not getattr(cfg, f.name):
             raise ConfigError(message)
 
 

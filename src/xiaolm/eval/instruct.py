@@ -35,9 +35,13 @@ def _eval_sampling() -> SamplingConfig:
 
 @dataclass
 class EvalInstructConfig:
+    """Generate answers to held-out instructions and score each constraint by rule, plus repetition; BLEU-4 and \
+ROUGE-L against reference answers where the data has them."""
+
     run: str = opt(None, "the model: RUNDIR, checkpoint, or Hugging Face directory")
     data: list[str] = opt([], "held-out samples: heldout.jsonl from `xiaolm data instruct`, or Alpaca / ShareGPT / "
-                              "OpenAI files (reference answers give BLEU-4 and ROUGE-L)")
+                              "OpenAI files (reference answers give BLEU-4 and ROUGE-L)",
+                          required="--data is required (e.g. DIR/heldout.jsonl from xiaolm data instruct)")
     out: Optional[str] = opt(None, "write the result JSON here")
     limit: Optional[int] = opt(None, "use only the first N samples")
     format: Literal["auto", "alpaca", "sharegpt", "openai"] = opt("auto", "layout of --data files")
@@ -265,14 +269,7 @@ def main(argv: list[str]) -> int:
     from xiaolm.model.io import CheckpointError, load_model
     from xiaolm.utils import atomic_write_json, fail, log, pick_device
 
-    cfg, _ = parse_config(
-        EvalInstructConfig, argv, "xiaolm eval instruct",
-        "Generate answers to held-out instructions and score each constraint by rule, plus repetition; BLEU-4 and "
-        "ROUGE-L against reference answers where the data has them.",
-        positionals={"run": "RUNDIR"},
-    )
-    if not cfg.data:
-        raise fail("--data is required (e.g. DIR/heldout.jsonl from xiaolm data instruct)")
+    cfg, _ = parse_config(EvalInstructConfig, argv, "xiaolm eval instruct", positionals={"run": "RUNDIR"})
     try:
         samples, reports = load_eval_samples(cfg.data, cfg.format, cfg.limit)
     except FileNotFoundError as exc:
