@@ -266,7 +266,7 @@ def format_table(result: dict, title: str = "") -> str:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.model.io import load_model
     from xiaolm.utils import atomic_write_json, fail, log, pick_device
 
     cfg, _ = parse_config(EvalInstructConfig, argv, "xiaolm eval instruct", positionals={"run": "RUNDIR"})
@@ -279,10 +279,8 @@ def main(argv: list[str]) -> int:
             log(r.summary())
     if not samples:
         raise fail("no usable samples in --data")
-    try:
-        model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-    except CheckpointError as exc:
-        raise fail(str(exc))
+    # a CheckpointError is an XiaolmError: the CLI prints it as one line
+    model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
     style = auto_style(info) if cfg.prompt_style == "auto" else cfg.prompt_style
     log(f"{len(samples)} samples, prompt style {style}, {cfg.sampling.max_new_tokens} new tokens at most")
     result = evaluate_instruct(model, tokenizer, samples, style, cfg.sampling, cfg.batch_size, cfg.markers,

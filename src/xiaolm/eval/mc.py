@@ -341,7 +341,7 @@ subject and overall beside the 25 percent chance level."""
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.model.io import load_model
 
     cfg, _ = parse_config(MCConfig, argv, "xiaolm eval mc", positionals={"run": "RUNDIR"})
     if cfg.backend == "lm-eval":
@@ -354,10 +354,8 @@ def main(argv: list[str]) -> int:
         data = load_mc_data(cfg.data, cfg.split, cfg.subjects or None, cfg.limit)
         if data.malformed:
             log(f"eval mc: {len(data.malformed)} malformed row(s) skipped, first: {data.malformed[0]}")
-        try:
-            model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-        except CheckpointError as exc:
-            raise fail(str(exc))
+        # a CheckpointError is an XiaolmError: the CLI prints it as one line
+        model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
         log(f"eval mc: {len(data.questions)} questions in {len(data.files)} subject(s), {cfg.shots}-shot")
         result = evaluate_mc(model, tokenizer, data, cfg.shots, cfg.batch_size)
         result = {"model": str(info.path), "data": str(cfg.data), "split": cfg.split, "backend": "xiaolm", **result}

@@ -66,13 +66,11 @@ def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.model.io import load_model
 
     cfg, _ = parse_config(PplConfig, argv, "xiaolm eval ppl", positionals={"run": "RUNDIR"})
-    try:
-        model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-    except CheckpointError as exc:
-        raise fail(str(exc))
+    # a CheckpointError is an XiaolmError: the CLI prints it as one line
+    model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
     try:
         tokens, where = token_stream(cfg.data, tokenizer, cfg.split, cfg.field, cfg.max_tokens)
     except (FileNotFoundError, ValueError, PermissionError) as exc:
