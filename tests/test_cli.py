@@ -90,6 +90,58 @@ def test_a_flag_overlays_a_sections_own_defaults():
     assert cfg.train.max_steps == 4 and cfg.train.lr == 0.25 and cfg.train.compile is True
 
 
+@dataclass
+class _Documented:
+    """Say what the verb does.
+    examples:
+      t --data x"""
+
+    data: list[str] = opt([], "data", required="--data is required (e.g. x)")
+    train: _Inner = field(default_factory=_Inner)
+
+
+def test_the_help_text_is_the_config_docstring(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(_Documented, ["--help"], "t")
+    out = capsys.readouterr().out
+    assert "\nSay what the verb does.\nexamples:\n  t --data x\n\n" in out
+    # A dataclass without a docstring gets a generated ``_Outer(data: str = ...)`` one: not a description.
+    with pytest.raises(SystemExit):
+        parse_config(_Outer, ["--help"], "t")
+    out = capsys.readouterr().out
+    assert "_Outer(" not in out and out.split("\n\n")[1].startswith("options:")
+    with pytest.raises(SystemExit):  # an explicit description still wins
+        parse_config(_Documented, ["--help"], "t", "other words")
+    assert "other words" in capsys.readouterr().out
+
+
+def test_a_required_option_is_checked_after_the_recipe(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--data is required \(e\.g\. x\)$"):
+        parse_config(_Documented, [], "t")
+    with pytest.raises(ConfigError, match="--data is required"):  # an empty list is as good as none
+        parse_config(_Documented, ["--config", str(_recipe(tmp_path, "data: []\n"))], "t")
+    cfg, _ = parse_config(_Documented, ["--config", str(_recipe(tmp_path, "data: [a.jsonl]\n"))], "t")
+    assert cfg.data == ["a.jsonl"]
+    cfg, _ = parse_config(_Documented, ["--data", "b.jsonl"], "t")
+    assert cfg.data == ["b.jsonl"]
+
+
+@dataclass
+class _Route:
+    step: _Documented = field(default_factory=_Documented)
+
+
+def test_a_required_option_of_a_nested_section_is_left_to_its_owner():
+    cfg, _ = parse_config(_Route, [], "t", "d")  # e.g. the pipeline fills prepare.out itself
+    assert cfg.step.data == []
+
+
+def _recipe(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
 def test_a_section_overlay_keeps_unset_fields_at_none():
     # A recipe that sets one key of a nested section must not turn that section's unset (None) fields into errors.
     from xiaolm.pipeline import PipelineConfig

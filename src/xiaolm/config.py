@@ -23,14 +23,19 @@ import yaml
 from xiaolm.errors import ConfigError  # noqa: F401 - raised here, and imported from here by callers
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, short: bool | str = True):
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, short: bool | str = True,
+        required: str | None = None):
     """A dataclass field with a help string.
 
     The short flag (``--max-steps`` for ``train.max_steps``) exists while the leaf name is unique in a verb's tree;
     ``short=False`` hides it, and ``short="--seed"`` claims that flag explicitly, so that it also exists where the
     name clashes (``train.seed`` beside ``sampling.seed``). A flag claimed by two leaves of one tree goes to neither.
+    ``required="--data is required"`` makes ``parse_config`` refuse a verb's top-level field left empty (None, ""
+    or []) once the recipe and the flags are applied, with that message.
     """
     meta = {"help": help, "short": short}
+    if required is not None:
+        meta["required"] = required
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     if isinstance(default, (list, dict, set)):
@@ -371,7 +376,27 @@ def refuse_unused(cls, cfg, args: argparse.Namespace, unused: typing.Collection[
             raise ConfigError(f"{getattr(args, 'config', None)}: {name} is not used by {prog} (remove it)")
 
 
-def parse_config(cls, argv: list[str] | None, prog: str, description: str,
+def config_description(cls) -> str | None:
+    """The docstring written on ``cls`` (indentation removed), or None where it has none: a dataclass without one
+    gets a generated ``Cls(field=...)`` signature as its ``__doc__``, which is no description."""
+    import inspect
+
+    doc = cls.__dict__.get("__doc__")
+    if not doc or (doc.startswith(f"{cls.__name__}(") and doc.endswith(")")):
+        return None
+    return inspect.cleandoc(doc)
+
+
+def refuse_missing(cls, cfg) -> None:
+    """Raise the ``opt(required=...)`` message of the first top-level field of ``cls`` left empty in ``cfg``. Only
+    the verb's own fields count: a config nested as a section (``pipeline``'s ``prepare``) is filled by its owner."""
+    for f in dataclasses.fields(cls):
+        message = f.metadata.get("required")
+        if message is not None and not getattr(cfg, f.name):
+            raise ConfigError(message)
+
+
+def parse_config(cls, argv: list[str] | None, prog: str, description: str | None = None,
                  positionals: dict[str, str] | None = None, epilog: str | None = None,
                  extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
                  unused: typing.Collection[str] = ()):
@@ -379,7 +404,11 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str,
 
     Returns ``(config, namespace)``; ``extra`` may add flags that are not part of the config. ``unused`` names the
     shared fields this verb ignores: hidden from ``--help`` and refused when set (one line, through the CLI).
+    ``description`` defaults to the config class's own docstring, so a config documents its verb; fields declared
+    with ``opt(required=...)`` are refused when still empty once the recipe and the flags are applied.
     """
+    if description is None:
+        description = config_description(cls)
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -389,4 +418,5 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str,
     args = parser.parse_args(argv)
     cfg = resolve_config(cls, args)  # a ConfigError names the field; the CLI prints it as one line
     refuse_unused(cls, cfg, args, unused, prog)
+    refuse_missing(cls, cfg)
     return cfg, args

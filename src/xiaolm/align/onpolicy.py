@@ -58,6 +58,13 @@ class OnPolicyOptions:
 
 @dataclass
 class PairsConfig(OnPolicyOptions):
+    """Build preference pairs: normalise files in the common layouts (--data), or sample on-policy pairs from an SFT \
+model scored by the rule-based verifier and/or a reward model (--policy, --prompts).
+    examples:
+      xiaolm data pairs --data dpo_zh_demo.json reward_medical_test.json --out data/pairs_real.jsonl
+      xiaolm data pairs --policy runs/sft --prompts data/instruct --k 4 --out data/pairs.jsonl
+    """
+
     data: list[str] = opt([], "preference files to normalise into one pair format (layouts: prompt/chosen/rejected, "
                               "LLaMA-Factory, MedicalGPT, minimind, KTO labelled); or use --policy for on-policy pairs")
     policy: Optional[str] = opt(None, "SFT RUNDIR to sample on-policy pairs from (with --prompts)")
@@ -246,14 +253,7 @@ def _on_policy(cfg: PairsConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_config(
-        PairsConfig, argv, "xiaolm data pairs",
-        "Build preference pairs: normalise files in the common layouts (--data), or sample on-policy pairs from an "
-        "SFT model scored by the rule-based verifier and/or a reward model (--policy, --prompts).\n"
-        "examples:\n"
-        "  xiaolm data pairs --data dpo_zh_demo.json reward_medical_test.json --out data/pairs_real.jsonl\n"
-        "  xiaolm data pairs --policy runs/sft --prompts data/instruct --k 4 --out data/pairs.jsonl",
-    )
+    cfg, _ = parse_config(PairsConfig, argv, "xiaolm data pairs")
     if bool(cfg.data) == bool(cfg.policy):
         raise fail("give either --data FILES (normalise) or --policy SFTDIR --prompts FILE (on-policy)")
     out = Path(cfg.out)

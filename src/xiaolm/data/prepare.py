@@ -88,14 +88,8 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(
-        PrepareConfig, argv, prog="xiaolm data prepare",
-        description="Ingest raw Chinese text, clean it, filter it, remove exact and near duplicates, and split "
-                    "it into train.jsonl / val.jsonl with a report.json of what was kept and dropped.",
-        positionals={"inputs": "INPUT"}, epilog=EPILOG,
-    )
-    if not cfg.out:
-        raise fail("--out DIR is required")
+    cfg, _ = parse_config(PrepareConfig, argv, prog="xiaolm data prepare", positionals={"inputs": "INPUT"},
+                          epilog=EPILOG)
     try:
         report = prepare(cfg.inputs, cfg.out, cfg)
     except InputError as exc:

@@ -35,9 +35,13 @@ MAX_EXAMPLES_PER_RULE = 5
 
 @dataclass
 class PrepareConfig:
+    """Ingest raw Chinese text, clean it, filter it, remove exact and near duplicates, and split it into train.jsonl \
+/ val.jsonl with a report.json of what was kept and dropped."""
+
     inputs: list[str] = opt([], "input files, directories (recursive), globs, or hf:NAME datasets "
                                 ".txt .jsonl .json .csv .parquet, each optionally .gz", short="--inputs")
-    out: str = opt("", "output directory for train.jsonl, val.jsonl, report.json, config.yaml")
+    out: str = opt("", "output directory for train.jsonl, val.jsonl, report.json, config.yaml",
+                   required="--out DIR is required")
     field: str = opt("text", "field path of the text in each record: story_zh, modern, paragraphs (a list is "
                              "joined), nested a.b.c, alternatives modern|paragraphs (first present); ignored for "
                              ".txt")

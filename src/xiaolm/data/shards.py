@@ -604,18 +604,17 @@ def verify_shards(shard_dir: str | Path) -> tuple[list[str], dict]:
 
 @dataclass
 class VerifyConfig:
-    shard_dir: str = opt("", "token shard directory made by `xiaolm data tokenize`")
+    """Check token shards: sizes, sha256 checksums, token ids within the vocabulary."""
+
+    shard_dir: str = opt("", "token shard directory made by `xiaolm data tokenize`",
+                         required="give the shard directory: xiaolm data verify SHARDDIR")
 
 
 def verify_main(argv: list[str] | None = None) -> int:
     from xiaolm.config import parse_config
     from xiaolm.utils import fail, log
 
-    cfg, _ = parse_config(VerifyConfig, argv, prog="xiaolm data verify",
-                          description="Check token shards: sizes, sha256 checksums, token ids within the vocabulary.",
-                          positionals={"shard_dir": "SHARDDIR"})
-    if not cfg.shard_dir:
-        raise fail("give the shard directory: xiaolm data verify SHARDDIR")
+    cfg, _ = parse_config(VerifyConfig, argv, prog="xiaolm data verify", positionals={"shard_dir": "SHARDDIR"})
     try:
         problems, counts = verify_shards(cfg.shard_dir)
     except (FileNotFoundError, KeyError, ValueError) as exc:

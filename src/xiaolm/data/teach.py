@@ -69,6 +69,10 @@ class TemplateError(ValueError):
 
 @dataclass
 class TeachConfig:
+    """Send records through a teacher model at any OpenAI-compatible endpoint (translate, answer or rewrite), with \
+bounded concurrency, retries with backoff, a resumable cache and token/cost accounting; writes instruction data \
+(OpenAI messages, source record kept)."""
+
     inputs: list[str] = opt([], "records: JSON Lines or JSON array files (TinyStories, Alpaca, or any layout "
                                 "the template names fields of)")
     out: str = opt("data/teach", "output directory: train.jsonl, cache.jsonl, report.json, config.yaml")
@@ -394,13 +398,7 @@ def teach(cfg: TeachConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_config(
-        TeachConfig, argv, "xiaolm data teach",
-        "Send records through a teacher model at any OpenAI-compatible endpoint (translate, answer or rewrite), "
-        "with bounded concurrency, retries with backoff, a resumable cache and token/cost accounting; writes "
-        "instruction data (OpenAI messages, source record kept).",
-        positionals={"inputs": "RECORDS"},
-    )
+    cfg, _ = parse_config(TeachConfig, argv, "xiaolm data teach", positionals={"inputs": "RECORDS"})
     report = teach(cfg)
     t = report["tokens"]
     print(f"{report['samples']} samples from {report['records']} records: {report['answered']} requests answered, "

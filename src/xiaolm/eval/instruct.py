@@ -35,9 +35,13 @@ def _eval_sampling() -> SamplingConfig:
 
 @dataclass
 class EvalInstructConfig:
+    """Generate answers to held-out instructions and score each constraint by rule, plus repetition; BLEU-4 and \
+ROUGE-L against reference answers where the data has them."""
+
     run: str = opt(None, "the model: RUNDIR, checkpoint, or Hugging Face directory")
     data: list[str] = opt([], "held-out samples: heldout.jsonl from `xiaolm data instruct`, or Alpaca / ShareGPT / "
-                              "OpenAI files (reference answers give BLEU-4 and ROUGE-L)")
+                              "OpenAI files (reference answers give BLEU-4 and ROUGE-L)",
+                          required="--data is required (e.g. DIR/heldout.jsonl from xiaolm data instruct)")
     out: Optional[str] = opt(None, "write the result JSON here")
     limit: Optional[int] = opt(None, "use only the first N samples")
     format: Literal["auto", "alpaca", "sharegpt", "openai"] = opt("auto", "layout of --data files")
@@ -262,17 +266,10 @@ def format_table(result: dict, title: str = "") -> str:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.model.io import load_model
     from xiaolm.utils import atomic_write_json, fail, log, pick_device
 
-    cfg, _ = parse_config(
-        EvalInstructConfig, argv, "xiaolm eval instruct",
-        "Generate answers to held-out instructions and score each constraint by rule, plus repetition; BLEU-4 and "
-        "ROUGE-L against reference answers where the data has them.",
-        positionals={"run": "RUNDIR"},
-    )
-    if not cfg.data:
-        raise fail("--data is required (e.g. DIR/heldout.jsonl from xiaolm data instruct)")
+    cfg, _ = parse_config(EvalInstructConfig, argv, "xiaolm eval instruct", positionals={"run": "RUNDIR"})
     try:
         samples, reports = load_eval_samples(cfg.data, cfg.format, cfg.limit)
     except FileNotFoundError as exc:
@@ -282,10 +279,8 @@ def main(argv: list[str]) -> int:
             log(r.summary())
     if not samples:
         raise fail("no usable samples in --data")
-    try:
-        model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-    except CheckpointError as exc:
-        raise fail(str(exc))
+    # a CheckpointError is an XiaolmError: the CLI prints it as one line
+    model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
     style = auto_style(info) if cfg.prompt_style == "auto" else cfg.prompt_style
     log(f"{len(samples)} samples, prompt style {style}, {cfg.sampling.max_new_tokens} new tokens at most")
     result = evaluate_instruct(model, tokenizer, samples, style, cfg.sampling, cfg.batch_size, cfg.markers,

@@ -315,8 +315,12 @@ def print_result(result: dict, file=None) -> None:
 
 @dataclass
 class MCConfig:
+    """Multiple-choice accuracy (C-Eval / CMMLU CSV) by answer-letter likelihood, offline. Reports accuracy per \
+subject and overall beside the 25 percent chance level."""
+
     run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory")
-    data: str = opt(None, "directory of C-Eval / CMMLU style CSVs (or a root with dev/ and test/), or one CSV")
+    data: str = opt(None, "directory of C-Eval / CMMLU style CSVs (or a root with dev/ and test/), or one CSV",
+                    required="--data CSVDIR is required")
     out: Optional[str] = opt(None, "write the result as JSON here")
     split: str = opt("test", "subfolder to evaluate when --data has dev/ and test/")
     shots: int = opt(0, "worked examples from dev/ before each question (dropped when the context is too short)")
@@ -332,16 +336,9 @@ class MCConfig:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.model.io import load_model
 
-    cfg, _ = parse_config(
-        MCConfig, argv, "xiaolm eval mc",
-        "Multiple-choice accuracy (C-Eval / CMMLU CSV) by answer-letter likelihood, offline. Reports accuracy per "
-        "subject and overall beside the 25 percent chance level.",
-        positionals={"run": "RUNDIR"},
-    )
-    if not cfg.data:
-        raise fail("--data CSVDIR is required")
+    cfg, _ = parse_config(MCConfig, argv, "xiaolm eval mc", positionals={"run": "RUNDIR"})
     if cfg.backend == "lm-eval":
         from xiaolm.eval.lm_eval_tasks import run_lm_eval
 
@@ -352,10 +349,8 @@ def main(argv: list[str]) -> int:
         data = load_mc_data(cfg.data, cfg.split, cfg.subjects or None, cfg.limit)
         if data.malformed:
             log(f"eval mc: {len(data.malformed)} malformed row(s) skipped, first: {data.malformed[0]}")
-        try:
-            model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-        except CheckpointError as exc:
-            raise fail(str(exc))
+        # a CheckpointError is an XiaolmError: the CLI prints it as one line
+        model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
         log(f"eval mc: {len(data.questions)} questions in {len(data.files)} subject(s), {cfg.shots}-shot")
         result = evaluate_mc(model, tokenizer, data, cfg.shots, cfg.batch_size)
         result = {"model": str(info.path), "data": str(cfg.data), "split": cfg.split, "backend": "xiaolm", **result}

@@ -18,8 +18,11 @@ from xiaolm.utils import atomic_write_json, fail, pick_device
 
 @dataclass
 class PplConfig:
+    """Loss, perplexity and bits per character (tokenizer-independent) on text or token shards."""
+
     run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory")
-    data: list[str] = opt([], "token shard directory, prepared corpus directory, or .jsonl/.txt files")
+    data: list[str] = opt([], "token shard directory, prepared corpus directory, or .jsonl/.txt files",
+                          required="--data is required (token shards, a prepared corpus, or .jsonl/.txt files)")
     out: Optional[str] = opt(None, "write the result as JSON here")
     split: str = opt("val", "split to read from a shard or prepared directory (falls back to train)")
     field: str = opt("text", "JSON field holding the text in .jsonl inputs")
@@ -63,19 +66,11 @@ def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size:
 
 
 def main(argv: list[str]) -> int:
-    from xiaolm.model.io import CheckpointError, load_model
+    from xiaolm.model.io import load_model
 
-    cfg, _ = parse_config(
-        PplConfig, argv, "xiaolm eval ppl",
-        "Loss, perplexity and bits per character (tokenizer-independent) on text or token shards.",
-        positionals={"run": "RUNDIR"},
-    )
-    if not cfg.data:
-        raise fail("--data is required (token shards, a prepared corpus, or .jsonl/.txt files)")
-    try:
-        model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
-    except CheckpointError as exc:
-        raise fail(str(exc))
+    cfg, _ = parse_config(PplConfig, argv, "xiaolm eval ppl", positionals={"run": "RUNDIR"})
+    # a CheckpointError is an XiaolmError: the CLI prints it as one line
+    model, tokenizer, info = load_model(cfg.run, device=pick_device(cfg.device), which=cfg.checkpoint)
     try:
         tokens, where = token_stream(cfg.data, tokenizer, cfg.split, cfg.field, cfg.max_tokens)
     except (FileNotFoundError, ValueError, PermissionError) as exc:

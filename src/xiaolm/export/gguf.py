@@ -333,8 +333,12 @@ def _write_gguf(gguf, src, run, out: Path, tmp: Path, modelfile_path: Path, ftyp
 
 @dataclass
 class ExportGGUFConfig:
-    run: str = opt(None, "RUNDIR, checkpoint directory or Hugging Face Llama directory to export")
-    out: str = opt(None, "output .gguf file")
+    """Write a GGUF file for llama.cpp / Ollama (tokenizer and chat template embedded) and an Ollama Modelfile \
+beside it. Run it with: llama-cli -m OUT.gguf, or ollama create NAME -f OUT.Modelfile."""
+
+    run: str = opt(None, "RUNDIR, checkpoint directory or Hugging Face Llama directory to export",
+                   required="export gguf: give RUNDIR and OUT.gguf")
+    out: str = opt(None, "output .gguf file", required="export gguf: give RUNDIR and OUT.gguf")
     type: Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"] = opt(
         "f16", "tensor type: f32, f16, q8_0, q4_0, or the K-quants q4_k_m, q5_k_m, q6_k (these need llama-cpp-python)")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
@@ -344,14 +348,8 @@ class ExportGGUFConfig:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_config(
-        ExportGGUFConfig, argv, "xiaolm export gguf",
-        "Write a GGUF file for llama.cpp / Ollama (tokenizer and chat template embedded) and an Ollama Modelfile "
-        "beside it. Run it with: llama-cli -m OUT.gguf, or ollama create NAME -f OUT.Modelfile.",
-        positionals={"run": "RUNDIR", "out": "OUT.gguf"},
-    )
-    if not cfg.run or not cfg.out:
-        raise fail("export gguf: give RUNDIR and OUT.gguf")
+    cfg, _ = parse_config(ExportGGUFConfig, argv, "xiaolm export gguf",
+                          positionals={"run": "RUNDIR", "out": "OUT.gguf"})
     info = export_gguf(cfg.run, cfg.out, ftype=cfg.type, which=cfg.checkpoint, chat=cfg.chat, name=cfg.name,
                        overwrite=cfg.overwrite)
     types = ", ".join(f"{n} {k}" for k, n in info["tensor_types"].items())

@@ -288,8 +288,12 @@ def write_peft_adapter(adapter_dir: Path, out: Path) -> Path:
 
 @dataclass
 class ExportHFConfig:
-    run: str = opt(None, "RUNDIR or checkpoint directory to export")
-    out: str = opt(None, "output directory (created)")
+    """Write a Hugging Face LlamaForCausalLM directory (config.json, model.safetensors, tokenizer with the chat \
+template, generation_config.json, README.md model card; a LoRA adapter in adapter/) that AutoModelForCausalLM / \
+AutoTokenizer load with no remote code."""
+
+    run: str = opt(None, "RUNDIR or checkpoint directory to export", required="export hf: give RUNDIR and OUTDIR")
+    out: str = opt(None, "output directory (created)", required="export hf: give RUNDIR and OUTDIR")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the stored weights")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
     chat: Optional[bool] = opt(None, "treat as a chat model (eos <|im_end|>); default: from the run's stage")
@@ -302,15 +306,7 @@ class ExportHFConfig:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_config(
-        ExportHFConfig, argv, "xiaolm export hf",
-        "Write a Hugging Face LlamaForCausalLM directory (config.json, model.safetensors, tokenizer with the chat "
-        "template, generation_config.json, README.md model card; a LoRA adapter in adapter/) that "
-        "AutoModelForCausalLM / AutoTokenizer load with no remote code.",
-        positionals={"run": "RUNDIR", "out": "OUTDIR"},
-    )
-    if not cfg.run or not cfg.out:
-        raise fail("export hf: give RUNDIR and OUTDIR")
+    cfg, _ = parse_config(ExportHFConfig, argv, "xiaolm export hf", positionals={"run": "RUNDIR", "out": "OUTDIR"})
     out = export_hf(cfg.run, cfg.out, dtype=cfg.dtype, which=cfg.checkpoint, chat=cfg.chat,
                     merge_lora=cfg.merge_lora, name=cfg.name, overwrite=cfg.overwrite, license=cfg.license,
                     base_model=cfg.base_model, datasets=cfg.datasets)

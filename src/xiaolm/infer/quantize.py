@@ -138,23 +138,19 @@ def parameter_bytes(model: nn.Module) -> int:
 
 @dataclass
 class QuantizeConfig:
+    """Weight-only quantisation: int8 (per output channel) or int4 (group-wise, packed two per byte). The output \
+directory works with generate, chat, serve and eval like a run directory."""
+
     run: str = opt(None, "RUNDIR or checkpoint directory to quantise")
     bits: Literal[8, 4] = opt(8, "8: int8 per output channel; 4: int4 group-wise")
-    out: str = opt(None, "output directory (QDIR), usable wherever a RUNDIR is")
+    out: str = opt(None, "output directory (QDIR), usable wherever a RUNDIR is", required="--out QDIR is required")
     group_size: int = opt(64, "int4 group size: 32, 64 or 128 (smaller: more accurate, slightly larger)")
     embedding_bits: int = opt(8, "bits for the token embedding / output head: 8, 4, or 16 / 32 to keep it float")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_config(
-        QuantizeConfig, argv, "xiaolm quantize",
-        "Weight-only quantisation: int8 (per output channel) or int4 (group-wise, packed two per byte). The output "
-        "directory works with generate, chat, serve and eval like a run directory.",
-        positionals={"run": "RUNDIR"},
-    )
-    if not cfg.out:
-        raise fail("--out QDIR is required")
+    cfg, _ = parse_config(QuantizeConfig, argv, "xiaolm quantize", positionals={"run": "RUNDIR"})
     qconf = quantize_run(cfg.run, cfg.out, int(cfg.bits), cfg.group_size, cfg.embedding_bits, cfg.checkpoint,
                          config=cfg)
     size = (Path(cfg.out) / "model.safetensors").stat().st_size

@@ -794,7 +794,11 @@ class BackgroundServer:
 
 @dataclass
 class ServeConfig:
-    run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory to serve")
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health) with a web chat page at /. Requests are queued and generated in batches by one worker."""
+
+    run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory to serve",
+                   required="no model given (xiaolm serve RUNDIR)")
     host: str = opt("127.0.0.1", "address to listen on (keep it on loopback, or set --api-key, unless you know who "
                                  "can reach it)")
     port: int = opt(8000, "TCP port")
@@ -835,15 +839,10 @@ def main(argv: list[str]) -> int:
     from xiaolm.utils import fail, log, pick_device
 
     cfg, _ = parse_config(
-        ServeConfig, argv, "xiaolm serve",
-        "Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,\n"
-        "/health) with a web chat page at /. Requests are queued and generated in batches by one worker.",
-        positionals={"run": "RUNDIR"},
+        ServeConfig, argv, "xiaolm serve", positionals={"run": "RUNDIR"},
         epilog="example:\n  xiaolm serve runs/sft --port 8000\n  open http://127.0.0.1:8000/  (or point any OpenAI "
                "client at http://127.0.0.1:8000/v1)",
     )
-    if not cfg.run:
-        raise fail("no model given (xiaolm serve RUNDIR)")
     if cfg.max_batch < 1 or cfg.max_queue < 1:
         raise fail("--max-batch and --max-queue must be at least 1")
     if not 0 <= cfg.port <= 65535:

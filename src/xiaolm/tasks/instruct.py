@@ -40,6 +40,9 @@ CONSTRAINT_KEYS = ("词汇", "特征", "随机句子", "开头", "摘要")
 
 @dataclass
 class InstructConfig:
+    """Build Chinese instruction data with checkable constraints (词汇, 特征, 随机句子, 开头, 摘要) from story records, split \
+into train and held-out by story."""
+
     stories: list[str] = opt([], "story files (JSON Lines or JSON arrays in TinyStoriesChinese's layout)")
     out: str = opt("data/instruct", "output directory: train.jsonl, heldout.jsonl, report.json, config.yaml")
     field: str = opt("story_zh", "field holding the Chinese story")
@@ -305,12 +308,7 @@ def build_instruct(cfg: InstructConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_config(
-        InstructConfig, argv, "xiaolm data instruct",
-        "Build Chinese instruction data with checkable constraints (词汇, 特征, 随机句子, 开头, 摘要) from story "
-        "records, split into train and held-out by story.",
-        positionals={"stories": "STORIES"},
-    )
+    cfg, _ = parse_config(InstructConfig, argv, "xiaolm data instruct", positionals={"stories": "STORIES"})
     report = build_instruct(cfg)
     for p in report["problems"][:10]:
         log(f"malformed: {p}")

@@ -11,7 +11,13 @@ from xiaolm.data.synth.records import write_stories
 
 @dataclass
 class SynthConfig:
-    out: str = opt("", "output JSON Lines file (the resolved config is written beside it as OUT.config.yaml)")
+    """Generate the built-in corpus: simple Chinese children's stories (TinyStories-style), offline and
+    deterministic for a seed, as JSON Lines in TinyStoriesChinese's layout (story_zh, summary,
+    instruction.words = a verb, a noun and an adjective the story uses, instruction.features from
+    Dialogue, BadEnding, MoralValue, Twist, Foreshadowing, Conflict)."""
+
+    out: str = opt("", "output JSON Lines file (the resolved config is written beside it as OUT.config.yaml)",
+                   required="--out FILE is required")
     num: int = opt(10_000, "number of stories to generate")
     seed: int = opt(0, "random seed; story i depends only on (seed, i), so a shorter run is a prefix of a longer one")
     start: int = opt(0, "index of the first story (to generate a corpus in pieces)")
@@ -21,16 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from xiaolm.config import parse_config, save_config
     from xiaolm.utils import fail, log
 
-    cfg, _ = parse_config(
-        SynthConfig, argv, prog="xiaolm data synth",
-        description="Generate the built-in corpus: simple Chinese children's stories (TinyStories-style), offline and\n"
-                    "deterministic for a seed, as JSON Lines in TinyStoriesChinese's layout (story_zh, summary,\n"
-                    "instruction.words = a verb, a noun and an adjective the story uses, instruction.features from\n"
-                    "Dialogue, BadEnding, MoralValue, Twist, Foreshadowing, Conflict).",
-        epilog="example:\n  xiaolm data synth --num 20000 --seed 0 --out data/stories.jsonl",
-    )
-    if not cfg.out:
-        raise fail("--out FILE is required")
+    cfg, _ = parse_config(SynthConfig, argv, prog="xiaolm data synth",
+                          epilog="example:\n  xiaolm data synth --num 20000 --seed 0 --out data/stories.jsonl")
     if cfg.num < 1:
         raise fail(f"--num must be at least 1, got {cfg.num}")
     if cfg.start < 0:
