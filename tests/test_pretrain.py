@@ -16,7 +16,8 @@ import torch
 
 from xiaolm.cli import main
 from xiaolm.train.checkpoint import CheckpointError, find_checkpoint, load_model
-from xiaolm.train.loop import TrainConfig, lr_at
+from xiaolm.train.engine import TrainConfig
+from xiaolm.train.schedule import lr_at
 
 from conftest import TINY_PRETRAIN
 

@@ -12,7 +12,7 @@ import torch
 
 from xiaolm.cli import main
 from xiaolm.model.llama import Llama, preset_config
-from xiaolm.train.loop import DistEnv
+from xiaolm.train.dist import DistEnv
 from xiaolm.train.sft import SFTBatches, encode_all, encode_conversation, sft_loss, to_example
 
 MULTI_TURN = [

@@ -80,7 +80,8 @@ def calibrate_step_time(pcfg, steps: int = 4) -> float:
     """Seconds per optimizer step of this model, batch and device (a few real steps, the first discarded)."""
     import torch
 
-    from xiaolm.train.loop import Trainer, setup_distributed
+    from xiaolm.train.dist import setup_distributed
+    from xiaolm.train.engine import Trainer
     from xiaolm.train.pretrain import WindowSampler, _open_data, build_model, lm_loss
 
     env = setup_distributed(pcfg.train.device)

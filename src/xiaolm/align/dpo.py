@@ -61,7 +61,9 @@ from xiaolm.align.common import (
 from xiaolm.config import opt, parse_config
 from xiaolm.data.pairs import OnPolicyOptions
 from xiaolm.infer.generate import SamplingConfig
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")

@@ -55,7 +55,8 @@ from xiaolm.align.common import (
     sample_responses,
 )
 from xiaolm.config import opt, parse_config
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything
 
 

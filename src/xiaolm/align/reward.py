@@ -35,7 +35,9 @@ from torch import nn
 
 from xiaolm.config import opt, parse_config
 from xiaolm.model.llama import Llama, LlamaConfig
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import fail, log, seed_everything, stable_hash
 
 

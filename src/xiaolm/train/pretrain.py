@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, parse_config
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import count_params, fail, human, log, seed_everything
 
 DEFAULT_PROMPTS = ["从前，有一个小女孩叫莉莉。", "小明和他的狗", "有一天，小猫"]

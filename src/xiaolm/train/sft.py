@@ -22,7 +22,7 @@ longest conversation (right padding, which causal attention never looks at). Eit
 share a micro-batch (``--group-by-length``, within windows of 16 micro-batches whose order is then shuffled), and the
 share of padding tokens is reported.
 
-Training uses ``xiaolm.train.loop.Trainer``: checkpoints (atomic, sha256-verified), ``--resume``, Ctrl-C/SIGTERM,
+Training uses ``xiaolm.train.engine.Trainer``: checkpoints (atomic, sha256-verified), ``--resume``, Ctrl-C/SIGTERM,
 NaN guard, metrics.jsonl, loss curve, and a held-out SFT loss (``val_loss``, the mean loss per assistant token) at
 each evaluation. ``--lora`` trains peft LoRA adapters only (``xiaolm.train.lora``); ``--merge`` also writes the
 merged plain model to ``OUT/merged``. OUT is a RUNDIR that ``load_model`` (and every later verb) reads.
@@ -39,7 +39,9 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, parse_config
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import fail, human, log, seed_everything, stable_hash
 
 
@@ -406,17 +408,17 @@ class _LoraTrainer(Trainer):
     def save(self, *args, **kwargs):
         import functools
 
-        from xiaolm.train import loop
+        from xiaolm.train import engine
         from xiaolm.train.lora import adapter_files
 
         # Trainer.save has no hook for extra files; give its save_checkpoint call the adapter files for the duration
         # of this call, so adapter/ is written inside the same atomic, sha256-recorded checkpoint.
-        original = loop.save_checkpoint
-        loop.save_checkpoint = functools.partial(original, extra_files=adapter_files(self.raw_model))
+        original = engine.save_checkpoint
+        engine.save_checkpoint = functools.partial(original, extra_files=adapter_files(self.raw_model))
         try:
             return super().save(*args, **kwargs)
         finally:
-            loop.save_checkpoint = original
+            engine.save_checkpoint = original
 
 
 # ---------------------------------------------------------------------------------------------- main
