@@ -188,7 +188,7 @@ def test_fsdp2_one_process_step_equals_plain_step_and_saves_full_weights(device,
             env = types.SimpleNamespace(rank=0, world_size=1, local_rank=0, device=device, distributed=fsdp,
                                         is_main=True)
             run = tmp_path / f"fsdp{int(fsdp)}"
-            trainer = Trainer(cfg, tiny_model(device), run, total_steps=3, tokens_per_step=64, dist_env=env)
+            trainer = Trainer(cfg, tiny_model(device), run, total_steps=3, dist_env=env)
             trainer.fit(batch_fn, lm_loss)
             ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
             weights.append(load_file(str(ckpt / "model.safetensors")))

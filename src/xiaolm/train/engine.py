@@ -1,10 +1,16 @@
-"""The training engine every training verb shares: pretraining, SFT, reward model, DPO.
+"""The training engine every training verb shares: pretraining, SFT, reward model, DPO, GRPO.
 
 A verb supplies three functions and the engine does the rest:
 - ``batch_fn(step, micro) -> dict`` of CPU tensors. It must be a pure function of (step, micro, rank), so resuming
   needs nothing but the step number to continue with exactly the batches the uninterrupted run would have seen;
-- ``loss_fn(model, batch) -> (loss, metrics)``, the mean loss of the micro-batch and a dict of scalar tensors;
+- ``loss_fn(model, batch) -> (loss_sum, n, metrics)``: the micro-batch's loss summed over its ``n`` units (label
+  tokens for language modelling, pairs or sequences for preference losses) and a dict of scalar tensors. The engine
+  divides the step's summed loss by the units of all its micro-batches on all ranks (torchtitan's rule), so a
+  micro-batch with few real tokens weighs less than a full one instead of as much;
 - ``eval_fn(model, step) -> dict`` (optional), returning at least ``val_loss`` to track the best checkpoint.
+
+``Trainer.train_step`` runs one optimizer step on its own (calibration, tests); ``fit`` loops over it. Subclasses
+add files to every checkpoint (``checkpoint_files``) and state to trainer.pt (``extra_state`` / ``load_extra_state``).
 
 The engine owns: device and precision, the AdamW optimiser (fused where available, weight decay on matrices only),
 warmup + decay schedule over the run's real length, gradient accumulation, clipping, a non-finite guard that never
@@ -52,10 +58,7 @@ class TrainConfig:
     max_steps: Optional[int] = opt(None, "optimizer steps for the whole run (default: from max_tokens or epochs)")
     max_tokens: Optional[int] = opt(None, "token budget for the whole run; sets max_steps when that is not given")
     micro_batch_size: int = opt(16, "sequences per forward/backward on each device")
-    grad_accum_steps: int = opt(1, "micro-batches accumulated per optimizer step (see global_batch_tokens)")
-    global_batch_tokens: Optional[int] = opt(
-        None, "tokens per optimizer step across all devices; sets grad_accum_steps"
-    )
+    grad_accum_steps: int = opt(1, "micro-batches accumulated per optimizer step")
     lr: float = opt(1e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
     warmup_steps: int = opt(100, "linear warmup steps (capped at 10% of the run)")
@@ -170,6 +173,15 @@ class FitResult:
     exit_code: int
 
 
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's share of the step's mean loss (the shares of all ranks add up to it)
+    grad_norm: torch.Tensor
+    bad: torch.Tensor  # a non-finite loss or gradient: the update was skipped
+    tokens: int  # input tokens this rank processed
+    metrics: dict  # the loss_fn metrics, averaged over the micro-batches
+
+
 class Trainer:
     """Runs ``batch_fn``/``loss_fn``/``eval_fn`` with everything a long run needs (see the module docstring)."""
 
@@ -180,7 +192,6 @@ class Trainer:
         run_dir: str | Path,
         *,
         total_steps: int,
-        tokens_per_step: int,
         dist_env: DistEnv,
         full_config: Any = None,
         model_config: Optional[dict] = None,
@@ -194,7 +205,6 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
-        self.tokens_per_step = tokens_per_step
         self.env = dist_env
         self.device = dist_env.device
         self.full_config = full_config
@@ -281,6 +291,7 @@ class Trainer:
             "rng": _rng_state(),
             "best_val_loss": best_val,
             "world_size": self.env.world_size,
+            "extra": self.extra_state(),
         }
         meta = {
             "kind": self.name,
@@ -293,8 +304,22 @@ class Trainer:
         }
         return save_checkpoint(
             self.run_dir, step, self.raw_model, self.model_config, meta, trainer_state,
-            keep_last=self.cfg.keep_last, best=best, state_dict=sd,
+            keep_last=self.cfg.keep_last, best=best, state_dict=sd, extra_files=self.checkpoint_files() or None,
         )
+
+    # Hooks for subclasses: files written inside every checkpoint (atomically, with their sha256) and state kept in
+    # trainer.pt for an exact resume.
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Extra files for each checkpoint, by path inside the checkpoint directory (rank 0 only)."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """Picklable state saved in trainer.pt with the optimizer's (rank 0 only)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restores what ``extra_state`` returned, on resume (every rank)."""
 
     @property
     def resuming(self) -> bool:
@@ -374,15 +399,89 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("world_size", 1) == self.env.world_size:
             _set_rng_state(state["rng"])
+        self.load_extra_state(state.get("extra") or {})
         log(f"resumed from {ckpt} (step {state['step']}, {human(state['tokens'])} tokens)")
         return state
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's and AdamW's own peaks (optim.py)
+        return lr
+
+    def train_step(self, batches: list[dict], loss_fn: Callable, step: int = 0) -> StepResult:
+        """One optimizer step over ``batches`` (this rank's micro-batches, CPU or device tensors) at the schedule's
+        learning rate for ``step``: accumulation, the global unit count, clipping, the loss scaler and the
+        non-finite guard. The model is left in whatever train/eval mode it is in."""
+        cfg, env = self.cfg, self.env
+        self.set_lr(step)
+        dev_type = self.device.split(":")[0]
+        loss_sum = torch.zeros((), device=self.device)
+        units = torch.zeros((), device=self.device)
+        metrics: dict[str, torch.Tensor] = {}
+        step_tokens = 0
+        for micro, batch in enumerate(batches):
+            batch = _to_device(batch, self.device)
+            step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
+            sync_ctx = (
+                self.model.no_sync()
+                if env.distributed and not cfg.fsdp and micro < len(batches) - 1
+                else contextlib.nullcontext()
+            )
+            with sync_ctx:
+                with self.autocast():
+                    loss, n, extra = loss_fn(self.model, batch)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach().float()
+            units += n.detach().float() if isinstance(n, torch.Tensor) else float(n)
+            for k, v in (extra or {}).items():
+                metrics[k] = metrics.get(k, 0) + v.detach().float() / len(batches)
+        if env.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(units)
+        units = units.clamp(min=1)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        # The gradients hold the summed loss, averaged over ranks by DDP/FSDP: divide by the global units instead.
+        grads = [p.grad for p in self.params if p.grad is not None]
+        scale = env.world_size / units
+        if cfg.fsdp and env.distributed:  # DTensor gradients take a plain number
+            scale = float(scale)
+            for g in grads:
+                g.mul_(scale)
+        elif grads:
+            torch._foreach_mul_(grads, scale)
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=dev_type != "mps")
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        step_loss = loss_sum / units  # this rank's share of the step's mean loss
+        bad = ~torch.isfinite(step_loss)
+        if self.scaler is None:
+            bad = bad | ~torch.isfinite(grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.fused:
+            # The fused AdamW kernel skips the whole update when found_inf is set: no host sync needed.
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(step_loss, grad_norm, bad, step_tokens, metrics)
 
     # ------------------------------------------------------------------------------------------- loop
 
     def fit(
         self,
         batch_fn: Callable[[int, int], dict],
-        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor | int, dict]],
         eval_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None,
     ) -> FitResult:
         cfg, env = self.cfg, self.env
@@ -401,7 +500,6 @@ class Trainer:
         accum = max(1, cfg.grad_accum_steps)
         stop = _StopFlag().install()
         progress = _Progress(self.total_steps, start_step, enabled=env.is_main, bar=cfg.progress)
-        dev_type = self.device.split(":")[0]
 
         nonfinite = torch.zeros((), device=self.device)
         skipped_total = 0
@@ -420,53 +518,16 @@ class Trainer:
         try:
             while step < self.total_steps:
                 lr = lr_at(step, cfg, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's and AdamW's own peaks (optim.py)
-                step_loss = torch.zeros((), device=self.device)
-                step_tokens = 0
-                for micro in range(accum):
-                    batch = _to_device(feed.get(step, micro), self.device)
-                    step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
-                    sync_ctx = (
-                        self.model.no_sync()
-                        if env.distributed and not cfg.fsdp and micro < accum - 1
-                        else contextlib.nullcontext()
-                    )
-                    with sync_ctx:
-                        with self.autocast():
-                            loss, extra = loss_fn(self.model, batch)
-                        scaled = loss / accum
-                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                    step_loss += loss.detach().float() / accum
-                    for k, v in (extra or {}).items():
-                        interval_metrics[k] = interval_metrics.get(k, 0) + v.detach().float() / accum
-                if self.scaler:
-                    self.scaler.unscale_(self.optimizer)
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=dev_type != "mps")
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                    grad_norm = grad_norm.full_tensor()
-                bad = ~torch.isfinite(step_loss)
-                if self.scaler is None:
-                    bad = bad | ~torch.isfinite(grad_norm)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                elif self.fused:
-                    # The fused AdamW kernel skips the whole update when found_inf is set: no host sync needed.
-                    self.optimizer.found_inf = bad.float()
-                    self.optimizer.step()
-                elif not bool(bad):
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                out = self.train_step([feed.get(step, micro) for micro in range(accum)], loss_fn, step)
+                step_loss, grad_norm, bad = out.loss, out.grad_norm, out.bad
+                for k, v in out.metrics.items():
+                    interval_metrics[k] = interval_metrics.get(k, 0) + v
                 nonfinite += bad.float()
                 interval_loss += torch.where(bad, torch.zeros_like(step_loss), step_loss)
                 interval_steps += 1
                 step += 1
-                tokens += step_tokens * env.world_size
-                interval_tokens += step_tokens * env.world_size
+                tokens += out.tokens * env.world_size
+                interval_tokens += out.tokens * env.world_size
                 progress.update(step)
 
                 is_last = step == self.total_steps
@@ -480,8 +541,7 @@ class Trainer:
                         import torch.distributed as dist
 
                         dist.all_reduce(nonfinite)
-                        dist.all_reduce(interval_loss)
-                        interval_loss /= env.world_size
+                        dist.all_reduce(interval_loss)  # each rank holds its share of the global mean
                     n_bad = int(nonfinite.item())  # the one host sync, at log/save points only
                     if n_bad:
                         skipped_total += n_bad

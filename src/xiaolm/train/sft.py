@@ -306,8 +306,11 @@ class SFTBatches:
 
 
 def sft_loss(model, batch: dict, chunk: int = 0):
+    """The loss summed over the batch's assistant tokens, and their number: the engine divides by the step's total,
+    so every assistant token weighs the same however the conversations fall into micro-batches."""
     out = model(batch["input_ids"], targets=batch["targets"], doc_ids=batch.get("doc_ids"), loss_chunk_size=chunk)
-    return out.loss, {}
+    n = (batch["targets"] != -100).sum()
+    return out.loss * n, n, {}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -394,33 +397,6 @@ def load_sft_data(cfg: SFTConfig):
     return train, heldout, reports, how
 
 
-# ---------------------------------------------------------------------------------------------- LoRA trainer
-
-
-class _LoraTrainer(Trainer):
-    """The shared Trainer, saving peft-wrapped state and the adapter directory in every checkpoint."""
-
-    def _full_state_dict(self) -> dict:
-        from xiaolm.train.lora import peft_state_dict
-
-        return peft_state_dict(self.raw_model)
-
-    def save(self, *args, **kwargs):
-        import functools
-
-        from xiaolm.train import engine
-        from xiaolm.train.lora import adapter_files
-
-        # Trainer.save has no hook for extra files; give its save_checkpoint call the adapter files for the duration
-        # of this call, so adapter/ is written inside the same atomic, sha256-recorded checkpoint.
-        original = engine.save_checkpoint
-        engine.save_checkpoint = functools.partial(original, extra_files=adapter_files(self.raw_model))
-        try:
-            return super().save(*args, **kwargs)
-        finally:
-            engine.save_checkpoint = original
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -480,13 +456,13 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     param_groups = None
     trainer_cls = Trainer
     if cfg.lora:
-        from xiaolm.train.lora import apply_lora, trainable_parameters
+        from xiaolm.train.lora import LoraTrainer, apply_lora, trainable_parameters
 
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_targets, base_name=str(cfg.run))
         trainable = trainable_parameters(model)
         param_groups = [{"params": trainable, "weight_decay": t.weight_decay}]
-        trainer_cls = _LoraTrainer
+        trainer_cls = LoraTrainer
         lora_info = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                      "targets": list(cfg.lora_targets), "trainable_params": sum(p.numel() for p in trainable)}
     base_model = model.get_base_model() if cfg.lora else model
@@ -508,7 +484,7 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         "overlong_rule": cfg.overlong, "files": [r.to_dict() for r in reports],
     }
     trainer = trainer_cls(
-        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
+        t, model, out, total_steps=total_steps, dist_env=env, full_config=cfg,
         model_config=base_model.config.to_dict(), tokenizer=tokenizer, param_groups=param_groups, name="sft",
         extra_meta={"base": str(cfg.run), "lora": lora_info},
     )
