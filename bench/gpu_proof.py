@@ -187,7 +187,7 @@ def cmd_env(args) -> None:
             info["driver"], info["max_sm_clock"], info["power_limit"] = [s.strip() for s in smi.stdout.split(",")][:3]
         except Exception as exc:  # nvidia-smi missing is a fact for the report, not a failure
             info["driver"] = f"nvidia-smi: {exc}"
-        from xiaolm.train.loop import device_peak_flops
+        from xiaolm.train.dist import device_peak_flops
 
         info["datasheet_bf16_tflops"] = (device_peak_flops("cuda") or 0) / 1e12 or None
         n, dtype, reps = 8192, torch.bfloat16, 10

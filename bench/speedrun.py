@@ -100,7 +100,7 @@ class Run:
     """One variant: its model, optimiser, schedule and sampler, stepped a chunk at a time."""
 
     def __init__(self, name, overrides, base_cfg, tokenizer, shards, total_steps, device):
-        from xiaolm.train.loop import DistEnv
+        from xiaolm.train.dist import DistEnv
         from xiaolm.train.optim import build_optimizer
         from xiaolm.train.pretrain import AlignedWindowSampler, WindowSampler, build_model
         from xiaolm.utils import seed_everything
@@ -149,7 +149,7 @@ class Run:
         return self.model(x, targets=y).loss
 
     def advance(self, n: int) -> None:
-        from xiaolm.train.loop import lr_at
+        from xiaolm.train.schedule import lr_at
 
         self.model.train()
         t0 = time.perf_counter()

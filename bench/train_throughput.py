@@ -17,7 +17,7 @@ import time
 import torch
 
 from xiaolm.model.llama import Llama, LlamaConfig, flops_per_token
-from xiaolm.train.loop import device_peak_flops
+from xiaolm.train.dist import device_peak_flops
 
 # name: (hidden, layers, heads, kv heads, mlp, vocab). GPU shapes are tiny-llm-zh's, as measured in anchors.md.
 GPU_SHAPES = {

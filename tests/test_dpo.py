@@ -48,7 +48,7 @@ def test_reference_once_and_loss_is_ln2_at_step_zero(tiny_run, pairs_file):
     from xiaolm.align.dpo import LossSettings, PreferenceBatches, attach_reference, encode_pairs, preference_loss
     from xiaolm.data.pairs import load_preferences
     from xiaolm.model.io import load_model
-    from xiaolm.train.loop import DistEnv
+    from xiaolm.train.dist import DistEnv
 
     model, tok, _ = load_model(tiny_run)
     pairs = load_preferences([str(pairs_file)])[0]

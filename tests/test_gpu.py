@@ -167,7 +167,7 @@ def test_fsdp2_one_process_step_equals_plain_step_and_saves_full_weights(device,
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from xiaolm.train.loop import TrainConfig, Trainer
+    from xiaolm.train.engine import TrainConfig, Trainer
     from xiaolm.train.pretrain import lm_loss
 
     if not dist.is_available():
@@ -188,7 +188,7 @@ def test_fsdp2_one_process_step_equals_plain_step_and_saves_full_weights(device,
             env = types.SimpleNamespace(rank=0, world_size=1, local_rank=0, device=device, distributed=fsdp,
                                         is_main=True)
             run = tmp_path / f"fsdp{int(fsdp)}"
-            trainer = Trainer(cfg, tiny_model(device), run, total_steps=3, tokens_per_step=64, dist_env=env)
+            trainer = Trainer(cfg, tiny_model(device), run, total_steps=3, dist_env=env)
             trainer.fit(batch_fn, lm_loss)
             ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
             weights.append(load_file(str(ckpt / "model.safetensors")))
@@ -350,11 +350,11 @@ def test_rotary_frequencies_stay_float32_when_the_model_is_cast_to_bf16():
     ("NVIDIA GeForce RTX 3090", 71), ("NVIDIA L4", 121), ("NVIDIA L40S", 362),
 ])
 def test_peak_flops_table_names_the_cards(monkeypatch, name, tflops):
-    from xiaolm.train import loop
+    from xiaolm.train import dist
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
-    assert loop.device_peak_flops("cuda") == pytest.approx(tflops * 1e12)
-    assert loop.device_peak_flops("cpu") is None
+    assert dist.device_peak_flops("cuda") == pytest.approx(tflops * 1e12)
+    assert dist.device_peak_flops("cpu") is None
 
 
 # --------------------------------------------------------------------------------- the gpu tests themselves

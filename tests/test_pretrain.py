@@ -16,7 +16,8 @@ import torch
 
 from xiaolm.cli import main
 from xiaolm.model.io import CheckpointError, find_checkpoint, load_model
-from xiaolm.train.loop import TrainConfig, lr_at
+from xiaolm.train.engine import TrainConfig
+from xiaolm.train.schedule import lr_at
 
 from conftest import TINY_PRETRAIN
 
@@ -89,9 +90,9 @@ def test_nonfinite_loss_stops_cleanly_and_never_reaches_a_checkpoint(shards_dir,
     calls = {"n": 0}
 
     def poisoned(model, batch, chunk=0):
-        loss, extra = real(model, batch, chunk)
+        loss, n, extra = real(model, batch, chunk)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] >= 7 else loss), extra
+        return (loss * float("nan") if calls["n"] >= 7 else loss), n, extra
 
     monkeypatch.setattr(pt, "lm_loss", poisoned)
     out = tmp_path / "nan"

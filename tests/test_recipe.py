@@ -16,7 +16,8 @@ from xiaolm.cli import main
 from xiaolm.model.llama import Llama, preset_config
 from xiaolm.model.io import find_checkpoint, load_model
 from xiaolm.train.checkpoint import load_trainer_state
-from xiaolm.train.loop import TrainConfig, lr_at
+from xiaolm.train.engine import TrainConfig
+from xiaolm.train.schedule import lr_at
 from xiaolm.train.optim import MuonAdamW, build_optimizer, hidden_matrix_ids
 from xiaolm.train.pretrain import aligned_window_starts
 
@@ -149,7 +150,7 @@ def test_aligned_windows_start_at_documents_and_cover_every_document():
 
 def test_aligned_windows_train_and_resume(shards_dir, tmp_path):
     from xiaolm.data.shards import TokenShards
-    from xiaolm.train.loop import DistEnv
+    from xiaolm.train.dist import DistEnv
     from xiaolm.train.pretrain import AlignedWindowSampler
 
     shards = TokenShards(shards_dir, "train")

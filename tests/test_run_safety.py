@@ -219,16 +219,16 @@ def test_fine_tune_resume_from_another_base_is_refused_before_touching_the_run(
 
 
 def test_full_disk_while_writing_metrics_is_one_line(shards_dir, tmp_path, monkeypatch, capsys):
-    import xiaolm.train.loop as loop
+    import xiaolm.train.metrics as metrics
 
-    real = loop.MetricsLog.write
+    real = metrics.MetricsLog.write
 
     def full_after_step_2(self, record):
         if record.get("step", 0) > 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         return real(self, record)
 
-    monkeypatch.setattr(loop.MetricsLog, "write", full_after_step_2)
+    monkeypatch.setattr(metrics.MetricsLog, "write", full_after_step_2)
     run = tmp_path / "run"
     err = _refused(capsys, shards_dir, run, "--max-steps", "6", "--save-every", "2", "--log-every", "1")
     lines = [x for x in err.splitlines() if x.startswith("xiaolm: error:")]

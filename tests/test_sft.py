@@ -12,8 +12,8 @@ import torch
 
 from xiaolm.cli import main
 from xiaolm.model.llama import Llama, preset_config
-from xiaolm.train.loop import DistEnv
 from xiaolm.tokenizer.chat import encode_conversation
+from xiaolm.train.dist import DistEnv
 from xiaolm.train.sft import SFTBatches, encode_all, sft_loss, to_example
 
 MULTI_TURN = [
@@ -124,7 +124,9 @@ def test_packing_keeps_attention_inside_each_conversation(tok):
             torch.testing.assert_close(packed[pos : pos + len(ex)], alone, atol=1e-5, rtol=1e-5)
             pos += len(ex)
         # and the packed loss is the label-weighted mean of the separate losses
-        loss, _ = sft_loss(model, batch)
+        loss_sum, n, _ = sft_loss(model, batch)
+        assert int(n) == sum(e.label_count for e in examples[:3])
+        loss = loss_sum / n
         total = sum(model(torch.from_numpy(e.inputs)[None], targets=torch.from_numpy(e.targets)[None]).loss * e.label_count
                     for e in examples[:3])
         torch.testing.assert_close(loss, total / sum(e.label_count for e in examples[:3]), atol=1e-5, rtol=1e-5)

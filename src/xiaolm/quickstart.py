@@ -80,25 +80,21 @@ def calibrate_step_time(pcfg, steps: int = 4) -> float:
     """Seconds per optimizer step of this model, batch and device (a few real steps, the first discarded)."""
     import torch
 
-    from xiaolm.train.loop import Trainer, setup_distributed
+    from xiaolm.train.dist import setup_distributed
+    from xiaolm.train.engine import Trainer
     from xiaolm.train.pretrain import WindowSampler, _open_data, build_model, lm_loss
 
     env = setup_distributed(pcfg.train.device)
     tokenizer, train, _ = _open_data(pcfg)
     model = build_model(pcfg, tokenizer.vocab_size, tokenizer)
     trainer = Trainer(copy.deepcopy(pcfg.train), model, Path(pcfg.out) / "calibration", total_steps=steps,
-                      tokens_per_step=1, dist_env=env, name="calibration")
+                      dist_env=env, name="calibration")
     sampler = WindowSampler(train, pcfg.model.seq_len, 0, pcfg.train.micro_batch_size, 1, env)
-    model.train()
+    trainer.model.train()
     times = []
     for s in range(steps):
         t = time.perf_counter()
-        batch = {k: v.to(env.device) for k, v in sampler(s, 0).items()}
-        with trainer.autocast():
-            loss, _ = lm_loss(trainer.model, batch)
-        loss.backward()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.train_step([sampler(s, 0)], lm_loss, s)
         if env.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

@@ -61,7 +61,9 @@ from xiaolm.align.common import (
 from xiaolm.align.onpolicy import OnPolicyOptions
 from xiaolm.config import opt, parse_config
 from xiaolm.eval.instruct import instruct_metrics
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
@@ -316,6 +318,13 @@ def preference_loss(model, batch: dict, s: LossSettings) -> tuple[torch.Tensor, 
     return loss, metrics
 
 
+def preference_loss_sum(model, batch: dict, s: LossSettings) -> tuple[torch.Tensor, int, dict]:
+    """``preference_loss`` summed over the micro-batch's pairs (KTO: examples), and their number, for the engine."""
+    loss, metrics = preference_loss(model, batch, s)
+    n = batch["input_ids"].shape[0] // 2
+    return loss * n, n, metrics
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -399,13 +408,12 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
 
     model, param_groups, trainer_cls, lora_info = policy, None, Trainer, None
     if cfg.lora:
-        from xiaolm.train.lora import apply_lora, trainable_parameters
-        from xiaolm.train.sft import _LoraTrainer
+        from xiaolm.train.lora import LoraTrainer, apply_lora, trainable_parameters
 
         model = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_targets, base_name=base_name)
         param_groups = [{"params": trainable_parameters(model), "weight_decay": t.weight_decay}]
-        trainer_cls = _LoraTrainer
+        trainer_cls = LoraTrainer
         lora_info = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                      "targets": list(cfg.lora_targets)}
     base = model.get_base_model() if cfg.lora else model
@@ -424,7 +432,7 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
             result.update(instruct_metrics(m, tokenizer, eval_samples, cfg.eval_max_new_tokens))
         return result
 
-    trainer = trainer_cls(t, model, run_dir, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
+    trainer = trainer_cls(t, model, run_dir, total_steps=total_steps, dist_env=env,
                           full_config=cfg, model_config=base.config.to_dict(), tokenizer=tokenizer,
                           param_groups=param_groups, name="dpo",
                           extra_meta={"base": base_name, "loss": cfg.loss, "beta": settings.beta,
@@ -436,7 +444,7 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
         log(f"round {round_index}: {cfg.loss} (beta {settings.beta}) on {len(train_data)} training "
             f"{'examples' if cfg.loss == 'kto' else 'pairs'}, {len(held_data)} held-out; {total_steps} steps of "
             f"{batches.global_batch}; device {env.device} -> {run_dir}")
-    result = trainer.fit(batches, lambda m, b: preference_loss(m, b, settings), eval_fn)
+    result = trainer.fit(batches, lambda m, b: preference_loss_sum(m, b, settings), eval_fn)
     trained = trainer.raw_model
     if cfg.lora:
         from xiaolm.model.lora import merge_lora

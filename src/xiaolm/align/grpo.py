@@ -33,6 +33,7 @@ OUT is a RUNDIR of the policy: ``load_model`` reads it and ``xiaolm eval instruc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import sys
@@ -55,7 +56,8 @@ from xiaolm.align.common import (
     sample_responses,
 )
 from xiaolm.config import opt, parse_config
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything
 
 
@@ -72,6 +74,8 @@ class GRPOTrainConfig(TrainConfig):
     eval_every: int = opt(50, "evaluate (and save) every N steps; 0: only at the end")
     log_every: int = opt(5, "log every N optimizer steps")
     prefetch: int = opt(0, "must stay 0 for GRPO: each batch is sampled by the current weights")
+    grad_accum_steps: int = opt(0, "set by GRPO: micro-batches of one batch of samples (prompts_per_step x group_size "
+                                   "/ micro_batch_size); leave at 0")
 
 
 @dataclass
@@ -116,10 +120,10 @@ class Rollouts:
     scored, and split into micro-batches (module docstring)."""
 
     def __init__(self, cfg: GRPOConfig, prompts: list[dict], tokenizer, reference, out: Path, micro_batch: int,
-                 env: DistEnv):
+                 env: DistEnv, model=None):
         self.cfg, self.prompts, self.tokenizer, self.reference = cfg, prompts, tokenizer, reference
         self.out, self.micro_batch, self.env = out, micro_batch, env
-        self.model = None  # the policy, set once the Trainer holds it
+        self.model = model  # the policy (the Trainer moves it to the device in place)
         self.current: Optional[tuple[int, dict]] = None
         self.gen_stats = SamplingStats()
         self.batches_sampled = 0
@@ -239,9 +243,9 @@ class Rollouts:
         return torch.cat(out)
 
 
-def grpo_loss(model, batch: dict, cfg: GRPOConfig, accum: int) -> tuple[torch.Tensor, dict]:
-    """The micro-batch's share of the batch loss (scaled so the Trainer's accumulation averages over the whole batch
-    of samples), and its metrics."""
+def grpo_loss(model, batch: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The micro-batch's summed loss and its units (response tokens, or responses with --loss-agg sequence), so that
+    the engine's division by the step's units averages over the whole batch of samples; and its metrics."""
     from xiaolm.align.losses import grpo_token_loss
 
     logp = response_logps(model, batch["input_ids"], batch["targets"])
@@ -253,7 +257,7 @@ def grpo_loss(model, batch: dict, cfg: GRPOConfig, accum: int) -> tuple[torch.Te
         total = (per_tok * mask).sum()
     else:
         total = ((per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
-    loss = total / batch["norm"] * accum
+    units = mask.sum() if cfg.loss_agg == "token" else torch.tensor(float(mask.shape[0]), device=mask.device)
     n = mask.sum().clamp(min=1)
     metrics = {
         "kl": (st["kl"] * mask).sum() / n,
@@ -263,10 +267,27 @@ def grpo_loss(model, batch: dict, cfg: GRPOConfig, accum: int) -> tuple[torch.Te
     for k, v in batch.items():
         if k.startswith("stat_"):
             metrics[k[5:]] = v
-    return loss, metrics
+    return total, units, metrics
 
 
 # ---------------------------------------------------------------------------------------------- main
+
+
+def resolve_train(cfg: GRPOConfig, n_prompts: int) -> GRPOConfig:
+    """The training options GRPO derives, set once before anything uses them: one optimizer step per batch of
+    samples (its micro-batches accumulated) and, without --max-steps, the steps of --epochs over the prompts."""
+    t = cfg.train
+    if t.prefetch:
+        raise fail("--prefetch must stay 0 for grpo: each batch of samples is drawn by the current weights")
+    rows = cfg.prompts_per_step * cfg.group_size
+    accum = math.ceil(rows / min(t.micro_batch_size, rows))
+    if t.grad_accum_steps not in (0, accum):
+        raise fail(f"--grad-accum-steps {t.grad_accum_steps}: grpo accumulates the {accum} micro-batches of one batch "
+                   f"of samples (--prompts-per-step x --group-size / --micro-batch-size); leave it unset")
+    max_steps = t.max_steps
+    if max_steps is None:
+        max_steps = max(1, math.ceil(cfg.epochs * n_prompts / cfg.prompts_per_step)) * max(1, cfg.updates_per_batch)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum_steps=accum, max_steps=int(max_steps)))
 
 
 def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
@@ -306,19 +327,14 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
         reference = copy.deepcopy(policy).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
+    cfg = resolve_train(cfg, len(prompts))
     t = cfg.train
-    if t.prefetch:
-        t.prefetch = 0  # each batch must be sampled by the current weights
     rows = cfg.prompts_per_step * cfg.group_size
     micro = min(t.micro_batch_size, rows)
-    t.grad_accum_steps = math.ceil(rows / micro)
     mu = max(1, cfg.updates_per_batch)
-    if t.max_steps is None:
-        n_batches = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.prompts_per_step))
-        t.max_steps = n_batches * mu
     total_steps = int(t.max_steps)
     out = Path(cfg.out)
-    rollouts = Rollouts(cfg, prompts, tokenizer, reference, out, micro, env)
+    rollouts = Rollouts(cfg, prompts, tokenizer, reference, out, micro, env, model=policy)
     eval_samples = None
     if cfg.eval_prompts:
         from xiaolm.eval.instruct import load_eval_samples
@@ -328,8 +344,7 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     def eval_fn(m, step):
         return instruct_metrics(m, tokenizer, eval_samples, cfg.eval_max_new_tokens) if eval_samples else {}
 
-    tokens_per_step = rows * (context // 2)
-    trainer = Trainer(t, policy, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
+    trainer = Trainer(t, policy, out, total_steps=total_steps, dist_env=env,
                       full_config=cfg, tokenizer=tokenizer, name="grpo",
                       extra_meta={"base": str(cfg.run), "group_size": cfg.group_size, "kl_beta": cfg.kl_beta})
     trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written
@@ -340,9 +355,7 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
             f"samples per batch, {mu} update(s) per batch, {total_steps} steps "
             f"({math.ceil(total_steps / mu)} batches of samples); micro-batches of {micro} x {t.grad_accum_steps}; "
             f"KL beta {cfg.kl_beta}; device {env.device}")
-    rollouts.model = trainer.raw_model
-    accum = t.grad_accum_steps
-    result = trainer.fit(rollouts, lambda m, b: grpo_loss(m, b, cfg, accum), eval_fn if eval_samples else None)
+    result = trainer.fit(rollouts, lambda m, b: grpo_loss(m, b, cfg), eval_fn if eval_samples else None)
     hist = rollouts.history
     summary = {
         "run": str(out), "base": str(cfg.run), "steps": result.step, "total_steps": total_steps,

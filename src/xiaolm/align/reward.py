@@ -35,7 +35,9 @@ import torch
 from xiaolm.config import opt, parse_config
 from xiaolm.model.io import load_reward_model
 from xiaolm.model.reward import RewardModel
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import fail, log, seed_everything, stable_hash
 
 
@@ -148,10 +150,10 @@ def reward_loss(model, batch: dict, center_coef: float = 0.0):
     scores = model(batch["input_ids"], batch["lengths"])
     n = scores.shape[0] // 2
     sc, sr = scores[:n], scores[n:]
-    loss = bradley_terry_loss(sc, sr).mean()
+    loss = bradley_terry_loss(sc, sr).sum()  # summed over the pairs; the engine divides by the step's pairs
     if center_coef:
-        loss = loss + center_coef * ((sc + sr) ** 2).mean()
-    return loss, {"accuracy": (sc > sr).float().mean(), "margin": (sc - sr).mean().detach(),
+        loss = loss + center_coef * ((sc + sr) ** 2).sum()
+    return loss, n, {"accuracy": (sc > sr).float().mean(), "margin": (sc - sr).mean().detach(),
                   "score_mean": scores.mean().detach()}
 
 
@@ -251,7 +253,7 @@ def train_reward(cfg: RewardConfig, env: Optional[DistEnv] = None) -> dict:
         return {"val_loss": r["loss"], "val_accuracy": r["accuracy"], "val_margin": r["margin"]}
 
     out = Path(cfg.out)
-    trainer = Trainer(t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env,
+    trainer = Trainer(t, model, out, total_steps=total_steps, dist_env=env,
                       full_config=cfg, tokenizer=tokenizer, name="reward",
                       extra_meta={"base": str(cfg.run), "head": "score: last real token -> scalar"})
     trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written

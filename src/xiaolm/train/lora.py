@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from xiaolm.model.lora import ADAPTER_DIR, _PEFT_PREFIX
+from xiaolm.train.engine import Trainer
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -92,3 +93,14 @@ def save_merged(model: torch.nn.Module, out_dir: str | Path, meta: dict, tokeniz
     if tokenizer is not None:
         tokenizer.save(out_dir / "tokenizer")
     return out_dir
+
+
+class LoraTrainer(Trainer):
+    """The shared Trainer for a peft-wrapped model: checkpoints hold its state dict and, written atomically with it,
+    the adapter directory (``adapter_files``)."""
+
+    def _full_state_dict(self) -> dict:
+        return peft_state_dict(self.raw_model)
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        return {**super().checkpoint_files(), **adapter_files(self.raw_model)}

@@ -18,7 +18,9 @@ import torch
 
 from xiaolm.config import opt, parse_config
 from xiaolm.eval.loss import StreamEvaluator
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import count_params, fail, human, log, seed_everything
 
 DEFAULT_PROMPTS = ["从前，有一个小女孩叫莉莉。", "小明和他的狗", "有一天，小猫"]
@@ -61,6 +63,11 @@ class PretrainTrainConfig(TrainConfig):
     )
     schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
         "wsd", "decay after warmup: wsd (constant, then linear over decay_fraction), cosine, linear, or constant"
+    )
+    # Pretraining only: its steps hold exactly micro x accum x devices x seq_len tokens. The other verbs batch
+    # conversations, pairs or samples of varying length and do not offer it.
+    global_batch_tokens: Optional[int] = opt(
+        None, "tokens per optimizer step across all devices; sets grad_accum_steps"
     )
     windows: Literal["random", "aligned"] = opt(
         "random", "training windows: random (the stream cut every seq_len tokens, in seeded order) or aligned "
@@ -162,8 +169,10 @@ class AlignedWindowSampler(WindowSampler):
 
 
 def lm_loss(model, batch: dict, chunk: int = 0):
+    """The loss summed over the batch's label tokens, and their number (the engine divides by the step's total)."""
     out = model(batch["input_ids"], targets=batch["targets"], doc_ids=batch.get("doc_ids"), loss_chunk_size=chunk)
-    return out.loss, {}
+    n = (batch["targets"] != -100).sum()
+    return out.loss * n, n, {}
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -330,7 +339,7 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
 
     out = Path(cfg.out)
     trainer = Trainer(
-        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
+        t, model, out, total_steps=total_steps, dist_env=env, full_config=cfg,
         tokenizer=tokenizer, flops_per_token=fpt, name="pretrain",
         extra_meta={"unigram_entropy": h_unigram, "params": n["total"], "seq_len": seq},
         new_run_hint=f"start a new run with another --out (--init-from {out} starts one from these weights)",

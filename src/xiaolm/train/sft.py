@@ -22,7 +22,7 @@ longest conversation (right padding, which causal attention never looks at). Eit
 share a micro-batch (``--group-by-length``, within windows of 16 micro-batches whose order is then shuffled), and the
 share of padding tokens is reported.
 
-Training uses ``xiaolm.train.loop.Trainer``: checkpoints (atomic, sha256-verified), ``--resume``, Ctrl-C/SIGTERM,
+Training uses ``xiaolm.train.engine.Trainer``: checkpoints (atomic, sha256-verified), ``--resume``, Ctrl-C/SIGTERM,
 NaN guard, metrics.jsonl, loss curve, and a held-out SFT loss (``val_loss``, the mean loss per assistant token) at
 each evaluation. ``--lora`` trains peft LoRA adapters only (``xiaolm.train.lora``); ``--merge`` also writes the
 merged plain model to ``OUT/merged``. OUT is a RUNDIR that ``load_model`` (and every later verb) reads.
@@ -40,7 +40,9 @@ import torch
 
 from xiaolm.config import opt, parse_config
 from xiaolm.tokenizer.chat import encode_conversation
-from xiaolm.train.loop import DistEnv, TrainConfig, Trainer, resolve_steps, run_training, setup_distributed
+from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import fail, human, log, seed_everything, stable_hash
 
 
@@ -278,8 +280,11 @@ class SFTBatches:
 
 
 def sft_loss(model, batch: dict, chunk: int = 0):
+    """The loss summed over the batch's assistant tokens, and their number: the engine divides by the step's total,
+    so every assistant token weighs the same however the conversations fall into micro-batches."""
     out = model(batch["input_ids"], targets=batch["targets"], doc_ids=batch.get("doc_ids"), loss_chunk_size=chunk)
-    return out.loss, {}
+    n = (batch["targets"] != -100).sum()
+    return out.loss * n, n, {}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -366,33 +371,6 @@ def load_sft_data(cfg: SFTConfig):
     return train, heldout, reports, how
 
 
-# ---------------------------------------------------------------------------------------------- LoRA trainer
-
-
-class _LoraTrainer(Trainer):
-    """The shared Trainer, saving peft-wrapped state and the adapter directory in every checkpoint."""
-
-    def _full_state_dict(self) -> dict:
-        from xiaolm.train.lora import peft_state_dict
-
-        return peft_state_dict(self.raw_model)
-
-    def save(self, *args, **kwargs):
-        import functools
-
-        from xiaolm.train import loop
-        from xiaolm.train.lora import adapter_files
-
-        # Trainer.save has no hook for extra files; give its save_checkpoint call the adapter files for the duration
-        # of this call, so adapter/ is written inside the same atomic, sha256-recorded checkpoint.
-        original = loop.save_checkpoint
-        loop.save_checkpoint = functools.partial(original, extra_files=adapter_files(self.raw_model))
-        try:
-            return super().save(*args, **kwargs)
-        finally:
-            loop.save_checkpoint = original
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -452,13 +430,13 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     param_groups = None
     trainer_cls = Trainer
     if cfg.lora:
-        from xiaolm.train.lora import apply_lora, trainable_parameters
+        from xiaolm.train.lora import LoraTrainer, apply_lora, trainable_parameters
 
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_targets, base_name=str(cfg.run))
         trainable = trainable_parameters(model)
         param_groups = [{"params": trainable, "weight_decay": t.weight_decay}]
-        trainer_cls = _LoraTrainer
+        trainer_cls = LoraTrainer
         lora_info = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                      "targets": list(cfg.lora_targets), "trainable_params": sum(p.numel() for p in trainable)}
     base_model = model.get_base_model() if cfg.lora else model
@@ -480,7 +458,7 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         "overlong_rule": cfg.overlong, "files": [r.to_dict() for r in reports],
     }
     trainer = trainer_cls(
-        t, model, out, total_steps=total_steps, tokens_per_step=tokens_per_step, dist_env=env, full_config=cfg,
+        t, model, out, total_steps=total_steps, dist_env=env, full_config=cfg,
         model_config=base_model.config.to_dict(), tokenizer=tokenizer, param_groups=param_groups, name="sft",
         extra_meta={"base": str(cfg.run), "lora": lora_info},
     )

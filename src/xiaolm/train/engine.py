@@ -1,10 +1,16 @@
-"""The training engine every training verb shares: pretraining, SFT, reward model, DPO.
+"""The training engine every training verb shares: pretraining, SFT, reward model, DPO, GRPO.
 
 A verb supplies three functions and the engine does the rest:
 - ``batch_fn(step, micro) -> dict`` of CPU tensors. It must be a pure function of (step, micro, rank), so resuming
   needs nothing but the step number to continue with exactly the batches the uninterrupted run would have seen;
-- ``loss_fn(model, batch) -> (loss, metrics)``, the mean loss of the micro-batch and a dict of scalar tensors;
+- ``loss_fn(model, batch) -> (loss_sum, n, metrics)``: the micro-batch's loss summed over its ``n`` units (label
+  tokens for language modelling, pairs or sequences for preference losses) and a dict of scalar tensors. The engine
+  divides the step's summed loss by the units of all its micro-batches on all ranks (torchtitan's rule), so a
+  micro-batch with few real tokens weighs less than a full one instead of as much;
 - ``eval_fn(model, step) -> dict`` (optional), returning at least ``val_loss`` to track the best checkpoint.
+
+``Trainer.train_step`` runs one optimizer step on its own (calibration, tests); ``fit`` loops over it. Subclasses
+add files to every checkpoint (``checkpoint_files``) and state to trainer.pt (``extra_state`` / ``load_extra_state``).
 
 The engine owns: device and precision, the AdamW optimiser (fused where available, weight decay on matrices only),
 warmup + decay schedule over the run's real length, gradient accumulation, clipping, a non-finite guard that never
@@ -16,13 +22,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
-import os
-import queue
 import random
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,11 @@ import torch
 from xiaolm.config import opt, save_config
 from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
 from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
-from xiaolm.utils import human, log, pick_device, write_jsonl
+from xiaolm.train.dist import DistEnv, device_peak_flops, resolve_precision, setup_distributed, teardown_distributed
+from xiaolm.train.metrics import MetricsLog, _Progress, plot_loss_curve, resolve_tensorboard
+from xiaolm.train.prefetch import _Prefetcher, _to_device
+from xiaolm.train.schedule import lr_at
+from xiaolm.utils import human, log
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -44,10 +49,7 @@ class TrainConfig:
     max_steps: Optional[int] = opt(None, "optimizer steps for the whole run (default: from max_tokens or epochs)")
     max_tokens: Optional[int] = opt(None, "token budget for the whole run; sets max_steps when that is not given")
     micro_batch_size: int = opt(16, "sequences per forward/backward on each device")
-    grad_accum_steps: int = opt(1, "micro-batches accumulated per optimizer step (see global_batch_tokens)")
-    global_batch_tokens: Optional[int] = opt(
-        None, "tokens per optimizer step across all devices; sets grad_accum_steps"
-    )
+    grad_accum_steps: int = opt(1, "micro-batches accumulated per optimizer step")
     lr: float = opt(1e-3, "peak learning rate")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
     warmup_steps: int = opt(100, "linear warmup steps (capped at 10% of the run)")
@@ -95,199 +97,6 @@ class TrainConfig:
     tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
     progress: bool = opt(True, "a progress bar on a terminal (off: plain log lines, as in files and CI logs)")
 
-
-# ----------------------------------------------------------------------------------------------- schedule
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Warmup then decay to ``min_lr_ratio * lr`` exactly at ``total_steps`` (the run's real length)."""
-    warmup = min(cfg.warmup_steps, max(1, total_steps // 10))
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return peak
-    span = max(1, total_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    if cfg.schedule == "cosine":
-        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "linear":
-        return peak - (peak - floor) * progress
-    # wsd: warmup, stable, then linear decay over the last decay_fraction of the run
-    decay_start = 1.0 - min(1.0, max(0.0, cfg.decay_fraction))
-    if progress < decay_start or decay_start >= 1.0:
-        return peak
-    return peak - (peak - floor) * (progress - decay_start) / (1 - decay_start)
-
-
-# ----------------------------------------------------------------------------------------------- devices
-
-
-_PEAK_BF16 = {  # dense bf16 tensor-core FLOP/s by GPU name fragment (datasheets)
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "H800": 989e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-    "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 4080": 97e12, "RTX 3090": 71e12, "RTX 3080": 59.5e12,
-    "A6000": 155e12, "V100": 125e12, "T4": 65e12,
-}
-
-
-def device_peak_flops(device: str) -> Optional[float]:
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    for frag, flops in _PEAK_BF16.items():
-        if frag in name:
-            return flops
-    return None
-
-
-def resolve_precision(precision: str, device: str) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for plain float32."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if not device.startswith("cuda"):
-        raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 or fp32")
-    return torch.float16
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device_pref: str = "auto") -> DistEnv:
-    """Under torchrun: init the process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistEnv(device=pick_device(device_pref))
-    import torch.distributed as dist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_pref)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
-
-
-def teardown_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------- logging
-
-
-def resolve_tensorboard(cfg) -> None:
-    """``--tensorboard`` (on by default) without TensorBoard installed: one warning, and the option is turned off
-    so that config.yaml records what really happens."""
-    if not cfg.tensorboard:
-        return
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except Exception:
-        log("warning: TensorBoard is not installed (pip install tensorboard): writing metrics.jsonl only; "
-            "config.yaml records tensorboard: false")
-        cfg.tensorboard = False
-
-
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed), written by rank 0."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: Optional[int]):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            # Drop records logged after the checkpoint we resume from: they are about to be redone.
-            kept = [r for r in _read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            write_jsonl(self.path, kept)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed: metrics.jsonl is enough
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record.get("step", 0))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
-def plot_loss_curve(run_dir: Path, title: str = "") -> Optional[Path]:
-    """loss_curve.png: training loss and validation loss against tokens seen."""
-    records = _read_metrics(run_dir / "metrics.jsonl")
-    train = [r for r in records if r.get("kind") == "train" and "loss" in r]
-    val = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
-    if not train and not val:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", lw=1, alpha=0.8)
-    if val:
-        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", lw=1.5)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title or run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = run_dir / "loss_curve.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -355,6 +164,15 @@ class FitResult:
     exit_code: int
 
 
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's share of the step's mean loss (the shares of all ranks add up to it)
+    grad_norm: torch.Tensor
+    bad: torch.Tensor  # a non-finite loss or gradient: the update was skipped
+    tokens: int  # input tokens this rank processed
+    metrics: dict  # the loss_fn metrics, averaged over the micro-batches
+
+
 class Trainer:
     """Runs ``batch_fn``/``loss_fn``/``eval_fn`` with everything a long run needs (see the module docstring)."""
 
@@ -365,7 +183,6 @@ class Trainer:
         run_dir: str | Path,
         *,
         total_steps: int,
-        tokens_per_step: int,
         dist_env: DistEnv,
         full_config: Any = None,
         model_config: Optional[dict] = None,
@@ -379,7 +196,6 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
-        self.tokens_per_step = tokens_per_step
         self.env = dist_env
         self.device = dist_env.device
         self.full_config = full_config
@@ -466,6 +282,7 @@ class Trainer:
             "rng": _rng_state(),
             "best_val_loss": best_val,
             "world_size": self.env.world_size,
+            "extra": self.extra_state(),
         }
         meta = {
             "kind": self.name,
@@ -478,8 +295,22 @@ class Trainer:
         }
         return save_checkpoint(
             self.run_dir, step, self.raw_model, self.model_config, meta, trainer_state,
-            keep_last=self.cfg.keep_last, best=best, state_dict=sd,
+            keep_last=self.cfg.keep_last, best=best, state_dict=sd, extra_files=self.checkpoint_files() or None,
         )
+
+    # Hooks for subclasses: files written inside every checkpoint (atomically, with their sha256) and state kept in
+    # trainer.pt for an exact resume.
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Extra files for each checkpoint, by path inside the checkpoint directory (rank 0 only)."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """Picklable state saved in trainer.pt with the optimizer's (rank 0 only)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restores what ``extra_state`` returned, on resume (every rank)."""
 
     @property
     def resuming(self) -> bool:
@@ -559,15 +390,89 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("world_size", 1) == self.env.world_size:
             _set_rng_state(state["rng"])
+        self.load_extra_state(state.get("extra") or {})
         log(f"resumed from {ckpt} (step {state['step']}, {human(state['tokens'])} tokens)")
         return state
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's and AdamW's own peaks (optim.py)
+        return lr
+
+    def train_step(self, batches: list[dict], loss_fn: Callable, step: int = 0) -> StepResult:
+        """One optimizer step over ``batches`` (this rank's micro-batches, CPU or device tensors) at the schedule's
+        learning rate for ``step``: accumulation, the global unit count, clipping, the loss scaler and the
+        non-finite guard. The model is left in whatever train/eval mode it is in."""
+        cfg, env = self.cfg, self.env
+        self.set_lr(step)
+        dev_type = self.device.split(":")[0]
+        loss_sum = torch.zeros((), device=self.device)
+        units = torch.zeros((), device=self.device)
+        metrics: dict[str, torch.Tensor] = {}
+        step_tokens = 0
+        for micro, batch in enumerate(batches):
+            batch = _to_device(batch, self.device)
+            step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
+            sync_ctx = (
+                self.model.no_sync()
+                if env.distributed and not cfg.fsdp and micro < len(batches) - 1
+                else contextlib.nullcontext()
+            )
+            with sync_ctx:
+                with self.autocast():
+                    loss, n, extra = loss_fn(self.model, batch)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach().float()
+            units += n.detach().float() if isinstance(n, torch.Tensor) else float(n)
+            for k, v in (extra or {}).items():
+                metrics[k] = metrics.get(k, 0) + v.detach().float() / len(batches)
+        if env.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(units)
+        units = units.clamp(min=1)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        # The gradients hold the summed loss, averaged over ranks by DDP/FSDP: divide by the global units instead.
+        grads = [p.grad for p in self.params if p.grad is not None]
+        scale = env.world_size / units
+        if cfg.fsdp and env.distributed:  # DTensor gradients take a plain number
+            scale = float(scale)
+            for g in grads:
+                g.mul_(scale)
+        elif grads:
+            torch._foreach_mul_(grads, scale)
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=dev_type != "mps")
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        step_loss = loss_sum / units  # this rank's share of the step's mean loss
+        bad = ~torch.isfinite(step_loss)
+        if self.scaler is None:
+            bad = bad | ~torch.isfinite(grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.fused:
+            # The fused AdamW kernel skips the whole update when found_inf is set: no host sync needed.
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(step_loss, grad_norm, bad, step_tokens, metrics)
 
     # ------------------------------------------------------------------------------------------- loop
 
     def fit(
         self,
         batch_fn: Callable[[int, int], dict],
-        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor | int, dict]],
         eval_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None,
     ) -> FitResult:
         cfg, env = self.cfg, self.env
@@ -586,7 +491,6 @@ class Trainer:
         accum = max(1, cfg.grad_accum_steps)
         stop = _StopFlag().install()
         progress = _Progress(self.total_steps, start_step, enabled=env.is_main, bar=cfg.progress)
-        dev_type = self.device.split(":")[0]
 
         nonfinite = torch.zeros((), device=self.device)
         skipped_total = 0
@@ -605,53 +509,16 @@ class Trainer:
         try:
             while step < self.total_steps:
                 lr = lr_at(step, cfg, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's and AdamW's own peaks (optim.py)
-                step_loss = torch.zeros((), device=self.device)
-                step_tokens = 0
-                for micro in range(accum):
-                    batch = _to_device(feed.get(step, micro), self.device)
-                    step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
-                    sync_ctx = (
-                        self.model.no_sync()
-                        if env.distributed and not cfg.fsdp and micro < accum - 1
-                        else contextlib.nullcontext()
-                    )
-                    with sync_ctx:
-                        with self.autocast():
-                            loss, extra = loss_fn(self.model, batch)
-                        scaled = loss / accum
-                        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                    step_loss += loss.detach().float() / accum
-                    for k, v in (extra or {}).items():
-                        interval_metrics[k] = interval_metrics.get(k, 0) + v.detach().float() / accum
-                if self.scaler:
-                    self.scaler.unscale_(self.optimizer)
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=dev_type != "mps")
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                    grad_norm = grad_norm.full_tensor()
-                bad = ~torch.isfinite(step_loss)
-                if self.scaler is None:
-                    bad = bad | ~torch.isfinite(grad_norm)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                elif self.fused:
-                    # The fused AdamW kernel skips the whole update when found_inf is set: no host sync needed.
-                    self.optimizer.found_inf = bad.float()
-                    self.optimizer.step()
-                elif not bool(bad):
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                out = self.train_step([feed.get(step, micro) for micro in range(accum)], loss_fn, step)
+                step_loss, grad_norm, bad = out.loss, out.grad_norm, out.bad
+                for k, v in out.metrics.items():
+                    interval_metrics[k] = interval_metrics.get(k, 0) + v
                 nonfinite += bad.float()
                 interval_loss += torch.where(bad, torch.zeros_like(step_loss), step_loss)
                 interval_steps += 1
                 step += 1
-                tokens += step_tokens * env.world_size
-                interval_tokens += step_tokens * env.world_size
+                tokens += out.tokens * env.world_size
+                interval_tokens += out.tokens * env.world_size
                 progress.update(step)
 
                 is_last = step == self.total_steps
@@ -665,8 +532,7 @@ class Trainer:
                         import torch.distributed as dist
 
                         dist.all_reduce(nonfinite)
-                        dist.all_reduce(interval_loss)
-                        interval_loss /= env.world_size
+                        dist.all_reduce(interval_loss)  # each rank holds its share of the global mean
                     n_bad = int(nonfinite.item())  # the one host sync, at log/save points only
                     if n_bad:
                         skipped_total += n_bad
@@ -739,140 +605,6 @@ class Trainer:
         if env.is_main:
             plot_loss_curve(self.run_dir, title=f"{self.name}: {self.run_dir.name}")
         return FitResult(step, tokens, elapsed, last_loss, best_val, last_eval, interrupted, exit_code)
-
-
-def _to_device(batch: dict, device: str) -> dict:
-    non_blocking = device.startswith("cuda")
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
-
-
-def _pin(batch: dict) -> dict:
-    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-class _Prefetcher:
-    """Prepares the next batches on a background thread so the device never waits for data.
-
-    ``batch_fn`` is a pure function of (step, micro), so batches can be made ahead in order; with ``depth`` 0
-    they are made on demand. Pinned host memory lets the copy to the GPU overlap with compute.
-    """
-
-    _END = object()
-
-    def __init__(self, batch_fn, start_step: int, total_steps: int, accum: int, depth: int, pin: bool):
-        self.batch_fn, self.pin, self.depth = batch_fn, pin, depth
-        if depth <= 0:
-            return
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        order = ((s, m) for s in range(start_step, total_steps) for m in range(accum))
-        self.thread = threading.Thread(target=self._run, args=(order,), daemon=True, name="xiaolm-prefetch")
-        self.thread.start()
-
-    def _make(self, step, micro):
-        batch = self.batch_fn(step, micro)
-        return _pin(batch) if self.pin else batch
-
-    def _run(self, order):
-        try:
-            for step, micro in order:
-                item = (step, micro, self._make(step, micro))
-                while not self.stop.is_set():
-                    try:
-                        self.q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-        except BaseException as exc:  # surfaced in get()
-            self.q.put((None, None, exc))
-
-    def get(self, step: int, micro: int) -> dict:
-        if self.depth <= 0:
-            return self._make(step, micro)
-        s, m, item = self.q.get()
-        if isinstance(item, BaseException):
-            raise item
-        if (s, m) != (step, micro):
-            raise RuntimeError(f"prefetcher out of order: wanted {(step, micro)}, got {(s, m)}")
-        return item
-
-    def close(self) -> None:
-        if self.depth > 0:
-            self.stop.set()
-            self.thread.join(timeout=5)
-
-
-class _Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files)."""
-
-    def __init__(self, total: int, start: int, enabled: bool, bar: bool = True):
-        self.enabled = enabled  # rank 0 prints; ``bar`` False gives plain lines even on a terminal
-        self.bar = None
-        if enabled and bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.refresh()
-
-    def show(self, rec: dict, total: int, elapsed: float, steps_done: int) -> None:
-        if not self.enabled:
-            return
-        eta = elapsed / max(1, steps_done) * (total - rec["step"]) if steps_done else 0
-        parts = {
-            "loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok/s": human(rec["tokens_per_s"]),
-        }
-        if "mfu" in rec:
-            parts["mfu"] = f"{100 * rec['mfu']:.1f}%"
-        if self.bar is not None:
-            self.bar.set_postfix(parts, refresh=True)
-        else:
-            text = " ".join(f"{k} {v}" for k, v in parts.items())
-            log(f"step {rec['step']:>6}/{total} {text} eta {_fmt_time(eta)}")
-
-    def show_eval(self, step: int, ev: dict) -> None:
-        if not self.enabled:
-            return
-        scalars = " ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
-        self.note(f"eval @ {step}: {scalars}")
-        for sample in ev.get("samples", []) if isinstance(ev.get("samples"), list) else []:
-            self.note(f"  > {sample}")
-
-    def note(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            log(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def resolve_steps(cfg: TrainConfig, tokens_per_step: int, default_steps: Optional[int] = None) -> int:
-    """max_steps if given; else max_tokens / tokens per step; else the verb's default (e.g. from epochs)."""
-    if cfg.max_steps is not None:
-        return int(cfg.max_steps)
-    if cfg.max_tokens is not None:
-        return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
-    if default_steps is not None:
-        return int(default_steps)
-    raise ValueError("set --max-steps or --max-tokens")
 
 
 def run_training(train_fn: Callable[[Any, DistEnv], dict], cfg: Any) -> tuple[dict, DistEnv]:

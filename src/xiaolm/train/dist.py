@@ -1,0 +1,83 @@
+"""Devices, precision and the torchrun process group."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from xiaolm.utils import pick_device
+
+
+_PEAK_BF16 = {  # dense bf16 tensor-core FLOP/s by GPU name fragment (datasheets)
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "H800": 989e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 4080": 97e12, "RTX 3090": 71e12, "RTX 3080": 59.5e12,
+    "A6000": 155e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def device_peak_flops(device: str) -> Optional[float]:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for frag, flops in _PEAK_BF16.items():
+        if frag in name:
+            return flops
+    return None
+
+
+def resolve_precision(precision: str, device: str) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain float32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if not device.startswith("cuda"):
+        raise ValueError("fp16 mixed precision needs a CUDA device; use bf16 or fp32")
+    return torch.float16
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_pref: str = "auto") -> DistEnv:
+    """Under torchrun: init the process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv(device=pick_device(device_pref))
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def teardown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
