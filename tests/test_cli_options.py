@@ -80,7 +80,7 @@ SHORT_FLAGS = {
     "pipeline": (
         "--attn-impl --beta --center-coef --chapter-regex --clip-eps --converter --csv-delimiter --data-weights "
         "--doc-mask --dtype --eval-conversations --eval-tokens --exact --false-negative-weight "
-        "--fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type --group-by-length --group-size "
+        "--fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type --global-batch-tokens --group-by-length --group-size "
         "--heldout-prompts --hf --hf-cache-dir --hf-config --hf-split --hidden-size --init-from --inputs "
         "--instruct-limit --intermediate-size --joiner --json-key --keep-prob --kl-beta --kto-desirable-weight "
         "--kto-undesirable-weight --label-smoothing --loss --loss-agg --lr-sweep --max-blank-lines --max-chars "
@@ -119,14 +119,14 @@ SHORT_FLAGS = {
     ),
     "sft": (
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
-        "--global-batch-tokens --grad-accum-steps --grad-clip --keep-last --log-every --loss-chunk-size --lr "
+        "--grad-accum-steps --grad-clip --keep-last --log-every --loss-chunk-size --lr "
         "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
         "--muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --resume "
         "--resume-from --save-every --schedule --seed --stop-at-step --tensorboard --warmup-steps --weight-decay"
     ),
     "reward": (
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
-        "--global-batch-tokens --grad-accum-steps --grad-clip --keep-last --log-every --lr --max-skipped-steps "
+        "--grad-accum-steps --grad-clip --keep-last --log-every --lr --max-skipped-steps "
         "--max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum --muon-weight-decay "
         "--on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --resume --resume-from "
         "--save-every --schedule --seed --stop-at-step --tensorboard --warmup-steps --weight-decay"
@@ -134,7 +134,7 @@ SHORT_FLAGS = {
     "reward score": "",
     "dpo": (
         "--adam-lr --all-met-bonus --batch-size --beta1 --beta2 --compile --decay-fraction --device --eps "
-        "--eval-every --fsdp --global-batch-tokens --grad-accum-steps --grad-clip --greedy --k --keep-last "
+        "--eval-every --fsdp --grad-accum-steps --grad-clip --greedy --k --keep-last "
         "--limit --log-every --lr --markers --max-new-tokens --max-skipped-steps --max-steps --max-tokens "
         "--micro-batch-size --min-lr-ratio --min-margin --mode --muon-lr --muon-momentum --muon-weight-decay "
         "--on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --repetition-penalty "
@@ -144,7 +144,7 @@ SHORT_FLAGS = {
     ),
     "grpo": (
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
-        "--global-batch-tokens --grad-accum-steps --grad-clip --keep-last --log-every --lr --max-new-tokens "
+        "--grad-accum-steps --grad-clip --keep-last --log-every --lr --max-new-tokens "
         "--max-skipped-steps --max-steps --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
         "--muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --progress --repetition-penalty "
         "--resume --resume-from --save-every --schedule --seed --stop --stop-at-step --temperature --tensorboard "

@@ -160,8 +160,9 @@ def test_pretraining_honours_global_batch_tokens(shards_dir, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["grad_accum_steps"] == 4
 
 
-def test_grpo_derives_its_options_once_and_refuses_conflicts(capsys):
+def test_grpo_derives_its_options_once_and_refuses_conflicts():
     from xiaolm.align.grpo import GRPOConfig, resolve_train
+    from xiaolm.errors import XiaolmError
 
     cfg = GRPOConfig(prompts_per_step=4, group_size=4)
     cfg.train.micro_batch_size = 6
@@ -169,10 +170,8 @@ def test_grpo_derives_its_options_once_and_refuses_conflicts(capsys):
     assert (got.train.grad_accum_steps, got.train.max_steps) == (3, 3)  # ceil(16 / 6); ceil(10 prompts / 4)
     assert (cfg.train.grad_accum_steps, cfg.train.max_steps) == (0, None)  # the given config is left as it was
     cfg.train.prefetch = 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(XiaolmError, match="--prefetch must stay 0"):
         resolve_train(cfg, 10)
-    assert "--prefetch must stay 0" in capsys.readouterr().err
     cfg.train.prefetch, cfg.train.grad_accum_steps = 0, 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(XiaolmError, match="grpo accumulates the 3 micro-batches"):
         resolve_train(cfg, 10)
-    assert "grpo accumulates the 3 micro-batches" in capsys.readouterr().err
