@@ -8,8 +8,8 @@ tied embeddings, Muon lr 0.02, the recipe's optimizer/schedule/init), trained in
    another seed, a .jsonl scored whole by ``xiaolm eval ppl``), not in loss per token.
 2. ``tied``: tied vs untied input/output embeddings at the quickstart shape.
 3. ``shape``: depth vs width at about equal non-embedding parameters (the quickstart's 4 x 128, 2 x 192, 8 x 96).
-4. ``lr``: 0.5x / 1x / 2x the Muon lr at the quickstart's width and at twice that width: is the best base lr the
-   same?
+4. ``lr``: 0.5x / 1x / 2x (``--lr-mults``) the Muon lr at the quickstart's width and at twice that width: is the
+   best base lr the same?
 
 Corpus: ``xiaolm data synth`` stories -> ``data prepare`` -> ``tokenizer train --vocab-size N`` -> ``data
 tokenize`` (one tokenizer per vocabulary, cached). Every run is ``xiaolm pretrain`` with the same data order, steps,
@@ -127,7 +127,7 @@ def spec_rows(args) -> list[dict]:
                 rows += [dict(base, question=q, label=f"width {width}, muon lr {args.muon_lr * m:g} ({m:g}x)"
                               + (" (default)" if m == 1 and shape is QUICKSTART else ""), shape=shape,
                               muon_lr=args.muon_lr * m, lr_mult=m, width=shape["hidden"])
-                         for m in (0.5, 1.0, 2.0)]
+                         for m in args.lr_mults]
     return rows
 
 
@@ -166,8 +166,8 @@ def write_results(base: Path, rows: list[dict], args, machine: dict, commands: l
     total_s = round(time.perf_counter() - t0, 1)
     base.with_suffix(".json").write_text(json.dumps({
         "date_utc": stamp, "commit": _commit(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
-        "spec": {k: getattr(args, k) for k in ("questions", "vocabs", "steps", "seq_len", "batch", "lr", "muon_lr",
-                                                "warmup", "seed", "stories", "val_stories")},
+        "spec": {k: getattr(args, k) for k in ("questions", "vocabs", "lr_mults", "steps", "seq_len", "batch", "lr",
+                                                "muon_lr", "warmup", "seed", "stories", "val_stories")},
         "recipe_flags": RECIPE, "rows": rows, "commands": commands,
     }, ensure_ascii=False, indent=1), encoding="utf-8")
     md = [f"# Shape, vocabulary and lr transfer, {stamp} UTC (commit {_commit()})", "",
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak --lr of the AdamW groups (the quickstart's)")
     ap.add_argument("--muon-lr", type=float, default=0.02, help="the default Muon lr (the lr question scales it)")
+    ap.add_argument("--lr-mults", default="0.5,1,2", help="multiples of --muon-lr the lr question trains")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stories", type=int, default=20000)
@@ -214,6 +215,14 @@ def main(argv=None) -> int:
         args.vocabs = [int(v) for v in args.vocabs.split(",") if v.strip()]
     except ValueError:
         print(f"shape_sweep: --vocabs {args.vocabs!r} must be comma-separated integers", file=sys.stderr)
+        return 2
+    try:
+        args.lr_mults = [float(m) for m in args.lr_mults.split(",") if m.strip()]
+    except ValueError:
+        print(f"shape_sweep: --lr-mults {args.lr_mults!r} must be comma-separated numbers", file=sys.stderr)
+        return 2
+    if not args.lr_mults or min(args.lr_mults) <= 0:
+        print(f"shape_sweep: --lr-mults {args.lr_mults} must hold positive multiples", file=sys.stderr)
         return 2
     if not args.vocabs or min(args.vocabs) < 256:
         print(f"shape_sweep: --vocabs {args.vocabs} must hold vocabularies of at least 256", file=sys.stderr)
