@@ -84,6 +84,15 @@ class DPOTrainConfig(TrainConfig):
 
 @dataclass
 class DPOConfig:
+    """Preference optimisation of an SFT model: DPO (with label smoothing), IPO, SimPO, ORPO or KTO, offline on \
+pairs or iterated on-policy (--rounds). Reference log-probabilities are computed once, before training.
+    examples:
+      xiaolm data pairs --policy runs/sft --prompts data/instruct --out data/pairs.jsonl
+      xiaolm dpo runs/sft --data data/pairs.jsonl --loss dpo --out runs/dpo
+      xiaolm dpo runs/sft --prompts data/instruct --rounds 3 --out runs/dpo-iter
+      xiaolm eval instruct runs/dpo --data data/instruct/heldout.jsonl
+    """
+
     run: str = opt(None, "the SFT model (RUNDIR, checkpoint or Hugging Face Llama dir): policy and reference")
     data: list[str] = opt([], "preference pairs (xiaolm data pairs output or any layout it reads; KTO also takes "
                               "labelled {prompt, completion, label} records)")
@@ -631,13 +640,6 @@ def _write_report(out: Path, summary: dict, cfg: DPOConfig) -> None:
 def main(argv: list[str]) -> int:
     cfg, _ = parse_config(
         DPOConfig, argv, "xiaolm dpo",
-        "Preference optimisation of an SFT model: DPO (with label smoothing), IPO, SimPO, ORPO or KTO, offline on "
-        "pairs or iterated on-policy (--rounds). Reference log-probabilities are computed once, before training.\n"
-        "examples:\n"
-        "  xiaolm data pairs --policy runs/sft --prompts data/instruct --out data/pairs.jsonl\n"
-        "  xiaolm dpo runs/sft --data data/pairs.jsonl --loss dpo --out runs/dpo\n"
-        "  xiaolm dpo runs/sft --prompts data/instruct --rounds 3 --out runs/dpo-iter\n"
-        "  xiaolm eval instruct runs/dpo --data data/instruct/heldout.jsonl",
         positionals={"run": "SFTDIR"},
         unused={"train.loss_chunk_size"},  # the pair losses need every token's log-probability, not a fused CE
     )
