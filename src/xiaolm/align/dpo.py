@@ -49,6 +49,7 @@ import torch
 
 from xiaolm.align.common import (
     EncodeCounts,
+    PairTrainConfig,
     Sequence,
     build_sequence,
     items_for,
@@ -62,7 +63,7 @@ from xiaolm.align.onpolicy import OnPolicyOptions
 from xiaolm.config import opt, parse_config
 from xiaolm.eval.instruct import instruct_metrics
 from xiaolm.train.dist import DistEnv, setup_distributed
-from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.engine import Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
 
@@ -72,14 +73,11 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.5, "kto": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
 @dataclass
-class DPOTrainConfig(TrainConfig):
+class DPOTrainConfig(PairTrainConfig):
     """The shared training options with defaults for preference optimisation (small steps from a trained model)."""
 
     lr: float = opt(5e-5, "peak learning rate")
-    warmup_steps: int = opt(10, "linear warmup steps (capped at 10% of the run)")
     micro_batch_size: int = opt(8, "pairs per forward/backward on each device")
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
-    eval_every: int = opt(100, "evaluate (and save) every N steps; 0: only at the end")
 
 
 @dataclass

@@ -32,11 +32,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from xiaolm.align.common import PairTrainConfig
 from xiaolm.config import opt, parse_config
 from xiaolm.model.io import load_reward_model
 from xiaolm.model.reward import RewardModel
 from xiaolm.train.dist import DistEnv, setup_distributed
-from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.engine import Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import fail, log, seed_everything, stable_hash
 
@@ -173,14 +174,10 @@ def pair_accuracy(model, pairs: EncodedPairs, pad_id: int, batch_size: int = 32)
 
 
 @dataclass
-class RewardTrainConfig(TrainConfig):
+class RewardTrainConfig(PairTrainConfig):
     """The shared training options with defaults for a reward model (fine-tuning a trained body and a new head)."""
 
     lr: float = opt(1e-4, "peak learning rate")
-    warmup_steps: int = opt(10, "linear warmup steps (capped at 10% of the run)")
-    micro_batch_size: int = opt(16, "pairs per forward/backward on each device")
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
-    eval_every: int = opt(100, "evaluate (and save) every N steps; 0: only at the end")
 
 
 @dataclass
