@@ -30,6 +30,10 @@ OPENINGS = [
 
 @dataclass
 class QuickstartConfig:
+    """Synthesise the built-in Chinese story corpus, prepare it, train a tokenizer, tokenise, pretrain a small model \
+within a time budget, then print stories it writes and its validation curve. About 3-4 minutes on 2 CPU cores; with \
+a GPU, a larger model in the same time."""
+
     out: str = opt("xiaolm-quickstart", "working directory for every stage's output")
     time_budget: Optional[float] = opt(None, "seconds of training (default: 150 on CPU, 240 on GPU)")
     stories: Optional[int] = opt(None, "stories to synthesise (default: 30,000 on CPU, 200,000 on GPU)")
@@ -205,10 +209,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
 def main(argv: list[str]) -> int:
     cfg, _ = parse_config(
-        QuickstartConfig, argv, "xiaolm quickstart",
-        "Synthesise the built-in Chinese story corpus, prepare it, train a tokenizer, tokenise, pretrain a small "
-        "model within a time budget, then print stories it writes and its validation curve. About 3-4 minutes on "
-        "2 CPU cores; with a GPU, a larger model in the same time.",
+        QuickstartConfig, argv, "xiaolm quickstart"
     )
     run_quickstart(cfg)
     return 0

@@ -24,6 +24,7 @@ import torch
 from xiaolm.config import opt
 from xiaolm.infer.generate import SamplingConfig
 from xiaolm.model.losses import token_logprobs
+from xiaolm.train.engine import TrainConfig
 from xiaolm.tokenizer.chat import prompt_ids
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -283,3 +284,17 @@ def items_for(n: int, seed: int, first: int, count: int) -> list[int]:
 
 def steps_for_epochs(epochs: float, n: int, global_batch: int) -> int:
     return max(1, math.ceil(epochs * n / max(1, global_batch)))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class PairTrainConfig(TrainConfig):
+    """The shared training options with defaults for training on preference pairs from a trained model (DPO and
+    the reward model): short warmup, no weight decay; each verb sets its own lr (and micro-batch)."""
+
+    warmup_steps: int = opt(10, "linear warmup steps (capped at 10% of the run)")
+    micro_batch_size: int = opt(16, "pairs per forward/backward on each device")
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
+    eval_every: int = opt(100, "evaluate (and save) every N steps; 0: only at the end")

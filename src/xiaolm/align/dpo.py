@@ -49,6 +49,7 @@ import torch
 
 from xiaolm.align.common import (
     EncodeCounts,
+    PairTrainConfig,
     Sequence,
     build_sequence,
     items_for,
@@ -62,7 +63,7 @@ from xiaolm.align.onpolicy import OnPolicyOptions
 from xiaolm.config import opt, parse_config
 from xiaolm.eval.instruct import instruct_metrics
 from xiaolm.train.dist import DistEnv, setup_distributed
-from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.engine import Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
 
@@ -72,18 +73,24 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.5, "kto": 0.1, "simpo": 2.0, "orpo": 0.1}
 
 
 @dataclass
-class DPOTrainConfig(TrainConfig):
+class DPOTrainConfig(PairTrainConfig):
     """The shared training options with defaults for preference optimisation (small steps from a trained model)."""
 
     lr: float = opt(5e-5, "peak learning rate")
-    warmup_steps: int = opt(10, "linear warmup steps (capped at 10% of the run)")
     micro_batch_size: int = opt(8, "pairs per forward/backward on each device")
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
-    eval_every: int = opt(100, "evaluate (and save) every N steps; 0: only at the end")
 
 
 @dataclass
 class DPOConfig:
+    """Preference optimisation of an SFT model: DPO (with label smoothing), IPO, SimPO, ORPO or KTO, offline on \
+pairs or iterated on-policy (--rounds). Reference log-probabilities are computed once, before training.
+    examples:
+      xiaolm data pairs --policy runs/sft --prompts data/instruct --out data/pairs.jsonl
+      xiaolm dpo runs/sft --data data/pairs.jsonl --loss dpo --out runs/dpo
+      xiaolm dpo runs/sft --prompts data/instruct --rounds 3 --out runs/dpo-iter
+      xiaolm eval instruct runs/dpo --data data/instruct/heldout.jsonl
+    """
+
     run: str = opt(None, "the SFT model (RUNDIR, checkpoint or Hugging Face Llama dir): policy and reference")
     data: list[str] = opt([], "preference pairs (xiaolm data pairs output or any layout it reads; KTO also takes "
                               "labelled {prompt, completion, label} records)")
@@ -631,13 +638,6 @@ def _write_report(out: Path, summary: dict, cfg: DPOConfig) -> None:
 def main(argv: list[str]) -> int:
     cfg, _ = parse_config(
         DPOConfig, argv, "xiaolm dpo",
-        "Preference optimisation of an SFT model: DPO (with label smoothing), IPO, SimPO, ORPO or KTO, offline on "
-        "pairs or iterated on-policy (--rounds). Reference log-probabilities are computed once, before training.\n"
-        "examples:\n"
-        "  xiaolm data pairs --policy runs/sft --prompts data/instruct --out data/pairs.jsonl\n"
-        "  xiaolm dpo runs/sft --data data/pairs.jsonl --loss dpo --out runs/dpo\n"
-        "  xiaolm dpo runs/sft --prompts data/instruct --rounds 3 --out runs/dpo-iter\n"
-        "  xiaolm eval instruct runs/dpo --data data/instruct/heldout.jsonl",
         positionals={"run": "SFTDIR"},
         unused={"train.loss_chunk_size"},  # the pair losses need every token's log-probability, not a fused CE
     )

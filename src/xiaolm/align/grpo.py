@@ -80,6 +80,13 @@ class GRPOTrainConfig(TrainConfig):
 
 @dataclass
 class GRPOConfig:
+    """Group-relative policy optimisation: sample a group of answers per training instruction, reward them with the \
+rule-based verifier (optionally plus a reward model), and push the policy towards the better ones with a \
+clipped-ratio objective and a KL penalty to the SFT model.
+    example:
+      xiaolm grpo runs/sft --prompts data/instruct --eval-prompts data/instruct/heldout.jsonl --out runs/grpo
+    """
+
     run: str = opt(None, "the SFT model (RUNDIR, checkpoint or Hugging Face Llama dir): starting policy and reference")
     prompts: list[str] = opt([], "training prompts: a `xiaolm data instruct` DIR (its train.jsonl) or OpenAI-messages "
                                  "files whose records keep their `constraints`")
@@ -398,11 +405,6 @@ def _write_report(out: Path, summary: dict, hist: list[dict], cfg: GRPOConfig) -
 def main(argv: list[str]) -> int:
     cfg, _ = parse_config(
         GRPOConfig, argv, "xiaolm grpo",
-        "Group-relative policy optimisation: sample a group of answers per training instruction, reward them with the "
-        "rule-based verifier (optionally plus a reward model), and push the policy towards the better ones with a "
-        "clipped-ratio objective and a KL penalty to the SFT model.\n"
-        "example:\n"
-        "  xiaolm grpo runs/sft --prompts data/instruct --eval-prompts data/instruct/heldout.jsonl --out runs/grpo",
         positionals={"run": "SFTDIR"},
         # steps come from --max-steps or the prompts; batches are sampled by the current weights; no fused CE
         unused={"train.max_tokens", "train.prefetch", "train.loss_chunk_size"},

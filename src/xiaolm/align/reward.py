@@ -32,11 +32,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from xiaolm.align.common import PairTrainConfig
 from xiaolm.config import opt, parse_config
 from xiaolm.model.io import load_reward_model
 from xiaolm.model.reward import RewardModel
 from xiaolm.train.dist import DistEnv, setup_distributed
-from xiaolm.train.engine import TrainConfig, Trainer, run_training
+from xiaolm.train.engine import Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import fail, log, seed_everything, stable_hash
 
@@ -173,18 +174,22 @@ def pair_accuracy(model, pairs: EncodedPairs, pad_id: int, batch_size: int = 32)
 
 
 @dataclass
-class RewardTrainConfig(TrainConfig):
+class RewardTrainConfig(PairTrainConfig):
     """The shared training options with defaults for a reward model (fine-tuning a trained body and a new head)."""
 
     lr: float = opt(1e-4, "peak learning rate")
-    warmup_steps: int = opt(10, "linear warmup steps (capped at 10% of the run)")
-    micro_batch_size: int = opt(16, "pairs per forward/backward on each device")
-    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
-    eval_every: int = opt(100, "evaluate (and save) every N steps; 0: only at the end")
 
 
 @dataclass
 class RewardConfig:
+    """Train a reward model: the fine-tuned model with a scalar head on the last token, Bradley-Terry loss on \
+preference pairs, pairwise accuracy on held-out prompts.
+    To score responses with a trained one: xiaolm reward score RMDIR --data FILE [--out scores.jsonl]
+    examples:
+      xiaolm reward runs/sft --data data/pairs.jsonl --out runs/reward
+      xiaolm reward score runs/reward --data data/pairs_heldout.jsonl
+    """
+
     run: str = opt(None, "the model to start from (the SFT RUNDIR, a checkpoint or a Hugging Face Llama dir)")
     data: list[str] = opt([], "preference pairs (xiaolm data pairs output, or any layout it reads)")
     out: str = opt("runs/reward", "output RMDIR: checkpoints, metrics.jsonl, config.yaml, report.md, summary.json")
@@ -301,9 +306,13 @@ def train_reward(cfg: RewardConfig, env: Optional[DistEnv] = None) -> dict:
 
 @dataclass
 class ScoreConfig:
+    """Score responses with a reward model: every side of preference pairs (printing the pairwise accuracy), or \
+prompt + response records. Scores are printed as a summary and written with --out."""
+
     run: str = opt(None, "reward model RMDIR (xiaolm reward)")
     data: list[str] = opt([], "files to score: preference pairs (any layout xiaolm data pairs reads) or "
-                              "prompt + response records ({prompt, response} or chat records ending with the answer)")
+                              "prompt + response records ({prompt, response} or chat records ending with the answer)",
+                    required="--data is required")
     out: Optional[str] = opt(None, "write each record with its score(s) here (JSON Lines)")
     batch_size: int = opt(32, "sequences per forward pass")
     device: str = opt("auto", "auto, cpu, cuda or mps")
@@ -339,12 +348,8 @@ def score_main(argv: list[str]) -> int:
 
     cfg, _ = parse_config(
         ScoreConfig, argv, "xiaolm reward score",
-        "Score responses with a reward model: every side of preference pairs (printing the pairwise accuracy), or "
-        "prompt + response records. Scores are printed as a summary and written with --out.",
         positionals={"run": "RMDIR"},
     )
-    if not cfg.data:
-        raise fail("--data is required")
     try:
         files = expand_pair_paths(cfg.data)
     except FileNotFoundError as exc:
@@ -415,12 +420,6 @@ def main(argv: list[str]) -> int:
         return score_main(argv[1:])
     cfg, _ = parse_config(
         RewardConfig, argv, "xiaolm reward",
-        "Train a reward model: the fine-tuned model with a scalar head on the last token, Bradley-Terry loss on "
-        "preference pairs, pairwise accuracy on held-out prompts.\n"
-        "To score responses with a trained one: xiaolm reward score RMDIR --data FILE [--out scores.jsonl]\n"
-        "examples:\n"
-        "  xiaolm reward runs/sft --data data/pairs.jsonl --out runs/reward\n"
-        "  xiaolm reward score runs/reward --data data/pairs_heldout.jsonl",
         positionals={"run": "SFTDIR"},
         unused={"train.loss_chunk_size"},  # a scalar head on the last token: no language-model loss to chunk
     )

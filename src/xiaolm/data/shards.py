@@ -52,6 +52,12 @@ def default_workers() -> int:
 
 @dataclass
 class TokenizeConfig:
+    """Encode documents into memory-mapped token shards, in parallel.
+
+    Each document ends with <|endoftext|>; shards are uint16 when the vocabulary fits, else
+    uint32, each with a JSON sidecar (tokens, documents, offsets, tokenizer fingerprint).
+    """
+
     inputs: list[str] = opt([], "prepared corpus directories (train.jsonl/val.jsonl) or .jsonl/.txt files")
     tokenizer: str = opt("", "tokenizer directory made by `xiaolm tokenizer train`")
     out: str = opt("", "output directory for meta.json and SPLIT/shard_NNNNN.bin files")
@@ -527,9 +533,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, _ = parse_config(
         TokenizeConfig, argv, prog="xiaolm data tokenize",
-        description="Encode documents into memory-mapped token shards, in parallel.\n\n"
-                    "Each document ends with <|endoftext|>; shards are uint16 when the vocabulary fits, else\n"
-                    "uint32, each with a JSON sidecar (tokens, documents, offsets, tokenizer fingerprint).",
         positionals={"inputs": "DIR_OR_FILES"},
         epilog="example:\n  xiaolm data tokenize prepared/ --tokenizer tok/ --out shards/",
     )

@@ -17,6 +17,12 @@ from xiaolm.tokenizer.core import XTokenizer
 
 @dataclass
 class TokenizerTrainConfig:
+    """Train a byte-level BPE tokenizer (lossless for any Unicode text) on a corpus.
+
+    Special tokens take ids 0-7: <|endoftext|>, <|im_start|>, <|im_end|>, <|reserved_0..4|>.
+    The output directory loads with transformers.AutoTokenizer and carries a ChatML template.
+    """
+
     inputs: list[str] = opt([], "prepared corpus directories (train.jsonl is trained on, val.jsonl measured) "
                                 "or .jsonl/.txt files")
     out: str = opt("", "output tokenizer directory (loads with transformers.AutoTokenizer)")
@@ -134,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, _ = parse_config(
         TokenizerTrainConfig, argv, prog="xiaolm tokenizer train",
-        description="Train a byte-level BPE tokenizer (lossless for any Unicode text) on a corpus.\n\n"
-                    "Special tokens take ids 0-7: <|endoftext|>, <|im_start|>, <|im_end|>, <|reserved_0..4|>.\n"
-                    "The output directory loads with transformers.AutoTokenizer and carries a ChatML template.",
         positionals={"inputs": "DIR_OR_FILES"},
         epilog="example:\n  xiaolm tokenizer train prepared/ --vocab-size 8192 --out tok/",
     )

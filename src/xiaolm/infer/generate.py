@@ -368,6 +368,8 @@ def generate(
 
 @dataclass
 class GenerateConfig:
+    """Continue a prompt with a trained model (streams to stdout)."""
+
     run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory")
     prompt: list[str] = opt([], "prompt text (repeat for several prompts, generated as one batch)")
     prompts_file: Optional[str] = opt(None, "file with one prompt per line")
@@ -384,8 +386,7 @@ def main(argv: list[str]) -> int:
     from xiaolm.utils import fail
 
     cfg, _ = parse_config(
-        GenerateConfig, argv, "xiaolm generate", "Continue a prompt with a trained model (streams to stdout).",
-        positionals={"run": "RUNDIR"},
+        GenerateConfig, argv, "xiaolm generate", positionals={"run": "RUNDIR"},
     )
     prompts = list(cfg.prompt)
     if cfg.prompts_file:

@@ -75,6 +75,11 @@ class ExportSection:
 
 @dataclass
 class PipelineConfig:
+    """Run a whole route from one recipe: prepare -> tokenizer -> tokenize -> pretrain -> instruct -> sft -> (pairs \
+-> reward -> align) -> eval -> export -> report (see configs/*.yaml). Every stage's options are available as \
+--STAGE.OPTION. A rerun skips finished stages, resumes an interrupted one, and redoes a stage (and those after it) \
+whose options or inputs changed."""
+
     workdir: str = opt("runs/pipeline", "directory for every stage's output, the state files and REPORT.md")
     stages: list[str] = opt(list(STAGES), "stages to run, in order (others are used as they are): "
                                           + ", ".join(STAGES))
@@ -580,10 +585,6 @@ def main(argv: list[str]) -> int:
 
     cfg, args = parse_config(
         PipelineConfig, argv, "xiaolm pipeline",
-        "Run a whole route from one recipe: prepare -> tokenizer -> tokenize -> pretrain -> instruct -> sft -> "
-        "(pairs -> reward -> align) -> eval -> export -> report (see configs/*.yaml). Every stage's options are "
-        "available as --STAGE.OPTION. A rerun skips finished stages, resumes an interrupted one, and redoes a stage "
-        "(and those after it) whose options or inputs changed.",
         extra=extra,
     )
     if not args.dry_run:

@@ -77,6 +77,9 @@ class PretrainTrainConfig(TrainConfig):
 
 @dataclass
 class PretrainConfig:
+    """Pretrain a Llama-style model on token shards. Runs on CUDA, MPS or CPU; under torchrun (torchrun \
+--nproc_per_node N -m xiaolm pretrain ...) it trains with DDP, or FSDP2 with --fsdp."""
+
     data: Optional[list[str]] = opt(None, "token shard directory (xiaolm data tokenize); several mix: --data a/ b/ c/, "
                               "weighted with --data-weights or as DIR:WEIGHT (all from one tokenizer)")
     data_weights: list[float] = opt([], "mixing weights of the --data directories (default: their token counts, "
@@ -377,11 +380,7 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_config(
-        PretrainConfig, argv, "xiaolm pretrain",
-        "Pretrain a Llama-style model on token shards. Runs on CUDA, MPS or CPU; under torchrun "
-        "(torchrun --nproc_per_node N -m xiaolm pretrain ...) it trains with DDP, or FSDP2 with --fsdp.",
-    )
+    cfg, _ = parse_config(PretrainConfig, argv, "xiaolm pretrain")
     summary, env = run_training(pretrain, cfg)
     if env.is_main and not cfg.lr_sweep:
         from xiaolm.train.report import print_summary

@@ -48,6 +48,13 @@ from xiaolm.utils import fail, human, log, seed_everything, stable_hash
 
 @dataclass
 class SFTConfig:
+    """Supervised fine-tuning on chat data (ChatML, loss on assistant tokens only), full or LoRA.
+    examples:
+      xiaolm data instruct stories.jsonl --out data/instruct
+      xiaolm sft runs/pretrain --data data/instruct --out runs/sft
+      xiaolm sft runs/pretrain --data alpaca.json sharegpt.jsonl --lora --merge --out runs/sft-lora
+    """
+
     run: str = opt(None, "the model to fine-tune: a RUNDIR (xiaolm pretrain), checkpoint or Hugging Face Llama dir")
     data: list[str] = opt([], "instruction data: a `xiaolm data instruct` DIR, or Alpaca / ShareGPT / OpenAI "
                               "messages files (JSON or JSON Lines), or directories of them")
@@ -536,11 +543,6 @@ def _write_sft_report(out: Path, summary: dict, cfg: SFTConfig) -> None:
 def main(argv: list[str]) -> int:
     cfg, _ = parse_config(
         SFTConfig, argv, "xiaolm sft",
-        "Supervised fine-tuning on chat data (ChatML, loss on assistant tokens only), full or LoRA.\n"
-        "examples:\n"
-        "  xiaolm data instruct stories.jsonl --out data/instruct\n"
-        "  xiaolm sft runs/pretrain --data data/instruct --out runs/sft\n"
-        "  xiaolm sft runs/pretrain --data alpaca.json sharegpt.jsonl --lora --merge --out runs/sft-lora",
         positionals={"run": "RUNDIR"},
     )
     summary, env = run_training(sft, cfg)
