@@ -282,6 +282,28 @@ def items_for(n: int, seed: int, first: int, count: int) -> list[int]:
     return out
 
 
+class SeededBatches:
+    """The item indices of ``batch_fn(step, micro)``: ``micro_batch`` items per micro-batch per rank, a pure function
+    of (step, micro, rank) over per-epoch seeded permutations, so a resumed run or another world size sees the same
+    global batches. Subclasses turn ``indices`` into tensors in ``__call__``."""
+
+    empty = "no training examples"
+
+    def __init__(self, data, micro_batch: int, accum: int, env, seed: int, pad_id: int):
+        if not len(data):
+            raise ValueError(self.empty)
+        self.data, self.micro_batch, self.accum, self.env = data, micro_batch, accum, env
+        self.seed, self.pad_id = seed, pad_id
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accum * self.env.world_size
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        first = step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
+        return items_for(len(self.data), self.seed, first, self.micro_batch)
+
+
 def steps_for_epochs(epochs: float, n: int, global_batch: int) -> int:
     return max(1, math.ceil(epochs * n / max(1, global_batch)))
 

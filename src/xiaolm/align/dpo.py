@@ -50,9 +50,9 @@ import torch
 from xiaolm.align.common import (
     EncodeCounts,
     PairTrainConfig,
+    SeededBatches,
     Sequence,
     build_sequence,
-    items_for,
     pad_batch,
     precompute_logps,
     prompt_ids,
@@ -223,23 +223,9 @@ def split_heldout(pairs: list[dict], fraction: float) -> tuple[list[dict], list[
     return train, held
 
 
-class PreferenceBatches:
+class PreferenceBatches(SeededBatches):
     """``batch_fn(step, micro)`` over a PairSet (chosen rows, then rejected rows) or a LabelledSet (example rows,
     then KL rows), with the reference log-probabilities of those rows; a pure function of (step, micro, rank)."""
-
-    def __init__(self, data, micro_batch: int, accum: int, env: DistEnv, seed: int, pad_id: int):
-        if not len(data):
-            raise ValueError("no training examples")
-        self.data, self.micro_batch, self.accum, self.env = data, micro_batch, accum, env
-        self.seed, self.pad_id = seed, pad_id
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.accum * self.env.world_size
-
-    def indices(self, step: int, micro: int) -> list[int]:
-        first = step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
-        return items_for(len(self.data), self.seed, first, self.micro_batch)
 
     def __call__(self, step: int, micro: int) -> dict:
         return collate(self.data, self.indices(step, micro), self.pad_id)
@@ -444,10 +430,8 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
                           param_groups=param_groups, name="dpo",
                           extra_meta={"base": base_name, "loss": cfg.loss, "beta": settings.beta,
                                       "round": round_index, "lora": lora_info})
-    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in the run is written
+    trainer.open_run_dir()  # a resume that does not fit is refused before anything in the run is written
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(run_dir / "tokenizer")
         log(f"round {round_index}: {cfg.loss} (beta {settings.beta}) on {len(train_data)} training "
             f"{'examples' if cfg.loss == 'kto' else 'pairs'}, {len(held_data)} held-out; {total_steps} steps of "
             f"{batches.global_batch}; device {env.device} -> {run_dir}")

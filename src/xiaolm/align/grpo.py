@@ -354,10 +354,8 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     trainer = Trainer(t, policy, out, total_steps=total_steps, dist_env=env,
                       full_config=cfg, tokenizer=tokenizer, name="grpo",
                       extra_meta={"base": str(cfg.run), "group_size": cfg.group_size, "kl_beta": cfg.kl_beta})
-    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written
+    trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out / "tokenizer")
         log(f"GRPO on {cfg.run}: {len(prompts)} training prompts, {cfg.prompts_per_step} prompts x {cfg.group_size} "
             f"samples per batch, {mu} update(s) per batch, {total_steps} steps "
             f"({math.ceil(total_steps / mu)} batches of samples); micro-batches of {micro} x {t.grad_accum_steps}; "

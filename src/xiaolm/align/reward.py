@@ -22,7 +22,6 @@ records (``{"prompt": str | messages, "response": str}``, or chat records whose 
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from xiaolm.align.common import PairTrainConfig
+from xiaolm.align.common import PairTrainConfig, SeededBatches
 from xiaolm.config import opt, parse_config
 from xiaolm.model.io import load_reward_model
 from xiaolm.model.reward import RewardModel
@@ -117,25 +116,15 @@ def encode_pairs(tokenizer, pairs: list[dict], seq_len: int) -> EncodedPairs:
     return out
 
 
-class PairBatches:
+class PairBatches(SeededBatches):
     """``batch_fn(step, micro)``: chosen rows then rejected rows of ``micro_batch`` pairs, a pure function of (step,
     micro, rank) over per-epoch seeded permutations of the pairs."""
 
+    empty = "no training pairs"
+
     def __init__(self, pairs: EncodedPairs, micro_batch: int, accum: int, env: DistEnv, seed: int, pad_id: int):
-        if not len(pairs):
-            raise ValueError("no training pairs")
-        self.pairs, self.micro_batch, self.accum, self.env = pairs, micro_batch, accum, env
-        self.seed, self.pad_id = seed, pad_id
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.accum * self.env.world_size
-
-    def indices(self, step: int, micro: int) -> list[int]:
-        from xiaolm.align.common import items_for
-
-        first = step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
-        return items_for(len(self.pairs), self.seed, first, self.micro_batch)
+        super().__init__(pairs, micro_batch, accum, env, seed, pad_id)
+        self.pairs = pairs
 
     def __call__(self, step: int, micro: int) -> dict:
         idx = self.indices(step, micro)
@@ -261,10 +250,8 @@ def train_reward(cfg: RewardConfig, env: Optional[DistEnv] = None) -> dict:
     trainer = Trainer(t, model, out, total_steps=total_steps, dist_env=env,
                       full_config=cfg, tokenizer=tokenizer, name="reward",
                       extra_meta={"base": str(cfg.run), "head": "score: last real token -> scalar"})
-    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written
+    trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out / "tokenizer")
         log(f"reward model on {cfg.run}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
             f"{len(train_enc)} training pairs, {len(held_enc)} held-out ({how}); "
             f"{train_enc.truncated + held_enc.truncated} pairs longer than {seq} tokens kept their end; "

@@ -325,6 +325,15 @@ class Trainer:
             self._resume_checked = True
         return self._resume_ckpt
 
+    def open_run_dir(self) -> None:
+        """Check a resume against the run (``resume_checkpoint``), then create the run directory and write the
+        tokenizer into it (main process only): every verb's first write, after nothing can be refused any more."""
+        self.resume_checkpoint()
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.tokenizer is not None:
+                self.tokenizer.save(self.run_dir / "tokenizer")
+
     def _find_resume_checkpoint(self) -> Optional[Path]:
         if not self.resuming:
             return None

@@ -347,10 +347,8 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
         extra_meta={"unigram_entropy": h_unigram, "params": n["total"], "seq_len": seq},
         new_run_hint=f"start a new run with another --out (--init-from {out} starts one from these weights)",
     )
-    trainer.resume_checkpoint()  # a resume that does not fit is refused before tokenizer/ is written
+    trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out / "tokenizer")
         log(f"model {cfg.model.preset if not cfg.model.init_from else cfg.model.init_from}: "
             f"{n['total'] / 1e6:.2f}M parameters ({n['body'] / 1e6:.2f}M without embeddings), "
             f"vocab {mcfg.vocab_size}, context {seq}")

@@ -469,10 +469,8 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         model_config=base_model.config.to_dict(), tokenizer=tokenizer, param_groups=param_groups, name="sft",
         extra_meta={"base": str(cfg.run), "lora": lora_info},
     )
-    trainer.resume_checkpoint()  # a resume that does not fit is refused before anything in OUT is written
+    trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out / "tokenizer")
         _list_bad_records(reports, out / BAD_RECORDS_FILE)
         log(f"base model {cfg.run} ({info.kind}): {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable"
             + (f" (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {','.join(cfg.lora_targets)})" if cfg.lora else ""))
