@@ -442,12 +442,10 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
 
         trained = merge_lora(trained)
     summary = {
-        "run": str(run_dir), "round": round_index, "loss": cfg.loss, "beta": settings.beta, "steps": result.step,
-        "total_steps": total_steps, "tokens": result.tokens, "wall_s": round(result.elapsed, 1),
+        "run": str(run_dir), "round": round_index, "loss": cfg.loss, "beta": settings.beta,
+        **result.summary(total_steps),
         "train_examples": len(train_data), "heldout_examples": len(held_data),
-        "final_train_loss": result.final_loss, "best_val_loss": result.best_val_loss,
-        "interrupted": result.interrupted, "exit_code": result.exit_code, "device": env.device,
-        "world_size": env.world_size, "lora": lora_info,
+        "device": env.device, "world_size": env.world_size, "lora": lora_info,
         **{k: v for k, v in result.last_eval.items() if isinstance(v, (int, float))},
     }
     if env.is_main:

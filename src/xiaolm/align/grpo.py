@@ -363,9 +363,7 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     result = trainer.fit(rollouts, lambda m, b: grpo_loss(m, b, cfg), eval_fn if eval_samples else None)
     hist = rollouts.history
     summary = {
-        "run": str(out), "base": str(cfg.run), "steps": result.step, "total_steps": total_steps,
-        "tokens": result.tokens, "wall_s": round(result.elapsed, 1), "device": env.device, "world_size": 1,
-        "final_train_loss": result.final_loss, "interrupted": result.interrupted, "exit_code": result.exit_code,
+        "run": str(out), "base": str(cfg.run), **result.summary(total_steps), "device": env.device, "world_size": 1,
         "prompts": len(prompts), "excluded_heldout": pset.excluded_heldout, "group_size": cfg.group_size,
         "prompts_per_step": cfg.prompts_per_step, "updates_per_batch": mu, "kl_beta": cfg.kl_beta,
         "batches_sampled": rollouts.batches_sampled, "generation": rollouts.gen_stats.to_dict(),

@@ -262,15 +262,13 @@ def train_reward(cfg: RewardConfig, env: Optional[DistEnv] = None) -> dict:
     train_acc = pair_accuracy(model, train_sub, tokenizer.pad_id, cfg.eval_batch_size)
     held = pair_accuracy(model, held_enc, tokenizer.pad_id, cfg.eval_batch_size) if len(held_enc) else None
     summary = {
-        "run": str(out), "base": str(cfg.run), "steps": result.step, "total_steps": total_steps,
-        "tokens": result.tokens, "wall_s": round(result.elapsed, 1), "device": env.device,
-        "world_size": env.world_size, "final_train_loss": result.final_loss, "best_val_loss": result.best_val_loss,
+        "run": str(out), "base": str(cfg.run), **result.summary(total_steps), "device": env.device,
+        "world_size": env.world_size,
         "train_pairs": len(train_enc), "heldout_pairs": len(held_enc), "heldout_source": how,
         "truncated_pairs": train_enc.truncated + held_enc.truncated, "seq_len": seq,
         "train_accuracy": train_acc["accuracy"], "heldout_accuracy": held["accuracy"] if held else None,
         "heldout_loss": held["loss"] if held else None, "heldout_margin": held["margin"] if held else None,
         "val_loss": held["loss"] if held else None,
-        "interrupted": result.interrupted, "exit_code": result.exit_code,
         "files": [r.to_dict() for r in reports],
     }
     if env.is_main:

@@ -163,6 +163,14 @@ class FitResult:
     interrupted: bool
     exit_code: int
 
+    def summary(self, total_steps: int) -> dict:
+        """The figures every training verb's summary.json starts with."""
+        return {
+            "steps": self.step, "total_steps": total_steps, "tokens": self.tokens, "wall_s": round(self.elapsed, 1),
+            "tokens_per_s": round(self.tokens / max(self.elapsed, 1e-9), 1), "final_train_loss": self.final_loss,
+            "best_val_loss": self.best_val_loss, "interrupted": self.interrupted, "exit_code": self.exit_code,
+        }
+
 
 @dataclass
 class StepResult:

@@ -358,13 +358,10 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
     chunk = t.loss_chunk_size
     result = trainer.fit(sampler, lambda m, b: lm_loss(m, b, chunk), eval_fn)
     summary = {
-        "run": str(out), "steps": result.step, "total_steps": total_steps, "tokens": result.tokens,
-        "wall_s": round(result.elapsed, 1), "tokens_per_s": round(result.tokens / max(result.elapsed, 1e-9), 1),
+        "run": str(out), **result.summary(total_steps),
         "params": n["total"], "params_body": n["body"], "preset": cfg.model.preset,
-        "final_train_loss": result.final_loss, "best_val_loss": result.best_val_loss,
         "unigram_entropy": h_unigram, "epochs": round(sampler.epochs_at(result.step), 3),
-        "device": env.device, "world_size": env.world_size, "interrupted": result.interrupted,
-        "exit_code": result.exit_code,
+        "device": env.device, "world_size": env.world_size,
         **{k: v for k, v in result.last_eval.items() if k.startswith("val_") or k == "chars_per_token"},
         "samples": result.last_eval.get("samples", []),
     }

@@ -483,13 +483,10 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     chunk = t.loss_chunk_size
     result = trainer.fit(batches, lambda m, b: sft_loss(m, b, chunk), eval_fn)
     summary = {
-        "run": str(out), "base": str(cfg.run), "steps": result.step, "total_steps": total_steps,
-        "tokens": result.tokens, "wall_s": round(result.elapsed, 1),
-        "tokens_per_s": round(result.tokens / max(result.elapsed, 1e-9), 1),
+        "run": str(out), "base": str(cfg.run), **result.summary(total_steps),
         "params": n_params, "trainable_params": n_trainable, "lora": lora_info,
-        "final_train_loss": result.final_loss, "best_val_loss": result.best_val_loss,
         "epochs": round(batches.epochs_at(result.step), 3), "device": env.device, "world_size": env.world_size,
-        "interrupted": result.interrupted, "exit_code": result.exit_code, "data": data_report,
+        "data": data_report,
         **{k: v for k, v in result.last_eval.items() if k.startswith("val_")},
         "samples": result.last_eval.get("samples", []),
     }
