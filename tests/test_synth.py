@@ -316,12 +316,13 @@ def _check_large_run(seed: int, num: int) -> None:
     assert len(seen) == num      # all distinct
 
 
-def test_250k_stories_of_seed_0_all_distinct_with_their_words():
-    """The GPU quickstart's corpus size and more (about 45 s on 2 cores; seeds 1 and 2 are under -m slow)."""
-    _check_large_run(0, 250_000)
+def test_100k_stories_of_seed_0_all_distinct_with_their_words():
+    """Past the old crash rate (about one story in 100k ran out of draws; the known crash points have their own test),
+    in about 20 s on 2 cores; the GPU quickstart's 200k and more run under -m slow, for three seeds."""
+    _check_large_run(0, 100_000)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_250k_stories_all_distinct_with_their_words(seed):
     _check_large_run(seed, 250_000)
