@@ -24,12 +24,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from cli_runs import ROOT, BenchError, commit_id, xiaolm  # noqa: E402 (bench/ is on sys.path when run as a script)
 NOVELS = ("三国演义", "水浒传", "红楼梦")
 BITEXT = "classical_modern_bitext/bitext_subset.jsonl"
 BASELINE = "adamw-cosine"
@@ -38,27 +37,6 @@ VARIANTS = {
     BASELINE: ["--optimizer", "adamw", "--schedule", "cosine", "--no-zero-init-residual", "--windows", "random"],
     "recipe": ["--optimizer", "muon", "--schedule", "wsd", "--zero-init-residual", "--windows", "random"],
 }
-
-
-class BenchError(Exception):
-    """An expected failure, reported in one line."""
-
-
-def xiaolm(args: list[str], log: Path, commands: list[str]) -> float:
-    """Run ``python -m xiaolm ARGS`` with its output in ``log``; return its wall seconds."""
-    cmd = [sys.executable, "-m", "xiaolm", *args]
-    commands.append(" ".join(cmd[1:]))
-    t0 = time.perf_counter()
-    with open(log, "a", encoding="utf-8") as f:
-        f.write("$ " + " ".join(cmd[1:]) + "\n")
-        f.flush()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                                        os.environ.get("PYTHONPATH")]))}
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
-    if rc != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
-        raise BenchError(f"xiaolm {args[0]} {args[1] if len(args) > 1 else ''} exited {rc}: {tail[0]} (log: {log})")
-    return time.perf_counter() - t0
 
 
 def prepare_sources(shared: Path, cache: Path, log: Path, commands: list[str]) -> dict[str, Path]:
@@ -181,15 +159,6 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha.strip() + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heldout", default="红楼梦", help="novel(s) to hold out, comma-separated, or 'all' "
@@ -243,7 +212,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"heldout_by_work: {args.preset} preset, vocab {args.vocab}, context {args.seq_len}, batch {args.batch}, "
           f"{args.steps} steps ({args.steps * args.batch * args.seq_len:,} tokens) per variant; folds: "
-          f"{', '.join(folds)}; nproc {len(os.sched_getaffinity(0))}, load {load_start[0]:.1f}, commit {_commit()}; log {log}",
+          f"{', '.join(folds)}; nproc {len(os.sched_getaffinity(0))}, load {load_start[0]:.1f}, commit {commit_id()}; log {log}",
           flush=True)
     rows = []
     try:
@@ -271,13 +240,13 @@ def main(argv=None) -> int:
     base = out / f"heldout-by-work-{stamp}{'-' + args.tag if args.tag else ''}"
     total_s = round(time.perf_counter() - t0, 1)
     base.with_suffix(".json").write_text(json.dumps({
-        "date_utc": stamp, "commit": _commit(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
+        "date_utc": stamp, "commit": commit_id(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
         "spec": {k: getattr(args, k) for k in ("preset", "steps", "seq_len", "batch", "lr", "warmup", "vocab", "seed",
                                                 "chunks", "eval_tokens")},
         "variants": VARIANTS, "baseline": BASELINE, "rows": rows, "commands": commands,
     }, ensure_ascii=False, indent=1), encoding="utf-8")
     base.with_suffix(".md").write_text("\n".join([
-        f"# Held out by work, {stamp} UTC (commit {_commit()})", "",
+        f"# Held out by work, {stamp} UTC (commit {commit_id()})", "",
         f"Command: `python bench/heldout_by_work.py {' '.join(sys.argv[1:])}`; {args.preset} preset, vocab "
         f"{args.vocab}, context {args.seq_len}, batch {args.batch}, {args.steps} steps, lr {args.lr}, warmup "
         f"{args.warmup}, seed {args.seed}.",

@@ -27,12 +27,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from cli_runs import ROOT, BenchError, commit_id, xiaolm  # noqa: E402 (bench/ is on sys.path when run as a script)
 QUESTIONS = ("vocab", "tied", "shape", "lr")
 # The recipe's pretraining options, pinned (see docs/RECIPE.md).
 RECIPE = ["--optimizer", "muon", "--schedule", "wsd", "--zero-init-residual", "--windows", "random"]
@@ -44,27 +43,6 @@ SHAPES = {  # about equal non-embedding parameters (0.74-0.76M), head_dim 24-32,
     "8 x 96 (double depth, 0.75x width)": dict(hidden=96, layers=8, heads=4, kv=2, mlp=240),
 }
 WIDE = dict(hidden=256, layers=4, heads=8, kv=4, mlp=704)  # 2x the quickstart's width, same depth and head_dim
-
-
-class BenchError(Exception):
-    """An expected failure, reported in one line."""
-
-
-def xiaolm(args: list[str], log: Path, commands: list[str]) -> float:
-    """Run ``python -m xiaolm ARGS`` with its output in ``log``; return its wall seconds."""
-    cmd = [sys.executable, "-m", "xiaolm", *args]
-    commands.append(" ".join(cmd[1:]))
-    t0 = time.perf_counter()
-    with open(log, "a", encoding="utf-8") as f:
-        f.write("$ " + " ".join(cmd[1:]) + "\n")
-        f.flush()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                                        os.environ.get("PYTHONPATH")]))}
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
-    if rc != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
-        raise BenchError(f"xiaolm {args[0]} {args[1] if len(args) > 1 else ''} exited {rc}: {tail[0]} (log: {log})")
-    return time.perf_counter() - t0
 
 
 def build_corpus(cache: Path, args, log: Path, commands: list[str]) -> tuple[Path, Path]:
@@ -151,26 +129,17 @@ def table(rows: list[dict], question: str) -> list[str]:
     return lines
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha.strip() + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def write_results(base: Path, rows: list[dict], args, machine: dict, commands: list[str], stamp: str,
                   t0: float) -> None:
     machine = {**machine, "load_avg_now": os.getloadavg()}
     total_s = round(time.perf_counter() - t0, 1)
     base.with_suffix(".json").write_text(json.dumps({
-        "date_utc": stamp, "commit": _commit(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
+        "date_utc": stamp, "commit": commit_id(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
         "spec": {k: getattr(args, k) for k in ("questions", "vocabs", "lr_mults", "steps", "seq_len", "batch", "lr",
                                                 "muon_lr", "warmup", "seed", "stories", "val_stories")},
         "recipe_flags": RECIPE, "rows": rows, "commands": commands,
     }, ensure_ascii=False, indent=1), encoding="utf-8")
-    md = [f"# Shape, vocabulary and lr transfer, {stamp} UTC (commit {_commit()})", "",
+    md = [f"# Shape, vocabulary and lr transfer, {stamp} UTC (commit {commit_id()})", "",
           f"Command: `python bench/shape_sweep.py {' '.join(sys.argv[1:])}`; context {args.seq_len}, batch "
           f"{args.batch}, {args.steps} steps ({args.steps * args.batch * args.seq_len:,} tokens per run), --lr "
           f"{args.lr} (AdamW groups), Muon lr {args.muon_lr}, warmup {args.warmup}, seed {args.seed}, "
@@ -251,7 +220,7 @@ def main(argv=None) -> int:
     rows = spec_rows(args)
     print(f"shape_sweep: {len(rows)} rows ({len({run_key(r) for r in rows})} runs), context {args.seq_len}, batch "
           f"{args.batch}, {args.steps} steps ({args.steps * args.batch * args.seq_len:,} tokens) each; nproc "
-          f"{machine['nproc']}, load {machine['load_avg_start'][0]:.1f}, commit {_commit()}; log {log}", flush=True)
+          f"{machine['nproc']}, load {machine['load_avg_start'][0]:.1f}, commit {commit_id()}; log {log}", flush=True)
     done: dict[str, dict] = {}  # a run several questions share (the default) trains once
     try:
         prepared, val = build_corpus(cache, args, log, commands)

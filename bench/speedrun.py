@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+from cli_runs import commit_id  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 # name -> overrides of xiaolm's train/model options (None: the transformers + llama2.c loop). Every variant pins
 # what it compares, so the table keeps its meaning when the defaults change: "adamw-cosine" is the recipe that
@@ -195,15 +195,6 @@ class Run:
         return sample_openings(self.model, tokenizer, prompts, n_tokens, 0.0)
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha.strip() + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def _parse_override(text: str) -> dict:
     """``train.lr=3e-3,model.preset=tiny`` -> dict with values parsed as JSON where they parse."""
     out = {}
@@ -271,7 +262,7 @@ def main(argv=None) -> int:
     runs = [Run(n, o, base, tokenizer, train, spec["steps"], device) for n, o in variants.items()]
     print(f"speedrun {track}: {spec['preset']} preset, vocab {tokenizer.vocab_size}, context {spec['seq_len']}, "
           f"batch {spec['batch']}, {spec['steps']} steps ({spec['steps'] * spec['batch'] * spec['seq_len']:,} tokens) "
-          f"per variant, device {device}, {torch.get_num_threads()} threads, commit {_commit()}", flush=True)
+          f"per variant, device {device}, {torch.get_num_threads()} threads, commit {commit_id()}", flush=True)
     for r in runs:
         r.evaluate(evaluator, -1.0)
     while any(r.step < r.total for r in runs):
@@ -316,7 +307,7 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     path = out / f"speedrun-{track}-{stamp}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps({
-        "track": track, "spec": spec, "target_bpc": target, "commit": _commit(), "device": device,
+        "track": track, "spec": spec, "target_bpc": target, "commit": commit_id(), "device": device,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "load_avg": os.getloadavg(), "argv": sys.argv[1:], "runs": rows,
         "note": "variants interleaved; tokens to target is the primary figure, seconds indicative (shared machine)",

@@ -106,17 +106,6 @@ SHORT_FLAGS = {
         "--stop-at-step --tensorboard --tie-word-embeddings --warmup-steps --weight-decay --windows "
         "--zero-init-residual"
     ),
-    "sweep": (
-        "--adam-lr --attn-impl --beta1 --beta2 --compile --decay-fraction --device --doc-mask --eps "
-        "--eval-batch-size --eval-every --eval-tokens --fsdp --global-batch-tokens --grad-accum-steps --grad-clip "
-        "--hidden-size --init-from --intermediate-size --keep-last --log-every --loss-chunk-size --lr "
-        "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
-        "--muon-weight-decay --num-attention-heads --num-hidden-layers --num-key-value-heads --on-nonfinite "
-        "--optimizer --peak-flops --precision --prefetch --preset --progress --prompts --resume --resume-from "
-        "--rope-theta --sample-temperature --sample-tokens --save-every --schedule --seed --seq-len "
-        "--stop-at-step --tensorboard --tie-word-embeddings --warmup-steps --weight-decay --windows "
-        "--zero-init-residual"
-    ),
     "sft": (
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
         "--grad-accum-steps --grad-clip --keep-last --log-every --loss-chunk-size --lr "
@@ -160,6 +149,7 @@ SHORT_FLAGS = {
     "quantize": "",
     "serve": "",
 }
+SHORT_FLAGS["sweep"] = SHORT_FLAGS["pretrain"]  # one PretrainConfig: the same flags
 
 # Short flags claimed with opt(short=...) where the leaf name clashes (dpo/grpo: sampling.seed; pipeline: the
 # tokenizer's and tokenize's inputs, which default to prepare's output).
