@@ -18,7 +18,7 @@ from xiaolm.model.io import find_checkpoint, load_model
 from xiaolm.train.checkpoint import load_trainer_state
 from xiaolm.train.engine import TrainConfig
 from xiaolm.train.schedule import lr_at
-from xiaolm.train.optim import MuonAdamW, build_optimizer, hidden_matrix_ids
+from xiaolm.train.optim import Muon, MuonAdamW, build_optimizer, hidden_matrix_ids, newton_schulz, newton_schulz_dtype
 from xiaolm.train.pretrain import aligned_window_starts
 
 from conftest import TINY_PRETRAIN
@@ -52,6 +52,42 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert [g["lr_scale"] for g in opt.muon.param_groups] == [pytest.approx(0.02 / 3e-3)]
     assert {g["lr_scale"] for g in opt.adam.param_groups} == {1.0}
     assert len(hidden_matrix_ids(model)) == len(muon_ids)
+
+
+def test_newton_schulz_in_bf16_is_torch_muons_bit_for_bit():
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    torch.manual_seed(0)
+    coeffs = (3.4445, -4.7750, 2.0315)
+    for shape in [(64, 64), (96, 32), (32, 96)]:
+        g = torch.randn(*shape)
+        assert torch.equal(newton_schulz(g[None], coeffs, 5, 1e-7, torch.bfloat16)[0],
+                           _zeropower_via_newtonschulz(g, coeffs, 5, 1e-7))
+
+
+def test_muon_orthogonalises_in_fp32_on_the_cpu_and_steps_like_torch_muon():
+    # torch.optim.Muon's bf16 Newton-Schulz is emulated on the CPU: 13x slower than fp32 (bench/speedrun.py)
+    assert newton_schulz_dtype(torch.device("cpu")) == torch.float32
+    assert newton_schulz_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    torch.manual_seed(0)
+    shapes = [(64, 64), (64, 64), (128, 64), (64, 128)]
+    ours = [torch.nn.Parameter(torch.randn(*s) * 0.05) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    a = Muon(ours, lr=0.02, weight_decay=0.01, adjust_lr_fn="original")
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.01, adjust_lr_fn="original")
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q, s in zip(ours, theirs, start):
+        moved = (q - s).norm()
+        assert moved > 0.01 and (p - q).norm() < 0.02 * moved  # the same update, up to bf16 rounding
+    # the same state layout: checkpoints of either load into the other
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a.state[ours[0]]["momentum_buffer"], b.state[theirs[0]]["momentum_buffer"])
 
 
 def test_muon_refuses_fsdp_with_a_clear_error():
@@ -96,8 +132,7 @@ def test_muon_two_processes_train_like_one(shards_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _train_losses(one), _train_losses(two)
     assert len(a) == len(b) == 4
-    # Newton-Schulz runs in bf16 (torch.optim.Muon), so a last-bit difference in a summed gradient can round
-    # differently there: 1e-4 on a loss of ~7 (a wrong average or a missed all-reduce moves it by far more)
+    # a last-bit difference in a summed gradient can round differently in Newton-Schulz (bf16 on a GPU): 1e-4 on a loss of ~7 (a wrong average or a missed all-reduce moves it by far more)
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
     wa, _, _ = load_model(one, with_tokenizer=False)
     wb, _, _ = load_model(two, with_tokenizer=False)
