@@ -17,6 +17,12 @@ indicative on a shared machine. Results (resolved recipes, commit, device, final
     python bench/speedrun.py                               # CPU track, all variants
     python bench/speedrun.py --variants adamw-cosine,recipe --steps 300 --target 2.6
     python bench/speedrun.py --track gpu                   # GPU track (24m preset, 512 context, 200k stories)
+    python bench/speedrun.py --variants adamw-cosine,hf-llama2c,recipe --short-runs recipe:0.6 --steps 1200
+
+Two tables. "Tokens to target": the first evaluation at or below the target, mid-run (a schedule that decays late,
+such as WSD, is handicapped there: its mid-run checkpoints are not annealed). "Complete runs": each run's final
+figure, with ``--short-runs`` adding runs of fewer steps whose whole schedule fits their length, as modded-nanogpt's
+speedrun counts: does the shorter run end at or below the reference's final bits/char, and in what share of its time?
 """
 from __future__ import annotations
 
@@ -217,6 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="", help="overrides for every xiaolm variant, key=value,... ")
     ap.add_argument("--target", type=float, default=None, help="validation bits/char to reach (default: "
                                                                 "adamw-cosine's bpc at 75%% of the run, this run)")
+    ap.add_argument("--short-runs", default="",
+                    help="complete runs of fewer steps, NAME:FRACTION,... (e.g. recipe:0.6): the variant trained "
+                         "with its whole schedule fitted to FRACTION x --steps; the complete-runs table asks "
+                         "whether its final bits/char reaches the reference's final figure")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--stories", type=int)
@@ -260,6 +270,14 @@ def main(argv=None) -> int:
         name, _, text = extra.partition(":")
         variants[name] = _parse_override(text)
     runs = [Run(n, o, base, tokenizer, train, spec["steps"], device) for n, o in variants.items()]
+    for item in filter(None, args.short_runs.split(",")):
+        name, _, frac = item.partition(":")
+        if name not in variants:
+            raise SystemExit(f"--short-runs {item}: {name!r} is not among --variants / --extra")
+        short = f"{name}@{float(frac):g}"
+        variants[short] = variants[name]
+        runs.append(Run(short, variants[name], base, tokenizer, train, max(1, round(float(frac) * spec["steps"])),
+                        device))
     print(f"speedrun {track}: {spec['preset']} preset, vocab {tokenizer.vocab_size}, context {spec['seq_len']}, "
           f"batch {spec['batch']}, {spec['steps']} steps ({spec['steps'] * spec['batch'] * spec['seq_len']:,} tokens) "
           f"per variant, device {device}, {torch.get_num_threads()} threads, commit {commit_id()}", flush=True)
@@ -282,21 +300,50 @@ def main(argv=None) -> int:
     ref = next((r for r in runs if r.name == REFERENCE), None)
 
     print(f"\ntarget: validation bits/char <= {target:.4f} (evaluated every {spec['eval_every']} steps)")
-    head = f"| {'variant':<16} | tokens to target | vs {REFERENCE:<8} | s to target (indicative) | ms/step | final val bpc |"
+    head = (f"| {'variant':<16} | tokens to target | vs {REFERENCE:<8} | s to target | time vs {REFERENCE} | ms/step "
+            f"| final val bpc |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     rows = []
     for r in runs:
         ms = 1000 * r.train_s / max(1, r.step)
         if r.hit:
-            ratio = (f"{r.hit['tokens'] / ref.hit['tokens']:.2f}x" if ref is not None and ref.hit else "-")
+            reached = ref is not None and ref.hit
+            ratio = f"{r.hit['tokens'] / ref.hit['tokens']:.2f}x" if reached else "-"
+            t_ratio = f"{r.hit['train_s'] / max(ref.hit['train_s'], 1e-9):.2f}x" if reached else "-"
             tok, secs = f"{r.hit['tokens']:,}", f"{r.hit['train_s']:.1f}"
         else:
-            tok, secs, ratio = "not reached", "-", "-"
-        print(f"| {r.name:<16} | {tok:>16} | {ratio:>15} | {secs:>24} | {ms:7.0f} | {r.evals[-1]['val_bpc']:13.4f} |")
+            tok, secs, ratio, t_ratio = "not reached", "-", "-", "-"
+        print(f"| {r.name:<16} | {tok:>16} | {ratio:>15} | {secs:>11} | {t_ratio:>{len(REFERENCE) + 8}} "
+              f"| {ms:7.0f} | {r.evals[-1]['val_bpc']:13.4f} |")
         rows.append({"variant": r.name, "overrides": variants[r.name], "hit": r.hit, "ms_per_step": round(ms, 1),
                      "final": r.evals[-1], "evals": r.evals})
-    print("tokens to target are load-independent; seconds are training time only on a shared machine, indicative.")
+    print("tokens to target do not depend on the load; seconds are training time only (evaluations excluded), "
+          "comparable within this run (variants interleaved).")
+
+    # Complete runs: every schedule ends annealed, so a run's *final* figure is the fair one (a WSD run mid-way has
+    # not decayed yet, a cosine run mid-way partly has). The speedrun question: does a run of fewer steps, its whole
+    # schedule fitted to them, end at or below the reference's final bits/char, and in how much training time?
+    complete = None
+    if ref is not None:
+        goal = ref.evals[-1]["val_bpc"]
+        head = (f"| {'complete run':<18} | steps | tokens    | train s | time vs {REFERENCE} | final val bpc "
+                f"| reaches {REFERENCE}'s final ({goal:.4f}) |")
+        print(f"\ncomplete runs (each schedule fitted to its own length; goal: {REFERENCE}'s final "
+              f"{goal:.4f} bits/char):")
+        print(head)
+        print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+        complete = []
+        for r in runs:
+            final = r.evals[-1]
+            ok = final["val_bpc"] <= goal
+            t_ratio = r.train_s / max(ref.train_s, 1e-9)
+            print(f"| {r.name:<18} | {r.total:5d} | {final['tokens']:>9,} | {r.train_s:7.1f} | "
+                  f"{t_ratio:>{len(REFERENCE) + 7}.2f}x | {final['val_bpc']:13.4f} | "
+                  f"{'yes' if ok else 'no':<{len(head.split('|')[-2]) - 2}} |")
+            complete.append({"variant": r.name, "steps": r.total, "tokens": final["tokens"],
+                             "train_s": round(r.train_s, 2), "time_vs_reference": round(t_ratio, 3),
+                             "final_bpc": final["val_bpc"], "reaches_reference_final": ok})
 
     prompts = ["从前，有一个小女孩叫莉莉。", "小明和他的小狗去公园玩。"]
     for r, row in zip(runs, rows):
@@ -309,7 +356,7 @@ def main(argv=None) -> int:
     path.write_text(json.dumps({
         "track": track, "spec": spec, "target_bpc": target, "commit": commit_id(), "device": device,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "load_avg": os.getloadavg(), "argv": sys.argv[1:], "runs": rows,
+        "load_avg": os.getloadavg(), "argv": sys.argv[1:], "runs": rows, "complete_runs": complete,
         "note": "variants interleaved; tokens to target is the primary figure, seconds indicative (shared machine)",
     }, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
     print(f"wrote {path}")
