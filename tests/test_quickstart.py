@@ -24,6 +24,12 @@ def test_quickstart_trains_a_model_that_beats_the_unigram_baseline(tmp_path, cap
     for story in result["stories"]:
         han = sum("\u4e00" <= c <= "\u9fff" for c in story)
         assert han >= 10, story
+    # the printed repetition figures are the stories' own (an empty or looping story would show)
+    from xiaolm.tasks.constraints import aggregate_repetition, repetition_metrics
+
+    rep = aggregate_repetition([repetition_metrics(t) for t in result["stories"]])
+    assert result["repetition"]["rep4"] == pytest.approx(rep["rep4"]) and 0 <= rep["rep4"] < 0.5
+    assert f"rep-4 {rep['rep4']:.3f}" in printed and f"distinct-2 {rep['distinct2']:.3f}" in printed
     for name in ("stories.jsonl", "data/report.json", "tokenizer/tokenizer.json", "shards/meta.json",
                  "run/report.md", "run/loss_curve.png", "quickstart.yaml"):
         assert (out / name).exists(), name

@@ -192,7 +192,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     print("Validation curve:", file=p)
     for line in ascii_curve(curve):
         print(line, file=p)
-    print(f"\n  unigram entropy of the data {summary['unigram_entropy']:.3f} nats/token (a model ignoring context);"
+    from xiaolm.tasks.constraints import aggregate_repetition, repetition_metrics
+
+    repetition = aggregate_repetition([repetition_metrics(t) for t in texts])
+    print(f"\n  the {len(texts)} stories: rep-4 {repetition['rep4'] or 0:.3f} (share of repeated 4-grams; a looping "
+          f"text nears 1), distinct-2 {repetition['distinct2'] or 0:.3f} (unique 2-grams; higher is more varied)",
+          file=p)
+    print(f"  unigram entropy of the data {summary['unigram_entropy']:.3f} nats/token (a model ignoring context);"
           f"\n  final validation loss {summary.get('val_loss', float('nan')):.3f} nats/token, "
           f"{summary.get('val_bpc', float('nan')):.3f} bits per character", file=p)
     print(f"\nDone in {total:.0f} s ({', '.join(f'{k[:-2]} {v:.0f} s' for k, v in timings.items())}).", file=p)
@@ -200,7 +206,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     print(f"Next: xiaolm generate {out / 'run'} --prompt 从前  |  xiaolm eval ppl {out / 'run'} --data {out / 'shards'}",
           file=p)
     result = dict(summary, total_s=round(total, 1), timings={k: round(v, 1) for k, v in timings.items()},
-                  stories=texts, openings=OPENINGS)
+                  stories=texts, openings=OPENINGS,
+                  repetition={k: repetition[k] for k in ("rep4", "distinct2", "mean_chars")})
     from xiaolm.utils import atomic_write_json
 
     atomic_write_json(out / "quickstart.json", result)
