@@ -66,7 +66,7 @@ def test_newton_schulz_in_bf16_is_torch_muons_bit_for_bit():
 
 
 def test_muon_orthogonalises_in_fp32_on_the_cpu_and_steps_like_torch_muon():
-    # torch.optim.Muon's bf16 Newton-Schulz is emulated on the CPU: 13x slower than fp32 (bench/speedrun.py)
+    # torch.optim.Muon's bf16 Newton-Schulz is emulated on the CPU: 13x slower than fp32 (docs/RECIPE.md, 2026-12-05)
     assert newton_schulz_dtype(torch.device("cpu")) == torch.float32
     assert newton_schulz_dtype(torch.device("cuda", 0)) == torch.bfloat16
     torch.manual_seed(0)
