@@ -115,7 +115,7 @@ class MuonAdamW:
         if not muon_groups:
             raise ValueError("--optimizer muon: the model has no 2-D hidden matrices to give Muon")
         self.muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, nesterov=True,
-                                     weight_decay=muon_weight_decay, adjust_lr_fn="original")
+                         weight_decay=muon_weight_decay, adjust_lr_fn="original")
         self.adam = torch.optim.AdamW(adam_groups, lr=adam_lr, betas=betas, eps=eps, fused=fused) if adam_groups \
             else None
         self._opts = [o for o in (self.muon, self.adam) if o is not None]
