@@ -132,7 +132,8 @@ def test_muon_two_processes_train_like_one(shards_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _train_losses(one), _train_losses(two)
     assert len(a) == len(b) == 4
-    # a last-bit difference in a summed gradient can round differently in Newton-Schulz (bf16 on a GPU): 1e-4 on a loss of ~7 (a wrong average or a missed all-reduce moves it by far more)
+    # a last-bit difference in a summed gradient can round differently in Newton-Schulz (bf16 on a GPU): 1e-4 on
+    # a loss of ~7 (a wrong average or a missed all-reduce moves it by far more)
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
     wa, _, _ = load_model(one, with_tokenizer=False)
     wb, _, _ = load_model(two, with_tokenizer=False)

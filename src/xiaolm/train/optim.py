@@ -15,10 +15,10 @@ orthogonalising the matrix, so Muon refuses to run there (see :func:`build_optim
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
+from torch.optim._muon import _adjust_lr  # torch's per-matrix lr scale, reused as is
 
 
 def hidden_matrix_ids(model: torch.nn.Module) -> set[int]:
@@ -76,21 +76,11 @@ class Muon(torch.optim.Muon):
                                        for i in idx])
                 ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                       newton_schulz_dtype(device))
-                adjusted = lr * _lr_ratio(group["adjust_lr_fn"], shape)
+                adjusted = _adjust_lr(lr, group["adjust_lr_fn"], shape)
                 for k, i in enumerate(idx):
                     params[i].mul_(1 - lr * group["weight_decay"])
                     params[i].add_(ortho[k].to(params[i].dtype), alpha=-adjusted)
         return loss
-
-
-def _lr_ratio(adjust_lr_fn, shape) -> float:
-    """``torch.optim.Muon``'s per-matrix lr adjustment."""
-    rows, cols = shape[:2]
-    if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return math.sqrt(max(1, rows / cols))
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    return 1.0
 
 
 class MuonAdamW:
