@@ -7,8 +7,9 @@ stories every ``--eval-every`` steps. Printed side by side in one run:
 - ``adamw-cosine``: xiaolm's defaults before the measured recipe (AdamW, cosine, random windows);
 - ``hf-llama2c``: a plain transformers ``LlamaForCausalLM`` + AdamW loop with llama2.c's recipe (lr 5e-4, betas
   0.9/0.95, weight decay 0.1, clip 1, cosine to 0, Hugging Face's initialisation);
-- one variant per recipe option on top of it, and ``recipe``: today's pretraining defaults (Muon, zero-initialised
-  residual projections, WSD), see docs/RECIPE.md.
+- one variant per recipe option on top of it; ``recipe-1201``: the first measured recipe (Muon 0.02, zero-initialised
+  residual projections, WSD over 20%, tied); and ``recipe``: today's pretraining defaults (Muon 0.01, AdamW 1.2e-2 on
+  the untied embedding/head/norms, zero-initialised residual projections, WSD over 45%), see docs/RECIPE.md.
 
 Variants run interleaved, ``--eval-every`` steps at a time, so machine load hits them alike. Tokens to target do
 not depend on the load and are the primary figure; the seconds (training only, evaluations excluded) are
@@ -45,7 +46,12 @@ from cli_runs import commit_id  # noqa: E402 (bench/ is on sys.path when run as 
 # what it compares, so the table keeps its meaning when the defaults change: "adamw-cosine" is the recipe that
 # was xiaolm's default before docs/RECIPE.md's measurements, "recipe" the measured default since.
 OLD = {"train.optimizer": "adamw", "train.schedule": "cosine", "model.zero_init_residual": False,
-       "train.windows": "random"}
+       "train.windows": "random", "model.tie_word_embeddings": True}
+# The measured defaults (docs/RECIPE.md, 2026-12-05): Muon at 0.01 on the hidden matrices, AdamW at 1.2e-2 (4x the old
+# lr) on the untied embedding, head and norms, WSD decaying over the last 45%, zero-initialised residual projections.
+RECIPE = {**OLD, "train.optimizer": "muon", "train.muon_lr": 0.01, "train.adam_lr": 1.2e-2,
+          "model.zero_init_residual": True, "train.schedule": "wsd", "train.decay_fraction": 0.45,
+          "model.tie_word_embeddings": False}
 VARIANTS = {
     "adamw-cosine": OLD,
     "hf-llama2c": None,
@@ -53,7 +59,9 @@ VARIANTS = {
     "zero-init": {**OLD, "model.zero_init_residual": True},
     "wsd": {**OLD, "train.schedule": "wsd"},
     "aligned": {**OLD, "train.windows": "aligned"},
-    "recipe": {**OLD, "train.optimizer": "muon", "model.zero_init_residual": True, "train.schedule": "wsd"},
+    "recipe-1201": {**OLD, "train.optimizer": "muon", "model.zero_init_residual": True, "train.schedule": "wsd",
+                    "train.muon_lr": 0.02, "train.decay_fraction": 0.2},  # the first measured recipe (2026-12-01)
+    "recipe": RECIPE,
 }
 REFERENCE = "adamw-cosine"
 TRACKS = {  # stories, vocab, preset, seq_len, micro batch, steps, eval every, eval tokens

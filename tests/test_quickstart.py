@@ -10,7 +10,7 @@ from xiaolm.cli import main
 
 def test_quickstart_trains_a_model_that_beats_the_unigram_baseline(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--stories", "3000", "--max-steps", "150",
+    assert main(["quickstart", "--out", str(out), "--stories", "2000", "--max-steps", "60",
                  "--max-new-tokens", "40", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "Stories written by your model" in printed and "Validation curve" in printed

@@ -56,11 +56,11 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant", "wsd"] = opt(
         "cosine", "decay after warmup: cosine, linear, constant, or wsd (constant, then linear over decay_fraction)"
     )
-    decay_fraction: float = opt(0.2, "with schedule wsd: the final fraction of the run that decays linearly")
+    decay_fraction: float = opt(0.45, "with schedule wsd: the final fraction of the run that decays linearly")
     optimizer: Literal["adamw", "muon"] = opt(
         "adamw", "adamw, or muon: Muon for the hidden matrices (attention, MLP), AdamW for embeddings/head/norms"
     )
-    muon_lr: float = opt(0.02, "with optimizer muon: peak learning rate of the hidden matrices")
+    muon_lr: float = opt(0.01, "with optimizer muon: peak learning rate of the hidden matrices")
     adam_lr: Optional[float] = opt(None, "with optimizer muon: peak lr of the AdamW groups (default: lr)")
     muon_momentum: float = opt(0.95, "with optimizer muon: Muon's (Nesterov) momentum")
     muon_weight_decay: float = opt(0.0, "with optimizer muon: decoupled weight decay of the hidden matrices")
