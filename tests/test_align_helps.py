@@ -28,7 +28,7 @@ def aligned(tmp_path_factory, story_sft) -> dict:
     root = tmp_path_factory.mktemp("aligned")
     sft, instruct = str(story_sft["sft"]), str(story_sft["instruct"])
     assert main(["data", "pairs", "--policy", sft, "--prompts", instruct, "--out", str(root / "pairs.jsonl"),
-                 "--limit", "384", "--k", "6", "--max-new-tokens", "160", "--min-margin", "0.25",
+                 "--limit", "256", "--k", "6", "--max-new-tokens", "160", "--min-margin", "0.25",
                  "--batch-size", "128", "--sampling.seed", "0", *VERIFIER]) == 0
     assert main(["dpo", sft, "--data", str(root / "pairs.jsonl"), "--out", str(root / "dpo"), "--lr", "1e-4",
                  "--beta", "0.3", "--sft-weight", "1.0", "--epochs", "2", "--heldout-fraction", "0", *QUIET]) == 0

@@ -105,6 +105,23 @@ def test_reference_scores_are_character_level():
     assert reference_scores(["完全不同的句子"], ["今天天气很好"])["rouge_l"] == 0.0
 
 
+def test_word_rate_by_chance_separates_following_from_common_words():
+    """The 词汇 rate of a model that ignores the instruction equals its chance rate (another instruction's words in
+    the same answer); one that follows it is far above."""
+    from xiaolm.eval.instruct import format_table, summarise
+
+    words = [["红花", "小河"], ["月亮", "星星"], ["西瓜", "苹果"], ["小船", "大海"]]
+    samples = [{"constraints": {"词汇": w}, "reference": None} for w in words]
+    follows = summarise(samples, ["".join(w) + "的故事。" for w in words])["words"]
+    assert (follows["rate"], follows["chance_rate"], follows["chance_asked"]) == (1.0, 0.0, 8)
+    every_word = "".join(sum(words, []))
+    ignores = summarise(samples, [every_word] * 4)["words"]
+    assert ignores["rate"] == ignores["chance_rate"] == 1.0
+    one_story = summarise(samples, ["红花开在小河边。"] * 4)
+    assert one_story["words"]["rate"] == one_story["words"]["chance_rate"] == 0.25
+    assert "by chance, another instruction's words: 25.0%" in format_table(one_story)
+
+
 def test_summarise_counts_each_constraint_and_the_references():
     from xiaolm.eval.instruct import format_table, summarise
 
@@ -118,7 +135,9 @@ def test_summarise_counts_each_constraint_and_the_references():
     assert result["constraints"]["开头"]["rate"] == 1.0
     assert result["all_constraints"] == {"n": 2, "met": 1, "rate": 0.5, "counts": "rule checks"}
     assert result["unscored"] == {"摘要": 1}
-    assert result["words"] == {"asked": 6, "used": 5, "rate": 5 / 6}  # 小猫 is the one word missing
+    # 小猫 is the one word missing; the two instructions share words, so neither can stand in as the other's chance
+    assert result["words"] == {"asked": 6, "used": 5, "rate": 5 / 6, "chance_asked": 0, "chance_used": 0,
+                               "chance_rate": None}
     assert result["references"] == 2 and result["bleu4"] == pytest.approx(100.0)
     table = format_table(result)
     assert "词汇" in table and "50.0%" in table and "83.3%" in table and "BLEU-4" in table

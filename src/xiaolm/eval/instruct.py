@@ -97,6 +97,25 @@ def reference_scores(hyps: list[str], refs: list[str]) -> dict:
     return {"bleu4": bleu.score, "rouge_l": 100.0 * sum(rouge) / max(1, len(rouge)), "references": len(refs)}
 
 
+def chance_words(samples: list[dict], responses: list[str]) -> dict:
+    """The 词汇 rate by chance: each answer checked for the words another instruction asked for (the instruction half
+    the list away, skipping any that shares a word with its own). A model that ignores the instruction scores its
+    word rate here too, since common story words turn up anyway; following shows as the rate above this one."""
+    asked = [(text, (sample.get("constraints") or {}).get("词汇") or []) for sample, text in zip(samples, responses)]
+    asked = [(text, words) for text, words in asked if words]
+    n, used, total = len(asked), 0, 0
+    if n < 2:
+        return {"chance_asked": 0, "chance_used": 0, "chance_rate": None}
+    for i, (text, own) in enumerate(asked):
+        for k in range(n // 2, n // 2 + n):
+            other = asked[(i + k) % n][1]
+            if (i + k) % n != i and not set(other) & set(own):
+                used += words_present(text, other)
+                total += len(other)
+                break
+    return {"chance_asked": total, "chance_used": used, "chance_rate": used / total if total else None}
+
+
 def summarise(samples: list[dict], responses: list[str], markers: bool = False) -> dict:
     """Per-constraint satisfaction rates, the all-constraints rate and repetition for ``responses`` to
     ``samples`` (each ``{"constraints": {...}, "reference": str|None}``)."""
@@ -143,7 +162,7 @@ def summarise(samples: list[dict], responses: list[str], markers: bool = False) 
                             "counts": "rule checks" + (" + marker checks" if markers else "")},
         "unscored": unscored,
         "words": {"asked": words_asked, "used": words_used,
-                  "rate": words_used / words_asked if words_asked else None},
+                  "rate": words_used / words_asked if words_asked else None, **chance_words(samples, responses)},
         "repetition": aggregate_repetition([s["repetition"] for s in scores]),
     }
     with_refs = [(h, r) for h, r in zip(responses, refs) if r]
@@ -246,7 +265,8 @@ def format_table(result: dict, title: str = "") -> str:
         lines.append(f"{name:<16}{row['kind']:>7}{row['n']:>6}{_pct(row['rate']):>9}{_pct(row['reference_rate']):>9}")
     w = result.get("words") or {}
     if w.get("asked"):
-        lines.append(f"{'词汇, per word':<16}{'rule':>7}{w['asked']:>6}{_pct(w['rate']):>9}")
+        chance = f"   (by chance, another instruction's words: {_pct(w['chance_rate'])})" if w.get("chance_rate") is not None else ""
+        lines.append(f"{'词汇, per word':<16}{'rule':>7}{w['asked']:>6}{_pct(w['rate']):>9}{chance}")
     a = result["all_constraints"]
     lines.append(f"{'all constraints':<16}{'':>7}{a['n']:>6}{_pct(a['rate']):>9}   ({a['counts']})")
     if result.get("unscored"):
