@@ -41,7 +41,8 @@ a GPU, a larger model in the same time."""
     preset: Optional[str] = opt(None, "model preset (default: quickstart on CPU, 24m on GPU)")
     seq_len: Optional[int] = opt(None, "context length (default: 256 on CPU, 512 on GPU)")
     micro_batch_size: Optional[int] = opt(None, "sequences per step (default: 16 on CPU, 64 on GPU)")
-    lr: Optional[float] = opt(None, "peak learning rate of the embedding, head and norms (Muon trains the rest; default: 1.2e-2 on CPU, 2e-3 on GPU)")
+    lr: Optional[float] = opt(None, "peak learning rate of the embedding, head and norms (Muon trains the rest; "
+                                    "default: 1.2e-2 on CPU, 2e-3 on GPU)")
     max_steps: Optional[int] = opt(None, "train exactly this many steps instead of sizing the run to the time budget")
     seed: int = opt(0, "seed for the corpus, the model and sampling")
     device: str = opt("auto", "auto, cpu, cuda or mps")

@@ -107,9 +107,10 @@ def chance_words(samples: list[dict], responses: list[str]) -> dict:
     if n < 2:
         return {"chance_asked": 0, "chance_used": 0, "chance_rate": None}
     for i, (text, own) in enumerate(asked):
+        own = set(own)
         for k in range(n // 2, n // 2 + n):
             other = asked[(i + k) % n][1]
-            if (i + k) % n != i and not set(other) & set(own):
+            if (i + k) % n != i and not own.intersection(other):
                 used += words_present(text, other)
                 total += len(other)
                 break
@@ -265,7 +266,8 @@ def format_table(result: dict, title: str = "") -> str:
         lines.append(f"{name:<16}{row['kind']:>7}{row['n']:>6}{_pct(row['rate']):>9}{_pct(row['reference_rate']):>9}")
     w = result.get("words") or {}
     if w.get("asked"):
-        chance = f"   (by chance, another instruction's words: {_pct(w['chance_rate'])})" if w.get("chance_rate") is not None else ""
+        chance = ("" if w.get("chance_rate") is None
+                  else f"   (by chance, another instruction's words: {_pct(w['chance_rate'])})")
         lines.append(f"{'词汇, per word':<16}{'rule':>7}{w['asked']:>6}{_pct(w['rate']):>9}{chance}")
     a = result["all_constraints"]
     lines.append(f"{'all constraints':<16}{'':>7}{a['n']:>6}{_pct(a['rate']):>9}   ({a['counts']})")

@@ -31,7 +31,8 @@ class ModelSection:
     preset: str = opt("24m", "model size preset (xiaolm presets lists them): tiny, quickstart, 9m, 24m, 58m, "
                              "microstories, 134m, 256m")
     seq_len: int = opt(512, "context length in tokens")
-    tie_word_embeddings: bool = opt(False, "share the input embedding with the output head (default: untied, measured better in docs/RECIPE.md)")
+    tie_word_embeddings: bool = opt(False, "share the input embedding with the output head (default: untied, "
+                                           "measured better in docs/RECIPE.md)")
     rope_theta: float = opt(10000.0, "RoPE base")
     hidden_size: Optional[int] = opt(None, "override the preset's hidden size")
     intermediate_size: Optional[int] = opt(None, "override the preset's MLP size")
