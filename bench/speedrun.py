@@ -8,8 +8,10 @@ stories every ``--eval-every`` steps. Printed side by side in one run:
 - ``hf-llama2c``: a plain transformers ``LlamaForCausalLM`` + AdamW loop with llama2.c's recipe (lr 5e-4, betas
   0.9/0.95, weight decay 0.1, clip 1, cosine to 0, Hugging Face's initialisation);
 - one variant per recipe option on top of it; ``recipe-1201``: the first measured recipe (Muon 0.02, zero-initialised
-  residual projections, WSD over 20%, tied); and ``recipe``: today's pretraining defaults (Muon 0.01, AdamW 1.2e-2 on
-  the untied embedding/head/norms, zero-initialised residual projections, WSD over 45%), see docs/RECIPE.md.
+  residual projections, WSD over 20%, tied); ``recipe-v2`` (Muon 0.01, AdamW 1.2e-2 on the untied
+  embedding/head/norms, zero-initialised residual projections, WSD over 45%); and ``recipe``: today's pretraining
+  defaults, recipe v2 with document masking (each variant is evaluated as ``xiaolm pretrain`` evaluates it: masked
+  when it trains masked), see docs/RECIPE.md.
 
 Variants run interleaved, ``--eval-every`` steps at a time, so machine load hits them alike. Tokens to target do
 not depend on the load and are the primary figure; the seconds (training only, evaluations excluded) are
@@ -46,12 +48,14 @@ from cli_runs import commit_id  # noqa: E402 (bench/ is on sys.path when run as 
 # what it compares, so the table keeps its meaning when the defaults change: "adamw-cosine" is the recipe that
 # was xiaolm's default before docs/RECIPE.md's measurements, "recipe" the measured default since.
 OLD = {"train.optimizer": "adamw", "train.schedule": "cosine", "model.zero_init_residual": False,
-       "train.windows": "random", "model.tie_word_embeddings": True}
-# The measured defaults (docs/RECIPE.md, 2026-12-05): Muon at 0.01 on the hidden matrices, AdamW at 1.2e-2 (4x the old
-# lr) on the untied embedding, head and norms, WSD decaying over the last 45%, zero-initialised residual projections.
-RECIPE = {**OLD, "train.optimizer": "muon", "train.muon_lr": 0.01, "train.adam_lr": 1.2e-2,
-          "model.zero_init_residual": True, "train.schedule": "wsd", "train.decay_fraction": 0.45,
-          "model.tie_word_embeddings": False}
+       "train.windows": "random", "model.tie_word_embeddings": True, "model.doc_mask": False}
+# Recipe v2 (docs/RECIPE.md, 2026-12-05): Muon at 0.01 on the hidden matrices, AdamW at 1.2e-2 (4x the old lr) on the
+# untied embedding, head and norms, WSD decaying over the last 45%, zero-initialised residual projections. The
+# measured defaults ("recipe") add document masking: attention and positions restart at every story.
+RECIPE_V2 = {**OLD, "train.optimizer": "muon", "train.muon_lr": 0.01, "train.adam_lr": 1.2e-2,
+             "model.zero_init_residual": True, "train.schedule": "wsd", "train.decay_fraction": 0.45,
+             "model.tie_word_embeddings": False}
+RECIPE = {**RECIPE_V2, "model.doc_mask": True}
 VARIANTS = {
     "adamw-cosine": OLD,
     "hf-llama2c": None,
@@ -61,6 +65,7 @@ VARIANTS = {
     "aligned": {**OLD, "train.windows": "aligned"},
     "recipe-1201": {**OLD, "train.optimizer": "muon", "model.zero_init_residual": True, "train.schedule": "wsd",
                     "train.muon_lr": 0.02, "train.decay_fraction": 0.2},  # the first measured recipe (2026-12-01)
+    "recipe-v2": RECIPE_V2,
     "recipe": RECIPE,
 }
 REFERENCE = "adamw-cosine"
@@ -151,16 +156,18 @@ class Run:
                                           device, sharded=False)
         env = DistEnv(device=device)
         kind = AlignedWindowSampler if getattr(cfg.train, "windows", "random") == "aligned" else WindowSampler
-        self.sampler = kind(shards, cfg.model.seq_len, cfg.train.seed, cfg.train.micro_batch_size, 1, env)
+        self.doc_mask = bool(getattr(cfg.model, "doc_mask", False)) and not self.hf
+        self.sampler = kind(shards, cfg.model.seq_len, cfg.train.seed, cfg.train.micro_batch_size, 1, env,
+                            doc_mask=self.doc_mask, eot_id=tokenizer.eot_id)
         self.step, self.tokens, self.train_s = 0, 0, 0.0
         self.evals: list[dict] = []
         self.hit = None
 
-    def loss(self, x, y):
+    def loss(self, x, y, doc_ids=None):
         if self.hf:
             logits = self.model(x).logits
             return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        return self.model(x, targets=y).loss
+        return self.model(x, targets=y, doc_ids=doc_ids).loss
 
     def advance(self, n: int) -> None:
         from xiaolm.train.schedule import lr_at
@@ -173,7 +180,8 @@ class Run:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             batch = self.sampler(self.step, 0)
             x, y = batch["input_ids"].to(self.device), batch["targets"].to(self.device)
-            loss = self.loss(x, y)
+            doc_ids = batch["doc_ids"].to(self.device) if "doc_ids" in batch else None
+            loss = self.loss(x, y, doc_ids)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip)
             self.opt.step()
@@ -184,10 +192,12 @@ class Run:
             torch.cuda.synchronize()
         self.train_s += time.perf_counter() - t0
 
-    def evaluate(self, evaluator, target: float) -> dict:
+    def evaluate(self, evaluators, target: float) -> dict:
+        """``evaluators[doc_mask]``: each variant is evaluated as ``xiaolm pretrain`` evaluates it (with document
+        masking when it trains with it; the unmasked models score better unmasked than masked)."""
         self.model.eval()
         with torch.no_grad():
-            ev = evaluator(self.model)
+            ev = evaluators[self.doc_mask](self.model)
         rec = {"step": self.step, "tokens": self.tokens, "train_s": round(self.train_s, 2),
                "val_bpc": round(ev["val_bpc"], 4), "val_loss": round(ev["val_loss"], 4)}
         self.evals.append(rec)
@@ -270,8 +280,8 @@ def main(argv=None) -> int:
         _set(base, k, v)
     tokenizer, train, val = _open_data(base)
     src = val if val is not None else train
-    evaluator = StreamEvaluator(src.read(0, min(spec["eval_tokens"] + 1, src.num_tokens)), tokenizer,
-                                spec["seq_len"], 32)
+    val_tokens = src.read(0, min(spec["eval_tokens"] + 1, src.num_tokens))
+    evaluator = {m: StreamEvaluator(val_tokens, tokenizer, spec["seq_len"], 32, doc_mask=m) for m in (False, True)}
 
     variants = {n: VARIANTS[n] for n in args.variants.split(",") if n}
     for extra in args.extra:

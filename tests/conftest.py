@@ -96,8 +96,9 @@ def loaded(tiny_run):
 # SFT on instructions built from them. Budgets are CPU-sized (a few minutes on 2 cores) and every seed is fixed.
 # Instructions keep each constraint with probability 0.3 (at least one), so many carry one or two constraints: with
 # three or four, "all met" is out of reach of a sub-1M-parameter model and could not show a difference. On the
-# recipe-v2 base, SFT at lr 1e-3 uses the asked-for words 31 times in 204, another instruction's words 18 times
-# (docs/RECIPE.md; on the tied recipe-1201 base: 15 vs 18, no reading at all). SFT at 3e-3 reads the prompt more
+# default base (recipe v2 with document masking), SFT at lr 1e-3 uses the asked-for words 38 times in 204, another
+# instruction's words 18 times; without document masking 31 vs 18 (docs/RECIPE.md; on the tied recipe-1201 base:
+# 15 vs 18, no reading at all). On the recipe-v2 base without masking, SFT at 3e-3 reads the prompt more
 # (34 vs 14) but then DPO no longer raises 对话 without more repetition at this budget (measured: 60% -> 57.5% with
 # 256 pair prompts; 60% -> 65% but rep-4 0.059 -> 0.061 with 384), so the alignment headline keeps 1e-3.
 HEADLINE_PRETRAIN_STEPS = 300

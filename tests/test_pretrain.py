@@ -211,6 +211,22 @@ def test_eval_ppl_cli(tiny_run, prepared_dir, tmp_path):
     assert res["perplexity"] == pytest.approx(math.exp(res["loss"]), rel=1e-6)
 
 
+def test_eval_ppl_scores_documents_as_pretraining_trained_them(tiny_run, shards_dir, tmp_path):
+    """Pretraining masks attention at document boundaries by default, and so does ``eval ppl``: on the same tokens
+    and windows it reproduces the run's own validation figure. Before the fix eval ppl let every window see the
+    stories before it, which a masked model never saw in training, and scored it worse than its training did."""
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    scores = {}
+    for flag in ("--doc-mask", "--no-doc-mask"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["eval", "ppl", str(tiny_run), "--data", str(shards_dir), "--max-tokens", "4096",
+                     "--seq-len", "128", flag, "--out", str(out)]) == 0
+        scores[flag] = json.loads(out.read_text())
+    assert scores["--doc-mask"]["doc_mask"] is True and scores["--no-doc-mask"]["doc_mask"] is False
+    assert scores["--doc-mask"]["bits_per_char"] == pytest.approx(summary["val_bpc"], rel=1e-4)
+    assert scores["--no-doc-mask"]["bits_per_char"] > scores["--doc-mask"]["bits_per_char"]
+
+
 def test_generate_cli_prints_a_continuation(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "从前", "--max-new-tokens", "12", "--temperature", "0"]) == 0
     out = capsys.readouterr().out

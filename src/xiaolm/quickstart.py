@@ -95,7 +95,8 @@ def calibrate_step_time(pcfg, steps: int = 4) -> float:
     model = build_model(pcfg, tokenizer.vocab_size, tokenizer)
     trainer = Trainer(copy.deepcopy(pcfg.train), model, Path(pcfg.out) / "calibration", total_steps=steps,
                       dist_env=env, name="calibration")
-    sampler = WindowSampler(train, pcfg.model.seq_len, 0, pcfg.train.micro_batch_size, 1, env)
+    sampler = WindowSampler(train, pcfg.model.seq_len, 0, pcfg.train.micro_batch_size, 1, env,
+                            doc_mask=pcfg.model.doc_mask, eot_id=tokenizer.eot_id)
     trainer.model.train()
     times = []
     for s in range(steps):

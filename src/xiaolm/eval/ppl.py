@@ -29,6 +29,9 @@ class PplConfig:
     max_tokens: int = opt(1_000_000, "evaluate at most this many tokens")
     seq_len: Optional[int] = opt(None, "window length (default: the model's context)")
     batch_size: int = opt(8, "windows per forward pass")
+    doc_mask: bool = opt(True, "score each document on its own, as text is generated (attention and positions "
+                               "restart after every end-of-text); --no-doc-mask lets a window see the documents "
+                               "before it, as a model pretrained with --no-doc-mask was trained")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
 
@@ -58,11 +61,13 @@ def token_stream(data: list[str], tokenizer, split: str, field: str, max_tokens:
     return np.asarray(ids[: max_tokens + 1], dtype=np.int64), ", ".join(str(s.path) for s in sources)
 
 
-def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size: int) -> dict:
+def evaluate_ppl(model, tokenizer, tokens: np.ndarray, seq_len: int, batch_size: int, doc_mask: bool = True) -> dict:
+    """Each document scored on its own by default: pretraining's default (``--doc-mask``) trains exactly that way,
+    and a model trained so has never seen a previous document in its window (it scores far worse if shown one)."""
     from xiaolm.eval.loss import StreamEvaluator
 
     seq_len = min(seq_len, len(tokens) - 1)
-    return StreamEvaluator(tokens, tokenizer, seq_len, batch_size)(model)
+    return StreamEvaluator(tokens, tokenizer, seq_len, batch_size, doc_mask=doc_mask)(model)
 
 
 def main(argv: list[str]) -> int:
@@ -78,10 +83,11 @@ def main(argv: list[str]) -> int:
     if len(tokens) < 2:
         raise fail(f"{where}: no text to evaluate")
     seq_len = cfg.seq_len or model.config.max_position_embeddings
-    result = evaluate_ppl(model, tokenizer, tokens, seq_len, cfg.batch_size)
+    result = evaluate_ppl(model, tokenizer, tokens, seq_len, cfg.batch_size, cfg.doc_mask)
     result = {"model": str(info.path), "data": where, "loss": result["val_loss"], "perplexity": result["val_ppl"],
               "bits_per_char": result["val_bpc"], "bits_per_byte": result["val_bpb"], "tokens": result["val_tokens"],
-              "chars_per_token": result["chars_per_token"], "seq_len": min(seq_len, len(tokens) - 1)}
+              "chars_per_token": result["chars_per_token"], "seq_len": min(seq_len, len(tokens) - 1),
+              "doc_mask": cfg.doc_mask}
     if cfg.out:
         atomic_write_json(cfg.out, result)
     print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "

@@ -39,7 +39,7 @@ class ModelSection:
     num_hidden_layers: Optional[int] = opt(None, "override the preset's layer count")
     num_attention_heads: Optional[int] = opt(None, "override the preset's attention heads")
     num_key_value_heads: Optional[int] = opt(None, "override the preset's key/value heads (GQA)")
-    doc_mask: bool = opt(False, "keep attention inside each document of a packed window (positions restart too)")
+    doc_mask: bool = opt(True, "keep attention inside each document of a packed window (positions restart too)")
     attn_impl: Literal["sdpa", "flex"] = opt("sdpa", "attention kernel for --doc-mask: sdpa (dense mask) or flex "
                                                      "(FlexAttention, skips masked blocks; CUDA only)")
     zero_init_residual: bool = opt(True, "start o_proj and down_proj at zero (each block the identity); "
