@@ -43,7 +43,9 @@ def evaluate_route(cfg) -> dict:
         with torch.no_grad():
             if name in ("base", final_name):
                 tokens, where = token_stream([cfg.tokenize.out], tokenizer, "val", "text", e.ppl_tokens)
-                r = evaluate_ppl(model, tokenizer, tokens, model.config.max_position_embeddings, e.batch_size)
+                # scored as the route pretrained: each document on its own unless --no-doc-mask
+                r = evaluate_ppl(model, tokenizer, tokens, model.config.max_position_embeddings, e.batch_size,
+                                 cfg.pretrain.model.doc_mask)
                 result["ppl"][name] = {"loss": r["val_loss"], "bits_per_char": r["val_bpc"],
                                        "tokens": r["val_tokens"], "data": where}
                 log(f"eval {name}: {r['val_bpc']:.4f} bits/char on {where}")
