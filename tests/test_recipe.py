@@ -226,4 +226,7 @@ def test_pretraining_defaults_are_the_measured_recipe_and_other_verbs_keep_adamw
     cfg = PretrainConfig()
     assert (cfg.train.optimizer, cfg.train.schedule, cfg.model.zero_init_residual) == ("muon", "wsd", True)
     assert cfg.train.windows == "random"  # aligned windows won alone but were not measured with Muon
+    # recipe v2 + document masking (docs/RECIPE.md, 2026-12-05): untied, Muon 0.01, WSD over 45%, masked windows
+    assert (cfg.model.tie_word_embeddings, cfg.train.muon_lr, cfg.train.decay_fraction) == (False, 0.01, 0.45)
+    assert cfg.model.doc_mask is True
     assert (TrainConfig().optimizer, TrainConfig().schedule) == ("adamw", "cosine")  # SFT/DPO/reward unchanged
