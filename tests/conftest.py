@@ -18,6 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def load_bench(name: str):
+    """The script ``bench/NAME.py`` as a module (bench/ is not a package), registered in ``sys.modules`` so that
+    its dataclasses can look their module up."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real corpora beside the project; tests that need them skip with a reason when absent."""

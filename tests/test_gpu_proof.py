@@ -2,7 +2,6 @@
 a hanging step is killed at its time box, and carried wheels are installed only where the image needs them."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -14,17 +13,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, load_bench
+
 STEPS = ["env", "pytest_gpu", "train_throughput", "generate_throughput", "profile", "data", "pretrain", "sft",
          "eval_instruct"]
-
-
-def _proof_module():
-    spec = importlib.util.spec_from_file_location("gpu_proof", REPO / "bench" / "gpu_proof.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_proof"] = mod       # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
@@ -54,7 +46,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
 
 
 def test_a_hanging_step_is_killed_at_its_box_and_the_next_step_runs(tmp_path):
-    mod = _proof_module()
+    mod = load_bench("gpu_proof")
     plan = mod.Plan(**{**mod.DRY.__dict__, "boxes": {"hang": 2, "next": 10}})
     runner = mod.Runner(plan, tmp_path, tmp_path)
     t = time.monotonic()

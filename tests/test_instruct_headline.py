@@ -22,6 +22,8 @@ from fractions import Fraction
 from xiaolm.eval.instruct import format_table
 from xiaolm.tasks.constraints import repetition_metrics
 
+from conftest import load_bench
+
 
 def length_matched_rep4(reference_answers: list[str], answers: list[str]) -> tuple[float, float]:
     """Mean rep-4 of ``reference_answers`` and of ``answers`` each cut to its reference's length."""
@@ -59,17 +61,6 @@ def test_sft_uses_the_asked_words_well_above_chance_without_more_repetition(stor
                                                                                        base["repetition"])
 
 
-def _copy_probe():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "copy_probe.py"
-    spec = importlib.util.spec_from_file_location("copy_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_copy_probe_sees_names_copied_and_the_prompt_read(story_sft, stories_file):
     """bench/copy_probe.py, the reading behind docs/RECIPE.md's headline: the pretrained model copies a fresh name
     from its context (later mentions far cheaper than the first: measured 17.8 vs 5.7 nats), and the SFT model's
@@ -79,9 +70,11 @@ def test_copy_probe_sees_names_copied_and_the_prompt_read(story_sft, stories_fil
 
     from xiaolm.model.io import load_model
 
-    probe = _copy_probe()
-    stories = [json.loads(line)["story_zh"] for line, _ in zip(stories_file.open(encoding="utf-8"), range(300))]
-    rows = [json.loads(line) for line in (story_sft["instruct"] / "heldout.jsonl").open(encoding="utf-8")]
+    probe = load_bench("copy_probe")
+    with stories_file.open(encoding="utf-8") as f:
+        stories = [json.loads(line)["story_zh"] for line, _ in zip(f, range(300))]
+    with (story_sft["instruct"] / "heldout.jsonl").open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
     base, base_tok, _ = load_model(story_sft["base"], device="cpu")
     names = probe.name_probe(base.eval(), base_tok, stories)
     print(names)
