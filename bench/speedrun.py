@@ -156,7 +156,7 @@ class Run:
                                           device, sharded=False)
         env = DistEnv(device=device)
         kind = AlignedWindowSampler if getattr(cfg.train, "windows", "random") == "aligned" else WindowSampler
-        self.doc_mask = bool(getattr(cfg.model, "doc_mask", False)) and not self.hf
+        self.doc_mask = cfg.model.doc_mask and not self.hf
         self.sampler = kind(shards, cfg.model.seq_len, cfg.train.seed, cfg.train.micro_batch_size, 1, env,
                             doc_mask=self.doc_mask, eot_id=tokenizer.eot_id)
         self.step, self.tokens, self.train_s = 0, 0, 0.0
