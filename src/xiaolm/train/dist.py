@@ -43,6 +43,15 @@ def resolve_precision(precision: str, device: str) -> Optional[torch.dtype]:
     return torch.float16
 
 
+def configure_device(device: str) -> None:
+    """Backend settings for fast training on ``device``: on CUDA, float32 matrix products (anything outside autocast,
+    and every matmul of an fp32 run) use TF32 tensor cores -- ~8x the fp32 rate on Ampere and newer, at a 10-bit
+    mantissa that training does not notice. The CPU keeps full float32 (its "high" setting may use bf16 passes)."""
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # also sets torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+
+
 @dataclass
 class DistEnv:
     rank: int = 0
@@ -63,7 +72,9 @@ def setup_distributed(device_pref: str = "auto") -> DistEnv:
     """Under torchrun: init the process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistEnv(device=pick_device(device_pref))
+        device = pick_device(device_pref)
+        configure_device(device)
+        return DistEnv(device=device)
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,6 +82,7 @@ def setup_distributed(device_pref: str = "auto") -> DistEnv:
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
+    configure_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)

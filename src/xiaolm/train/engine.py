@@ -35,7 +35,8 @@ import torch
 from xiaolm.config import opt, save_config
 from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
 from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
-from xiaolm.train.dist import DistEnv, device_peak_flops, resolve_precision, setup_distributed, teardown_distributed
+from xiaolm.train.dist import (DistEnv, configure_device, device_peak_flops, resolve_precision, setup_distributed,
+                               teardown_distributed)
 from xiaolm.train.metrics import MetricsLog, _Progress, plot_loss_curve, resolve_tensorboard
 from xiaolm.train.prefetch import _Prefetcher, _to_device
 from xiaolm.train.schedule import lr_at
@@ -215,6 +216,7 @@ class Trainer:
         self.new_run_hint = new_run_hint
         self._resume_ckpt: Optional[Path] = None
         self._resume_checked = False
+        configure_device(self.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.raw_model = model.to(self.device)
         self.model = self._wrap(self.raw_model)
