@@ -224,8 +224,8 @@ class Trainer:
         self.params = [p for g in groups for p in g["params"]]
         from xiaolm.train.optim import build_optimizer
 
-        self.optimizer, self.fused = build_optimizer(cfg, self.raw_model, groups, self.device,
-                                                     sharded=cfg.fsdp and dist_env.distributed)
+        self.optimizer, self.skips_on_device = build_optimizer(cfg, self.raw_model, groups, self.device,
+                                                               sharded=cfg.fsdp and dist_env.distributed)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.peak_flops = cfg.peak_flops or device_peak_flops(self.device)
 
@@ -477,11 +477,12 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self.fused:
-            # The fused AdamW kernel skips the whole update when found_inf is set: no host sync needed.
+        elif self.skips_on_device:
+            # Fused AdamW and our Muon skip the whole update on the device when found_inf is 1: no host sync, so the
+            # only syncs are at log/eval/checkpoint points (the default recipe, Muon + AdamW, takes this path).
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
-        elif not bool(bad):
+        elif not bool(bad):  # unfused AdamW (FSDP, MPS): one host sync a step
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(step_loss, grad_norm, bad, step_tokens, metrics)
