@@ -56,7 +56,7 @@ from xiaolm.align.common import (
     sample_responses,
 )
 from xiaolm.config import opt, parse_config
-from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.dist import DistEnv, autocast_for, resolve_precision, setup_distributed
 from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything
 
@@ -129,6 +129,8 @@ class Rollouts:
     def __init__(self, cfg: GRPOConfig, prompts: list[dict], tokenizer, reference, out: Path, micro_batch: int,
                  env: DistEnv, model=None):
         self.cfg, self.prompts, self.tokenizer, self.reference = cfg, prompts, tokenizer, reference
+        # old and reference log-probabilities in the trainer's precision: ratio 1 and KL 0 where the weights agree
+        self.autocast = autocast_for(env.device, resolve_precision(cfg.train.precision, env.device))
         self.out, self.micro_batch, self.env = out, micro_batch, env
         self.model = model  # the policy (the Trainer moves it to the device in place)
         self.current: Optional[tuple[int, dict]] = None
@@ -245,7 +247,8 @@ class Rollouts:
         out = []
         for start in range(0, x.shape[0], self.micro_batch):
             xb, yb = x[start : start + self.micro_batch], y[start : start + self.micro_batch]
-            out.append(response_logps(model, xb.to(model.device), yb.to(model.device)).float().cpu())
+            with self.autocast():
+                out.append(response_logps(model, xb.to(model.device), yb.to(model.device)).float().cpu())
         model.train(was)
         return torch.cat(out)
 

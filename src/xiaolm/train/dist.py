@@ -1,6 +1,7 @@
 """Devices, precision and the torchrun process group."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -50,6 +51,17 @@ def configure_device(device: str) -> None:
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # also sets torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_for(device: str, amp_dtype: Optional[torch.dtype]):
+    """A zero-argument factory of the autocast context a run trains under (``resolve_precision``'s dtype; None: plain
+    float32). Everything whose numbers meet the policy's -- reference and old log-probabilities -- uses the same one."""
+    def make():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype)
+
+    return make
 
 
 @dataclass

@@ -35,8 +35,8 @@ import torch
 from xiaolm.config import opt, save_config
 from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
 from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
-from xiaolm.train.dist import (DistEnv, configure_device, device_peak_flops, resolve_precision, setup_distributed,
-                               teardown_distributed)
+from xiaolm.train.dist import (DistEnv, autocast_for, configure_device, device_peak_flops, resolve_precision,
+                               setup_distributed, teardown_distributed)
 from xiaolm.train.metrics import MetricsLog, _Progress, plot_loss_curve, resolve_tensorboard
 from xiaolm.train.prefetch import _Prefetcher, _to_device
 from xiaolm.train.schedule import lr_at
@@ -253,9 +253,7 @@ class Trainer:
         return wrapped
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype)
+        return autocast_for(self.device, self.amp_dtype)()
 
     # ------------------------------------------------------------------------------------------- state
 
