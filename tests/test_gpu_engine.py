@@ -297,3 +297,41 @@ def test_declared_torch_floor_is_the_newest_public_api_used():
     assert all(name in source for name in NEWEST_PUBLIC)  # the table lists what is really used
     newest = max(NEWEST_PUBLIC.values(), key=lambda v: tuple(map(int, v.split("."))))
     assert floor == newest
+
+
+# --------------------------------------------------------------- item 10: one source of defaults, by device
+
+
+def test_a_plain_pretrain_config_resolves_to_the_fast_path_on_cuda_and_the_cpu_choice_on_cpu(monkeypatch):
+    from xiaolm.config import parse_config
+    from xiaolm.train.pretrain import PretrainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    plain = parse_config(PretrainConfig, ["--data", "d"], "xiaolm pretrain")[0].train
+    cuda = dist_mod.resolve_device_defaults(plain, "cuda:0")
+    assert cuda.compile is True and cuda.loss_chunk_size > 0 and cuda.precision == "bf16"
+    assert dist_mod.resolve_precision(cuda.precision, "cuda:0") == torch.bfloat16
+    cpu = dist_mod.resolve_device_defaults(parse_config(PretrainConfig, ["--data", "d"], "x")[0].train, "cpu")
+    assert (cpu.compile, cpu.loss_chunk_size, cpu.precision) == (False, 0, "fp32")
+    # an explicit choice is kept on either device
+    mine = parse_config(PretrainConfig, ["--data", "d", "--no-compile", "--loss-chunk-size", "0"], "x")[0].train
+    assert dist_mod.resolve_device_defaults(mine, "cuda").compile is False
+    assert mine.loss_chunk_size == 0 and mine.precision == "bf16"
+
+
+def test_help_shows_the_device_defaults(capsys):
+    from xiaolm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--compile, --no-compile torch.compile the model (default auto: on CUDA on, on CPU off)" in text
+    assert "(default auto: on CUDA 8192, on CPU off)" in text
+    assert "auto: on CUDA bf16, on CPU fp32" in text
+
+
+def test_a_run_records_the_resolved_defaults_in_its_config(tiny_run):
+    import yaml
+
+    train = yaml.safe_load((tiny_run / "config.yaml").read_text(encoding="utf-8"))["train"]
+    assert (train["compile"], train["loss_chunk_size"], train["precision"]) == (False, 0, "fp32")

@@ -73,6 +73,10 @@ class GRPOTrainConfig(TrainConfig):
     min_lr_ratio: float = opt(0.5, "final learning rate as a fraction of lr")
     eval_every: int = opt(50, "evaluate (and save) every N steps; 0: only at the end")
     log_every: int = opt(5, "log every N optimizer steps")
+    # Responses of every length: eager until batches are bucketed (a compile per shape otherwise). No LM loss to
+    # chunk: 0, so that device resolution leaves this unused field alone.
+    compile: Optional[bool] = opt(False, "torch.compile the model")
+    loss_chunk_size: Optional[int] = opt(0, "unused: GRPO needs every token's log-probability")
     prefetch: int = opt(0, "must stay 0 for GRPO: each batch is sampled by the current weights")
     grad_accum_steps: int = opt(0, "set by GRPO: micro-batches of one batch of samples (prompts_per_step x group_size "
                                    "/ micro_batch_size); leave at 0")

@@ -29,13 +29,43 @@ def device_peak_flops(device: str) -> Optional[float]:
     return None
 
 
+# The one place that defines the training settings left "auto" (None) in TrainConfig: on CUDA the fast path; on the
+# CPU what measures fastest there (eager: a one-off compile costs tens of seconds on a few cores, more than it saves
+# in a CPU-sized run; plain float32 CE and matmuls: CPU bf16 matrix products are emulated). `--help` prints this table.
+DEVICE_DEFAULTS = {
+    "cuda": {"compile": True, "loss_chunk_size": 8192, "precision": "bf16"},  # bf16 where the card has it, else fp32
+    "cpu": {"compile": False, "loss_chunk_size": 0, "precision": "fp32"},  # also MPS
+}
+
+
+def device_defaults(device: str) -> dict:
+    """The ``DEVICE_DEFAULTS`` row for ``device`` (cuda, cuda:N; anything else takes the CPU row)."""
+    row = dict(DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"])
+    if row["precision"] == "bf16" and not torch.cuda.is_bf16_supported():
+        row["precision"] = "fp32"  # pre-Ampere cards: fp16 would need loss scaling, which Muon does not take
+    return row
+
+
+def auto_help(name: str) -> str:
+    """``--help`` text of an "auto" setting, from ``DEVICE_DEFAULTS``."""
+    show = {True: "on", False: "off", 0: "off"}
+    cuda, cpu = (DEVICE_DEFAULTS[k][name] for k in ("cuda", "cpu"))
+    return f"auto: on CUDA {show.get(cuda, cuda)}, on CPU {show.get(cpu, cpu)}"
+
+
+def resolve_device_defaults(cfg, device: str):
+    """Fill ``cfg``'s "auto" (None) settings for ``device`` in place, so the run's config.yaml records what ran."""
+    for name, value in device_defaults(device).items():
+        if getattr(cfg, name) in (None, "auto"):
+            setattr(cfg, name, value)
+    return cfg
+
+
 def resolve_precision(precision: str, device: str) -> Optional[torch.dtype]:
     """The autocast dtype, or None for plain float32."""
-    if precision == "fp32":
-        return None
     if precision == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        precision = device_defaults(device)["precision"]
+    if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16

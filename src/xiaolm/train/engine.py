@@ -35,8 +35,8 @@ import torch
 from xiaolm.config import opt, save_config
 from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
 from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
-from xiaolm.train.dist import (DistEnv, autocast_for, configure_device, device_peak_flops, resolve_precision,
-                               setup_distributed, teardown_distributed)
+from xiaolm.train.dist import (DistEnv, auto_help, autocast_for, configure_device, device_peak_flops,
+                               resolve_device_defaults, resolve_precision, setup_distributed, teardown_distributed)
 from xiaolm.train.metrics import MetricsLog, _Progress, plot_loss_curve, resolve_tensorboard
 from xiaolm.train.prefetch import _Prefetcher, _to_device
 from xiaolm.train.schedule import lr_at
@@ -71,10 +71,10 @@ class TrainConfig:
     eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
-        "auto", "auto: bf16 autocast on GPUs that support it, else fp32"
+        "auto", f"{auto_help('precision')} (bf16 autocast where the GPU supports it)"
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    compile: bool = opt(False, "torch.compile the model (GPU: faster after a one-off compile)")
+    compile: Optional[bool] = opt(None, f"torch.compile the model (default {auto_help('compile')})")
     seed: int = opt(1337, "seed for initialisation and data order", short="--seed")
     log_every: int = opt(10, "log every N optimizer steps")
     eval_every: int = opt(200, "evaluate (and save) every N steps; 0: only at the end")
@@ -91,7 +91,8 @@ class TrainConfig:
         "stop", "a NaN/inf loss or gradient: stop with a message, or skip the step and go on"
     )
     max_skipped_steps: int = opt(20, "with on_nonfinite=skip: stop after this many skipped steps")
-    loss_chunk_size: int = opt(0, "rows per chunk for the fused linear + cross-entropy (0: plain)")
+    loss_chunk_size: Optional[int] = opt(
+        None, f"rows per chunk for the fused linear + cross-entropy, 0: plain (default {auto_help('loss_chunk_size')})")
     prefetch: int = opt(2, "batches prepared ahead by a background thread (pinned on GPU); 0 disables")
     fsdp: bool = opt(False, "shard parameters with FSDP2 (fully_shard) under torchrun")
     peak_flops: Optional[float] = opt(None, "device peak FLOP/s for MFU (default: looked up by GPU name)")
@@ -217,6 +218,7 @@ class Trainer:
         self._resume_ckpt: Optional[Path] = None
         self._resume_checked = False
         configure_device(self.device)
+        resolve_device_defaults(cfg, self.device)  # in place: the verb's loss and config.yaml see what runs
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.raw_model = model.to(self.device)
         self.model = self._wrap(self.raw_model)
@@ -631,6 +633,7 @@ def run_training(train_fn: Callable[[Any, DistEnv], dict], cfg: Any) -> tuple[di
     from xiaolm.utils import fail
 
     env = setup_distributed(cfg.train.device)
+    resolve_device_defaults(cfg.train, env.device)
     try:
         summary = train_fn(cfg, env)
     except (TrainingDiverged, CheckpointError, ValueError) as exc:
