@@ -335,3 +335,121 @@ def test_a_run_records_the_resolved_defaults_in_its_config(tiny_run):
 
     train = yaml.safe_load((tiny_run / "config.yaml").read_text(encoding="utf-8"))["train"]
     assert (train["compile"], train["loss_chunk_size"], train["precision"]) == (False, 0, "fp32")
+
+
+# ------------------------------------------------- item 11: out of memory at the first steps, memory in the log
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+
+from xiaolm.train.memory import GIB, MemoryCreep, memory_stats, split_rows  # noqa: E402
+
+
+@dataclasses.dataclass
+class _Run:  # what a verb passes as full_config: config.yaml is written from it
+    train: TrainConfig
+
+
+def _rows(step: int) -> dict:
+    return _batch(100 + step, rows=4)
+
+
+def _losses(run) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def test_out_of_memory_at_the_first_step_halves_the_micro_batch_and_keeps_the_loss_curve(tmp_path, capsys):
+    import yaml
+
+    calls = {"n": 0}
+
+    def oom_once_at_four_rows(model, batch):
+        calls["n"] += 1
+        if batch["input_ids"].shape[0] == 4 and calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return sft_loss(model, batch)
+
+    cfg = _cfg(micro_batch_size=4, grad_accum_steps=1, optimizer="adamw", max_steps=4)
+    hit = Trainer(cfg, _model(), tmp_path / "hit", total_steps=4, dist_env=DistEnv(), full_config=_Run(cfg),
+                  oom_fallback=True)
+    hit.fit(lambda step, micro: _rows(step), oom_once_at_four_rows)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "out of memory" in ln]
+    assert lines == ["out of memory at step 1: micro-batch halved to 2, accumulation doubled to 2 (same global batch "
+                     "and loss curve; recorded in config.yaml)"]
+    recorded = yaml.safe_load((tmp_path / "hit" / "config.yaml").read_text())["train"]
+    assert (recorded["micro_batch_size"], recorded["grad_accum_steps"]) == (2, 2)
+    # a run with the halved micro-batch from the start: the same rows, two at a time
+    cfg2 = _cfg(micro_batch_size=2, grad_accum_steps=2, optimizer="adamw", max_steps=4)
+    halved = Trainer(cfg2, _model(), tmp_path / "halved", total_steps=4, dist_env=DistEnv())
+    halved.fit(lambda step, micro: {k: v[2 * micro: 2 * micro + 2] for k, v in _rows(step).items()}, sft_loss)
+    assert _losses(tmp_path / "hit") == _losses(tmp_path / "halved") and len(_losses(tmp_path / "hit")) == 4
+    for p, q in zip(hit.params, halved.params):
+        assert torch.equal(p, q)
+
+
+def test_out_of_memory_is_raised_where_halving_cannot_help(tmp_path):
+    def always_oom(model, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    cfg = _cfg(micro_batch_size=4, optimizer="adamw")
+    with pytest.raises(torch.OutOfMemoryError):  # halved down to one row, then raised
+        Trainer(cfg, _model(), tmp_path / "a", total_steps=4, dist_env=DistEnv(), oom_fallback=True).fit(
+            lambda step, micro: _rows(step), always_oom)
+    with pytest.raises(torch.OutOfMemoryError):  # a verb whose units do not add up across rows: never split
+        Trainer(_cfg(), _model(), tmp_path / "b", total_steps=4, dist_env=DistEnv()).fit(
+            lambda step, micro: _rows(step), always_oom)
+
+
+def test_split_rows_keeps_shared_values_and_refuses_paired_rows():
+    b = {"input_ids": torch.arange(12).view(6, 2), "norm": torch.tensor(3.0), "tag": "x"}
+    parts = split_rows(b, 2)
+    assert [p["input_ids"].tolist() for p in parts] == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
+    assert all(p["norm"] is b["norm"] and p["tag"] == "x" for p in parts)
+    with pytest.raises(ValueError, match="ref_chosen"):
+        split_rows({"input_ids": torch.zeros(4, 2), "ref_chosen": torch.zeros(2)}, 2)
+
+
+def test_memory_is_logged_on_cuda_only(monkeypatch, tmp_path):
+    assert memory_stats("cpu") == {}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 3 * GIB // 2)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: 5 * GIB)
+    assert memory_stats("cuda:0") == {"mem_allocated_gib": 1.5, "mem_peak_gib": 5.0}
+    trainer = Trainer(_cfg(max_steps=2), _model(), tmp_path / "r", total_steps=2, dist_env=DistEnv())
+    trainer.fit(lambda step, micro: _batch(step), sft_loss)
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("mem_allocated_gib" not in r for r in records)  # CPU: no figure rather than a made-up one
+
+
+def test_memory_creep_warns_once_on_steady_growth_only():
+    def warnings(series):
+        creep = MemoryCreep(window=5, min_growth=0.02, warmup=2)
+        return [w for i, x in enumerate(series) if (w := creep.observe(x * GIB, step=10 * i))]
+
+    assert warnings([1, 3, 5] + [6.0] * 20) == []  # warm-up growth, then flat: the healthy run
+    assert warnings([6.0, 6.1, 5.9, 6.2, 6.0, 6.1, 5.95, 6.15] * 3) == []  # noise around a level
+    assert warnings([6.0] * 4 + [8.0] * 10) == []  # one step up (a longer batch), then flat
+    assert warnings([6.0, 6.0, 6.0, 6.001, 6.002, 6.003, 6.004, 6.005, 6.006]) == []  # too little to matter
+    leak = [6.0, 6.0] + [6.0 + 0.1 * i for i in range(20)]
+    found = warnings(leak)
+    assert len(found) == 1 and "grew at each of the last 5 log points" in found[0] and "6.00 -> 6.50 GiB" in found[0]
+
+
+@pytest.mark.gpu
+def test_cuda_run_log_reports_allocated_and_peak_memory(tmp_path):
+    trainer = Trainer(_cfg(device="cuda", precision="bf16", max_steps=2), _model(), tmp_path / "g", total_steps=2,
+                      dist_env=DistEnv(device="cuda"))
+    trainer.fit(lambda step, micro: _batch(step), sft_loss)
+    records = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all(0 < r["mem_allocated_gib"] <= r["mem_peak_gib"] for r in train)
+
+
+# ----------------------------------------------------------------------- item 5's done-means: DDP tests, free ports
+
+
+def test_multi_process_tests_take_a_free_port_not_a_fixed_one():
+    fixed = re.compile(r"""master[_-]port["']?\s*[,=:]\s*["']?\d{2,}|MASTER_PORT["']?\s*[\],:=]\s*["']\d""")
+    offenders = [f"{p.name}:{i}" for p in sorted((REPO / "tests").glob("*.py")) if p.name != Path(__file__).name
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if fixed.search(line)]
+    assert offenders == []

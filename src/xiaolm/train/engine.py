@@ -37,6 +37,7 @@ from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step
 from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
 from xiaolm.train.dist import (DistEnv, auto_help, autocast_for, configure_device, device_peak_flops,
                                resolve_device_defaults, resolve_precision, setup_distributed, teardown_distributed)
+from xiaolm.train.memory import OOM_FALLBACK_STEPS, MemoryCreep, memory_stats, split_rows
 from xiaolm.train.metrics import MetricsLog, _Progress, plot_loss_curve, resolve_tensorboard
 from xiaolm.train.prefetch import _Prefetcher, _to_device
 from xiaolm.train.schedule import lr_at
@@ -202,6 +203,7 @@ class Trainer:
         param_groups: Optional[list[dict]] = None,
         name: str = "train",
         new_run_hint: str = "start a new run with another --out",
+        oom_fallback: bool = False,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -215,6 +217,10 @@ class Trainer:
         self.extra_meta = extra_meta or {}
         self.name = name
         self.new_run_hint = new_run_hint
+        # Out of memory in the first steps: split every micro-batch in two and retry (the loss_fn's units must add
+        # up across rows, as language-model token counts do; train/memory.py).
+        self.oom_fallback = oom_fallback
+        self.micro_split = 1
         self._resume_ckpt: Optional[Path] = None
         self._resume_checked = False
         configure_device(self.device)
@@ -245,13 +251,16 @@ class Trainer:
                     fully_shard(layer, mp_policy=mp)
                 fully_shard(model, mp_policy=mp)
         wrapped = model
-        if self.cfg.compile:
-            wrapped = torch.compile(wrapped)
         if self.env.distributed and not self.cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.env.local_rank] if self.device.startswith("cuda") else None
             wrapped = DDP(wrapped, device_ids=ids)
+        if self.cfg.compile:
+            # Compile the DDP module, not DDP around a compiled one: dynamo's DDPOptimizer then splits the graph at
+            # DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward (torchtitan
+            # compiles before replicating too); DDP around one opaque compiled graph can only reduce at its end.
+            wrapped = torch.compile(wrapped)
         return wrapped
 
     def autocast(self):
@@ -432,12 +441,16 @@ class Trainer:
         units = torch.zeros((), device=self.device)
         metrics: dict[str, torch.Tensor] = {}
         step_tokens = 0
-        for micro, batch in enumerate(batches):
-            batch = _to_device(batch, self.device)
+        pieces = []
+        for batch in batches:
+            batch = dict(batch)  # the caller's batch keeps its count, for a retry after an out-of-memory error
             step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
+            pieces += split_rows(batch, self.micro_split)
+        for micro, batch in enumerate(pieces):
+            batch = _to_device(batch, self.device)
             sync_ctx = (
                 self.model.no_sync()
-                if env.distributed and not cfg.fsdp and micro < len(batches) - 1
+                if env.distributed and not cfg.fsdp and micro < len(pieces) - 1
                 else contextlib.nullcontext()
             )
             with sync_ctx:
@@ -447,7 +460,7 @@ class Trainer:
             loss_sum += loss.detach().float()
             units += n.detach().float() if isinstance(n, torch.Tensor) else float(n)
             for k, v in (extra or {}).items():
-                metrics[k] = metrics.get(k, 0) + v.detach().float() / len(batches)
+                metrics[k] = metrics.get(k, 0) + v.detach().float() / len(pieces)
         if env.distributed:
             import torch.distributed as dist
 
@@ -487,6 +500,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(step_loss, grad_norm, bad, step_tokens, metrics)
 
+    def _halve_micro_batch(self, step: int, steps_done: int, batches: list[dict]) -> bool:
+        """After an out-of-memory error at ``step``: split every micro-batch in two and double the accumulation
+        (the same global batch and, the loss being summed over units and divided by the step's, the same loss
+        curve), say so, and record it in config.yaml. False where that cannot help or is not safe: past the first
+        steps (memory that runs out later is a leak or a longer batch, not a wrong size), a verb whose units do not
+        add up across rows, or micro-batches of one row."""
+        rows = batches[0]["input_ids"].shape[0] // self.micro_split
+        if not self.oom_fallback or steps_done >= OOM_FALLBACK_STEPS or rows < 2 or self.env.distributed:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        self.micro_split *= 2
+        cfg = self.cfg
+        cfg.micro_batch_size = max(1, cfg.micro_batch_size // 2)
+        cfg.grad_accum_steps = max(1, cfg.grad_accum_steps) * 2
+        log(f"out of memory at step {step + 1}: micro-batch halved to {cfg.micro_batch_size}, accumulation doubled "
+            f"to {cfg.grad_accum_steps} (same global batch and loss curve; recorded in config.yaml)")
+        if self.env.is_main and self.full_config is not None:
+            save_config(self.full_config, self.run_dir / "config.yaml")
+        return True
+
     # ------------------------------------------------------------------------------------------- loop
 
     def fit(
@@ -513,6 +548,9 @@ class Trainer:
         progress = _Progress(self.total_steps, start_step, enabled=env.is_main, bar=cfg.progress)
 
         nonfinite = torch.zeros((), device=self.device)
+        creep = MemoryCreep()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
         skipped_total = 0
         interval_loss = torch.zeros((), device=self.device)
         interval_metrics: dict[str, torch.Tensor] = {}
@@ -529,7 +567,14 @@ class Trainer:
         try:
             while step < self.total_steps:
                 lr = lr_at(step, cfg, self.total_steps)
-                out = self.train_step([feed.get(step, micro) for micro in range(accum)], loss_fn, step)
+                batches = [feed.get(step, micro) for micro in range(accum)]
+                while True:
+                    try:
+                        out = self.train_step(batches, loss_fn, step)
+                        break
+                    except torch.OutOfMemoryError:
+                        if not self._halve_micro_batch(step, step - start_step, batches):
+                            raise
                 step_loss, grad_norm, bad = out.loss, out.grad_norm, out.bad
                 for k, v in out.metrics.items():
                     interval_metrics[k] = interval_metrics.get(k, 0) + v
@@ -581,6 +626,11 @@ class Trainer:
                         record[k] = round(float(v) / interval_steps, 6)
                     if self.flops_per_token and self.peak_flops:
                         record["mfu"] = round(self.flops_per_token * tok_s / env.world_size / self.peak_flops, 4)
+                    record.update(memory_stats(self.device))
+                    if "mem_allocated_gib" in record:
+                        creep_warning = creep.observe(record["mem_allocated_gib"] * 2**30, step)
+                        if creep_warning:
+                            progress.note(creep_warning)
                     if env.is_main:
                         metrics.write(record)
                     progress.show(record, self.total_steps, elapsed_before + now - t_start, step - start_step)

@@ -347,6 +347,7 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
         tokenizer=tokenizer, flops_per_token=fpt, name="pretrain",
         extra_meta={"unigram_entropy": h_unigram, "params": n["total"], "seq_len": seq},
         new_run_hint=f"start a new run with another --out (--init-from {out} starts one from these weights)",
+        oom_fallback=True,  # token-summed LM loss: halving the micro-batch leaves the loss curve as it is
     )
     trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:

@@ -467,7 +467,7 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     trainer = trainer_cls(
         t, model, out, total_steps=total_steps, dist_env=env, full_config=cfg,
         model_config=base_model.config.to_dict(), tokenizer=tokenizer, param_groups=param_groups, name="sft",
-        extra_meta={"base": str(cfg.run), "lora": lora_info},
+        extra_meta={"base": str(cfg.run), "lora": lora_info}, oom_fallback=True,
     )
     trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
