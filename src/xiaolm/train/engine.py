@@ -510,8 +510,6 @@ class Trainer:
         if not self.oom_fallback or steps_done >= OOM_FALLBACK_STEPS or rows < 2 or self.env.distributed:
             return False
         self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
         self.micro_split *= 2
         cfg = self.cfg
         cfg.micro_batch_size = max(1, cfg.micro_batch_size // 2)
@@ -575,6 +573,8 @@ class Trainer:
                     except torch.OutOfMemoryError:
                         if not self._halve_micro_batch(step, step - start_step, batches):
                             raise
+                    if self.device.startswith("cuda"):  # out here the failed step's traceback, and with it its
+                        torch.cuda.empty_cache()         # activations, is gone: hand their blocks back
                 step_loss, grad_norm, bad = out.loss, out.grad_norm, out.bad
                 for k, v in out.metrics.items():
                     interval_metrics[k] = interval_metrics.get(k, 0) + v
