@@ -1,0 +1,96 @@
+"""What a newcomer reads: the quickstart's stories show no broken characters, no story stops mid-sentence without
+saying it was cut, and no stray empty lines. The printing path runs on a tiny model whose next tokens are scripted
+(a real Llama underneath, its logits replaced) so that every defect the issue names is forced to happen."""
+from __future__ import annotations
+
+import io
+import types
+
+import pytest
+import torch
+
+from xiaolm.infer.stories import last_sentence_end, trim_story
+from xiaolm.tokenizer.detok import BYTE_OF_CHAR
+
+CHAR_OF_BYTE = {b: c for c, b in BYTE_OF_CHAR.items()}
+
+
+class ScriptedModel(torch.nn.Module):
+    """A tiny Llama whose sampled tokens follow ``scripts[row]`` (then end-of-text)."""
+
+    def __init__(self, inner, scripts: list[list[int]], eot: int):
+        super().__init__()
+        self.inner, self.scripts, self.eot, self.step = inner, scripts, eot, 0
+        self.config = inner.config
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, ids, **kw):
+        out = self.inner(ids, **kw)
+        logits = torch.full((ids.shape[0], 1, self.config.vocab_size), -1e9)
+        for row, script in enumerate(self.scripts):
+            logits[row, 0, script[self.step] if self.step < len(script) else self.eot] = 0.0
+        self.step += 1
+        return types.SimpleNamespace(logits=logits.to(out.logits.dtype))
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    from xiaolm.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+def test_trim_story_keeps_what_the_model_ended_and_cuts_back_what_the_budget_cut():
+    assert trim_story("小猫睡着了。", "eos") == ("小猫睡着了。", False)
+    assert trim_story("小猫睡着了。妈妈笑着说", "length") == ("小猫睡着了。", True)
+    assert trim_story("他说：“好的！”然后", "length") == ("他说：“好的！”", True)
+    assert trim_story("妈妈笑着说", "length") == ("妈妈笑着说", True)      # no sentence end: kept, marked
+    assert last_sentence_end("真的吗？！”他") == len("真的吗？！”")
+
+
+def test_quickstart_printing_path_shows_no_broken_characters_cut_sentences_or_empty_runs(tok):
+    from xiaolm.model.llama import Llama, preset_config
+    from xiaolm.quickstart import OPENINGS, QuickstartConfig, show_stories
+
+    def b(data: bytes) -> list[int]:
+        return [tok.token_to_id(CHAR_OF_BYTE[x]) for x in data]
+
+    filler = tok.encode("的")
+    assert len(filler) == 1
+    budget = 40
+    length_rows = [
+        tok.encode("小美拿着小") + b("花".encode()[:1]) + tok.encode("，蹦蹦跳跳。妈妈笑着说"),   # broken, then cut
+        tok.encode("他说：“好的。”然后") + b("妈".encode()[:2]),                                # cut in a character
+        tok.encode("妈妈笑着说"),                                                               # no sentence end
+    ]
+    length_rows = [filler * (budget - len(s)) + s for s in length_rows]
+    eos_rows = [tok.encode("犹豫") + b("旁".encode()) + tok.encode("边有一只猫。"), []]
+    scripts = length_rows[:1] + eos_rows[:1] + length_rows[1:] + eos_rows[1:]
+    assert len(scripts) == len(OPENINGS) and all(len(s) == budget for s in length_rows)
+
+    torch.manual_seed(0)
+    inner = Llama(preset_config("tiny", vocab_size=tok.vocab_size, max_position_embeddings=256)).eval()
+    model = ScriptedModel(inner, scripts, tok.eot_id)
+    screen = io.StringIO()
+    stories = show_stories(model, tok, QuickstartConfig(max_new_tokens=budget, seed=0), screen)
+    printed = screen.getvalue()
+
+    assert "\ufffd" not in printed
+    lines = [line.strip() for line in printed.splitlines()]
+    assert "\n\n\n" not in printed.strip("\n")          # never more than one empty line in a row
+    story_lines = [line for line in lines if any(line.startswith(o) for o in OPENINGS)]
+    assert len(story_lines) == 5
+    assert story_lines[0].endswith("小美拿着小，蹦蹦跳跳。 [cut at the 40-token budget: ends at its last full sentence]")
+    assert "妈妈笑着说" not in story_lines[0]
+    assert story_lines[1] == OPENINGS[1] + "犹豫旁边有一只猫。"             # the model ended it: whole, no note
+    assert story_lines[2].endswith("他说：“好的。” [cut at the 40-token budget: ends at its last full sentence]")
+    assert story_lines[3].endswith("妈妈笑着说… [cut at the 40-token budget]")
+    assert story_lines[4] == OPENINGS[4]
+    for line in story_lines:   # every story ends at a sentence end, or says it was cut
+        assert "[cut at" in line or last_sentence_end(line) == len(line), line
+    assert "(3 byte(s) of characters the model left unfinished were left out)" in printed
+    assert [s.cut for s in stories] == [True, False, True, True, False]
+    assert [s.dropped_bytes for s in stories] == [1, 0, 2, 0, 0]
