@@ -305,3 +305,20 @@ def test_a_real_xiaolm_serve_as_the_judge(tiny_run, judge_run, tmp_path):
         assert again["accounting"]["requests"]["sent"] == 0 and again["rows"] == result["rows"]
     finally:
         stop_process(proc)
+
+
+def test_the_pipeline_report_shows_the_judges_table_or_says_how_to_get_it(tiny_run, fake, tmp_path):
+    from types import SimpleNamespace
+
+    from xiaolm.pipeline.evaluate import judge_stories
+    from xiaolm.pipeline.report import judge_section
+
+    (line,) = judge_section(None, "work/pretrain")
+    assert "xiaolm eval judge work/pretrain --endpoint URL --model NAME" in line
+    cfg = SimpleNamespace(eval=SimpleNamespace(judge_endpoint=fake.url, judge_model="fake", judge_samples=1,
+                                               device="cpu"))
+    judged = judge_stories(cfg, str(tiny_run), tmp_path / "judge", openings=2, references=2, max_new_tokens=16)
+    json.dumps(judged)   # kept in eval.json
+    text = "\n".join(judge_section(judged, "work/pretrain"))
+    assert "| the model | 2 | 0 | 0 |" in text and "corpus, sentences shuffled (floor)" in text
+    assert "graded by `fake`" in text and (tmp_path / "judge" / "judge.md").is_file()

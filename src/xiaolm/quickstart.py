@@ -50,6 +50,9 @@ a GPU, a larger model in the same time."""
     temperature: float = opt(0.8, "sampling temperature of the stories shown at the end")
     top_k: int = opt(50, "top-k of the stories shown at the end")
     workers: Optional[int] = opt(None, "processes for tokenisation (default: all cores)")
+    judge_endpoint: Optional[str] = opt(None, "OpenAI-compatible endpoint (.../v1) of a judge model that grades "
+                                              "the stories (xiaolm eval judge); none: a line says how")
+    judge_model: Optional[str] = opt(None, "the judge's model name (key: $XIAOLM_JUDGE_API_KEY or $OPENAI_API_KEY)")
 
 
 @dataclass
@@ -225,10 +228,20 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     print(f"Run directory: {out / 'run'} (report.md, loss_curve.png, metrics.jsonl, config.yaml)", file=p)
     print(f"Next: xiaolm generate {out / 'run'} --prompt 从前  |  xiaolm eval ppl {out / 'run'} --data {out / 'shards'}",
           file=p)
-    print(JUDGE_HINT.format(run=out / "run"), file=p)
+    judged = None
+    if cfg.judge_endpoint:
+        from xiaolm.eval.judge import JudgeConfig, format_table, judge
+
+        judged = judge(JudgeConfig(run=str(out / "run"), endpoint=cfg.judge_endpoint, model=cfg.judge_model or "",
+                                   samples=1, device=device, seed=cfg.seed))
+        print(f"\nStories graded by {cfg.judge_model} (1-10, mean and 95% interval; details in "
+              f"{judged['out']}/judge.md):\n{format_table(judged)}", file=p)
+    else:
+        print(JUDGE_HINT.format(run=out / "run"), file=p)
     result = dict(summary, total_s=round(total, 1), timings={k: round(v, 1) for k, v in timings.items()},
                   stories=texts, openings=OPENINGS, stories_cut=[s.cut for s in stories],
                   dropped_bytes=sum(s.dropped_bytes for s in stories),
+                  judge=(judged or {}).get("rows"),
                   repetition={k: repetition[k] for k in ("rep4", "distinct2", "mean_chars")})
     from xiaolm.utils import atomic_write_json
 
