@@ -4,6 +4,7 @@ saying it was cut, and no stray empty lines. The printing path runs on a tiny mo
 from __future__ import annotations
 
 import io
+import json
 import types
 
 import pytest
@@ -94,3 +95,58 @@ def test_quickstart_printing_path_shows_no_broken_characters_cut_sentences_or_em
     assert "(3 byte(s) of characters the model left unfinished were left out)" in printed
     assert [s.cut for s in stories] == [True, False, True, True, False]
     assert [s.dropped_bytes for s in stories] == [1, 0, 2, 0, 0]
+
+
+class ChainModel(torch.nn.Module):
+    """A tiny Llama whose next token is ``chain[this token]`` (end-of-text when absent), at every position: the
+    output depends only on the input token, so it holds whatever way the server batches and caches rows."""
+
+    def __init__(self, inner, chain: dict[int, int], eot: int):
+        super().__init__()
+        self.inner, self.chain, self.eot, self.config = inner, chain, eot, inner.config
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids, *args, **kwargs):
+        out = self.inner(input_ids, *args, **kwargs)
+        T = out.logits.shape[1]
+        nxt = torch.tensor([[self.chain.get(t, self.eot) for t in row] for row in input_ids[:, -T:].tolist()])
+        logits = torch.full(out.logits.shape, -1e9, dtype=out.logits.dtype).scatter(2, nxt[..., None], 0.0)
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_the_server_streamed_and_whole_never_shows_a_broken_character(tok):
+    from fastapi.testclient import TestClient
+
+    from xiaolm.infer.generate import plain_prompt_ids
+    from xiaolm.model.llama import Llama, preset_config
+    from xiaolm.serve.app import create_app
+
+    def b(data: bytes) -> list[int]:
+        return [tok.token_to_id(CHAR_OF_BYTE[x]) for x in data]
+
+    prompt = plain_prompt_ids(tok, "从前")
+    script = (tok.encode("小美拿着") + b("花".encode()[:1]) + tok.encode("，蹦") + b("拿".encode())
+              + tok.encode("。她说") + b("好".encode()[:2]))
+    assert len(set(script + prompt[-1:])) == len(script) + 1      # each token has one successor
+    chain = dict(zip(prompt[-1:] + script[:-1], script))
+    torch.manual_seed(0)
+    inner = Llama(preset_config("tiny", vocab_size=tok.vocab_size, max_position_embeddings=128)).eval()
+    app = create_app(model=ChainModel(inner, chain, tok.eot_id), tokenizer=tok, model_name="m", max_batch=2)
+    # 拿 waits for its third byte; the lone first byte of 花 and the unfinished 好 are left out
+    expected = "小美拿着，蹦拿。她说"
+    req = {"model": "m", "prompt": "从前", "max_tokens": len(script), "temperature": 0}
+    with TestClient(app) as client:
+        whole = client.post("/v1/completions", json=req).json()["choices"][0]
+        assert whole["text"] == expected and whole["finish_reason"] == "length"
+        deltas = []
+        with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    deltas += [c["text"] for c in json.loads(line[6:])["choices"]]
+        assert "".join(deltas) == expected and not any("\ufffd" in d for d in deltas)
+        chat = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 8, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": "你好"}]})
+        assert "\ufffd" not in chat.json()["choices"][0]["message"]["content"]
