@@ -150,3 +150,39 @@ def test_the_server_streamed_and_whole_never_shows_a_broken_character(tok):
         chat = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 8, "temperature": 0,
                                                          "messages": [{"role": "user", "content": "你好"}]})
         assert "\ufffd" not in chat.json()["choices"][0]["message"]["content"]
+
+
+def test_generate_chat_and_eval_instruct_show_clean_text_and_count_what_they_left_out(tok):
+    from xiaolm.eval.instruct import generate_answers, render_prompt
+    from xiaolm.infer.chat import ChatSession
+    from xiaolm.infer.generate import SamplingConfig, chat_prompt_ids, generate_samples, plain_prompt_ids
+    from xiaolm.model.llama import Llama, preset_config
+
+    def b(data: bytes) -> list[int]:
+        return [tok.token_to_id(CHAR_OF_BYTE[x]) for x in data]
+
+    script = (tok.encode("小美拿着") + b("花".encode()[:1]) + tok.encode("，蹦") + b("拿".encode())
+              + tok.encode("。她说") + b("好".encode()[:2]))
+    messages = [{"role": "user", "content": "讲个故事"}]
+    starts = {plain_prompt_ids(tok, "从前")[-1], chat_prompt_ids(tok, messages)[-1],
+              render_prompt(tok, messages, "plain")[-1]}
+    assert len(set(script)) == len(script) and not starts & set(script)
+    chain = {**{s: script[0] for s in starts}, **dict(zip(script[:-1], script[1:]))}
+    torch.manual_seed(0)
+    inner = Llama(preset_config("tiny", vocab_size=tok.vocab_size, max_position_embeddings=128)).eval()
+    model = ChainModel(inner, chain, tok.eot_id)
+    sampling = SamplingConfig(max_new_tokens=len(script), temperature=0.0)
+    expected = "小美拿着，蹦拿。她说"
+
+    streamed: list[str] = []
+    [g] = generate_samples(model, tok, ["从前"], sampling, stream=lambda _row, d: streamed.append(d))
+    assert (g.text, g.ended, g.dropped_bytes, g.tokens) == (expected, "length", 3, len(script))
+    assert "".join(streamed) == expected and not any("\ufffd" in d for d in streamed)
+
+    written, notes = [], []
+    answer = ChatSession(model, tok, sampling).reply("讲个故事", written.append, notes.append)
+    assert answer == "".join(written) == expected
+    assert any("3 byte(s) of unfinished UTF-8 characters left out" in n for n in notes)
+
+    for style in ("chat", "plain"):   # eval instruct's answers (and so its samples in reports)
+        assert generate_answers(model, tok, [{"prompt": messages}], style, sampling) == [expected]
