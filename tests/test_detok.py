@@ -105,3 +105,15 @@ def test_hf_wrapper_of_the_same_tokenizer_has_the_same_bytes(tok, tokenizer_dir)
     from xiaolm.tokenizer.hf import HFTokenizer
 
     assert byte_table(HFTokenizer(tokenizer_dir)) == byte_table(tok)
+
+
+def test_the_byte_table_follows_tokens_added_later(tokenizer_dir):
+    from xiaolm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    before = len(byte_table(tok))
+    tok.tok.add_tokens(["小猫咪咪"])
+    tok._refresh()
+    table = byte_table(tok)
+    assert len(table) == before + 1 and table[-1] == "小猫咪咪".encode()
+    assert decode_clean(tok, tok.encode("小猫咪咪跑了"))[0] == "小猫咪咪跑了"
