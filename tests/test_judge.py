@@ -322,3 +322,21 @@ def test_the_pipeline_report_shows_the_judges_table_or_says_how_to_get_it(tiny_r
     text = "\n".join(judge_section(judged, "work/pretrain"))
     assert "| the model | 2 | 0 | 0 |" in text and "corpus, sentences shuffled (floor)" in text
     assert "graded by `fake`" in text and (tmp_path / "judge" / "judge.md").is_file()
+
+
+def test_the_quickstart_prints_the_judges_table_or_says_how_to_get_it(tiny_run, fake, tmp_path):
+    import io
+
+    from xiaolm.quickstart import QuickstartConfig, show_judge_grades
+
+    screen = io.StringIO()
+    assert show_judge_grades(tiny_run, QuickstartConfig(), "cpu", screen) is None
+    assert screen.getvalue() == ("Graded like the TinyStories paper (grammar, creativity, consistency, by a judge "
+                                 f"model): xiaolm eval judge {tiny_run} --endpoint URL --model NAME\n")
+    screen = io.StringIO()
+    cfg = QuickstartConfig(judge_endpoint=fake.url, judge_model="fake")
+    judged = show_judge_grades(tiny_run, cfg, "cpu", screen, openings=2, references=2, max_new_tokens=16,
+                               out=str(tmp_path / "judge"))
+    printed = screen.getvalue()
+    assert "Stories graded by fake" in printed and "| the model | 2 | 0 | 0 |" in printed
+    assert judged["rows"]["model"]["graded"] == 2 and len(fake.requests) == 2 + 2 * 2

@@ -146,6 +146,21 @@ def show_stories(model, tokenizer, cfg: QuickstartConfig, file) -> list:
     return stories
 
 
+def show_judge_grades(run: Path, cfg: QuickstartConfig, device: str, file, **options) -> Optional[dict]:
+    """With ``--judge-endpoint``: grade the model's stories (``xiaolm eval judge``, one completion per opening;
+    ``options`` override its other defaults) and print the table; without: one line saying how to get it."""
+    if not cfg.judge_endpoint:
+        print(JUDGE_HINT.format(run=run), file=file)
+        return None
+    from xiaolm.eval.judge import JudgeConfig, format_table, judge
+
+    judged = judge(JudgeConfig(run=str(run), endpoint=cfg.judge_endpoint, model=cfg.judge_model or "",
+                               samples=1, device=device, seed=cfg.seed, **options))
+    print(f"\nStories graded by {cfg.judge_model} (1-10, mean and 95% interval; details in "
+          f"{judged['out']}/judge.md):\n{format_table(judged)}", file=file)
+    return judged
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     from xiaolm.data.prepare import prepare
     from xiaolm.data.shards import tokenize_to_shards
@@ -228,16 +243,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     print(f"Run directory: {out / 'run'} (report.md, loss_curve.png, metrics.jsonl, config.yaml)", file=p)
     print(f"Next: xiaolm generate {out / 'run'} --prompt 从前  |  xiaolm eval ppl {out / 'run'} --data {out / 'shards'}",
           file=p)
-    judged = None
-    if cfg.judge_endpoint:
-        from xiaolm.eval.judge import JudgeConfig, format_table, judge
-
-        judged = judge(JudgeConfig(run=str(out / "run"), endpoint=cfg.judge_endpoint, model=cfg.judge_model or "",
-                                   samples=1, device=device, seed=cfg.seed))
-        print(f"\nStories graded by {cfg.judge_model} (1-10, mean and 95% interval; details in "
-              f"{judged['out']}/judge.md):\n{format_table(judged)}", file=p)
-    else:
-        print(JUDGE_HINT.format(run=out / "run"), file=p)
+    judged = show_judge_grades(out / "run", cfg, device, p)
     result = dict(summary, total_s=round(total, 1), timings={k: round(v, 1) for k, v in timings.items()},
                   stories=texts, openings=OPENINGS, stories_cut=[s.cut for s in stories],
                   dropped_bytes=sum(s.dropped_bytes for s in stories),
