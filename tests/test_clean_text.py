@@ -186,3 +186,22 @@ def test_generate_chat_and_eval_instruct_show_clean_text_and_count_what_they_lef
 
     for style in ("chat", "plain"):   # eval instruct's answers (and so its samples in reports)
         assert generate_answers(model, tok, [{"prompt": messages}], style, sampling) == [expected]
+
+
+def test_alignment_samples_are_read_as_clean_text(tok):
+    """On-policy pairs and GRPO rewards read the text of sampled responses: the same detokenizer, the same text."""
+    from xiaolm.align.common import sample_responses
+    from xiaolm.infer.generate import plain_prompt_ids
+    from xiaolm.model.llama import Llama, preset_config
+
+    def b(data: bytes) -> list[int]:
+        return [tok.token_to_id(CHAR_OF_BYTE[x]) for x in data]
+
+    prompt = plain_prompt_ids(tok, "从前")
+    script = tok.encode("小美拿着") + b("花".encode()[:1]) + tok.encode("，她说") + b("好".encode()[:2])
+    assert len(set(script + prompt[-1:])) == len(script) + 1
+    torch.manual_seed(0)
+    inner = Llama(preset_config("tiny", vocab_size=tok.vocab_size, max_position_embeddings=128)).eval()
+    model = ChainModel(inner, dict(zip(prompt[-1:] + script[:-1], script)), tok.eot_id)
+    [[sample]] = sample_responses(model, tok, [prompt], 1, max_new_tokens=len(script))
+    assert sample.ids == script and sample.text == "小美拿着，她说"
