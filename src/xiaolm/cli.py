@@ -40,13 +40,15 @@ VERBS: dict[str, object] = {
         "ppl": ("loss, perplexity and bits per character on text or shards", "xiaolm.eval.ppl:main"),
         "instruct": ("instruction-following and repetition scores on held-out instructions", "xiaolm.eval.instruct:main"),
         "mc": ("multiple-choice accuracy (C-Eval / CMMLU CSV) by answer likelihood", "xiaolm.eval.mc:main"),
+        "judge": ("stories graded by a judge model (TinyStories' rubric, in Chinese) beside the corpus's own",
+                  "xiaolm.eval.judge:main"),
     },
     "export": {
         "hf": ("write a Hugging Face LlamaForCausalLM directory", "xiaolm.export.hf:main"),
         "gguf": ("write a GGUF file for llama.cpp / Ollama", "xiaolm.export.gguf:main"),
     },
     "quantize": ("weight-only int8 / int4 quantisation", "xiaolm.infer.quantize:main"),
-    "serve": ("OpenAI-compatible HTTP server with a web chat page", "xiaolm.serve.app:main"),
+    "serve": ("OpenAI-compatible HTTP server with a web chat page", "xiaolm.serve.main:main"),
 }
 
 
