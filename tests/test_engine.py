@@ -17,9 +17,9 @@ from xiaolm.train.sft import sft_loss
 VOCAB, WIDTH = 300, 24
 
 
-def _model(seed: int = 0) -> Llama:
+def _model(seed: int = 0, layers: int = 2) -> Llama:
     torch.manual_seed(seed)
-    return Llama(preset_config("tiny", vocab_size=VOCAB, max_position_embeddings=64))
+    return Llama(preset_config("tiny", vocab_size=VOCAB, max_position_embeddings=64, num_hidden_layers=layers))
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -88,8 +88,8 @@ def _rank_step(rank: int, port: int, batches: list[dict], out_dir: str, compile:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         env = DistEnv(rank=rank, world_size=2, local_rank=rank, device="cpu")
-        trainer = Trainer(_cfg(compile=compile), _model(), os.path.join(out_dir, f"r{rank}"), total_steps=2,
-                          dist_env=env)
+        trainer = Trainer(_cfg(compile=compile), _model(layers=1 if compile else 2), os.path.join(out_dir, f"r{rank}"),
+                          total_steps=2, dist_env=env)
         out, grads = _step_grads(trainer, [batches[rank]])
         dist.all_reduce(out.loss)  # the ranks' shares add up to the step's loss
         if rank == 0:
@@ -113,7 +113,8 @@ def test_ranks_weigh_by_their_label_tokens(tmp_path, compile):
     ddp = torch.load(tmp_path / "ddp.pt")
     if compile:
         assert ddp["wrappers"] == ["OptimizedModule", "DistributedDataParallel"]
-    joined = Trainer(_cfg(), _model(), tmp_path / "b", total_steps=2, dist_env=DistEnv())
+    # (compiled: one layer, half the compile time of two on a busy 2-core machine)
+    joined = Trainer(_cfg(), _model(layers=1 if compile else 2), tmp_path / "b", total_steps=2, dist_env=DistEnv())
     out, grads = _step_grads(joined, [_cat(full, sparse)])
     torch.testing.assert_close(ddp["loss"], out.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(ddp["grads"], grads):
