@@ -1,14 +1,14 @@
 """Optimisers for the training engine: AdamW (the default) or Muon for hidden matrices with AdamW for the rest.
 
-Muon (Keller Jordan's, as in modded-nanogpt and nanochat, and ``torch.optim.Muon`` in torch 2.9+) orthogonalises each 2-D hidden
-matrix's momentum with a few Newton-Schulz iterations. It suits the attention and MLP projections; the embedding,
-an untied head and the norm gains stay with AdamW. See docs/RECIPE.md for the measurements.
+Muon (Keller Jordan's, as in modded-nanogpt and nanochat, and ``torch.optim.Muon`` in torch 2.9+) orthogonalises
+each 2-D hidden matrix's momentum with a few Newton-Schulz iterations. It suits the attention and MLP projections;
+the embedding, an untied head and the norm gains stay with AdamW. See docs/RECIPE.md for the measurements.
 
 ``Muon`` below is ``torch.optim.Muon`` (same options, same state, same checkpoints; owned here, so any supported
-torch runs it and no private torch helper is called) with one change: the
-Newton-Schulz iterations run in bf16 on an accelerator, as upstream does, but in fp32 on the CPU, where bf16 matrix
-products are emulated and cost ~13x more (measured: 415 vs 31 ms per step for the quickstart's 24 matrices, which
-made a CPU Muon step 2.3x an AdamW step). Matrices of one shape are orthogonalised together as one batch.
+torch runs it and no private torch helper is called) with one change: the Newton-Schulz iterations run in bf16 on an
+accelerator, as upstream does, but in fp32 on the CPU, where bf16 matrix products are emulated and cost ~13x more
+(measured: 415 vs 31 ms per step for the quickstart's 24 matrices, which made a CPU Muon step 2.3x an AdamW step).
+Matrices of one shape are orthogonalised together as one batch.
 
 Under DDP every rank holds the full, all-reduced gradient, so every rank orthogonalises the same matrix and the
 replicas stay identical. Under FSDP2 a rank holds only a shard of each matrix, and orthogonalising a shard is not
