@@ -138,7 +138,7 @@ def test_static_cache_decoding_equals_default_decoding():
 import pytest  # noqa: E402
 
 BAD_FLAGS = [(["--max-new-tokens", "-1"], "--max-new-tokens"), (["--temperature", "-1"], "--temperature"),
-             (["--top-p", "7"], "--top-p"), (["--top-p", "0"], "--top-p"), (["--top-k", "-3"], "--top-k"),
+             (["--top-p", "7"], "--top-p"), (["--top-p", "-0.5"], "--top-p"), (["--top-k", "-3"], "--top-k"),
              (["--seed", str(2 ** 64)], "--seed"), (["--num-samples", "0"], "--num-samples")]
 
 

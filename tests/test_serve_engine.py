@@ -473,3 +473,58 @@ def test_row_kv_cache_rows_at_different_lengths_match_running_each_alone(loaded)
                 alone = model(torch.tensor([prompts[b] + steps[b]]), logits_to_keep=1).logits[0, -1]
                 torch.testing.assert_close(out[slot], alone, atol=1e-4, rtol=1e-4)
                 steps[b].append(int(out[slot].argmax()))
+
+
+# ------------------------------------------------------- issue 26, defect 1: a poisoned row fails alone
+
+
+def _poison_beside_two_streams(model, tokenizer, poisoned: bool):
+    """Two normal requests (one seeded sampling, one greedy) and, when ``poisoned``, a row whose repetition
+    penalty (1e-300, past the server's validation: the engine is called directly) turns its logits into infinity.
+    All are queued before the worker starts, so they share the prefill and every decode step."""
+    prompt = _ids(tokenizer, "从前有一个小女孩")
+    engine = Engine(model, tokenizer, max_batch=4, autostart=False)
+    normal = [GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.9, seed=7, ignore_eos=True)),
+              GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.0, ignore_eos=True))]
+    bad = []
+    if poisoned:
+        bad = [GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.9, repetition_penalty=1e-300)),
+               GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.0, repetition_penalty=1e-300))]
+    try:
+        for request in bad[:1] + normal + bad[1:]:
+            engine.submit(request)
+        engine.start()
+        texts = [(r.result(timeout=60)[0].text, r.sequences[0].finish_reason) for r in normal]
+        for r in bad:
+            with pytest.raises(RuntimeError, match="error while generating"):
+                r.result(timeout=60)
+            assert r.sequences[0].finish_reason == "error"
+        return texts, engine.stats.errors
+    finally:
+        engine.close()
+
+
+def test_a_row_whose_numbers_go_bad_fails_alone_and_the_others_finish_byte_identical(loaded):
+    model, tokenizer = loaded
+    alone, errors_alone = _poison_beside_two_streams(model, tokenizer, poisoned=False)
+    beside, errors_beside = _poison_beside_two_streams(model, tokenizer, poisoned=True)
+    assert [reason for _t, reason in alone] == ["length", "length"] and all(text for text, _r in alone)
+    assert beside == alone  # same text, byte for byte, and same finish reasons
+    assert (errors_alone, errors_beside) == (0, 2)
+
+
+def test_sample_rows_flags_bad_rows_and_leaves_the_others_draws_unchanged():
+    from xiaolm.infer.generate import sample_next, sample_rows
+
+    logits = torch.randn(3, 50)
+    poisoned = logits.clone()
+    poisoned[1, 4] = float("inf")
+    for temperature, top_p in ((0.8, 1.0), (0.8, 0.9), (0.0, 1.0)):
+        clean = sample_rows(logits, temperature, 5, top_p, torch.Generator().manual_seed(3))
+        mixed = sample_rows(poisoned, temperature, 5, top_p, torch.Generator().manual_seed(3))
+        assert mixed[1] == -1 and mixed[[0, 2]].tolist() == clean[[0, 2]].tolist()
+    nan = logits.clone()
+    nan[2, 0] = float("nan")
+    assert sample_rows(nan, 1.0)[2] == -1
+    with pytest.raises(FloatingPointError, match=r"row\(s\) \[2\]"):
+        sample_next(nan, 1.0)

@@ -7,7 +7,6 @@ still turn into a stop string.
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -16,6 +15,7 @@ import torch
 
 from xiaolm.config import opt
 from xiaolm.infer.cache import new_cache
+from xiaolm.infer.limits import limit_problem
 
 # ------------------------------------------------------------------------------------------------ sampling
 
@@ -42,18 +42,24 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     return torch.where(present, penalised, logits)
 
 
-def sample_next(
+def sample_rows(
     logits: torch.Tensor,
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+    """Next token ids [B] from last-position logits [B, V]; -1 for a row whose numbers went bad (a NaN or an
+    infinite logit, or no token left with any probability), so a batch can fail that row alone.
+
+    ``temperature`` 0 or ``top_p`` 0 is greedy. A bad row is given a harmless distribution before drawing, so the
+    other rows draw exactly what they would have drawn without it."""
     logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+    if temperature <= 0 or top_p <= 0:
+        ok = ~(logits.isnan() | logits.isposinf()).any(-1) & logits.isfinite().any(-1)
+        return torch.where(ok, logits.argmax(dim=-1), -1)
     logits = logits / temperature
+    ok = ~(logits.isnan() | logits.isposinf()).any(-1)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,7 +71,26 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    ok &= probs.isfinite().all(-1) & (probs.sum(-1) > 0)
+    if not bool(ok.all()):
+        probs = torch.where(ok[:, None], probs, torch.ones_like(probs))
+    return torch.where(ok, torch.multinomial(probs, 1, generator=generator).squeeze(1), -1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]; raises ``FloatingPointError`` naming the rows whose
+    numbers went bad (``sample_rows`` reports them instead)."""
+    tokens = sample_rows(logits, temperature, top_k, top_p, generator)
+    bad = (tokens < 0).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"sampling failed for row(s) {bad}: their logits are NaN or infinite")
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------ core loop
@@ -260,9 +285,6 @@ class StreamDecoder:
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
-
-
 def plain_prompt_ids(tokenizer, text: str) -> list[int]:
     """A plain (non-chat) prompt: ``<|endoftext|>`` first, since every training document starts after one, then the
     text encoded as text (a literal ``<|im_start|>`` in it stays text). ``xiaolm generate`` and the server's
@@ -280,19 +302,17 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
 
 
 def sampling_problem(s: SamplingConfig) -> Optional[str]:
-    """What is wrong with sampling settings given as flags (one line naming the flag), or None."""
-    if s.max_new_tokens < 1:
-        return f"--max-new-tokens must be at least 1, got {s.max_new_tokens}"
-    if not (math.isfinite(s.temperature) and s.temperature >= 0):
-        return f"--temperature must be 0 (greedy) or more, got {s.temperature}"
-    if not 0 < s.top_p <= 1:
-        return f"--top-p must be in (0, 1], got {s.top_p}"
-    if s.top_k < 0:
-        return f"--top-k must be 0 (off) or more, got {s.top_k}"
-    if not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
-        return f"--repetition-penalty must be more than 0 (1 is off), got {s.repetition_penalty}"
-    if s.seed is not None and not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
-        return f"--seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {s.seed}"
+    """What is wrong with sampling settings given as flags (one line naming the flag), or None. The ranges are
+    ``SAMPLING_LIMITS``', the server's too."""
+    checks = [("max_tokens", "--max-new-tokens", s.max_new_tokens), ("temperature", "--temperature", s.temperature),
+              ("top_p", "--top-p", s.top_p), ("top_k", "--top-k", s.top_k),
+              ("repetition_penalty", "--repetition-penalty", s.repetition_penalty)]
+    if s.seed is not None:
+        checks.append(("seed", "--seed", s.seed))
+    for name, flag, value in checks:
+        problem = limit_problem(name, value, flag)
+        if problem:
+            return problem
     return None
 
 

@@ -39,11 +39,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from xiaolm.infer.cache import RowKVCache, model_dtype
-from xiaolm.infer.generate import StreamDecoder, generate_ids, sample_next
+from xiaolm.infer.generate import StreamDecoder, generate_ids, sample_rows
 
 log = logging.getLogger("xiaolm.serve")
 SCHEDULERS = ("continuous", "static")
-MAX_TOP_LOGPROBS = 20  # as OpenAI allows
 PREFILL_TOKENS = 2048  # padded prompt tokens in one prefill pass of newly admitted rows (bounds its logits' memory)
 # What a client sees when generation failed on our side; the exception itself goes to the server log only.
 GENERATION_FAILED = "The server had an error while generating this response; please retry."
@@ -735,13 +734,19 @@ class Engine:
         picks: list[Optional[torch.Tensor]] = [None] * len(rows)
         for key, members in groups.items():
             p = rows[members[0]].seq.request.params
-            drawn = sample_next(logits[members], p.temperature, p.top_k, p.top_p, rows[members[0]].generator)
+            drawn = sample_rows(logits[members], p.temperature, p.top_k, p.top_p, rows[members[0]].generator)
             for j, i in enumerate(members):
                 picks[i] = drawn[j:j + 1]
         tokens = torch.cat(picks).tolist()  # one host sync for the whole step
         eos = set(self.eos_ids)
         for i, (r, token) in enumerate(zip(rows, tokens)):
             seq, p = r.seq, r.seq.request.params
+            if token < 0:  # this row's numbers went bad (NaN / infinity): it fails alone, the others go on
+                log.warning("serve: request %s choice %d: sampling produced no valid distribution (NaN or infinite "
+                            "logits); that row failed, the rest of the batch goes on", seq.request.id, seq.index)
+                r.finished = True
+                self._fail_rows([seq])
+                continue
             if token in eos and not p.ignore_eos:
                 if i in logprobs:
                     self._keep_eos_logprob(seq, token_logprobs(logprobs[i], [token], p.top_logprobs)[0])
