@@ -46,7 +46,7 @@ from xiaolm.infer.generate import chat_prompt_ids, plain_prompt_ids
 from xiaolm.serve.body import DEFAULT_MAX_BODY_MB, parse_body
 from xiaolm.serve.engine import Engine
 from xiaolm.serve.errors import LOG, APIError, validation_error
-from xiaolm.serve.guard import LOOPBACK_HOSTS, Guard  # noqa: F401  (LOOPBACK_HOSTS: part of this module's API)
+from xiaolm.serve.guard import LOOPBACK_HOSTS, Guard, api_key_problem  # noqa: F401  (LOOPBACK_HOSTS: part of this module's API)
 from xiaolm.serve.handling import (ResponseMeta, Served, check_completion_scoring, check_length_cheaply, check_model,
                                    collect, completion_choice_logprobs, longest_token_chars, resolve_max_tokens,
                                    submit, usage_body)
@@ -88,6 +88,9 @@ def create_app(
     ``docs`` serves FastAPI's ``/docs`` page, which loads Swagger UI from a CDN (off by default).
     ``scheduler`` is the engine's: ``continuous`` (default) or ``static``.
     """
+    problem = api_key_problem(api_key, "api_key") if api_key else None
+    if problem:  # before loading anything
+        raise ValueError(problem)
     if model is None:
         if run is None:
             raise ValueError("create_app needs a run directory or a loaded model and tokenizer")

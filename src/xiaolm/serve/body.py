@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Optional
 
 from xiaolm.serve.errors import LOG, APIError, validation_error
+from xiaolm.serve.guard import header_charset
 
 DEFAULT_MAX_BODY_MB = 4.0  # a 128k-token prompt is well under 1 MB of JSON
 MAX_JSON_DEPTH = 32  # the deepest a valid request gets is about 5 (messages -> content parts -> fields)
@@ -62,8 +64,16 @@ def _check_json_values(data) -> None:
             stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(value))
 
 
-def decode_body(raw: bytes, schema):
-    """Bytes -> validated request (runs in a worker thread: a body of a few MB takes a while)."""
+def decode_body(raw: bytes, schema, charset: Optional[str] = None):
+    """Bytes -> validated request (runs in a worker thread: a body of a few MB takes a while). ``charset`` is the
+    Content-Type's (the guard has refused names Python cannot decode); without one, JSON's own rule (UTF-8, or
+    UTF-16/32 recognised by their zero bytes)."""
+    if charset is not None:
+        try:
+            raw = raw.decode(charset)
+        except UnicodeDecodeError as exc:
+            raise APIError(400, f"The body is not valid {charset} (as its Content-Type says) at byte {exc.start}.",
+                           code="invalid_json") from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -90,4 +100,5 @@ def decode_body(raw: bytes, schema):
 
 
 async def parse_body(request, schema, max_body_bytes: int):
-    return await asyncio.to_thread(decode_body, await read_body(request, max_body_bytes), schema)
+    charset = header_charset(request.headers.get("content-type", ""))
+    return await asyncio.to_thread(decode_body, await read_body(request, max_body_bytes), schema, charset)

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from xiaolm.config import opt
 from xiaolm.serve.app import create_app
 from xiaolm.serve.body import DEFAULT_MAX_BODY_MB
-from xiaolm.serve.guard import LOOPBACK_HOSTS
+from xiaolm.serve.guard import LOOPBACK_HOSTS, api_key_problem
 
 
 @dataclass
@@ -70,6 +70,10 @@ def main(argv: list[str]) -> int:
     if not cfg.max_body_mb > 0:
         raise fail(f"--max-body-mb must be more than 0, got {cfg.max_body_mb}")
     api_key = cfg.api_key or os.environ.get("XIAOLM_API_KEY") or None
+    if api_key is not None:  # refused now, not after loading the model and then on every request
+        problem = api_key_problem(api_key, "--api-key" if cfg.api_key else "$XIAOLM_API_KEY")
+        if problem:
+            raise fail(problem)
     allowed_hosts = None  # any Host header
     if cfg.host in LOOPBACK_HOSTS:
         allowed_hosts = list(LOOPBACK_HOSTS) + list(cfg.allowed_hosts)
