@@ -172,3 +172,30 @@ def test_generate_encodes_the_prompt_as_text(tiny_run, capsys):
     assert main([str(tiny_run), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out == prompt + expected[0] + "\n"
+
+
+def test_a_model_that_generated_with_the_compiled_step_is_garbage_collected(monkeypatch):
+    """The compiled step and its static caches live on the model (issue 26): they once sat in module-level dicts
+    keyed by id(model), which kept every model alive for the life of the process."""
+    import copy
+    import gc
+    import weakref
+
+    from xiaolm.infer import generate as gen
+
+    monkeypatch.setattr(gen.torch, "compile", lambda fn, **kw: fn)  # our caches are under test here, not dynamo's
+    model = _model()
+    prompts = _prompts()[:2]
+    with torch.no_grad():
+        want = generate_ids(model, prompts, 6, pad_id=0, temperature=0.0)
+        assert generate_ids(model, prompts, 6, pad_id=0, temperature=0.0, compile_step=True) == want
+        twin = copy.deepcopy(model)  # a copy must not reuse the original's step (it would run the original)
+        twin.model.norm.weight.mul_(-1)  # another model: it picks other tokens
+        assert generate_ids(twin, prompts, 6, pad_id=0, temperature=0.0) != want
+        assert (generate_ids(twin, prompts, 6, pad_id=0, temperature=0.0, compile_step=True)
+                == generate_ids(twin, prompts, 6, pad_id=0, temperature=0.0))
+    assert gen._decode_state(model)["caches"] and gen._decode_state(model)["compiled"] is not None
+    alive = weakref.ref(model)
+    del model, twin
+    gc.collect()
+    assert alive() is None

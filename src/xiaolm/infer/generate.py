@@ -8,6 +8,7 @@ still turn into a stop string.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -195,8 +196,20 @@ def generate_ids(
     return outputs
 
 
-_COMPILED: dict = {}
-_STATIC_CACHES: dict = {}
+_STATE_ATTR = "_xiaolm_decode_state"
+MAX_STATIC_CACHES = 8  # per model: batch sizes x power-of-two lengths kept for the compiled step
+
+
+def _decode_state(model) -> dict:
+    """The compiled decode step and static caches of ``model``, kept on the model itself so they go when it goes
+    (module-level dicts keyed by ``id(model)`` kept every model that ever generated alive, and could hand a new
+    model at a reused id another model's step). ``owner`` catches a ``copy.deepcopy`` of the model, whose copied
+    attribute would still point at the original's step."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None or state["owner"]() is not model:
+        state = {"owner": weakref.ref(model), "compiled": None, "caches": {}}
+        object.__setattr__(model, _STATE_ATTR, state)  # plain attribute: not a submodule, not in the state_dict
+    return state
 
 
 def _reused_static_cache(model, batch: int, need: int):
@@ -208,12 +221,13 @@ def _reused_static_cache(model, batch: int, need: int):
     """
     limit = model.config.max_position_embeddings
     size = min(max(64, 1 << (need - 1).bit_length()), max(limit, need))
-    key = (id(model), batch, size, model.model.embed_tokens.weight.dtype, str(model.device))
-    cache = _STATIC_CACHES.get(key)
+    caches = _decode_state(model)["caches"]
+    key = (batch, size, model.model.embed_tokens.weight.dtype, str(model.device))
+    cache = caches.get(key)
     if cache is None:
-        if len(_STATIC_CACHES) >= 8:      # bounded: drop the oldest
-            _STATIC_CACHES.pop(next(iter(_STATIC_CACHES)))
-        cache = _STATIC_CACHES[key] = new_cache(model, batch, size, static=True)
+        if len(caches) >= MAX_STATIC_CACHES:  # bounded: drop the oldest
+            caches.pop(next(iter(caches)))
+        cache = caches[key] = new_cache(model, batch, size, static=True)
     else:
         cache.reset()
     return cache
@@ -227,11 +241,11 @@ def _decode_step(model, compile_step: bool):
 
     if not compile_step:
         return step
-    key = id(model)
-    if key not in _COMPILED:
+    state = _decode_state(model)
+    if state["compiled"] is None:
         mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-        _COMPILED[key] = torch.compile(step, mode=mode, dynamic=False)
-    return _COMPILED[key]
+        state["compiled"] = torch.compile(step, mode=mode, dynamic=False)
+    return state["compiled"]
 
 
 # ------------------------------------------------------------------------------------------------ text level
