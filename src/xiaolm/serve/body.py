@@ -11,6 +11,9 @@ from xiaolm.serve.guard import header_charset
 
 DEFAULT_MAX_BODY_MB = 4.0  # a 128k-token prompt is well under 1 MB of JSON
 MAX_JSON_DEPTH = 32  # the deepest a valid request gets is about 5 (messages -> content parts -> fields)
+# How much of an oversized body is read and dropped so the client can read its 413 (see read_body).
+DRAIN_BYTES = 64 * 2 ** 20
+DRAIN_SECONDS = 5.0
 
 
 def _too_large(limit: int) -> APIError:
@@ -19,25 +22,48 @@ def _too_large(limit: int) -> APIError:
 
 
 async def read_body(request, limit: int) -> bytes:
-    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (before it is all read)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (before it is all read).
+
+    Many clients (Python's urllib, httpx and so the ``openai`` client) write the whole body before they read the
+    answer: closing on them with unread bytes makes the kernel send a reset, and they see "connection reset" instead
+    of the 413. So the rest of an oversized body is read and dropped first, as nginx's lingering close does, within
+    ``DRAIN_BYTES`` and ``DRAIN_SECONDS``; a body larger than that is refused without waiting for it."""
     from starlette.requests import ClientDisconnect
 
+    declared = request.headers.get("content-length")
+    declared = int(declared) if declared is not None and declared.isdigit() else None
     chunks, size = [], 0
     try:
+        if declared is not None and declared > limit:
+            await _drain(request, declared)
+            raise _too_large(limit)
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
+                await _drain(request, None, size)
                 raise _too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:  # routine: one line, and an answer nobody will read
         LOG.info("serve: %s %s: the client disconnected before sending its whole body", request.method,
-                  request.url.path)
+                 request.url.path)
         raise APIError(400, "The client disconnected before sending the whole body.", code="client_disconnected") \
             from None
     return b"".join(chunks)
+
+
+async def _drain(request, declared: Optional[int], seen: int = 0) -> None:
+    """Read and drop what is left of an oversized body, unless it is declared (or turns out) larger than
+    ``DRAIN_BYTES`` or takes longer than ``DRAIN_SECONDS``; then the 413 goes out at once."""
+    if declared is not None and declared > DRAIN_BYTES:
+        return
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > DRAIN_BYTES:
+                    return
+    except TimeoutError:
+        return
 
 
 def _check_json_values(data) -> None:
