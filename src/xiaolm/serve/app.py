@@ -78,6 +78,7 @@ def create_app(
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     docs: bool = False,
     scheduler: str = "continuous",
+    fair_share: bool = True,
 ):
     """The FastAPI app serving ``run`` (loaded with ``load_model``) or an already loaded ``model`` + ``tokenizer``.
 
@@ -86,7 +87,9 @@ def create_app(
     ``request_timeout`` bounds how long one request may wait and generate, in seconds. ``api_key``,
     ``allowed_hosts`` (``Host`` names accepted; None: any) and ``max_body_mb`` are the guards described above;
     ``docs`` serves FastAPI's ``/docs`` page, which loads Swagger UI from a CDN (off by default).
-    ``scheduler`` is the engine's: ``continuous`` (default) or ``static``.
+    ``scheduler`` is the engine's: ``continuous`` (default) or ``static``. ``fair_share`` (continuous only): waiting
+    rows are admitted client by client (OpenAI's ``user``, else the peer address), fewest running rows first, and a
+    few slots stay for clients with none (``Engine``); off, first come first served.
     """
     problem = api_key_problem(api_key, "api_key") if api_key else None
     if problem:  # before loading anything
@@ -101,7 +104,8 @@ def create_app(
         raise ValueError("create_app needs the tokenizer that goes with the model")
     if model_name is None:
         model_name = Path(run).resolve().name if run is not None else "xiaolm"
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduler=scheduler)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduler=scheduler,
+                    fair_share=fair_share)
     served = Served(engine=engine, tokenizer=tokenizer, model_name=model_name,
                      context_length=engine.context_length, default_max_tokens=int(default_max_tokens),
                      request_timeout=float(request_timeout), created=int(time.time()), device=str(model.device),
@@ -195,7 +199,7 @@ def create_app(
         max_tokens = resolve_max_tokens(len(prompt_ids), explicit, served, "messages",
                                          "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
         n = body.n or 1
-        gen = submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n")
+        gen = submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n", _peer(request))
         meta = ResponseMeta("chatcmpl-" + gen.id, int(time.time()), served.model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -242,7 +246,7 @@ def create_app(
                 echoes.append(echo if body.echo else "")
                 limits.append(limit)
                 prepended.append(isinstance(p, str))
-        gen = submit(served, prompt_ids, limits, body, "n" if len(prompts) == 1 else "prompt")
+        gen = submit(served, prompt_ids, limits, body, "n" if len(prompts) == 1 else "prompt", _peer(request))
         meta = ResponseMeta("cmpl-" + gen.id, int(time.time()), served.model_name)
         prompt_tokens = sum(len(prompt_ids[i]) for i in range(0, len(prompt_ids), n))
         if body.stream:
@@ -257,3 +261,8 @@ def create_app(
                 "choices": choices, "usage": usage_body(prompt_tokens, gen.sequences)}
 
     return app
+
+
+def _peer(request: Request) -> Optional[str]:
+    """The client's address, which identifies it for fair shares when it sends no ``user``."""
+    return request.client.host if request.client is not None else None

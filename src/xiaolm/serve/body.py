@@ -33,14 +33,15 @@ async def read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     declared = int(declared) if declared is not None and declared.isdigit() else None
     chunks, size = [], 0
+    stream = request.stream()  # one iterator: starlette refuses a second request.stream()
     try:
         if declared is not None and declared > limit:
-            await _drain(request, declared)
+            await _drain(stream, declared)
             raise _too_large(limit)
-        async for chunk in request.stream():
+        async for chunk in stream:
             size += len(chunk)
             if size > limit:
-                await _drain(request, None, size)
+                await _drain(stream, None, size)
                 raise _too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:  # routine: one line, and an answer nobody will read
@@ -51,14 +52,14 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _drain(request, declared: Optional[int], seen: int = 0) -> None:
+async def _drain(stream, declared: Optional[int], seen: int = 0) -> None:
     """Read and drop what is left of an oversized body, unless it is declared (or turns out) larger than
     ``DRAIN_BYTES`` or takes longer than ``DRAIN_SECONDS``; then the 413 goes out at once."""
     if declared is not None and declared > DRAIN_BYTES:
         return
     try:
         async with asyncio.timeout(DRAIN_SECONDS):
-            async for chunk in request.stream():
+            async for chunk in stream:
                 seen += len(chunk)
                 if seen > DRAIN_BYTES:
                     return

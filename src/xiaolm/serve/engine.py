@@ -151,10 +151,13 @@ class GenerationRequest:
 
     def __init__(self, tokenizer, prompts: list[list[int]], max_tokens: list[int], params: SamplingParams,
                  stop: list[str] = (), loop: Optional[asyncio.AbstractEventLoop] = None,
-                 prompt_logprobs: Optional[int] = None):
+                 prompt_logprobs: Optional[int] = None, client: Optional[str] = None):
         if len(prompts) != len(max_tokens):
             raise ValueError("one max_tokens per prompt")
         self.id = uuid.uuid4().hex
+        # who sent it, for fair shares of the batch (the server: OpenAI's `user`, else the peer address); alone
+        # otherwise
+        self.client = client if client is not None else self.id
         self.order = next(self._ids)
         self.params = params.normalised()
         # echo with logprobs: score every prompt token too (with this many alternatives), as lm-eval needs
@@ -278,7 +281,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 256, autostart: bool = True,
-                 scheduler: str = "continuous"):
+                 scheduler: str = "continuous", fair_share: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if scheduler not in SCHEDULERS:
@@ -289,6 +292,10 @@ class Engine:
         self.max_queue = int(max_queue)
         self.autostart = autostart
         self.scheduler = scheduler
+        self.fair_share = fair_share
+        # Slots a client holding none can always find free: a lone heavy client never takes the whole batch, so a
+        # newcomer starts at the next step instead of after a whole generation (there is no pre-emption).
+        self.reserved_slots = max_batch // 8 if fair_share else 0
         self.context_length = int(model.config.max_position_embeddings)
         self.eos_ids = sorted({tokenizer.eot_id, getattr(tokenizer, "im_end_id", tokenizer.eot_id)})
         self.stats = EngineStats()
@@ -357,7 +364,8 @@ class Engine:
         s = self.stats
         return {
             "waiting_rows": waiting, "running_rows": running, "max_batch": self.max_batch,
-            "max_queue": self.max_queue, "scheduler": self.scheduler, "batches": s.batches,
+            "max_queue": self.max_queue, "scheduler": self.scheduler, "fair_share": self.fair_share,
+            "batches": s.batches,
             "rows_finished": s.rows_finished, "rows_cancelled": s.rows_cancelled,
             "tokens_generated": s.tokens_generated, "errors": s.errors,
         }
@@ -436,6 +444,16 @@ class Engine:
                 keep.append(seq)
         self._waiting = keep
         return batch
+
+    def _drop_cancelled(self) -> None:
+        keep: collections.deque[Sequence] = collections.deque()
+        for seq in self._waiting:
+            if seq.request.cancelled:
+                self._count_finished(seq, "cancelled")
+                seq.request._finish_row(seq, "cancelled")
+            else:
+                keep.append(seq)
+        self._waiting = keep
 
     def _drop_cancelled_head(self) -> None:
         while self._waiting and self._waiting[0].request.cancelled:
@@ -620,18 +638,47 @@ class Engine:
                     slots[row.slot] = None
 
     def _admit(self, slots: list[Optional["_Row"]]) -> list["_Row"]:
-        """Move the oldest waiting rows into free slots; called with the lock held."""
+        """Move waiting rows into free slots; called with the lock held. First come, first served without
+        ``fair_share``; with it, see ``_next_fair``."""
         admitted = []
-        for i in range(len(slots)):
-            if slots[i] is not None:
-                continue
+        held = collections.Counter(r.seq.request.client for r in slots if r is not None)
+        free = [i for i in range(len(slots)) if slots[i] is None]
+        if self.fair_share and any(seq.request.cancelled for seq in self._waiting):  # rows are not taken in order
+            self._drop_cancelled()
+        for n, i in enumerate(free):
             self._drop_cancelled_head()
             if not self._waiting:
                 break
-            seq = self._waiting.popleft()
+            if self.fair_share:
+                seq = self._next_fair(held, len(free) - n)
+                if seq is None:
+                    break
+            else:
+                seq = self._waiting.popleft()
+            held[seq.request.client] += 1
             slots[i] = _Row(seq, i)
             admitted.append(slots[i])
         return admitted
+
+    def _next_fair(self, held: collections.Counter, free: int) -> Optional[Sequence]:
+        """Take the waiting row of the client holding the fewest slots (the oldest such row on a tie): a small
+        request waits for one slot to free up, not behind every row a heavy client queued. The last
+        ``reserved_slots`` free slots go only to a client that holds none."""
+        best, best_key = None, None
+        seen = set()
+        for index, seq in enumerate(self._waiting):
+            client = seq.request.client
+            if client in seen or seq.request.cancelled:
+                continue
+            seen.add(client)
+            key = (held[client], index)
+            if best_key is None or key < best_key:
+                best, best_key = index, key
+        if best is None or (free <= self.reserved_slots and best_key[0] > 0):
+            return None
+        seq = self._waiting[best]
+        del self._waiting[best]
+        return seq
 
     def _row_cache(self) -> RowKVCache:
         if self._cache is None:

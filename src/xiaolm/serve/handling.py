@@ -91,7 +91,8 @@ def _logprob_settings(body) -> tuple[bool, int, Optional[int]]:
     return bool(body.logprobs), (body.top_logprobs or 0) if body.logprobs else 0, None
 
 
-def submit(served: Served, prompts: list[list[int]], limits: list[int], body, rows_param: str) -> GenerationRequest:
+def submit(served: Served, prompts: list[list[int]], limits: list[int], body, rows_param: str,
+           client: Optional[str]) -> GenerationRequest:
     if len(prompts) > served.engine.max_queue:  # would be refused however long the client waits: not a 429
         raise APIError(400, f"This request needs {len(prompts)} generation rows (prompts x n), more than this server "
                             f"ever queues ({served.engine.max_queue}, xiaolm serve --max-queue). Send fewer prompts "
@@ -110,7 +111,7 @@ def submit(served: Served, prompts: list[list[int]], limits: list[int], body, ro
         top_logprobs=top_logprobs,
     )
     gen = GenerationRequest(served.tokenizer, prompts, limits, params, body.stop_list(),
-                            prompt_logprobs=prompt_logprobs)
+                            prompt_logprobs=prompt_logprobs, client=body.user or client)
     try:
         served.engine.submit(gen)
     except QueueFull as exc:

@@ -36,6 +36,9 @@ class ServeConfig:
     request_timeout: float = opt(600.0, "seconds one request may wait and generate before it is cancelled")
     scheduler: Literal["continuous", "static"] = opt(
         "continuous", "continuous: new requests join the running batch at every step; static: a batch runs to its end")
+    fair_share: bool = opt(True, "continuous scheduler: admit waiting rows client by client (OpenAI's `user`, else "
+                                 "the peer address), fewest running first, and keep max-batch/8 slots for clients "
+                                 "with none; --no-fair-share: first come, first served")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn log level")
     api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $XIAOLM_API_KEY; "
                                        "unset: no key)")
@@ -96,7 +99,7 @@ def main(argv: list[str]) -> int:
                          checkpoint=cfg.checkpoint, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                          default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout,
                          api_key=api_key, allowed_hosts=allowed_hosts, max_body_mb=cfg.max_body_mb, docs=cfg.docs,
-                         scheduler=cfg.scheduler)
+                         scheduler=cfg.scheduler, fair_share=cfg.fair_share)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc))
     import uvicorn
