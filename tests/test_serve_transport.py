@@ -160,3 +160,13 @@ def test_a_slow_but_whole_request_and_a_kept_alive_connection_are_not_cut(live):
             assert r.status_code == 200, r.text
             time.sleep(1.5)
         assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("flag,value", [("--read-timeout", "nan"), ("--read-timeout", "0"), ("--max-body-mb", "inf"),
+                                        ("--request-timeout", "nan")])
+def test_serve_refuses_non_finite_limits_in_one_line(tmp_path, capsys, flag, value):
+    from xiaolm.cli import main
+
+    assert main(["serve", str(tmp_path / "no-run"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xiaolm: error: {flag}") and "Traceback" not in err and len(err.strip().splitlines()) == 1
