@@ -199,3 +199,28 @@ def test_a_model_that_generated_with_the_compiled_step_is_garbage_collected(monk
     del model, twin
     gc.collect()
     assert alive() is None
+
+
+def test_generate_ids_ends_a_row_whose_numbers_go_bad_alone_when_asked():
+    """The static scheduler's batches: one row's NaN logits end that row (on_bad_row) and the others are exactly
+    what they are without it; without on_bad_row it is an error naming the row."""
+    import pytest
+
+    model = _model()
+    prompts = _prompts()[:3]
+
+    def poison(logits, outputs):
+        if len(outputs[1]) >= 2:  # row 1 goes bad at its third token
+            logits = logits.clone()
+            logits[1, 0] = float("nan")
+        return logits
+
+    kw = dict(pad_id=0, temperature=0.8, generator=None)
+    clean = generate_ids(model, prompts, 8, **{**kw, "generator": torch.Generator().manual_seed(4)})
+    bad_rows = []
+    got = generate_ids(model, prompts, 8, logits_processor=poison, on_bad_row=bad_rows.append,
+                       **{**kw, "generator": torch.Generator().manual_seed(4)})
+    assert bad_rows == [1] and got[1] == clean[1][:2]
+    assert got[0] == clean[0] and got[2] == clean[2]
+    with pytest.raises(FloatingPointError, match=r"row\(s\) \[1\]"):
+        generate_ids(model, prompts, 8, logits_processor=poison, **kw)

@@ -117,6 +117,7 @@ def generate_ids(
     compile_step: bool = False,
     logits_processor: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
     on_eos: Optional[Callable[[int, int], None]] = None,
+    on_bad_row: Optional[Callable[[int], None]] = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
 
@@ -127,6 +128,8 @@ def generate_ids(
     ``logits_processor(logits [B, V] float32, outputs)`` sees each step's raw logits first and returns the logits
     to sample from (the server records log-probabilities and applies frequency/presence penalties there).
     ``on_eos(row, id)`` is called when a row ends at an end-of-text token (which is not part of its output).
+    A row whose numbers go bad (NaN or infinite logits) raises ``FloatingPointError``; with ``on_bad_row(row)`` it
+    ends there instead and the other rows go on as if it were not there.
     """
     if not prompts:
         return []
@@ -170,10 +173,17 @@ def generate_ids(
         if logits_processor is not None:
             logits = logits_processor(logits, outputs)
         logits = apply_repetition_penalty(logits, context, repetition_penalty, context_mask if padded else None)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = sample_rows(logits, temperature, top_k, top_p, generator)
         tokens = nxt.tolist()  # the one host sync per step: the host decides who stops (eos, stop strings)
+        bad = [i for i, tok in enumerate(tokens) if tok < 0 and not done[i]]
+        if bad and on_bad_row is None:
+            raise FloatingPointError(f"sampling failed for row(s) {bad}: their logits are NaN or infinite")
         for i, tok in enumerate(tokens):
             if done[i]:
+                continue
+            if tok < 0:
+                done[i] = True
+                on_bad_row(i)
                 continue
             if tok in eos_set:
                 done[i] = True

@@ -562,6 +562,14 @@ class Engine:
         def should_stop(row: int, _new_ids: list[int]) -> bool:
             return self._row_done(batch[row])
 
+        went_bad: list[Sequence] = []  # NaN / infinite numbers: failed alone, the batch goes on
+
+        def on_bad_row(row: int) -> None:
+            log.warning("serve: request %s choice %d: sampling produced no valid distribution (NaN or infinite "
+                        "logits); that row failed, the rest of the batch goes on", batch[row].request.id,
+                        batch[row].index)
+            went_bad.append(batch[row])
+
         error: Optional[BaseException] = None
         try:
             generate_ids(
@@ -569,7 +577,7 @@ class Engine:
                 pad_id=self.tokenizer.pad_id, eos_ids=[] if params.ignore_eos else self.eos_ids,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 repetition_penalty=params.repetition_penalty, generator=generator,
-                on_token=on_token, should_stop=should_stop, on_eos=on_eos,
+                on_token=on_token, should_stop=should_stop, on_eos=on_eos, on_bad_row=on_bad_row,
                 logits_processor=process if params.logprobs or params.penalised else None,
             )
         except Exception as exc:  # a failing batch must not take the server down with it
@@ -583,8 +591,10 @@ class Engine:
         if error is not None:
             self._fail_rows(batch)
             return
+        self._fail_rows(went_bad)
         for seq in batch:
-            self._end_row(seq)
+            if seq.finish_reason is None:
+                self._end_row(seq)
 
     # ------------------------------------------------------------------------------- continuous batching
 
