@@ -15,6 +15,11 @@ who else is running. ``static`` is the older scheme: up to ``max_batch`` waiting
 (that together fit the context window) run as one left-padded :func:`~xiaolm.infer.generate.generate_ids` batch
 until all of them end, and rows that arrive meanwhile wait for the next one.
 
+Who gets a free slot (continuous, ``fair_share``, the default): the waiting row of the client that holds the fewest
+slots, the oldest on a tie, and the last ``max_batch // 8`` free slots only go to a client that holds none; so one
+client with many large-``n`` requests cannot hold everyone else back until its queue has run. A row whose numbers go
+bad (NaN or infinite logits) fails alone in either scheduler; the other rows draw what they would have drawn.
+
 A row whose client disconnects stops costing compute at the next token, and a cancelled row still in the queue is
 dropped before it runs. The worker loop cannot be killed by a request: an exception in a step fails that step's rows
 (HTTP 500, no exception text sent) and the loop goes on; ``Engine.alive`` says whether the worker is running.
