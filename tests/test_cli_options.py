@@ -82,7 +82,8 @@ SHORT_FLAGS = {
         "--doc-mask --dtype --eval-conversations --eval-tokens --exact --false-negative-weight "
         "--fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type --global-batch-tokens --group-by-length --group-size "
         "--heldout-prompts --hf --hf-cache-dir --hf-config --hf-split --hidden-size --init-from --inputs "
-        "--instruct-limit --intermediate-size --joiner --json-key --keep-prob --kl-beta --kto-desirable-weight "
+        "--instruct-limit --intermediate-size --joiner --json-key --judge-endpoint --judge-model --judge-samples "
+        "--keep-prob --kl-beta --kto-desirable-weight "
         "--kto-undesirable-weight --label-smoothing --loss --loss-agg --lr-sweep --max-blank-lines --max-chars "
         "--max-chunk-chars --max-dup-line-fraction --max-eval-chars --max-heldout --max-malformed-listed "
         "--max-sentence-chars --max-token-length --max-top-ngram-fraction --max-train-mb --mc-data --mc-limit "
@@ -144,6 +145,7 @@ SHORT_FLAGS = {
     "eval ppl": "",
     "eval instruct": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "eval mc": "",
+    "eval judge": "",
     "export hf": "",
     "export gguf": "",
     "quantize": "",

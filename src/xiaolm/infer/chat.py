@@ -75,7 +75,7 @@ class ChatSession:
 
     def reply(self, text: str, write: Callable[[str], None], note: Callable[[str], None]) -> Optional[str]:
         """Add a user message, stream the answer through ``write``; returns the answer (None if it did not fit)."""
-        from xiaolm.infer.generate import generate
+        from xiaolm.infer.generate import dropped_note, generate_samples
 
         self.turns.append({"role": "user", "content": text})
         try:
@@ -89,12 +89,15 @@ class ChatSession:
                  f"turn(s) are left out of what the model sees]")
         self.dropped = dropped
         try:
-            answer = generate(self.model, self.tokenizer, [""], self.sampling, prompt_ids=[ids],
-                              stream=lambda _row, delta: write(delta))[0]
+            result = generate_samples(self.model, self.tokenizer, [""], self.sampling, prompt_ids=[ids],
+                                      stream=lambda _row, delta: write(delta))[0]
         except KeyboardInterrupt:
             note("\n[interrupted]")
             self.turns.pop()
             return None
+        answer = result.text
+        if dropped_note([result]):
+            note("\n" + dropped_note([result]))
         self.turns.append({"role": "assistant", "content": answer})
         return answer
 
