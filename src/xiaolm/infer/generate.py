@@ -219,15 +219,28 @@ class StreamDecoder:
     tail that might be the beginning of a stop string; ``finish()`` flushes the rest.
     """
 
-    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+    def __init__(self, tokenizer, stop: Iterable[str] = (), keep_ids: Iterable[int] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.keep_ids = set(keep_ids)  # special tokens that stay in the text (thinking and tool-call markers)
         self.ids: list[int] = []
         self.emitted = 0
         self.stopped = False
 
+    def _decode(self) -> str:
+        if not self.keep_ids or not self.keep_ids.intersection(self.ids):
+            return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        parts, run = [], []
+        for i in self.ids:  # other special tokens are still dropped, so decode around the kept ones
+            if i in self.keep_ids:
+                parts += [self.tokenizer.decode(run, skip_special_tokens=True), self.tokenizer.decode([i])]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts) + self.tokenizer.decode(run, skip_special_tokens=True)
+
     def text(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decode()
         for s in self.stop:
             cut = text.find(s)
             if cut != -1:

@@ -47,10 +47,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xiaolm.config import opt
-from xiaolm.infer.generate import chat_prompt_ids, plain_prompt_ids
+from xiaolm.infer.generate import plain_prompt_ids
 from xiaolm.serve.engine import Engine, EngineClosed, GenerationRequest, QueueFull, SamplingParams, Sequence
 from xiaolm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
+from xiaolm.serve.tools import (ChoiceOutput, ToolPlan, ToolRequestError, build_prompt, constraint_factory,
+                                marker_ids, plan_tools, request_chars, request_messages)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 KEEPALIVE_SECONDS = 5.0  # an SSE comment while a streamed request waits in the queue (lets proxies and us notice)
@@ -271,6 +273,20 @@ class _Served:
     device: str
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2 ** 20)
     max_token_chars: Optional[int] = None  # no token covers more characters; None: no cheap bound
+    _call_grammar: Any = None  # xiaolm.infer.constrain.CallGrammar, made on the first forced tool call
+
+    def call_grammar(self):
+        """The grammar compiler for forced tool calls (llguidance), made once; None if it cannot be."""
+        if self._call_grammar is None:
+            from xiaolm.infer.constrain import CallGrammar
+
+            try:
+                self._call_grammar = CallGrammar(self.tokenizer, self.engine.model.config.vocab_size,
+                                                 self.engine.eos_ids)
+            except (ImportError, ValueError) as exc:
+                _LOG.warning("serve: tool calls will not be constrained: %s", exc)
+                self._call_grammar = False
+        return self._call_grammar or None
 
 
 def _max_token_chars(tokenizer) -> Optional[int]:
@@ -410,29 +426,31 @@ def create_app(
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs",
                            code="invalid_value")
-        messages = []
-        for i, m in enumerate(body.messages):
-            try:
-                text = m.text()
-            except ValueError as exc:
-                raise APIError(400, str(exc), param=f"messages.{i}.content", code="invalid_value") from None
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        _check_length_cheaply(sum(len(m["content"]) for m in messages), served, "messages")
-        prompt_ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
+        try:
+            plan = plan_tools(body)
+            messages = request_messages(body)
+        except ToolRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        _check_length_cheaply(request_chars(messages, plan), served, "messages")
+        prompt_ids = await asyncio.to_thread(build_prompt, tokenizer, messages, plan)
         explicit = body.requested_max_tokens()
         max_tokens = _resolve_max_tokens(len(prompt_ids), explicit, served, "messages",
                                          "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
         n = body.n or 1
-        gen = _submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n")
+        try:
+            constraint = await asyncio.to_thread(constraint_factory, served.call_grammar, plan)
+        except ToolRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        gen = _submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n", constraint=constraint,
+                      keep_ids=marker_ids(tokenizer))
         meta = _ResponseMeta("chatcmpl-" + gen.id, int(time.time()), served.model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(gen, meta, n, len(prompt_ids), include_usage, served),
+            return StreamingResponse(_chat_stream(gen, meta, n, len(prompt_ids), include_usage, served, plan),
                                      media_type="text/event-stream", headers=_SSE_HEADERS)
         await _collect(gen, request, served)
-        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
-                    "logprobs": chat_logprobs(tokenizer, s.logprobs) if body.logprobs else None,
-                    "finish_reason": s.finish_reason} for s in gen.sequences]
+        choices = [_chat_choice(s, plan, chat_logprobs(tokenizer, s.logprobs) if body.logprobs else None)
+                   for s in gen.sequences]
         return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
                 "choices": choices, "usage": _usage(len(prompt_ids), gen.sequences)}
 
@@ -535,7 +553,20 @@ def _logprob_settings(body) -> tuple[bool, int, Optional[int]]:
     return bool(body.logprobs), (body.top_logprobs or 0) if body.logprobs else 0, None
 
 
-def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body, rows_param: str) -> GenerationRequest:
+def _chat_choice(seq: Sequence, plan: ToolPlan, logprobs) -> dict:
+    """One non-streamed chat choice: the text taken apart into reasoning, content and tool calls."""
+    output = ChoiceOutput(plan)
+    output.push(seq.text)
+    output.finish()
+    choice = {"index": seq.index, "message": output.message(), "logprobs": logprobs,
+              "finish_reason": output.finish_reason(seq.finish_reason)}
+    if output.errors:
+        choice["tool_call_errors"] = output.errors
+    return choice
+
+
+def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body, rows_param: str,
+            constraint=None, keep_ids: list[int] = ()) -> GenerationRequest:
     if len(prompts) > served.engine.max_queue:  # would be refused however long the client waits: not a 429
         raise APIError(400, f"This request needs {len(prompts)} generation rows (prompts x n), more than this server "
                             f"ever queues ({served.engine.max_queue}, xiaolm serve --max-queue). Send fewer prompts "
@@ -554,7 +585,7 @@ def _submit(served: _Served, prompts: list[list[int]], limits: list[int], body, 
         top_logprobs=top_logprobs,
     )
     gen = GenerationRequest(served.tokenizer, prompts, limits, params, body.stop_list(),
-                            prompt_logprobs=prompt_logprobs)
+                            prompt_logprobs=prompt_logprobs, constraint=constraint, keep_ids=keep_ids)
     try:
         served.engine.submit(gen)
     except QueueFull as exc:
@@ -678,10 +709,11 @@ def _chunk(meta: _ResponseMeta, object_name: str, include_usage: bool, choice: d
 
 
 async def _stream(gen: GenerationRequest, meta: _ResponseMeta, object_name: str, opening: str, prompt_tokens: int,
-                  include_usage: bool, served: _Served, delta: Callable[[Any], dict],
-                  finish: Callable[[int, str], dict]) -> AsyncIterator[str]:
-    """One streamed response: ``opening``, a chunk per delta (``delta(event)``) and per finished choice
-    (``finish(index, reason)``), the usage chunk, ``[DONE]``; chat and legacy completions differ only in their chunks."""
+                  include_usage: bool, served: _Served, delta: Callable[[Any], Optional[dict]],
+                  finish: Callable[[int, str], list[dict]]) -> AsyncIterator[str]:
+    """One streamed response: ``opening``, a chunk per delta (``delta(event)``; None: nothing to send yet) and the
+    chunks of each finished choice (``finish(index, reason)``), the usage chunk, ``[DONE]``; chat and legacy
+    completions differ only in their chunks."""
     try:
         if opening:
             yield opening  # one write
@@ -689,9 +721,11 @@ async def _stream(gen: GenerationRequest, meta: _ResponseMeta, object_name: str,
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.kind == "delta":
-                yield _sse(delta(event))
+                chunk = delta(event)
+                if chunk is not None:
+                    yield _sse(chunk)
             elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
-                yield _sse(finish(event.index, event.finish_reason))
+                yield "".join(_sse(chunk) for chunk in finish(event.index, event.finish_reason))
             elif event.kind == "finish" and event.finish_reason == "cancelled":
                 yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
             elif event.kind == "error":
@@ -711,18 +745,30 @@ async def _stream(gen: GenerationRequest, meta: _ResponseMeta, object_name: str,
 
 
 def _chat_stream(gen: GenerationRequest, meta: _ResponseMeta, n: int, prompt_tokens: int,
-                 include_usage: bool, served: _Served) -> AsyncIterator[str]:
+                 include_usage: bool, served: _Served, plan: ToolPlan) -> AsyncIterator[str]:
+    outputs = [ChoiceOutput(plan) for _ in range(n)]  # each choice's reasoning / content / tool calls
+
     def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, logprobs=None) -> dict:
         return _chunk(meta, "chat.completion.chunk", include_usage,
                       {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 
-    def delta(event) -> dict:
+    def delta(event) -> Optional[dict]:
         logprobs = chat_logprobs(served.tokenizer, event.logprobs) if gen.params.logprobs else None
-        return chunk(event.index, {"content": event.text}, logprobs=logprobs)
+        parts = outputs[event.index].push(event.text)
+        if parts is None and not logprobs:
+            return None  # held back: it may be the start of a marker
+        return chunk(event.index, parts or {}, logprobs=logprobs)
+
+    def finish(index: int, reason: str) -> list[dict]:
+        output = outputs[index]
+        rest = output.finish()
+        last = chunk(index, {}, output.finish_reason(reason))
+        if output.errors:
+            last["choices"][0]["tool_call_errors"] = output.errors
+        return ([chunk(index, rest)] if rest else []) + [last]
 
     opening = "".join(_sse(chunk(index, {"role": "assistant", "content": ""})) for index in range(n))
-    return _stream(gen, meta, "chat.completion.chunk", opening, prompt_tokens, include_usage, served, delta,
-                   lambda index, reason: chunk(index, {}, reason))
+    return _stream(gen, meta, "chat.completion.chunk", opening, prompt_tokens, include_usage, served, delta, finish)
 
 
 def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes: list[str], prompt_tokens: int,
@@ -742,7 +788,7 @@ def _completion_stream(gen: GenerationRequest, meta: _ResponseMeta, echoes: list
 
     opening = "".join(_sse(chunk(index, echo)) for index, echo in enumerate(echoes) if echo)
     return _stream(gen, meta, "text_completion", opening, prompt_tokens, include_usage, served, delta,
-                   lambda index, reason: chunk(index, "", reason))
+                   lambda index, reason: [chunk(index, "", reason)])
 
 
 # ------------------------------------------------------------------------------------ running the server
