@@ -113,3 +113,21 @@ def test_call_ids_are_openai_shaped_and_unique():
     out = parse_output(CALL_A + CALL_A)
     ids = [c.id for c in out.tool_calls]
     assert len(set(ids)) == 2 and all(i.startswith("call_") and len(i) == 29 for i in ids)
+
+
+def test_stream_decoder_keeps_the_marker_tokens(tokenizer_dir):
+    """The markers are special tokens; generated text drops special tokens, except these (the parser needs them)."""
+    from xiaolm.infer.generate import StreamDecoder
+    from xiaolm.serve.tools import marker_ids
+    from xiaolm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    text = "<think>\n想\n</think>\n\n好<tool_call>\n{}\n</tool_call>"
+    ids = tokenizer.encode(text) + [tokenizer.im_start_id]  # a stray special token is still dropped
+    keep = marker_ids(tokenizer)
+    assert len(keep) == 4 and set(keep) <= set(ids)
+    kept, plain = StreamDecoder(tokenizer, keep_ids=keep), StreamDecoder(tokenizer)
+    assert "".join(kept.push(i) for i in ids) + kept.finish() == text
+    assert "".join(plain.push(i) for i in ids) + plain.finish() == "\n想\n\n\n好\n{}\n"
+    parsed = parse_output(text)
+    assert parsed.reasoning == "\n想\n" and parsed.content == "好" and parsed.errors

@@ -27,11 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
-try:  # the markers live with the chat format
-    from xiaolm.tokenizer.chat import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
-except ImportError:  # pragma: no cover - until the chat format defines them
-    THINK_START, THINK_END = "<think>", "</think>"
-    TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+from xiaolm.tokenizer.chat import THINK_END, THINK_START, TOOL_CALL_END, TOOL_CALL_START
 
 # The start of a call whose name is known: {"name": "...", "arguments": (what the model writes, in this order).
 _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
