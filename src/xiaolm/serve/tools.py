@@ -214,3 +214,15 @@ class ChoiceOutput:
     def finish_reason(self, reason: str) -> str:
         """``tool_calls`` when the turn ended by itself holding calls (OpenAI's rule), else the engine's reason."""
         return "tool_calls" if reason == "stop" and self.parser.calls else reason
+
+
+def chat_choice(index: int, text: str, finish_reason: str, plan: ToolPlan, logprobs) -> dict:
+    """One non-streamed chat choice: the text taken apart into reasoning, content and tool calls."""
+    output = ChoiceOutput(plan)
+    output.push(text)
+    output.finish()
+    choice = {"index": index, "message": output.message(), "logprobs": logprobs,
+              "finish_reason": output.finish_reason(finish_reason)}
+    if output.errors:
+        choice["tool_call_errors"] = output.errors
+    return choice
