@@ -76,6 +76,7 @@ SHORT_FLAGS = {
     "data instruct": "",
     "data pairs": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "data teach": "",
+    "data tools": "",
     "tokenizer train": "",
     "pipeline": (
         "--attn-impl --beta --center-coef --chapter-regex --clip-eps --converter --csv-delimiter --data-weights "
