@@ -67,6 +67,7 @@ def test_whole_and_every_split_agree(text, tools, in_reasoning, reasoning, conte
         assert [(s["name"], json.loads(s["arguments"])) for s in streamed] == calls
         # the streamed arguments are exactly the message's arguments string, and the ids agree
         assert [(s["id"], s["arguments"]) for s in streamed] == [(t.id, t.arguments) for t in result.tool_calls]
+        assert all(s["arguments"] == s["arguments"].strip() for s in streamed)
 
 
 def test_arguments_stream_before_the_call_closes():
@@ -118,7 +119,7 @@ def test_call_ids_are_openai_shaped_and_unique():
 def test_stream_decoder_keeps_the_marker_tokens(tokenizer_dir):
     """The markers are special tokens; generated text drops special tokens, except these (the parser needs them)."""
     from xiaolm.infer.generate import StreamDecoder
-    from xiaolm.serve.tools import marker_ids
+    from xiaolm.infer.toolstream import marker_ids
     from xiaolm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -342,18 +342,20 @@ def generate(
     prompt_ids: Optional[list[list[int]]] = None,
     eos_ids: Optional[Iterable[int]] = None,
     use_cache: bool = True,
+    keep_ids: Iterable[int] = (),
 ) -> list[str]:
     """Continue each prompt; returns the generated text (prompt excluded, cut at the first stop string).
 
     ``stream(row, delta)`` receives printable text as it is produced. ``prompt_ids`` overrides the encoding of
-    ``prompts`` (e.g. a chat template already rendered and encoded).
+    ``prompts`` (e.g. a chat template already rendered and encoded). ``keep_ids``: special tokens that stay in the
+    text (the thinking and tool-call markers, for a caller that parses them).
     """
     s = sampling or SamplingConfig()
     ids = prompt_ids if prompt_ids is not None else [plain_prompt_ids(tokenizer, p) for p in prompts]
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(s.seed)
-    decoders = [StreamDecoder(tokenizer, s.stop) for _ in ids]
+    decoders = [StreamDecoder(tokenizer, s.stop, keep_ids) for _ in ids]
 
     def on_token(row: int, tok: int) -> None:
         delta = decoders[row].push(tok)

@@ -115,7 +115,7 @@ class _Call:
         out = []
         if self.name is None:
             m = _CALL_HEAD.match(self.text)
-            if m is None:
+            if m is None or m.end() == len(self.text):  # wait for the arguments' first character (not a space)
                 return out
             try:
                 self.name = json.loads(f'"{m.group(1)}"')
@@ -316,6 +316,17 @@ class ToolStreamParser:
         if text:
             self.content.append(text)
             delta.content += text
+
+
+def marker_ids(tokenizer) -> list[int]:
+    """Ids of the thinking / tool-call markers that are special tokens of ``tokenizer``: decoding must keep them in
+    the text (they are the format this parser reads), while other special tokens are still dropped."""
+    ids = []
+    for marker in (THINK_START, THINK_END, TOOL_CALL_START, TOOL_CALL_END):
+        found = tokenizer.token_to_id(marker) if hasattr(tokenizer, "token_to_id") else None
+        if found is not None:
+            ids.append(found)
+    return ids
 
 
 def parse_output(text: str, **kwargs) -> ParsedOutput:

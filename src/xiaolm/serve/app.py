@@ -43,6 +43,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xiaolm.infer.generate import plain_prompt_ids
+from xiaolm.infer.toolstream import marker_ids
 from xiaolm.serve.body import DEFAULT_MAX_BODY_MB, parse_body
 from xiaolm.serve.engine import Engine
 from xiaolm.serve.errors import LOG, APIError, validation_error
@@ -53,7 +54,7 @@ from xiaolm.serve.handling import (ResponseMeta, Served, check_completion_scorin
 from xiaolm.serve.logprobs import chat_logprobs
 from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 from xiaolm.serve.sse import SSE_HEADERS, chat_stream, completion_stream
-from xiaolm.serve.tools import (ToolRequestError, build_prompt, chat_choice, constraint_factory, marker_ids,
+from xiaolm.serve.tools import (ToolRequestError, build_prompt, chat_choice, constraint_factory,
                                 plan_tools, request_chars, request_messages)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

@@ -134,18 +134,6 @@ def build_prompt(tokenizer, messages: list[dict], plan: ToolPlan) -> list[int]:
     return ids
 
 
-def marker_ids(tokenizer) -> list[int]:
-    """Ids of the thinking / tool markers that are special tokens (the text keeps them; they are the format)."""
-    from xiaolm.infer.toolstream import THINK_END, THINK_START, TOOL_CALL_END
-
-    ids = []
-    for marker in (THINK_START, THINK_END, TOOL_CALL_START, TOOL_CALL_END):
-        found = tokenizer.token_to_id(marker) if hasattr(tokenizer, "token_to_id") else None
-        if found is not None:
-            ids.append(found)
-    return ids
-
-
 def constraint_factory(grammars: Callable[[], Optional[CallGrammar]], plan: ToolPlan) -> Optional[Callable]:
     """Each row's grammar for a forced call (None when nothing is forced or llguidance is absent)."""
     if not plan.forced or not have_llguidance():
