@@ -181,6 +181,7 @@ def test_tool_requests_that_cannot_be_honoured_are_400s(server):
         (dict(messages=QUESTION + [{"role": "assistant", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "[1, 2]"}}]}]),
          "messages.1.tool_calls.0.function.arguments"),
+        (dict(tools=[WEATHER], tool_choice="required", ignore_eos=True), "ignore_eos"),
         (dict(functions=[{"name": "f"}]), "functions"),  # the deprecated form stays unsupported
     ]
     for body, param in cases:
@@ -244,3 +245,29 @@ def test_without_llguidance_forced_calls_are_checked_and_reported(tokenizer_dir,
         assert valid == (not errors), choice
         reported += bool(errors)
     assert reported > 0  # unconstrained, the random model does not write valid calls: the errors are reported
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_both_schedulers_constrain_forced_calls(tokenizer_dir, scheduler):
+    """The grammar is applied in the continuous scheduler's sampling and in the static batches' logits processor;
+    an untrained model with sampled (not greedy) tokens still writes valid calls."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from xiaolm.model.llama import Llama, preset_config
+    from xiaolm.serve.app import create_app
+    from xiaolm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = Llama(preset_config("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=2048)).eval()
+    with TestClient(create_app(model=model, tokenizer=tokenizer, model_name="m", scheduler=scheduler)) as http:
+        r = http.post("/v1/chat/completions", json={
+            "model": "m", "messages": QUESTION, "tools": [ADD], "n": 3, "max_tokens": 60, "temperature": 1.0,
+            "seed": 2, "tool_choice": {"type": "function", "function": {"name": "add"}}})
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        assert choice["finish_reason"] == "tool_calls" and "tool_call_errors" not in choice
+        call = choice["message"]["tool_calls"][0]["function"]
+        assert call["name"] == "add"
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS["add"])

@@ -76,6 +76,9 @@ def plan_tools(body) -> ToolPlan:
     if thinking is not None and not isinstance(thinking, bool):
         raise ToolRequestError("chat_template_kwargs.enable_thinking must be true or false.",
                                "chat_template_kwargs.enable_thinking")
+    if choice in ("required", "function") and body.ignore_eos:
+        raise ToolRequestError("ignore_eos cannot be used with a forced tool call (the call ends the turn).",
+                               "ignore_eos")
     parallel = True if body.parallel_tool_calls is None else body.parallel_tool_calls
     return ToolPlan(tools, choice, function, parallel, thinking)
 
