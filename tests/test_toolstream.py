@@ -132,3 +132,43 @@ def test_stream_decoder_keeps_the_marker_tokens(tokenizer_dir):
     assert "".join(plain.push(i) for i in ids) + plain.finish() == "\n想\n\n\n好\n{}\n"
     parsed = parse_output(text)
     assert parsed.reasoning == "\n想\n" and parsed.content == "好" and parsed.errors
+
+
+def _plan(**kw):
+    from xiaolm.serve.tools import ToolPlan
+
+    tools = [{"type": "function", "function": {"name": n, "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+        for n in ("calculator", "other")]
+    return ToolPlan(**{"tools": tools, "choice": "auto", **kw})
+
+
+def test_server_choice_shapes_reasoning_content_and_tool_calls():
+    """What the chat endpoint sends for one choice, whole and streamed (vLLM's reasoning_content, OpenAI's calls)."""
+    from xiaolm.serve.tools import ChoiceOutput, chat_choice
+
+    text = "<think>\n先算\n</think>\n\n" + CALL_A + "\n" + CALL_A.replace("123 * 456", "1+1")
+    choice = chat_choice(0, text, "stop", _plan(), None)
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls" and "tool_call_errors" not in choice
+    assert message["reasoning_content"] == "\n先算\n" and message["content"] is None
+    assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [
+        {"expression": "123 * 456"}, {"expression": "1+1"}]
+    streamed = ChoiceOutput(_plan())
+    deltas = [streamed.push(ch) for ch in text] + [streamed.finish()]
+    deltas = [d for d in deltas if d]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "\n先算\n"
+    assert not any("content" in d for d in deltas)
+    heads = [tc for d in deltas for tc in d.get("tool_calls", []) if "id" in tc]
+    assert [(h["index"], h["function"]["name"]) for h in heads] == [(0, "calculator"), (1, "calculator")]
+    # parallel_tool_calls false keeps the first call; tool_choice none leaves the text as text
+    assert len(chat_choice(0, text, "stop", _plan(parallel=False), None)["message"]["tool_calls"]) == 1
+    none = chat_choice(0, text, "stop", _plan(choice="none"), None)
+    assert none["finish_reason"] == "stop" and "tool_calls" not in none["message"]
+    assert none["message"]["content"].startswith("<tool_call>")
+    # a cut-short answer keeps finish_reason length; a call of an unknown function or against the schema is reported
+    bad = '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call><tool_call>\n' \
+          '{"name": "other", "arguments": {"expression": 3}}\n</tool_call>'
+    reported = chat_choice(0, bad, "length", _plan(), None)
+    assert reported["finish_reason"] == "length"
+    assert reported["tool_call_errors"] == ["nope: no such function", "other: expression: 3 is not of type 'string'"]
