@@ -172,3 +172,24 @@ def test_server_choice_shapes_reasoning_content_and_tool_calls():
     reported = chat_choice(0, bad, "length", _plan(), None)
     assert reported["finish_reason"] == "length"
     assert reported["tool_call_errors"] == ["nope: no such function", "other: expression: 3 is not of type 'string'"]
+
+
+def test_the_cheap_length_bound_never_overcounts_the_rendered_prompt():
+    """The server refuses a prompt untokenised when its characters alone prove it too long: the count it uses must
+    be at most the rendered prompt's (earlier turns' thinking is not rendered; calls are rendered compactly)."""
+    from xiaolm.serve.tools import request_chars
+    from xiaolm.tokenizer.chat import render_conversation
+
+    plan = _plan()
+    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": {"expression": "1+1"}}}
+    messages = [
+        {"role": "system", "content": "你是助手。"},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "", "reasoning_content": "想" * 500, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+        {"role": "assistant", "content": "<think>\n" + "想" * 300 + "\n</think>\n\n是2。"},
+        {"role": "user", "content": "再来"},
+    ]
+    rendered = render_conversation(messages, tools=plan.tools, add_generation_prompt=True)
+    assert "想" not in rendered  # earlier turns' thinking is left out
+    assert 0 < request_chars(messages, plan) <= len(rendered)

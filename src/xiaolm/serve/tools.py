@@ -116,10 +116,15 @@ def request_messages(body) -> list[dict]:
 
 
 def request_chars(messages: list[dict], plan: ToolPlan) -> int:
-    """An upper bound on the prompt's characters, for the cheap length check before tokenising."""
-    return sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", []), ensure_ascii=False))
-               + len(m.get("reasoning_content", "")) for m in messages) \
-        + sum(len(json.dumps(t, ensure_ascii=False)) for t in plan.tools)
+    """Characters the rendered prompt holds at least (contents, answers, each call's name and arguments, each tool's
+    JSON as the template prints it), for the length check before tokenising: it must never overcount."""
+    from xiaolm.tokenizer.chat import split_reasoning
+
+    calls = sum(len(c["function"]["name"]) + len(json.dumps(c["function"]["arguments"], ensure_ascii=False))
+                for m in messages for c in m.get("tool_calls", []))
+    # an assistant's thinking is left out of earlier turns' rendering, so only its answer counts
+    texts = sum(len(split_reasoning(m)[1] if m["role"] == "assistant" else m["content"]) for m in messages)
+    return texts + calls + sum(len(json.dumps(t, ensure_ascii=False)) for t in plan.tools)
 
 
 def build_prompt(tokenizer, messages: list[dict], plan: ToolPlan) -> list[int]:
