@@ -2,8 +2,9 @@
 by construction.
 
 The grammar work is llguidance's (``pip install xiaolm[tools]``; the library llama.cpp and vLLM use for structured
-output; it needs no GPU and takes our byte-level BPE tokenizer as it is). xgrammar was tried first: it installs here
-only together with triton (it lists it as a dependency), which a CPU machine does not need, so llguidance it is.
+output; one 3 MB wheel without dependencies, no GPU needed, and it takes our byte-level BPE tokenizer as it is).
+xgrammar was looked at first: ``pip install --dry-run xgrammar`` would also pull triton and apache-tvm-ffi, which a
+CPU install does not need, so llguidance it is.
 Without llguidance nothing is constrained and the arguments are only checked afterwards (``argument_errors``, with
 jsonschema when it is installed), and the caller reports what failed.
 
