@@ -143,6 +143,7 @@ SHORT_FLAGS = {
     "generate": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "chat": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "eval ppl": "",
+    "eval tools": "",
     "eval instruct": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "eval mc": "",
     "export hf": "",
