@@ -105,7 +105,7 @@ def tool_sft_run(tmp_path_factory, shards_dir, tool_data):
 def _grpo(run, data, out, *extra):
     return ["grpo", str(run), "--task", "tools", "--prompts", str(data), "--out", str(out), "--group-size", "4",
             "--prompts-per-step", "4", "--micro-batch-size", "8", "--max-new-tokens", "40", "--max-turns", "2",
-            "--lr", "1e-3", "--kl-beta", "0.05", "--enable-thinking", "false", *FAST, *extra]
+            "--lr", "1e-3", "--kl-beta", "0.05", "--no-enable-thinking", *FAST, *extra]
 
 
 def test_grpo_with_tools_masks_logs_and_resumes_exactly(tmp_path, tool_sft_run, tool_data, capsys):
@@ -127,7 +127,7 @@ def test_grpo_with_tools_masks_logs_and_resumes_exactly(tmp_path, tool_sft_run, 
     for x, y in zip(buf["input_ids"], buf["targets"]):
         labelled = [int(t) for t in y if t != -100]
         assert resp_open not in labelled and tok.im_start_id not in labelled
-        assert labelled and labelled[-1] in (tok.im_end_id, tok.eot_id) or len(labelled) >= 1
+        assert labelled  # every episode produced something to learn from
     # resume inside a batch reloads its saved samples and ends with the same weights
     parts = tmp_path / "parts"
     assert main([*_grpo(tool_sft_run, tool_data, parts), *common, "--stop-at-step", "1"]) == 0
