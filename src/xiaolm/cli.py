@@ -40,6 +40,7 @@ VERBS: dict[str, object] = {
     "eval": {
         "ppl": ("loss, perplexity and bits per character on text or shards", "xiaolm.eval.ppl:main"),
         "instruct": ("instruction-following and repetition scores on held-out instructions", "xiaolm.eval.instruct:main"),
+        "tools": ("tool use on held-out tool tasks (calls, arguments, answers; without tools for contrast)", "xiaolm.eval.tools:main"),
         "mc": ("multiple-choice accuracy (C-Eval / CMMLU CSV) by answer likelihood", "xiaolm.eval.mc:main"),
     },
     "export": {

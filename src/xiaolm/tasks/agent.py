@@ -19,6 +19,7 @@ appear in training. Deterministic for a seed.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -169,9 +170,22 @@ def run_builtin(name: str, arguments: dict) -> str:
         return f"error: ToolError: {exc}"
 
 
-def solve(problem: Problem, thinking: bool, tool_names: list[str]) -> dict:
-    """The record for ``problem``: messages with the calls executed by the real tools, the answer, the task."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem.question}]
+def brief_tools(tool_names: list[str]) -> str:
+    """One line per tool, ``name(arg, ...): description``: the system prompt's tool list with ``--schemas brief``."""
+    import inspect
+
+    lines = []
+    for name in tool_names:
+        fn = TOOLS[name][0]
+        lines.append(f"- {name}({', '.join(inspect.signature(fn).parameters)}): {fn.__doc__.strip()}")
+    return "可用工具：\n" + "\n".join(lines)
+
+
+def solve(problem: Problem, thinking: bool, tool_names: list[str], schemas_mode: str = "full") -> dict:
+    """The record for ``problem``: messages with the calls executed by the real tools, the answer, the task.
+    ``schemas_mode`` ``brief`` lists the tools in the system prompt instead of rendering their JSON schemas."""
+    system = SYSTEM_PROMPT if schemas_mode == "full" else SYSTEM_PROMPT + "\n" + brief_tools(tool_names)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": problem.question}]
     results: list[str] = []
     calls_made = []
     for step in problem.steps:
@@ -189,7 +203,7 @@ def solve(problem: Problem, thinking: bool, tool_names: list[str]) -> dict:
     answer, sentence = problem.final(results)
     messages.append({"role": "assistant", "reasoning_content": problem.final_thought(results) if thinking else "",
                      "content": sentence})
-    return {"messages": messages, "tools": schemas(tool_names),
+    return {"messages": messages, "tools": schemas(tool_names) if schemas_mode == "full" else [],
             "task": {"kind": problem.kind, "question": problem.question, "answer": answer,
                      "answer_type": problem.answer_type, "choices": list(problem.choices), "calls": calls_made,
                      "entities": problem.entities}}
@@ -241,6 +255,53 @@ def reward(task: dict, final_text: Optional[str], calls: list[dict], errors: int
     return float(correct) + FORMAT_BONUS * float(well_formed)
 
 
+# ------------------------------------------------------------------------------------------------- prompts
+
+def tool_prompt(rec: dict) -> dict:
+    """A ``data tools`` record as a prompt: the turns before the first assistant turn, its tools, its task."""
+    msgs = rec.get("messages") or []
+    cut = next((k for k, m in enumerate(msgs) if m.get("role") == "assistant"), len(msgs))
+    return {"prompt": msgs[:cut], "tools": rec.get("tools") or None, "task": rec["task"]}
+
+
+def load_tool_prompts(paths: list[str], heldout: Optional[list[str]] = None, limit: Optional[int] = None,
+                      refuse_heldout: bool = True) -> tuple[list[dict], int]:
+    """Prompts from ``data tools`` directories (their ``train.jsonl``) or files, less any whose question is held out
+    (in ``heldout`` or the ``heldout.jsonl`` beside a directory) when ``refuse_heldout``. Returns
+    ``(prompts, refused)``."""
+    files, held_files = [], list(heldout or []) if refuse_heldout else []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files.append(path / "train.jsonl")
+            if refuse_heldout and not heldout and (path / "heldout.jsonl").is_file():
+                held_files.append(str(path / "heldout.jsonl"))
+        else:
+            files.append(path)
+    held_questions = {json.loads(line)["task"]["question"] for f in held_files
+                      for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()}
+    prompts, refused = [], 0
+    for f in files:
+        if not f.is_file():
+            raise fail(f"{f}: no such file (make tool tasks with `xiaolm data tools`)")
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                task = rec["task"]
+                task["question"], task["answer"], task["answer_type"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise fail(f"{f}:{n}: not a tool-task record ({type(exc).__name__}: {exc})") from None
+            if task["question"] in held_questions:
+                refused += 1
+                continue
+            prompts.append(tool_prompt(rec))
+            if limit is not None and len(prompts) >= limit:
+                return prompts, refused
+    return prompts, refused
+
+
 # ---------------------------------------------------------------------------------------------------- the verb
 
 
@@ -255,6 +316,8 @@ two calls; train and held-out splits share no numbers or cities."""
     kinds: list[str] = opt(list(KINDS), f"task kinds, from {', '.join(KINDS)}")
     thinking: str = opt("mix", "reasoning traces: on (every sample), off (empty think blocks), mix (half each)")
     distractors: int = opt(1, "tools offered beyond those a problem needs (the model must pick the right one)")
+    schemas: str = opt("full", "full: the tools' JSON schemas in the system turn (Qwen3's layout; 500+ tokens with a "
+                               "small vocabulary); brief: one line per tool in the system prompt, for small contexts")
     seed: int = opt(0, "seed")
 
 
@@ -265,6 +328,8 @@ def build_tool_data(cfg: ToolDataConfig) -> dict:
         raise fail(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if cfg.thinking not in ("on", "off", "mix"):
         raise fail(f"--thinking must be on, off or mix, not {cfg.thinking!r}")
+    if cfg.schemas not in ("full", "brief"):
+        raise fail(f"--schemas must be full or brief, not {cfg.schemas!r}")
     if cfg.train < 0 or cfg.heldout < 0:
         raise fail("--train and --heldout must be >= 0")
     rng = random.Random(cfg.seed)
@@ -277,7 +342,7 @@ def build_tool_data(cfg: ToolDataConfig) -> dict:
                 rejected += 1
                 continue
             thinking = cfg.thinking == "on" or (cfg.thinking == "mix" and rng.random() < 0.5)
-            out.append(solve(problem, thinking, offered_tools(problem, rng, cfg.distractors)))
+            out.append(solve(problem, thinking, offered_tools(problem, rng, cfg.distractors), cfg.schemas))
         return out, rejected
 
     heldout, _ = make(cfg.heldout, True, set())

@@ -78,8 +78,7 @@ def _child(fn: Callable, arguments: dict, conn, cpu_s: int, max_chars: int) -> N
     try:
         conn.send(result)
     finally:
-        conn.close()
-        os._exit(0)
+        conn.close()  # multiprocessing ends the forked child itself when this returns
 
 
 def run_tool(fn: Callable, arguments: object, timeout_s: float = DEFAULT_TIMEOUT_S,
