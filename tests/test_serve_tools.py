@@ -98,7 +98,7 @@ def _round_trip_messages(message, result: str) -> list[dict]:
 def test_openai_client_tool_round_trip(client):
     first = client.chat.completions.create(
         model="tiny", messages=QUESTION, tools=[WEATHER, ADD], max_tokens=120, temperature=1.0, seed=3,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False)
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None and len(choice.message.tool_calls) == 1
@@ -121,7 +121,7 @@ def test_openai_client_streamed_tool_round_trip(client):
     finish = None
     stream = client.chat.completions.create(
         model="tiny", messages=QUESTION, tools=[WEATHER, ADD], tool_choice="required", max_tokens=120,
-        temperature=1.0, seed=5, stream=True)
+        temperature=1.0, seed=5, stream=True, parallel_tool_calls=False)
     for chunk in stream:
         for choice in chunk.choices:
             for tc in choice.delta.tool_calls or []:
@@ -155,14 +155,29 @@ def test_openai_client_streamed_tool_round_trip(client):
 
 
 def test_forced_calls_are_valid_by_construction(client):
-    """Many sampled rows at temperature 1.5: every one is a call whose arguments meet the schema."""
+    """Many sampled rows at temperature 1.5: every one is a call whose arguments meet the schema; with
+    parallel_tool_calls (OpenAI's default) the grammar lets more calls follow, each valid too."""
     response = client.chat.completions.create(
         model="tiny", messages=QUESTION, tools=[WEATHER, ADD], tool_choice="required", n=6, max_tokens=120,
-        temperature=1.5, seed=11)
+        temperature=1.5, seed=11, parallel_tool_calls=False)
     for choice in response.choices:
         assert choice.finish_reason == "tool_calls"
         assert not (choice.model_extra or {}).get("tool_call_errors")
+        assert len(choice.message.tool_calls) == 1
         _check_call(choice.message.tool_calls[0])
+    response = client.chat.completions.create(
+        model="tiny", messages=QUESTION, tools=[WEATHER, ADD], tool_choice="required", n=6, max_tokens=1000,
+        temperature=1.5, seed=11)
+    counts = []
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert not (choice.model_extra or {}).get("tool_call_errors")
+        ids = [call.id for call in choice.message.tool_calls]
+        assert len(set(ids)) == len(ids)
+        for call in choice.message.tool_calls:
+            _check_call(call)
+        counts.append(len(ids))
+    assert max(counts) > 1  # (seeded) some row went on to a second call
 
 
 def test_tool_requests_that_cannot_be_honoured_are_400s(server):
@@ -264,7 +279,7 @@ def test_both_schedulers_constrain_forced_calls(tokenizer_dir, scheduler):
     with TestClient(create_app(model=model, tokenizer=tokenizer, model_name="m", scheduler=scheduler)) as http:
         r = http.post("/v1/chat/completions", json={
             "model": "m", "messages": QUESTION, "tools": [ADD], "n": 3, "max_tokens": 60, "temperature": 1.0,
-            "seed": 2, "tool_choice": {"type": "function", "function": {"name": "add"}}})
+            "seed": 2, "tool_choice": {"type": "function", "function": {"name": "add"}}, "parallel_tool_calls": False})
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "tool_calls" and "tool_call_errors" not in choice

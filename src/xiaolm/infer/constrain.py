@@ -11,7 +11,9 @@ jsonschema when it is installed), and the caller reports what failed.
 A ``CallConstraint`` is one row's state: ``mask(logits)`` leaves only the tokens the grammar allows next (the end of
 text once the JSON is complete), ``accept(token)`` advances it. The grammar is the JSON object of one call,
 ``{"name": <one of the tools>, "arguments": <that tool's parameters>}``, written with ``json.dumps``'s separators,
-which is how calls are written in training data (``<tool_call>\\n{json}\\n</tool_call>``).
+which is how calls are written in training data (``<tool_call>\\n{json}\\n</tool_call>``). With ``several`` (the
+ids of ``</tool_call>`` and ``<tool_call>``, special tokens of the vocabulary) the grammar allows further calls, each
+after ``\\n</tool_call>\\n<tool_call>\\n`` as the chat format separates them (a Lark grammar around the JSON one).
 """
 from __future__ import annotations
 
@@ -96,22 +98,31 @@ class CallGrammar:
         self._lltok = llguidance.LLTokenizer(backend.to_str(), n_vocab=self.vocab_size, eos_token=list(eos_ids))
         self._grammars: dict[str, str] = {}
 
-    def grammar(self, schema: dict) -> str:
+    def grammar(self, schema: dict, several: Optional[tuple[int, int]] = None) -> str:
         import llguidance
 
-        key = json.dumps(schema, sort_keys=True)
+        key = json.dumps([schema, several], sort_keys=True)
         if key not in self._grammars:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            if several is None:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            else:
+                end, start = several
+                sep = r'"\n"'  # Lark's string literal of a newline
+                layout = {**schema, "x-guidance": JSON_LAYOUT}
+                grammar = llguidance.LLMatcher.grammar_from_lark(
+                    f"start: call (sep call)*\nsep: {sep} <[{end}]> {sep} <[{start}]> {sep}\n"
+                    f"call: %json {json.dumps(layout)}\n")
             problem = llguidance.LLMatcher.validate_grammar(grammar, self._lltok)
             if problem and not problem.startswith("WARNING"):
                 raise ValueError(f"the tool schema cannot be compiled into a grammar: {problem}")
             self._grammars[key] = grammar
         return self._grammars[key]
 
-    def row(self, schema: dict) -> "CallConstraint":
+    def row(self, schema: dict, several: Optional[tuple[int, int]] = None) -> "CallConstraint":
         import llguidance
 
-        return CallConstraint(llguidance.LLMatcher(self._lltok, self.grammar(schema), log_level=0), self.vocab_size)
+        return CallConstraint(llguidance.LLMatcher(self._lltok, self.grammar(schema, several), log_level=0),
+                              self.vocab_size)
 
 
 class CallConstraint:

@@ -55,7 +55,7 @@ from xiaolm.serve.logprobs import chat_logprobs
 from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 from xiaolm.serve.sse import SSE_HEADERS, chat_stream, completion_stream
 from xiaolm.serve.tools import (ToolRequestError, build_prompt, chat_choice, constraint_factory,
-                                plan_tools, request_chars, request_messages)
+                                plan_tools, request_chars, request_messages, several_calls)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The page may load only what this server serves: a stray CDN link would be blocked, not silently fetched.
@@ -194,7 +194,8 @@ def create_app(
                                          "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
         n = body.n or 1
         try:
-            constraint = await asyncio.to_thread(constraint_factory, served.call_grammar, plan)
+            constraint = await asyncio.to_thread(constraint_factory, served.call_grammar, plan,
+                                                 several_calls(tokenizer, plan))
         except ToolRequestError as exc:
             raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
         gen = submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n", constraint=constraint,

@@ -6,7 +6,8 @@ taken apart into ``reasoning_content``, ``content`` and ``tool_calls`` as it str
 read as calls), ``auto`` (the default with tools: the model decides, its ``<tool_call>`` blocks become calls),
 ``required`` or ``{"type": "function", "function": {"name": ...}}`` (the assistant turn is begun with an empty think
 block and ``<tool_call>``, and the call's JSON is generated under a grammar made from the tools' schemas, so its
-arguments are valid by construction: ``xiaolm.infer.constrain``; a forced turn holds one call). Without llguidance
+arguments are valid by construction: ``xiaolm.infer.constrain``; with ``parallel_tool_calls`` (the default) the
+grammar lets further calls follow when the markers are tokens of the vocabulary, otherwise a forced turn holds one). Without llguidance
 the forced call is generated unconstrained and checked against its schema afterwards. Every call is checked
 against its function's schema; what fails is reported in the choice's ``tool_call_errors`` (an extension field;
 OpenAI clients ignore it), as are malformed ``<tool_call>`` blocks.
@@ -142,8 +143,20 @@ def build_prompt(tokenizer, messages: list[dict], plan: ToolPlan) -> list[int]:
     return ids
 
 
-def constraint_factory(grammars: Callable[[], Optional[CallGrammar]], plan: ToolPlan) -> Optional[Callable]:
-    """Each row's grammar for a forced call (None when nothing is forced or llguidance is absent)."""
+def several_calls(tokenizer, plan: ToolPlan) -> Optional[tuple[int, int]]:
+    """The ids of ``</tool_call>`` and ``<tool_call>`` when a forced turn may hold several calls (None: one)."""
+    from xiaolm.infer.toolstream import TOOL_CALL_END
+
+    if not plan.parallel or not hasattr(tokenizer, "token_to_id"):
+        return None
+    end, start = tokenizer.token_to_id(TOOL_CALL_END), tokenizer.token_to_id(TOOL_CALL_START)
+    return None if end is None or start is None else (end, start)
+
+
+def constraint_factory(grammars: Callable[[], Optional[CallGrammar]], plan: ToolPlan,
+                       several: Optional[tuple[int, int]] = None) -> Optional[Callable]:
+    """Each row's grammar for a forced call (None when nothing is forced or llguidance is absent); ``several``:
+    ``several_calls``."""
     if not plan.forced or not have_llguidance():
         return None
     grammar = grammars()
@@ -151,10 +164,10 @@ def constraint_factory(grammars: Callable[[], Optional[CallGrammar]], plan: Tool
         return None
     schema = call_schema(plan.forced_tools())
     try:
-        grammar.grammar(schema)  # compile now: a bad schema is the client's 400, not a failed generation
+        grammar.grammar(schema, several)  # compile now: a bad schema is the client's 400, not a failed generation
     except ValueError as exc:
         raise ToolRequestError(str(exc), "tools") from None
-    return lambda: grammar.row(schema)
+    return lambda: grammar.row(schema, several)
 
 
 class ChoiceOutput:
@@ -164,7 +177,7 @@ class ChoiceOutput:
     def __init__(self, plan: ToolPlan):
         self.plan = plan
         self.parser = ToolStreamParser(parse_tools=plan.parse_tools or plan.forced,
-                                       max_calls=1 if plan.forced or not plan.parallel else None)
+                                       max_calls=None if plan.parallel else 1)
         if plan.forced:
             self.parser.push(FORCED_PREFIX)  # the prompt began the call; the output is its JSON
 
