@@ -87,13 +87,13 @@ def test_a_tool_file_gives_its_public_functions(tmp_path):
 
 
 class _Scripted:
-    """Stands in for ``generate``: each call streams the next scripted output and records the prompt it got."""
+    """Stands in for ``generate_samples``: each call streams the next scripted output and records the prompt."""
 
     def __init__(self, tokenizer, outputs):
         self.tokenizer, self.outputs, self.prompts = tokenizer, list(outputs), []
 
     def __call__(self, model, tokenizer, prompts, sampling, *, stream=None, prompt_ids=None, keep_ids=(), **_kw):
-        from xiaolm.infer.generate import StreamDecoder
+        from xiaolm.infer.generate import Generated, StreamDecoder
 
         self.prompts.append(tokenizer.decode(prompt_ids[0]))
         decoder = StreamDecoder(tokenizer, keep_ids=keep_ids)  # the real decoding of the scripted tokens
@@ -104,7 +104,7 @@ class _Scripted:
         tail = decoder.finish()
         if tail:
             stream(0, tail)
-        return [decoder.text()]
+        return [Generated(decoder.text(), "eos", len(decoder.ids))]
 
 
 def test_chat_runs_the_call_shows_it_and_goes_on(loaded, tmp_path, monkeypatch):
@@ -115,7 +115,7 @@ def test_chat_runs_the_call_shows_it_and_goes_on(loaded, tmp_path, monkeypatch):
         '<think>\n要算一下\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 20, "b": 22}}\n</tool_call>',
         "<think>\n结果是42\n</think>\n\n答案是42。",
     ])
-    monkeypatch.setattr("xiaolm.infer.generate.generate", script)
+    monkeypatch.setattr("xiaolm.infer.generate.generate_samples", script)
     session = ChatSession(model, tokenizer, SamplingConfig(max_new_tokens=8), context=4096,
                           tools=ToolBox(files=[str(path)]))
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -138,7 +138,7 @@ def test_chat_runs_the_call_shows_it_and_goes_on(loaded, tmp_path, monkeypatch):
 def test_thinking_is_dimmed_on_a_terminal_and_think_switches_the_prompt(loaded, monkeypatch):
     model, tokenizer = loaded
     script = _Scripted(tokenizer, ["<think>\n想\n</think>\n\n好。", "好。"])
-    monkeypatch.setattr("xiaolm.infer.generate.generate", script)
+    monkeypatch.setattr("xiaolm.infer.generate.generate_samples", script)
     session = ChatSession(model, tokenizer, SamplingConfig(max_new_tokens=8), context=4096, tools=ToolBox())
     stdout, stderr = io.StringIO(), io.StringIO()
     run_chat(session, stdin=io.StringIO("你好\n/think off\n你好\n"), stdout=stdout, stderr=stderr, interactive=True)

@@ -121,7 +121,7 @@ class ChatSession:
     def _answer(self, write, note, think) -> Optional[dict]:
         """One assistant turn, streamed and taken apart (reasoning, content, tool calls); None if it did not fit or
         was interrupted."""
-        from xiaolm.infer.generate import generate
+        from xiaolm.infer.generate import dropped_note, generate_samples
         from xiaolm.infer.toolstream import ToolStreamParser, marker_ids
 
         try:
@@ -142,20 +142,23 @@ class ChatSession:
                 write(delta.content)
 
         try:
-            generate(self.model, self.tokenizer, [""], self.sampling, prompt_ids=[ids],
-                     stream=lambda _row, text: show(parser.push(text)), keep_ids=marker_ids(self.tokenizer))
+            result = generate_samples(self.model, self.tokenizer, [""], self.sampling, prompt_ids=[ids],
+                                      stream=lambda _row, text: show(parser.push(text)),
+                                      keep_ids=marker_ids(self.tokenizer))[0]
         except KeyboardInterrupt:
             note("\n[interrupted]")
             return None
         show(parser.finish())
-        result = parser.result()
-        for error in result.errors:
+        if dropped_note([result]):
+            note("\n" + dropped_note([result]))
+        parsed = parser.result()
+        for error in parsed.errors:
             note(f"[{error}]")
-        message = {"role": "assistant", "content": result.content or ""}
-        if result.reasoning is not None:
-            message["reasoning_content"] = result.reasoning
-        if result.tool_calls:
-            message["tool_calls"] = [c.openai() for c in result.tool_calls]
+        message = {"role": "assistant", "content": parsed.content or ""}
+        if parsed.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = [c.openai() for c in parsed.tool_calls]
         return message
 
     def set_thinking(self, value: Optional[bool]) -> None:

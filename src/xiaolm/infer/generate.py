@@ -213,47 +213,55 @@ def _decode_step(model, compile_step: bool):
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text deltas that are safe to print.
+    """Turns generated token ids into text deltas that are safe to print.
 
-    Holds back a trailing U+FFFD (an incomplete UTF-8 sequence whose remaining bytes are in the next token) and any
-    tail that might be the beginning of a stop string; ``finish()`` flushes the rest.
+    Characters come from the shared incremental detokenizer (``xiaolm.tokenizer.detok.Detokenizer``: an incomplete
+    UTF-8 tail waits for the token that completes it, a sequence that can never complete is dropped and counted);
+    a tail that might be the beginning of a stop string is held back too. ``finish()`` flushes the rest and drops an
+    incomplete character the generation ended inside (counted in ``dropped_bytes``). ``keep_ids``: special tokens
+    whose text is kept (the detokenizer drops special tokens).
     """
 
     def __init__(self, tokenizer, stop: Iterable[str] = (), keep_ids: Iterable[int] = ()):
-        self.tokenizer = tokenizer
+        from xiaolm.tokenizer.detok import Detokenizer
+
+        self.detok = Detokenizer(tokenizer)
         self.stop = [s for s in stop if s]
-        self.keep_ids = set(keep_ids)  # special tokens that stay in the text (thinking and tool-call markers)
+        # special tokens that stay in the text (the thinking and tool-call markers: their parser reads them)
+        self.kept = {i: tokenizer.decode([i]) for i in keep_ids}
         self.ids: list[int] = []
+        self.full = ""                   # every completed character so far
+        self.cut: Optional[int] = None   # where the first stop string starts in ``full``
         self.emitted = 0
         self.stopped = False
+        self.finished = False
 
-    def _decode(self) -> str:
-        if not self.keep_ids or not self.keep_ids.intersection(self.ids):
-            return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        parts, run = [], []
-        for i in self.ids:  # other special tokens are still dropped, so decode around the kept ones
-            if i in self.keep_ids:
-                parts += [self.tokenizer.decode(run, skip_special_tokens=True), self.tokenizer.decode([i])]
-                run = []
-            else:
-                run.append(i)
-        return "".join(parts) + self.tokenizer.decode(run, skip_special_tokens=True)
+    @property
+    def dropped_bytes(self) -> int:
+        return self.detok.dropped_bytes
+
+    def _append(self, piece: str) -> None:
+        if not piece:
+            return
+        # text before ``start`` was searched already: a new match must end in the new piece
+        start = max(0, len(self.full) - max((len(s) for s in self.stop), default=1) + 1)
+        self.full += piece
+        if self.stopped:
+            return
+        for s in self.stop:
+            i = self.full.find(s, start)
+            if i != -1 and (self.cut is None or i < self.cut):
+                self.cut = i
+        self.stopped = self.cut is not None
 
     def text(self) -> str:
-        text = self._decode()
-        for s in self.stop:
-            cut = text.find(s)
-            if cut != -1:
-                text = text[:cut]
-                self.stopped = True
-        return text
+        return self.full if self.cut is None else self.full[:self.cut]
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        self._append(self.kept[token_id] if token_id in self.kept else self.detok.push(token_id))
         text = self.text()
         safe = len(text)
-        while safe > self.emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
         if not self.stopped:
             for s in self.stop:  # keep back a tail that could still grow into a stop string
                 for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
@@ -265,6 +273,9 @@ class StreamDecoder:
         return delta
 
     def finish(self) -> str:
+        if not self.finished:
+            self.finished = True
+            self.detok.finish()
         text = self.text()
         delta = text[self.emitted :]
         self.emitted = len(text)
@@ -332,7 +343,19 @@ def _eos_ids(tokenizer) -> list[int]:
     return ids
 
 
-def generate(
+@dataclass
+class Generated:
+    """One generation: its text (cut at the first stop string), why it ended (``"eos"``: the model's end-of-text or
+    end-of-turn, ``"stop"``: a stop string, ``"length"``: the token budget), its token count and the bytes of broken
+    characters dropped (never shown as U+FFFD)."""
+
+    text: str
+    ended: str
+    tokens: int
+    dropped_bytes: int = 0
+
+
+def generate_samples(
     model,
     tokenizer,
     prompts: list[str],
@@ -343,8 +366,8 @@ def generate(
     eos_ids: Optional[Iterable[int]] = None,
     use_cache: bool = True,
     keep_ids: Iterable[int] = (),
-) -> list[str]:
-    """Continue each prompt; returns the generated text (prompt excluded, cut at the first stop string).
+) -> list[Generated]:
+    """Continue each prompt; returns a ``Generated`` per prompt (prompt excluded).
 
     ``stream(row, delta)`` receives printable text as it is produced. ``prompt_ids`` overrides the encoding of
     ``prompts`` (e.g. a chat template already rendered and encoded). ``keep_ids``: special tokens that stay in the
@@ -356,26 +379,35 @@ def generate(
     if s.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(s.seed)
     decoders = [StreamDecoder(tokenizer, s.stop, keep_ids) for _ in ids]
+    at_eos = [False] * len(ids)
 
     def on_token(row: int, tok: int) -> None:
         delta = decoders[row].push(tok)
         if stream is not None and delta:
             stream(row, delta)
 
-    generate_ids(
+    outputs = generate_ids(
         model, ids, s.max_new_tokens, pad_id=tokenizer.pad_id,
         eos_ids=_eos_ids(tokenizer) if eos_ids is None else eos_ids,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
         generator=generator, use_cache=use_cache, on_token=on_token,
         should_stop=(lambda row, _ids: decoders[row].stopped) if s.stop else None,
+        on_eos=lambda row, _tok: at_eos.__setitem__(row, True),
     )
-    texts = []
+    results = []
     for row, dec in enumerate(decoders):
         tail = dec.finish()
         if stream is not None and tail:
             stream(row, tail)
-        texts.append(dec.text())
-    return texts
+        ended = "eos" if at_eos[row] else ("stop" if dec.stopped else "length")
+        results.append(Generated(dec.text(), ended, len(outputs[row]), dec.dropped_bytes))
+    return results
+
+
+def generate(model, tokenizer, prompts: list[str], sampling: Optional[SamplingConfig] = None, **options) -> list[str]:
+    """The texts of ``generate_samples`` (same arguments): each prompt's continuation, cut at the first stop
+    string, broken characters dropped."""
+    return [g.text for g in generate_samples(model, tokenizer, prompts, sampling, **options)]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -432,12 +464,24 @@ def main(argv: list[str]) -> int:
     if len(prompts) == 1:
         if not cfg.chat:
             sys.stdout.write(prompts[0])
-        generate(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids,
-                 stream=lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+        results = generate_samples(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids,
+                                   stream=lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
         sys.stdout.write("\n")
-        return 0
-    texts = generate(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids)
-    for i, (p, t) in enumerate(zip(prompts, texts)):
-        print(f"--- [{i}] ---")
-        print(("" if cfg.chat else p) + t)
+    else:
+        results = generate_samples(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids)
+        for i, (p, r) in enumerate(zip(prompts, results)):
+            print(f"--- [{i}] ---")
+            print(("" if cfg.chat else p) + r.text)
+    note = dropped_note(results)
+    if note:
+        print(note, file=sys.stderr)
     return 0
+
+
+def dropped_note(results: list[Generated]) -> Optional[str]:
+    """One line saying how many bytes of broken characters were left out, or None when there were none."""
+    dropped = sum(r.dropped_bytes for r in results)
+    if not dropped:
+        return None
+    return (f"[{dropped} byte(s) of unfinished UTF-8 characters left out: the model ended or broke off inside a "
+            f"character]")
