@@ -267,14 +267,17 @@ class StreamDecoder:
     Characters come from the shared incremental detokenizer (``xiaolm.tokenizer.detok.Detokenizer``: an incomplete
     UTF-8 tail waits for the token that completes it, a sequence that can never complete is dropped and counted);
     a tail that might be the beginning of a stop string is held back too. ``finish()`` flushes the rest and drops an
-    incomplete character the generation ended inside (counted in ``dropped_bytes``).
+    incomplete character the generation ended inside (counted in ``dropped_bytes``). ``keep_ids``: special tokens
+    whose text is kept (the detokenizer drops special tokens).
     """
 
-    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+    def __init__(self, tokenizer, stop: Iterable[str] = (), keep_ids: Iterable[int] = ()):
         from xiaolm.tokenizer.detok import Detokenizer
 
         self.detok = Detokenizer(tokenizer)
         self.stop = [s for s in stop if s]
+        # special tokens that stay in the text (the thinking and tool-call markers: their parser reads them)
+        self.kept = {i: tokenizer.decode([i]) for i in keep_ids}
         self.ids: list[int] = []
         self.full = ""                   # every completed character so far
         self.cut: Optional[int] = None   # where the first stop string starts in ``full``
@@ -305,7 +308,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        self._append(self.detok.push(token_id))
+        self._append(self.kept[token_id] if token_id in self.kept else self.detok.push(token_id))
         text = self.text()
         safe = len(text)
         if not self.stopped:
@@ -406,18 +409,20 @@ def generate_samples(
     prompt_ids: Optional[list[list[int]]] = None,
     eos_ids: Optional[Iterable[int]] = None,
     use_cache: bool = True,
+    keep_ids: Iterable[int] = (),
 ) -> list[Generated]:
     """Continue each prompt; returns a ``Generated`` per prompt (prompt excluded).
 
     ``stream(row, delta)`` receives printable text as it is produced. ``prompt_ids`` overrides the encoding of
-    ``prompts`` (e.g. a chat template already rendered and encoded).
+    ``prompts`` (e.g. a chat template already rendered and encoded). ``keep_ids``: special tokens that stay in the
+    text (the thinking and tool-call markers, for a caller that parses them).
     """
     s = sampling or SamplingConfig()
     ids = prompt_ids if prompt_ids is not None else [plain_prompt_ids(tokenizer, p) for p in prompts]
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(s.seed)
-    decoders = [StreamDecoder(tokenizer, s.stop) for _ in ids]
+    decoders = [StreamDecoder(tokenizer, s.stop, keep_ids) for _ in ids]
     at_eos = [False] * len(ids)
 
     def on_token(row: int, tok: int) -> None:

@@ -42,7 +42,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xiaolm.infer.generate import chat_prompt_ids, plain_prompt_ids
+from xiaolm.infer.generate import plain_prompt_ids
+from xiaolm.infer.toolstream import marker_ids
 from xiaolm.serve.body import DEFAULT_MAX_BODY_MB, parse_body
 from xiaolm.serve.engine import Engine
 from xiaolm.serve.errors import LOG, APIError, validation_error
@@ -53,6 +54,8 @@ from xiaolm.serve.handling import (ResponseMeta, Served, check_completion_scorin
 from xiaolm.serve.logprobs import chat_logprobs
 from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 from xiaolm.serve.sse import SSE_HEADERS, chat_stream, completion_stream
+from xiaolm.serve.tools import (ToolRequestError, build_prompt, chat_choice, constraint_factory,
+                                plan_tools, request_chars, request_messages, several_calls)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The page may load only what this server serves: a stray CDN link would be blocked, not silently fetched.
@@ -186,29 +189,33 @@ def create_app(
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs",
                            code="invalid_value")
-        messages = []
-        for i, m in enumerate(body.messages):
-            try:
-                text = m.text()
-            except ValueError as exc:
-                raise APIError(400, str(exc), param=f"messages.{i}.content", code="invalid_value") from None
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        check_length_cheaply(sum(len(m["content"]) for m in messages), served, "messages")
-        prompt_ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
+        try:
+            plan = plan_tools(body)
+            messages = request_messages(body)
+        except ToolRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        check_length_cheaply(request_chars(messages, plan), served, "messages")
+        prompt_ids = await asyncio.to_thread(build_prompt, tokenizer, messages, plan)
         explicit = body.requested_max_tokens()
         max_tokens = resolve_max_tokens(len(prompt_ids), explicit, served, "messages",
                                          "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
         n = body.n or 1
-        gen = submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n", _peer(request))
+        try:
+            constraint = await asyncio.to_thread(constraint_factory, served.call_grammar, plan,
+                                                 several_calls(tokenizer, plan))
+        except ToolRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        gen = submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n", _peer(request), constraint=constraint,
+                     keep_ids=marker_ids(tokenizer))
         meta = ResponseMeta("chatcmpl-" + gen.id, int(time.time()), served.model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(chat_stream(gen, meta, n, len(prompt_ids), include_usage, served),
+            return StreamingResponse(chat_stream(gen, meta, n, len(prompt_ids), include_usage, served, plan),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         await collect(gen, request, served)
-        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
-                    "logprobs": chat_logprobs(tokenizer, s.logprobs) if body.logprobs else None,
-                    "finish_reason": s.finish_reason} for s in gen.sequences]
+        choices = [chat_choice(s.index, s.text, s.finish_reason, plan,
+                               chat_logprobs(tokenizer, s.logprobs) if body.logprobs else None)
+                   for s in gen.sequences]
         return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
                 "choices": choices, "usage": usage_body(len(prompt_ids), gen.sequences)}
 

@@ -127,6 +127,7 @@ class Sequence:
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # echo: one per prompt token (None for the 1st)
+    constraint: Any = None  # a grammar the row's tokens must follow (xiaolm.infer.constrain.CallConstraint)
     _unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # streamed with the next text delta
 
     @property
@@ -148,6 +149,8 @@ class GenerationRequest:
     """What the HTTP layer submits: one or more rows sharing sampling settings, and the events they produce.
 
     ``prompts`` holds one token-id list per row (a chat request with ``n=3`` repeats its prompt three times).
+    ``constraint``, when given, makes each row's grammar (``xiaolm.infer.constrain``): only tokens it allows are
+    sampled. ``keep_ids`` are special tokens that stay in the text (the thinking and tool-call markers).
     Create it inside a running event loop to consume events with ``async for event in request.events()``;
     otherwise call ``request.result()`` from any thread.
     """
@@ -156,7 +159,8 @@ class GenerationRequest:
 
     def __init__(self, tokenizer, prompts: list[list[int]], max_tokens: list[int], params: SamplingParams,
                  stop: list[str] = (), loop: Optional[asyncio.AbstractEventLoop] = None,
-                 prompt_logprobs: Optional[int] = None, client: Optional[str] = None):
+                 prompt_logprobs: Optional[int] = None, client: Optional[str] = None,
+                 constraint: Optional[Callable[[], Any]] = None, keep_ids: list[int] = ()):
         if len(prompts) != len(max_tokens):
             raise ValueError("one max_tokens per prompt")
         self.id = uuid.uuid4().hex
@@ -170,7 +174,8 @@ class GenerationRequest:
         self.stop = list(stop)
         self.created = time.time()
         self.sequences = [
-            Sequence(self, i, list(p), int(m), StreamDecoder(tokenizer, self.stop))
+            Sequence(self, i, list(p), int(m), StreamDecoder(tokenizer, self.stop, keep_ids),
+                     constraint=constraint() if constraint is not None else None)
             for i, (p, m) in enumerate(zip(prompts, max_tokens))
         ]
         self.batches_started = 0  # seeds the n-th batch of a seeded request with seed + n
@@ -540,6 +545,8 @@ class Engine:
         counts = None  # generated-token counts per row, for frequency/presence penalties
         step_logprobs: list[Optional[torch.Tensor]] = [None]  # this step's, read once the token is known
 
+        constrained = any(s.constraint is not None for s in batch)
+
         def process(logits: torch.Tensor, _outputs) -> torch.Tensor:
             nonlocal counts
             if params.logprobs:
@@ -548,6 +555,8 @@ class Engine:
                 if counts is None:
                     counts = torch.zeros_like(logits)
                 logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+            if constrained:
+                logits = _constrain(logits, [s.constraint for s in batch])
             return logits
 
         def on_token(row: int, token: int) -> None:
@@ -557,6 +566,8 @@ class Engine:
             entry = None
             if params.logprobs:
                 entry = token_logprobs(step_logprobs[0][row:row + 1], [token], params.top_logprobs)[0]
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             self._keep_token(seq, token, entry)
 
         def on_eos(row: int, token: int) -> None:
@@ -583,7 +594,7 @@ class Engine:
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 repetition_penalty=params.repetition_penalty, generator=generator,
                 on_token=on_token, should_stop=should_stop, on_eos=on_eos, on_bad_row=on_bad_row,
-                logits_processor=process if params.logprobs or params.penalised else None,
+                logits_processor=process if params.logprobs or params.penalised or constrained else None,
             )
         except Exception as exc:  # a failing batch must not take the server down with it
             log.exception("serve: generation failed")
@@ -789,6 +800,8 @@ class Engine:
             logits = logits.clone()
             for i in penalised:
                 logits[i] = _penalise(rows[i], logits[i])
+        if any(r.seq.constraint is not None for r in rows):
+            logits = _constrain(logits, [r.seq.constraint for r in rows])
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             p = r.seq.request.params
@@ -820,6 +833,8 @@ class Engine:
                 r.counts[token] += 1
             if r.present is not None:
                 r.present[token] = True
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             self._keep_token(seq, token, entry)
             self.stats.tokens_generated += 1
             r.next_token = token
@@ -851,4 +866,13 @@ def _penalise(row: _Row, logits: torch.Tensor) -> torch.Tensor:
     if row.present is not None:
         penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(row.present, penalised, logits)
+    return logits
+
+
+def _constrain(logits: torch.Tensor, constraints: list) -> torch.Tensor:
+    """``logits`` [B, V] with each row's grammar applied (rows whose constraint is None are left alone)."""
+    logits = logits.clone()
+    for i, constraint in enumerate(constraints):
+        if constraint is not None:
+            logits[i] = constraint.mask(logits[i])
     return logits

@@ -8,11 +8,13 @@ Types are strict, as OpenAI's API is: ``"max_tokens": "3"``, ``true`` or ``3.0``
 accepted where a number is expected). Every number has the safe range of
 ``xiaolm.infer.limits.SAMPLING_LIMITS`` (``seed`` a 64-bit signed integer; Infinity and NaN, which Python's JSON
 parser accepts, are refused), the table the CLI checks its flags against too. Fields that change what a client gets
-back and that we do not implement (``tools``, ``response_format``, ``logit_bias``, ... : ``UNSUPPORTED``) are a 400
+back and that we do not implement (``response_format``, ``logit_bias``, ... : ``UNSUPPORTED``) are a 400
 naming the field, as vLLM does, unless they hold their no-op value; other unknown fields are tolerated and ignored
 (``extra="allow"``), so clients that send newer harmless options still get an answer. A few extensions that vLLM and
 llama.cpp also accept are honoured: ``top_k``, ``repetition_penalty`` and ``ignore_eos``.
-``logprobs`` / ``top_logprobs``, ``frequency_penalty`` and ``presence_penalty`` are OpenAI's.
+``logprobs`` / ``top_logprobs``, ``frequency_penalty`` and ``presence_penalty`` are OpenAI's. Tools are OpenAI's
+(``tools``, ``tool_choice``, ``parallel_tool_calls``; assistant ``tool_calls`` and ``tool`` turns in ``messages``), and
+thinking is switched as vLLM does it (``chat_template_kwargs.enable_thinking``); see ``serve/tools.py``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
 # Fields we do not implement that change the answer a client expects, with the values that mean "not used".
 UNSUPPORTED: dict[str, tuple] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
     "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
@@ -69,10 +70,48 @@ class TextPart(_Tolerant):
     text: Optional[str] = None
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(_Tolerant):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Tolerant):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Tolerant):
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Tolerant):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Tolerant):
+    name: str
+
+
+class NamedToolChoice(_Tolerant):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Tolerant):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant turn that called tools
+    tool_call_id: Optional[str] = None  # a tool turn: which call it answers
+    reasoning_content: Optional[str] = None  # an assistant turn's thinking (vLLM's field)
 
     def text(self) -> str:
         """The message's text; a list of content parts is joined, and a non-text part is an error."""
@@ -133,6 +172,10 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Optional[int] = None  # the newer name for max_tokens
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: enable_thinking
 
     @field_validator("max_tokens", "max_completion_tokens", "top_logprobs")
     @classmethod
