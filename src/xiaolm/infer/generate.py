@@ -7,8 +7,8 @@ still turn into a stop string.
 """
 from __future__ import annotations
 
-import math
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -16,6 +16,7 @@ import torch
 
 from xiaolm.config import opt
 from xiaolm.infer.cache import new_cache
+from xiaolm.infer.limits import limit_problem
 
 # ------------------------------------------------------------------------------------------------ sampling
 
@@ -42,18 +43,24 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     return torch.where(present, penalised, logits)
 
 
-def sample_next(
+def sample_rows(
     logits: torch.Tensor,
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+    """Next token ids [B] from last-position logits [B, V]; -1 for a row whose numbers went bad (a NaN or an
+    infinite logit, or no token left with any probability), so a batch can fail that row alone.
+
+    ``temperature`` 0 or ``top_p`` 0 is greedy. A bad row is given a harmless distribution before drawing, so the
+    other rows draw exactly what they would have drawn without it."""
     logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+    if temperature <= 0 or top_p <= 0:
+        ok = ~(logits.isnan() | logits.isposinf()).any(-1) & logits.isfinite().any(-1)
+        return torch.where(ok, logits.argmax(dim=-1), -1)
     logits = logits / temperature
+    ok = ~(logits.isnan() | logits.isposinf()).any(-1)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,7 +72,26 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    ok &= probs.isfinite().all(-1) & (probs.sum(-1) > 0)
+    if not bool(ok.all()):
+        probs = torch.where(ok[:, None], probs, torch.ones_like(probs))
+    return torch.where(ok, torch.multinomial(probs, 1, generator=generator).squeeze(1), -1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]; raises ``FloatingPointError`` naming the rows whose
+    numbers went bad (``sample_rows`` reports them instead)."""
+    tokens = sample_rows(logits, temperature, top_k, top_p, generator)
+    bad = (tokens < 0).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"sampling failed for row(s) {bad}: their logits are NaN or infinite")
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------ core loop
@@ -91,6 +117,7 @@ def generate_ids(
     compile_step: bool = False,
     logits_processor: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
     on_eos: Optional[Callable[[int, int], None]] = None,
+    on_bad_row: Optional[Callable[[int], None]] = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
 
@@ -101,6 +128,8 @@ def generate_ids(
     ``logits_processor(logits [B, V] float32, outputs)`` sees each step's raw logits first and returns the logits
     to sample from (the server records log-probabilities and applies frequency/presence penalties there).
     ``on_eos(row, id)`` is called when a row ends at an end-of-text token (which is not part of its output).
+    A row whose numbers go bad (NaN or infinite logits) raises ``FloatingPointError``; with ``on_bad_row(row)`` it
+    ends there instead and the other rows go on as if it were not there.
     """
     if not prompts:
         return []
@@ -144,10 +173,17 @@ def generate_ids(
         if logits_processor is not None:
             logits = logits_processor(logits, outputs)
         logits = apply_repetition_penalty(logits, context, repetition_penalty, context_mask if padded else None)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = sample_rows(logits, temperature, top_k, top_p, generator)
         tokens = nxt.tolist()  # the one host sync per step: the host decides who stops (eos, stop strings)
+        bad = [i for i, tok in enumerate(tokens) if tok < 0 and not done[i]]
+        if bad and on_bad_row is None:
+            raise FloatingPointError(f"sampling failed for row(s) {bad}: their logits are NaN or infinite")
         for i, tok in enumerate(tokens):
             if done[i]:
+                continue
+            if tok < 0:
+                done[i] = True
+                on_bad_row(i)
                 continue
             if tok in eos_set:
                 done[i] = True
@@ -170,8 +206,20 @@ def generate_ids(
     return outputs
 
 
-_COMPILED: dict = {}
-_STATIC_CACHES: dict = {}
+_STATE_ATTR = "_xiaolm_decode_state"
+MAX_STATIC_CACHES = 8  # per model: batch sizes x power-of-two lengths kept for the compiled step
+
+
+def _decode_state(model) -> dict:
+    """The compiled decode step and static caches of ``model``, kept on the model itself so they go when it goes
+    (module-level dicts keyed by ``id(model)`` kept every model that ever generated alive, and could hand a new
+    model at a reused id another model's step). ``owner`` catches a ``copy.deepcopy`` of the model, whose copied
+    attribute would still point at the original's step."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None or state["owner"]() is not model:
+        state = {"owner": weakref.ref(model), "compiled": None, "caches": {}}
+        object.__setattr__(model, _STATE_ATTR, state)  # plain attribute: not a submodule, not in the state_dict
+    return state
 
 
 def _reused_static_cache(model, batch: int, need: int):
@@ -183,12 +231,13 @@ def _reused_static_cache(model, batch: int, need: int):
     """
     limit = model.config.max_position_embeddings
     size = min(max(64, 1 << (need - 1).bit_length()), max(limit, need))
-    key = (id(model), batch, size, model.model.embed_tokens.weight.dtype, str(model.device))
-    cache = _STATIC_CACHES.get(key)
+    caches = _decode_state(model)["caches"]
+    key = (batch, size, model.model.embed_tokens.weight.dtype, str(model.device))
+    cache = caches.get(key)
     if cache is None:
-        if len(_STATIC_CACHES) >= 8:      # bounded: drop the oldest
-            _STATIC_CACHES.pop(next(iter(_STATIC_CACHES)))
-        cache = _STATIC_CACHES[key] = new_cache(model, batch, size, static=True)
+        if len(caches) >= MAX_STATIC_CACHES:  # bounded: drop the oldest
+            caches.pop(next(iter(caches)))
+        cache = caches[key] = new_cache(model, batch, size, static=True)
     else:
         cache.reset()
     return cache
@@ -202,11 +251,11 @@ def _decode_step(model, compile_step: bool):
 
     if not compile_step:
         return step
-    key = id(model)
-    if key not in _COMPILED:
+    state = _decode_state(model)
+    if state["compiled"] is None:
         mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-        _COMPILED[key] = torch.compile(step, mode=mode, dynamic=False)
-    return _COMPILED[key]
+        state["compiled"] = torch.compile(step, mode=mode, dynamic=False)
+    return state["compiled"]
 
 
 # ------------------------------------------------------------------------------------------------ text level
@@ -218,14 +267,17 @@ class StreamDecoder:
     Characters come from the shared incremental detokenizer (``xiaolm.tokenizer.detok.Detokenizer``: an incomplete
     UTF-8 tail waits for the token that completes it, a sequence that can never complete is dropped and counted);
     a tail that might be the beginning of a stop string is held back too. ``finish()`` flushes the rest and drops an
-    incomplete character the generation ended inside (counted in ``dropped_bytes``).
+    incomplete character the generation ended inside (counted in ``dropped_bytes``). ``keep_ids``: special tokens
+    whose text is kept (the detokenizer drops special tokens).
     """
 
-    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+    def __init__(self, tokenizer, stop: Iterable[str] = (), keep_ids: Iterable[int] = ()):
         from xiaolm.tokenizer.detok import Detokenizer
 
         self.detok = Detokenizer(tokenizer)
         self.stop = [s for s in stop if s]
+        # special tokens that stay in the text (the thinking and tool-call markers: their parser reads them)
+        self.kept = {i: tokenizer.decode([i]) for i in keep_ids}
         self.ids: list[int] = []
         self.full = ""                   # every completed character so far
         self.cut: Optional[int] = None   # where the first stop string starts in ``full``
@@ -256,7 +308,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        self._append(self.detok.push(token_id))
+        self._append(self.kept[token_id] if token_id in self.kept else self.detok.push(token_id))
         text = self.text()
         safe = len(text)
         if not self.stopped:
@@ -281,9 +333,6 @@ class StreamDecoder:
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
-
-
 def plain_prompt_ids(tokenizer, text: str) -> list[int]:
     """A plain (non-chat) prompt: ``<|endoftext|>`` first, since every training document starts after one, then the
     text encoded as text (a literal ``<|im_start|>`` in it stays text). ``xiaolm generate`` and the server's
@@ -301,19 +350,17 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
 
 
 def sampling_problem(s: SamplingConfig) -> Optional[str]:
-    """What is wrong with sampling settings given as flags (one line naming the flag), or None."""
-    if s.max_new_tokens < 1:
-        return f"--max-new-tokens must be at least 1, got {s.max_new_tokens}"
-    if not (math.isfinite(s.temperature) and s.temperature >= 0):
-        return f"--temperature must be 0 (greedy) or more, got {s.temperature}"
-    if not 0 < s.top_p <= 1:
-        return f"--top-p must be in (0, 1], got {s.top_p}"
-    if s.top_k < 0:
-        return f"--top-k must be 0 (off) or more, got {s.top_k}"
-    if not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
-        return f"--repetition-penalty must be more than 0 (1 is off), got {s.repetition_penalty}"
-    if s.seed is not None and not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
-        return f"--seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {s.seed}"
+    """What is wrong with sampling settings given as flags (one line naming the flag), or None. The ranges are
+    ``SAMPLING_LIMITS``', the server's too."""
+    checks = [("max_tokens", "--max-new-tokens", s.max_new_tokens), ("temperature", "--temperature", s.temperature),
+              ("top_p", "--top-p", s.top_p), ("top_k", "--top-k", s.top_k),
+              ("repetition_penalty", "--repetition-penalty", s.repetition_penalty)]
+    if s.seed is not None:
+        checks.append(("seed", "--seed", s.seed))
+    for name, flag, value in checks:
+        problem = limit_problem(name, value, flag)
+        if problem:
+            return problem
     return None
 
 
@@ -362,18 +409,20 @@ def generate_samples(
     prompt_ids: Optional[list[list[int]]] = None,
     eos_ids: Optional[Iterable[int]] = None,
     use_cache: bool = True,
+    keep_ids: Iterable[int] = (),
 ) -> list[Generated]:
     """Continue each prompt; returns a ``Generated`` per prompt (prompt excluded).
 
     ``stream(row, delta)`` receives printable text as it is produced. ``prompt_ids`` overrides the encoding of
-    ``prompts`` (e.g. a chat template already rendered and encoded).
+    ``prompts`` (e.g. a chat template already rendered and encoded). ``keep_ids``: special tokens that stay in the
+    text (the thinking and tool-call markers, for a caller that parses them).
     """
     s = sampling or SamplingConfig()
     ids = prompt_ids if prompt_ids is not None else [plain_prompt_ids(tokenizer, p) for p in prompts]
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(s.seed)
-    decoders = [StreamDecoder(tokenizer, s.stop) for _ in ids]
+    decoders = [StreamDecoder(tokenizer, s.stop, keep_ids) for _ in ids]
     at_eos = [False] * len(ids)
 
     def on_token(row: int, tok: int) -> None:
