@@ -92,4 +92,6 @@ def test_old_and_reference_log_probs_in_the_trainers_precision_under_bf16(tmp_pa
     assert main([*_args(tiny_run, instruct_dir, out), "--max-steps", "1", "--updates-per-batch", "2",
                  "--precision", "bf16", "--eval-every", "0"]) == 0
     first = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"][0]
-    assert first["kl"] == 0.0 and first["ratio"] == 1.0
+    # float32 reference/old log-probs against a bf16 policy put KL at ~1e-5 (logged to 6 digits); in one precision
+    # only bf16 rounding of differently padded batches remains (~1e-6 on the ratio)
+    assert first["kl"] == 0.0 and abs(first["ratio"] - 1) < 1e-5
