@@ -73,7 +73,7 @@ def test_compiled_step_equals_eager_loss_and_gradients(device):
 def test_flex_document_mask_equals_dense_sdpa_mask_forward_and_backward(device):
     """FlexAttention's block mask for packed documents == the dense boolean mask through SDPA (GQA included)."""
     a, b = tiny_model(device), tiny_model(device)
-    b.attn_impl = "flex"
+    a.attn_impl, b.attn_impl = "sdpa", "flex"  # the dense reference vs the block mask
     T = 128 if device == "cuda" else 64
     x = rows(2, T).to(device)
     doc_ids = torch.cumsum((torch.rand(2, T, generator=torch.Generator().manual_seed(1)) < 0.05).long(), 1)
@@ -98,7 +98,7 @@ def test_flex_document_mask_equals_dense_sdpa_mask_forward_and_backward(device):
 def test_compiled_flex_document_mask_training_step_equals_eager_dense(device):
     """pretrain --compile --doc-mask --attn-impl flex: the block mask is built inside the compiled forward."""
     a, b = tiny_model(device), tiny_model(device)
-    b.attn_impl = "flex"
+    a.attn_impl, b.attn_impl = "sdpa", "auto"  # auto picks FlexAttention on CUDA
     compiled = torch.compile(b)
     x = rows(2, 256).to(device)
     doc_ids = torch.cumsum((torch.rand(2, 256, generator=torch.Generator().manual_seed(2)) < 0.03).long(), 1).to(device)

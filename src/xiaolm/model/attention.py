@@ -53,10 +53,11 @@ _COMPILED_FLEX = {}
 
 
 def flex(q, k, v, block_mask, gqa: bool, compiled: Optional[bool] = None):
-    """FlexAttention. Inside a compiled model it is traced into the model's graph; called eagerly on a GPU (the
-    evaluation pass runs the uncompiled model) it goes through one compiled kernel with automatic dynamic shapes,
-    so a new batch size or length (evaluation, the last partial batch) compiles once more at most, not per shape.
-    Elsewhere the eager implementation (it materialises the scores; the CPU's reference path)."""
+    """FlexAttention. Inside a compiled model it is traced into the model's graph (no second compile wrapper);
+    called eagerly on a GPU (the evaluation pass runs the uncompiled model) it goes through one compiled kernel
+    specialised to the shape (``dynamic=False``: inductor's dynamic-shape flex kernel fails to build on CPU in
+    torch 2.13, so static shapes are the tested path); the callers keep the shapes few (the evaluator pads its last
+    batch to full size). Elsewhere the eager implementation (it materialises the scores; the CPU's reference)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if compiled is None:
@@ -64,7 +65,7 @@ def flex(q, k, v, block_mask, gqa: bool, compiled: Optional[bool] = None):
     if not compiled:
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if "fn" not in _COMPILED_FLEX:
-        _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=None)
+        _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX["fn"](q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
