@@ -69,11 +69,11 @@ class Plan:
 # torch.compile of one of these models takes tens of seconds, forward and backward).
 FULL = Plan(
     budget=480, device="cuda", stories=100_000, vocab=8192, preset="24m", seq_len=512, micro_batch=64,
-    pretrain_s=110, compile_reserve_s=40, instructions=100, eval_new_tokens=128,
+    pretrain_s=100, compile_reserve_s=40, instructions=100, eval_new_tokens=128,
     train_args=["--shapes", "58m-v64k", "--headline", "--steps", "8", "--warmup", "3", "--rounds", "1"],
     generate_args=["--batches", "1", "64", "--new-tokens", "128", "--reps", "2"],
     speedrun_args=["--track", "gpu", "--variants", "adamw-cosine,recipe", "--steps", "150", "--eval-every", "50"],
-    boxes={"env": 15, "data": 120, "train_headline": 105, "quickstart": 120, "pytest_gpu": 75, "decode": 45,
+    boxes={"env": 15, "data": 120, "train_headline": 115, "quickstart": 110, "pytest_gpu": 75, "decode": 45,
            "sft": 40, "eval_instruct": 25, "speedrun": 40, "profile": 15},
 )
 QUICK = Plan(

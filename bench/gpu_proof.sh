@@ -11,7 +11,7 @@
 # hanging step is killed at its box and the next one starts):
 #   env (versions, a measured bf16 matmul) -> train_headline (bench/train_throughput.py --headline on 58m-v64k:
 #   transformers compiled vs ours compiled, two cold compiles) -> quickstart (pretrain the 24m preset at 512 context,
-#   batch 64, for ~110 s with configs/tinystories-zh.yaml's settings on a corpus built on the CPU cores meanwhile:
+#   batch 64, for ~100 s with configs/tinystories-zh.yaml's settings on a corpus built on the CPU cores meanwhile:
 #   val bits/char, tokens/s, MFU, peak memory, 5 stories with rep-4 and distinct-2) -> pytest -m gpu (per-test
 #   timeout) -> decode (bench/generate_throughput.py at batch 1 and 64) -> SFT (a finite schedule sized to its box)
 #   -> eval instruct -> bench/speedrun.py --track gpu (the recipe vs the old defaults) -> profile (--profile).
