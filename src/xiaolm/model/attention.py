@@ -5,8 +5,9 @@
 - ``auto`` (default): the fastest exact kernel for the device and the mask. No mask: SDPA with ``is_causal=True``
   and no mask tensor (the flash kernel on a GPU). Packed documents (``doc_ids``) on CUDA: FlexAttention with a block
   mask built once per forward pass and shared by every layer (fully masked blocks are skipped). Packed documents on
-  the CPU: SDPA with the dense boolean mask (measured faster there than eager or compiled FlexAttention, which also
-  has no CPU backward). Padding and decode caches: SDPA with the dense mask.
+  the CPU: SDPA with the dense boolean mask, the only CPU kernel with a backward (bench/attention_kernels.py: eager
+  FlexAttention is ~5-20x slower forward; compiled FlexAttention is within the load noise of a shared 2-core
+  machine, forward only, after a compile of tens of seconds). Padding and decode caches: SDPA with the dense mask.
 - ``sdpa``: SDPA with the dense boolean mask whenever anything is masked: the reference the others are tested
   against.
 - ``flex``: FlexAttention for packed documents on any device (CPU: forward only, torch has no CPU backward).
