@@ -73,7 +73,7 @@ FULL = Plan(
     train_args=["--shapes", "58m-v64k", "--headline", "--steps", "8", "--warmup", "3", "--rounds", "1"],
     generate_args=["--batches", "1", "64", "--new-tokens", "128", "--reps", "2"],
     speedrun_args=["--track", "gpu", "--variants", "adamw-cosine,recipe", "--steps", "150", "--eval-every", "50"],
-    boxes={"env": 15, "data": 120, "train_headline": 115, "quickstart": 110, "pytest_gpu": 75, "decode": 45,
+    boxes={"env": 15, "data": 150, "train_headline": 115, "quickstart": 110, "pytest_gpu": 75, "decode": 45,
            "sft": 40, "eval_instruct": 25, "speedrun": 40, "profile": 15},
 )
 QUICK = Plan(
