@@ -1,7 +1,8 @@
 """The xiaolm model: a Llama-style decoder in one file.
 
 Pre-norm RMSNorm, rotary position embeddings (Hugging Face's ``rotate_half`` convention), grouped-query attention
-through the kernel ``xiaolm.model.attention`` picks (flash or FlexAttention on GPU), a SwiGLU MLP, no biases, tied or untied embeddings.
+through the kernel ``xiaolm.model.attention`` picks (flash or FlexAttention on GPU), a SwiGLU MLP, no biases, tied or
+untied embeddings.
 
 Parameter names and config field names are those of ``transformers.LlamaForCausalLM`` / ``LlamaConfig``, so a
 state dict exports to Hugging Face as a copy and imports from it the same way.
