@@ -275,7 +275,8 @@ ALLOWED_PRIVATE = {
 # The newest public torch APIs xiaolm relies on, and the release that introduced each: the declared floor is the
 # newest of them.
 NEWEST_PUBLIC = {"get_total_norm": "2.6", "fully_shard": "2.6", "flex_attention": "2.5", "enable_gqa": "2.5"}
-_PRIVATE = re.compile(r"\btorch(?:\.\w+)*\._\w+(?:\.\w+)*|from torch(?:\.\w+)*\._\w+|from torch[\w.]* import _\w+")
+_PRIVATE = re.compile(  # a leading underscore, not a dunder such as torch.__version__
+    r"\btorch(?:\.\w+)*\._(?!_)\w+(?:\.\w+)*|from torch(?:\.\w+)*\._(?!_)\w+|from torch[\w.]* import _(?!_)\w+")
 
 
 def test_private_torch_apis_are_few_isolated_and_never_imported_at_module_load():
