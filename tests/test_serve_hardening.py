@@ -21,7 +21,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from xiaolm.infer.generate import chat_prompt_ids, plain_prompt_ids  # noqa: E402
-from xiaolm.serve.app import LOOPBACK_HOSTS, BackgroundServer, create_app  # noqa: E402
+from serve_harness import BackgroundServer  # noqa: E402
+from xiaolm.serve.app import create_app  # noqa: E402
+from xiaolm.serve.guard import LOOPBACK_HOSTS  # noqa: E402
 from xiaolm.tokenizer.core import SPECIAL_TOKENS  # noqa: E402
 
 from conftest import stop_process  # noqa: E402

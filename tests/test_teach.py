@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("fastapi")
 
 from xiaolm.cli import main  # noqa: E402
-from xiaolm.serve.app import BackgroundServer, create_app  # noqa: E402
+from serve_harness import BackgroundServer  # noqa: E402
+from xiaolm.serve.app import create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

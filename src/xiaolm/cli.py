@@ -48,7 +48,7 @@ VERBS: dict[str, object] = {
         "gguf": ("write a GGUF file for llama.cpp / Ollama", "xiaolm.export.gguf:main"),
     },
     "quantize": ("weight-only int8 / int4 quantisation", "xiaolm.infer.quantize:main"),
-    "serve": ("OpenAI-compatible HTTP server with a web chat page", "xiaolm.serve.app:main"),
+    "serve": ("OpenAI-compatible HTTP server with a web chat page", "xiaolm.serve.main:main"),
 }
 
 
