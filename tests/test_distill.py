@@ -256,3 +256,16 @@ def test_sft_distillation_moves_the_student_toward_the_teacher_and_takes_lora(sh
     # offline logits follow pretraining windows: SFT refuses them
     assert main(["sft", str(base), "--data", str(data), "--teacher-logits", str(tmp_path), "--out",
                  str(tmp_path / "x")]) != 0
+
+
+def test_a_quantised_teacher_distils_like_its_float_original(shards_dir, tiny_run, tmp_path):
+    """A quantised directory is a teacher too: int8 weights give nearly the float teacher's first-step KL."""
+    qdir = tmp_path / "q8"
+    assert main(["quantize", str(tiny_run), "--bits", "8", "--out", str(qdir)]) == 0
+    kls = []
+    for name, teacher in (("float", tiny_run), ("int8", qdir)):
+        out = tmp_path / name
+        assert _pretrain(shards_dir, out, "--max-steps", "1", "--log-every", "1", "--eval-every", "0",
+                         "--teacher", str(teacher), "--distill-alpha", "0") == 0
+        kls.append(_train_records(out)[0]["kl"])
+    assert kls[0] > 1.0 and abs(kls[0] - kls[1]) < 0.02 * kls[0], kls
