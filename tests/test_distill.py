@@ -269,3 +269,29 @@ def test_a_quantised_teacher_distils_like_its_float_original(shards_dir, tiny_ru
                          "--teacher", str(teacher), "--distill-alpha", "0") == 0
         kls.append(_train_records(out)[0]["kl"])
     assert kls[0] > 1.0 and abs(kls[0] - kls[1]) < 0.02 * kls[0], kls
+
+
+def test_online_teacher_under_bf16_autocast_with_the_chunked_loss(shards_dir, tiny_run, tmp_path):
+    """The GPU path's logic on the CPU: bf16 autocast (teacher and student) with the loss chunked over rows gives the
+    fp32 unchunked run's first-step KL and CE to bf16 accuracy."""
+    got = {}
+    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16", "--loss-chunk-size", "100"])):
+        out = tmp_path / name
+        assert _pretrain(shards_dir, out, "--max-steps", "1", "--log-every", "1", "--eval-every", "0",
+                         "--teacher", str(tiny_run), *extra) == 0
+        got[name] = _train_records(out)[0]
+    for key in ("kl", "ce", "loss"):
+        assert abs(got["bf16"][key] - got["fp32"][key]) < 0.03 * got["fp32"][key], (key, got)
+
+
+@pytest.mark.gpu
+def test_teacher_clock_on_cuda_times_without_a_sync_per_step():
+    from xiaolm.train.distill import _TeacherClock
+
+    clock = _TeacherClock("cuda")
+    x = torch.randn(2048, 2048, device="cuda")
+    for _ in range(300):  # more than the 256 pending pairs it folds at
+        begun = clock.start()
+        x = (x @ x).tanh()
+        clock.stop(begun)
+    assert clock.calls == 300 and clock.total() > 0 and not clock._pending
