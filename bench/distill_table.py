@@ -95,25 +95,32 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
               "--seed", "0", "--eval-every", "0", "--eval-tokens", "4096", "--no-progress", "--no-tensorboard",
               "--device", args.device, "--log-every", "5"]
     teacher = work / f"{name}-teacher"
-    xiaolm(["pretrain", *common, "--preset", args.teacher_preset, "--max-steps", str(args.teacher_steps),
-            "--sample-tokens", "1", "--out", str(teacher)], log, commands)
+    if not (teacher / "summary.json").is_file():  # --work of an earlier run: its teacher (and logits) are reused
+        xiaolm(["pretrain", *common, "--preset", args.teacher_preset, "--max-steps", str(args.teacher_steps),
+                "--sample-tokens", "1", "--out", str(teacher)], log, commands)
     t_score = score(teacher, shards, heldout, args, log, commands)
     print(f"  {name}: teacher {args.teacher_preset} {args.teacher_steps} steps: {t_score}", flush=True)
     logits = work / f"{name}-teacher-logits"
-    xiaolm(["data", "teacher-logits", "--shards", str(shards), "--teacher", str(teacher), "--seq-len",
-            str(args.seq_len), "--top-k", str(args.top_k), "--device", args.device, "--out", str(logits)], log, commands)
+    if not (logits / "teacher_logits.json").is_file():
+        xiaolm(["data", "teacher-logits", "--shards", str(shards), "--teacher", str(teacher), "--seq-len",
+                str(args.seq_len), "--top-k", str(args.top_k), "--device", args.device, "--out", str(logits)],
+               log, commands)
     lmeta = json.loads((logits / "teacher_logits.json").read_text())
     distil = ["--distill-alpha", str(args.alpha), "--distill-temperature", str(args.temperature)]
     variants = {"plain": [], "online": ["--teacher", str(teacher), *distil],
                 "offline": ["--teacher-logits", str(logits), *distil]}
+    variants = {k: v for k, v in variants.items() if k == "plain" or k in args.variants.split(",")}
     every = max(1, args.steps // args.points)
     points = sorted({*range(every, args.steps, every), args.steps})
     rows = []
     for vname, flags in variants.items():
-        run = work / f"{name}-{vname}"
-        xiaolm(["pretrain", *common, "--preset", args.student_preset, "--max-steps", str(args.steps),
-                "--save-every", str(every), "--keep-last", str(len(points) + 1), "--sample-tokens", "48",
-                *flags, "--out", str(run)], log, commands)
+        run = work / f"{name}-{vname}{'' if vname == 'plain' else args.run_suffix}"
+        if vname == "plain" and (run / "summary.json").is_file():  # reused from an earlier run in --work
+            flags = None
+        if flags is not None:
+            xiaolm(["pretrain", *common, "--preset", args.student_preset, "--max-steps", str(args.steps),
+                    "--save-every", str(every), "--keep-last", str(len(points) + 1), "--sample-tokens", "48",
+                    *flags, "--out", str(run)], log, commands)
         secs = elapsed_at(run)
         extra_s = lmeta["wall_s"] if vname == "offline" else 0.0
         curve = []
@@ -173,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--variants", default="plain,online,offline")
+    ap.add_argument("--run-suffix", default="", help="appended to the distilled runs' directories (a sweep in one "
+                                                     "--work reuses its teacher, logits and plain student)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="/tmp/xiaolm-distill-cache")
     ap.add_argument("--novels-cache", default="/tmp/xiaolm-heldout-cache", help="bench/heldout_by_work.py's cache")
