@@ -295,3 +295,27 @@ def test_teacher_clock_on_cuda_times_without_a_sync_per_step():
         x = (x @ x).tanh()
         clock.stop(begun)
     assert clock.calls == 300 and clock.total() > 0 and not clock._pending
+
+
+def test_two_processes_distil_like_one(offline, shards_dir, tmp_path):
+    """DDP: each rank reads its own windows' offline logits and the loss runs inside DDP's forward (head_loss), so
+    two processes match one process accumulating two micro-batches."""
+    import os
+    import subprocess
+    import sys
+
+    args = [a for a in TINY_PRETRAIN]
+    args[args.index("--seq-len") + 1] = "64"
+    common = ["--data", str(shards_dir), *args, "--max-steps", "4", "--log-every", "1", "--eval-every", "0",
+              "--micro-batch-size", "4", "--sample-tokens", "0", "--optimizer", "adamw", "--no-zero-init-residual",
+              "--teacher-logits", str(offline[0]), "--distill-alpha", "0.3"]
+    assert main(["pretrain", "--out", str(tmp_path / "one"), "--grad-accum-steps", "2", *common]) == 0
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         "-m", "xiaolm", "pretrain", "--out", str(tmp_path / "two"), "--grad-accum-steps", "1", *common],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _train_records(tmp_path / "one"), _train_records(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < 1e-5, (a, b)
