@@ -219,11 +219,11 @@ def main(argv=None) -> int:
                "load_avg_start": load_start, "load_avg_end": load_end, "device": args.device}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"distill-table-{stamp}{'-' + args.tag if args.tag else ''}"
-    base.with_suffix(".json").write_text(json.dumps({
+    stem = f"distill-table-{stamp}{'-' + args.tag if args.tag else ''}"
+    (out / f"{stem}.json").write_text(json.dumps({
         "date_utc": stamp, "commit": commit_id(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
         "spec": vars(args), "rows": rows, "commands": commands}, ensure_ascii=False, indent=1), encoding="utf-8")
-    base.with_suffix(".md").write_text("\n".join([
+    (out / f"{stem}.md").write_text("\n".join([
         f"# Distillation table, {stamp} UTC (commit {commit_id()}) - loaded machine", "",
         f"Command: `python bench/distill_table.py {' '.join(sys.argv[1:])}`. Teacher {args.teacher_preset} "
         f"({args.teacher_steps} steps), student {args.student_preset} ({args.steps} steps, batch {args.batch} x "
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         "writing once. 'tokens to plain's final': student tokens a run needs to reach the plain student's final "
         "bits/char (held-out novel for novels, val for stories); goal <= 0.7x.", "",
         *lines, ""]), encoding="utf-8")
-    print(f"wrote {base.with_suffix('.json')} and .md ({total_s:.0f} s)")
+    print(f"wrote {(out / f'{stem}.json')} and .md ({total_s:.0f} s)")
     return 0
 
 
