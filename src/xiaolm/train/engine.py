@@ -368,7 +368,7 @@ class Trainer:
         return ckpt
 
     # Run settings besides the model config that a resumed run must share with its checkpoint.
-    RESUME_KEYS = ("seq_len",)
+    RESUME_KEYS = ("seq_len", "distill")
 
     def _check_fits(self, ckpt: Path, meta: dict) -> None:
         have = getattr(self.tokenizer, "fingerprint", None)
