@@ -40,6 +40,8 @@ VERBS: dict[str, object] = {
         "ppl": ("loss, perplexity and bits per character on text or shards", "xiaolm.eval.ppl:main"),
         "instruct": ("instruction-following and repetition scores on held-out instructions", "xiaolm.eval.instruct:main"),
         "mc": ("multiple-choice accuracy (C-Eval / CMMLU CSV) by answer likelihood", "xiaolm.eval.mc:main"),
+        "passkey": ("long-context check: a number hidden in filler text, asked for back",
+                    "xiaolm.eval.context:passkey_main"),
     },
     "export": {
         "hf": ("write a Hugging Face LlamaForCausalLM directory", "xiaolm.export.hf:main"),

@@ -161,3 +161,26 @@ def rope_scaling_from_hf(conf: dict) -> tuple[Optional[dict], Optional[int]]:
     if kind in ("yarn", "llama3"):
         scaling.setdefault("original_max_position_embeddings", max_pos)  # transformers' default for these types
     return normalize_rope_scaling(scaling, max_pos), None
+
+
+def extend_context(model, context: int, rope_type: str, factor: Optional[float] = None) -> dict:
+    """Give ``model`` RoPE scaling for ``context`` positions, in place; returns the new ``rope_scaling``.
+
+    The original context is the one the model was pretrained with (kept from an earlier scaling, so extending twice
+    scales from the first length); ``factor`` defaults to ``context`` / original."""
+    from xiaolm.model.llama import RotaryEmbedding
+
+    cfg = model.config
+    original = (cfg.rope_scaling or {}).get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = float(factor) if factor is not None else context / original
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"--rope-scaling {rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+    if not factor >= 1:
+        raise ValueError(f"--rope-factor {factor:g} must be >= 1 (the context {context} is shorter than the model's "
+                         f"original {original})")
+    scaling = {"rope_type": rope_type, "factor": factor, "original_max_position_embeddings": int(original)}
+    cfg.rope_scaling = normalize_rope_scaling(scaling, context)
+    cfg.max_position_embeddings = max(int(context), cfg.max_position_embeddings)
+    device = model.model.embed_tokens.weight.device
+    model.model.rotary_emb = RotaryEmbedding.for_config(cfg).to(device)
+    return cfg.rope_scaling
