@@ -154,3 +154,30 @@ def test_eval_ppl_by_position_and_passkey(extended, tiny_run, tmp_path):
     assert len(rows) == 4 and all(0 <= row["exact"] <= 1 and 0 <= row["rank_of_ten"] <= 1 for row in rows)
     assert {row["length"] for row in rows} == {64, 200}
     assert all(abs(row["prompt_tokens"] - row["length"]) <= 16 for row in rows)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn", "llama3"])
+def test_llama_cpp_greedy_tokens_equal_ours_past_the_original_context(kind, tiny_run, shards_dir, tmp_path,
+                                                                        monkeypatch):
+    """The types llama.cpp supports (it has no dynamic NTK): its greedy tokens from a prompt longer than the
+    original 128 positions equal ours."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run builds it once)")
+    from test_export_interop import _llama_cpp
+    from xiaolm.infer.generate import generate_ids
+
+    run = tmp_path / kind
+    assert main(["pretrain", "--data", str(shards_dir), "--init-from", str(tiny_run), "--out", str(run),
+                 "--seq-len", "256", "--rope-scaling", kind, "--max-steps", "2", "--eval-every", "2",
+                 *_tiny_flags()]) == 0
+    f = tmp_path / f"{kind}.gguf"
+    assert main(["export", "gguf", str(run), str(f), "--type", "f32"]) == 0
+    model, tok, _ = load_model(run)
+    prompt = [tok.eot_id] + tok.encode("小明和他的小狗去公园玩。它们跑呀跑。" * 12)[:160]
+    ours = generate_ids(model, [prompt], 24, pad_id=tok.pad_id, temperature=0.0)[0]
+    llm = _llama_cpp(llama_cpp, monkeypatch, f, 256)
+    theirs: list[int] = []
+    for t in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+        if t == llm.token_eos() or len(theirs) == len(ours):
+            break
+        theirs.append(t)
+    assert theirs == ours
