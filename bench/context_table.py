@@ -66,8 +66,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--extend-fraction", type=float, default=0.05,
                     help="extension run's tokens as a fraction of pretraining's")
-    ap.add_argument("--extend-lr", type=float, default=3e-3, help="AdamW lr of the extension run (Muon's is the "
-                                                                   "recipe's)")
+    ap.add_argument("--extend-lr", type=float, default=3e-4,
+                    help="AdamW lr of the extension run (a continuation: well below pretraining's peak)")
+    ap.add_argument("--extend-muon-lr", type=float, default=1e-3, help="Muon lr of the extension run")
+    ap.add_argument("--base", default=None, help="reuse this base run (pretrained at --short) instead of training one")
+    ap.add_argument("--skip-untrained", action="store_true",
+                    help="leave out the rows of scaling types added without training")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=400_000)
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[256, 512, 1024])
@@ -92,26 +96,28 @@ def main(argv=None) -> int:
     try:
         sources = prepare_sources(shared, cache, log, commands)
         shards = build_fold(args.heldout, sources, cache, args.vocab, log, commands)
-        base, ext = work / "base", work / "extended"
-        xiaolm(["pretrain", "--data", str(shards), "--preset", args.preset, "--seq-len", str(args.short),
-                "--micro-batch-size", str(args.batch), "--max-steps", str(args.steps), "--eval-every", "0",
-                "--log-every", "50", "--sample-tokens", "1", "--no-progress", "--no-tensorboard", "--device",
-                args.device, "--out", str(base)], log, commands)
+        base, ext = (Path(args.base) if args.base else work / "base"), work / "extended"
+        if not args.base:
+            xiaolm(["pretrain", "--data", str(shards), "--preset", args.preset, "--seq-len", str(args.short),
+                    "--micro-batch-size", str(args.batch), "--max-steps", str(args.steps), "--eval-every", "0",
+                    "--log-every", "50", "--sample-tokens", "1", "--no-progress", "--no-tensorboard", "--device",
+                    args.device, "--out", str(base)], log, commands)
         base_tokens = args.steps * args.batch * args.short
         ext_batch = max(1, args.batch * args.short // args.long)  # the same tokens per step
         ext_steps = max(1, round(args.extend_fraction * base_tokens / (ext_batch * args.long)))
         xiaolm(["pretrain", "--data", str(shards), "--init-from", str(base), "--seq-len", str(args.long),
                 "--rope-scaling", "yarn", "--micro-batch-size", str(ext_batch), "--max-steps", str(ext_steps),
-                "--warmup-steps", str(max(1, ext_steps // 10)), "--lr", str(args.extend_lr), "--windows", "aligned",
+                "--warmup-steps", str(max(1, ext_steps // 10)), "--lr", str(args.extend_lr),
+                "--muon-lr", str(args.extend_muon_lr), "--windows", "aligned",
                 "--eval-every", "0", "--log-every", "10", "--sample-tokens", "1", "--no-progress",
                 "--no-tensorboard", "--device", args.device, "--out", str(ext)], log, commands)
         heldout = sources[args.heldout]
         rows = [{"model": "base, no scaling", **scored(base, heldout, args, log, commands, "base")}]
         print("  base scored", flush=True)
-        for s in SCALINGS:
+        for s in () if args.skip_untrained else SCALINGS:
             rows.append({"model": f"base + {s} (no training)", **scored(base, heldout, args, log, commands, s, s)})
             print(f"  base + {s} scored", flush=True)
-        rows.append({"model": f"extended: yarn, {ext_steps} steps x {ext_batch} x {args.long} "
+        rows.append({"model": f"extended: yarn, lr {args.extend_lr:g} / Muon {args.extend_muon_lr:g}, {ext_steps} steps x {ext_batch} x {args.long} "
                               f"({100 * ext_steps * ext_batch * args.long / base_tokens:.1f}% of pretraining)",
                      **scored(ext, heldout, args, log, commands, "extended")})
     except BenchError as exc:
