@@ -92,7 +92,8 @@ SHORT_FLAGS = {
         "--mc-subjects --merge --min-chars --min-cjk-fraction --min-frequency --min-sentence-chars --name "
         "--near --near-dedup --ngram --num-attention-heads --num-hidden-layers --num-key-value-heads "
         "--num-perm --overlong --packing --policy --ppl-tokens --preset --prompts-per-step --questions "
-        "--quiet --ref-batch-size --rope-theta --round-reference --rounds --sample-prompts "
+        "--quiet --ref-batch-size --rope-factor --rope-scaling --rope-theta --round-reference --rounds "
+        "--sample-prompts "
         "--sample-temperature --samples-per-story --scale-rewards --sft-weight --shard-tokens --simpo-gamma "
         "--sources --stories --strip-indent --task --threshold --tie-word-embeddings --to-simplified "
         "--too-long --top-ngram-size --train-eval-pairs --txt-mode --updates-per-batch --val-fraction "
@@ -105,7 +106,8 @@ SHORT_FLAGS = {
         "--keep-last --log-every --loss-chunk-size --lr --max-skipped-steps --max-steps --max-tokens "
         "--micro-batch-size --min-lr-ratio --muon-lr --muon-momentum --muon-weight-decay --num-attention-heads "
         "--num-hidden-layers --num-key-value-heads --on-nonfinite --optimizer --peak-flops --precision "
-        "--prefetch --preset --progress --prompts --resume --resume-from --rope-theta --sample-temperature "
+        "--prefetch --preset --progress --prompts --resume --resume-from --rope-factor --rope-scaling "
+        "--rope-theta --sample-temperature "
         "--sample-tokens --save-every --schedule --seed --seq-len --stop-at-step --teacher --teacher-logits "
         "--tensorboard --tie-word-embeddings --warmup-steps --weight-decay --windows --zero-init-residual"
     ),
@@ -151,6 +153,7 @@ SHORT_FLAGS = {
     "eval instruct": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "eval mc": "",
     "eval judge": "",
+    "eval passkey": "",
     "export hf": "",
     "export gguf": "",
     "quantize": "",

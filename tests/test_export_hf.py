@@ -240,8 +240,8 @@ def test_import_refuses_what_the_model_cannot_compute(hf_dir, tmp_path):
         (d / "config.json").write_text(json.dumps(conf))
         return d
 
-    with pytest.raises(HFImportError, match="rope scaling 'linear'"):
-        load_hf_llama(variant("scaled", rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    with pytest.raises(HFImportError, match="rope_type 'longrope' is not supported"):
+        load_hf_llama(variant("scaled", rope_scaling={"rope_type": "longrope", "factor": 2.0}))
     with pytest.raises(HFImportError, match="attention_bias"):
         load_hf_llama(variant("bias", attention_bias=True))
     with pytest.raises(HFImportError, match="only Llama"):

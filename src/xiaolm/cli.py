@@ -46,6 +46,8 @@ VERBS: dict[str, object] = {
         "mc": ("multiple-choice accuracy (C-Eval / CMMLU CSV) by answer likelihood", "xiaolm.eval.mc:main"),
         "judge": ("stories graded by a judge model (TinyStories' rubric, in Chinese) beside the corpus's own",
                   "xiaolm.eval.judge:main"),
+        "passkey": ("long-context check: a number hidden in filler text, asked for back",
+                    "xiaolm.eval.context:passkey_main"),
     },
     "export": {
         "hf": ("write a Hugging Face LlamaForCausalLM directory", "xiaolm.export.hf:main"),

@@ -34,6 +34,11 @@ class PplConfig:
                                "before it, as a model pretrained with --no-doc-mask was trained")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
+    by_position: int = opt(0, "also report bits/char in position buckets of this many tokens (e.g. 256), on windows "
+                              "cut from documents longer than --seq-len (long-context check; 0: off)")
+    rope_scaling: Optional[str] = opt(None, "evaluate with this RoPE scaling added, no training (linear, dynamic, yarn, "
+                                            "llama3); the context becomes --seq-len")
+    rope_factor: Optional[float] = opt(None, "its factor (default: --seq-len / the model's context)")
 
 
 def token_stream(data: list[str], tokenizer, split: str, field: str, max_tokens: int) -> tuple[np.ndarray, str]:
@@ -83,14 +88,30 @@ def main(argv: list[str]) -> int:
     if len(tokens) < 2:
         raise fail(f"{where}: no text to evaluate")
     seq_len = cfg.seq_len or model.config.max_position_embeddings
+    if cfg.by_position < 0:
+        raise fail(f"--by-position must be >= 0, got {cfg.by_position}")
+    from xiaolm.eval.context import apply_eval_scaling, bits_per_char_by_position, long_windows
+
+    apply_eval_scaling(model, seq_len, cfg.rope_scaling, cfg.rope_factor)
+    buckets = None
+    if cfg.by_position:
+        try:
+            windows = long_windows(tokens, tokenizer.eot_id, seq_len)
+        except ValueError as exc:
+            raise fail(f"{where}: {exc}") from None
+        buckets = bits_per_char_by_position(model, tokenizer, windows, cfg.by_position, cfg.batch_size)
     result = evaluate_ppl(model, tokenizer, tokens, seq_len, cfg.batch_size, cfg.doc_mask)
     result = {"model": str(info.path), "data": where, "loss": result["val_loss"], "perplexity": result["val_ppl"],
               "bits_per_char": result["val_bpc"], "bits_per_byte": result["val_bpb"], "tokens": result["val_tokens"],
               "chars_per_token": result["chars_per_token"], "seq_len": min(seq_len, len(tokens) - 1),
-              "doc_mask": cfg.doc_mask}
+              "doc_mask": cfg.doc_mask, "rope_scaling": model.config.rope_scaling}
+    if buckets is not None:
+        result["by_position"] = {"windows": len(windows), "buckets": buckets}
     if cfg.out:
         atomic_write_json(cfg.out, result)
     print(f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
           f"{result['bits_per_char']:.4f} bits/char, {result['bits_per_byte']:.4f} bits/byte "
           f"over {result['tokens']:,} tokens of {where}", file=sys.stdout)
+    for b in buckets or []:
+        print(f"  positions {b['start']:>5}-{b['end']:<5} {b['bits_per_char']:.4f} bits/char", file=sys.stdout)
     return 0

@@ -147,7 +147,42 @@ def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
         elif key.endswith("self_attn.k_proj.weight"):
             t = permute_for_gguf(t, cfg.num_key_value_heads)
         out.append((name, t.contiguous()))
+    factors = rope_freq_factors(cfg)
+    if factors is not None:
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors))
     return out
+
+
+def rope_freq_factors(cfg) -> Optional[torch.Tensor]:
+    """llama3 RoPE scaling as llama.cpp reads it: a ``rope_freqs`` tensor, each dimension's frequency divisor
+    (what ``convert_hf_to_gguf.py`` writes for Llama 3.1)."""
+    from xiaolm.model.rope import base_inv_freq, scaled_inv_freq
+
+    if cfg.rope_scaling is None or cfg.rope_scaling["rope_type"] != "llama3":
+        return None
+    scaled, _ = scaled_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return (base_inv_freq(cfg.head_dim, cfg.rope_theta) / scaled).float().contiguous()
+
+
+def add_rope_scaling(w, gguf, cfg, where: str) -> None:
+    """The rope scaling keys of llama.cpp (linear, yarn; llama3 travels as the ``rope_freqs`` tensor). llama.cpp
+    has no dynamic NTK, and computes YaRN's attention factor itself (0.1 ln(factor) + 1), so a dynamic model or a
+    YaRN with its own attention factor is refused rather than exported to compute something else."""
+    s = cfg.rope_scaling
+    if s is None or s["rope_type"] == "llama3":
+        return
+    if s["rope_type"] == "dynamic":
+        raise fail(f"{where}: llama.cpp has no dynamic NTK RoPE scaling; export it to Hugging Face (export hf), or "
+                   f"extend the model with --rope-scaling yarn, linear or llama3 for GGUF")
+    if s["rope_type"] == "yarn" and any(s.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim")):
+        raise fail(f"{where}: a YaRN attention_factor/mscale of its own is not what llama.cpp computes; GGUF export "
+                   f"supports YaRN with its default attention factor")
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if s["rope_type"] == "linear" else gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(s["factor"]))
+    w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+    if s["rope_type"] == "yarn":
+        w.add_rope_scaling_yarn_beta_fast(float(s["beta_fast"]))
+        w.add_rope_scaling_yarn_beta_slow(float(s["beta_slow"]))
 
 
 # ================================================================================================== writer
@@ -292,6 +327,7 @@ def _write_gguf(gguf, src, run, out: Path, tmp: Path, modelfile_path: Path, ftyp
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(float(cfg.rope_theta))
+    add_rope_scaling(w, gguf, cfg, str(run))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     # tokenizer
     eot_id = tokenizer.token_to_id(EOT)

@@ -1,6 +1,7 @@
 """Hugging Face Llama <-> our ``Llama``: config.json to ``LlamaConfig`` and back, and the state dict of a Hugging
-Face directory (safetensors or pytorch_model.bin, single or sharded). What our model cannot represent (rope scaling,
-attention or MLP biases, activations other than SiLU) is refused with a message that names the field."""
+Face directory (safetensors or pytorch_model.bin, single or sharded). What our model cannot represent (rope types
+other than linear, dynamic, yarn and llama3, attention or MLP biases, activations other than SiLU) is refused with a
+message that names the field."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,9 @@ def hf_config_dict(cfg, dtype: str, eos_id: int, bos_id: int, pad_id: int) -> di
     """config.json for ``LlamaForCausalLM``: every field explicit, readable by transformers 4.5x and 5.x."""
     import transformers
 
+    from xiaolm.model.rope import hf_rope_fields
+
+    rope = hf_rope_fields(cfg.rope_scaling, cfg.rope_theta, cfg.max_position_embeddings)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -26,12 +30,12 @@ def hf_config_dict(cfg, dtype: str, eos_id: int, bos_id: int, pad_id: int) -> di
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
+        "max_position_embeddings": rope["max_position_embeddings"],
         "initializer_range": cfg.initializer_range,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": float(cfg.rope_theta),
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "rope_scaling": rope["rope_scaling"],
+        "rope_parameters": rope["rope_parameters"],
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -78,12 +82,13 @@ def llama_config_from_hf(conf: dict, where: str = "config.json"):
     for key in ("attention_bias", "mlp_bias"):
         if conf.get(key):
             raise HFImportError(f"{where}: {key} = true is not supported (the model has no biases)")
+    from xiaolm.model.rope import rope_scaling_from_hf
+
     rope_params = conf.get("rope_parameters") or {}
-    scaling = conf.get("rope_scaling")
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else None
-    rope_type = rope_type or rope_params.get("rope_type", "default")
-    if rope_type not in (None, "default"):
-        raise HFImportError(f"{where}: rope scaling {rope_type!r} is not supported (only plain RoPE)")
+    try:
+        rope_scaling, scaled_context = rope_scaling_from_hf(conf)
+    except ValueError as exc:
+        raise HFImportError(f"{where}: {exc}") from None
     theta = conf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     hidden, heads = conf["hidden_size"], conf["num_attention_heads"]
 
@@ -102,8 +107,9 @@ def llama_config_from_hf(conf: dict, where: str = "config.json"):
             num_attention_heads=int(heads),
             num_key_value_heads=int(conf.get("num_key_value_heads") or heads),
             head_dim=int(conf.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(conf.get("max_position_embeddings", 2048)),
+            max_position_embeddings=scaled_context or int(conf.get("max_position_embeddings", 2048)),
             rope_theta=float(theta),
+            rope_scaling=rope_scaling,
             rms_norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(conf.get("tie_word_embeddings", False)),
             initializer_range=float(conf.get("initializer_range", 0.02)),
@@ -154,7 +160,7 @@ def _rebuild_rotary(model) -> None:
     from xiaolm.model.llama import RotaryEmbedding
 
     cfg = model.config
-    model.model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+    model.model.rotary_emb = RotaryEmbedding.for_config(cfg)
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         raise HFImportError(f"tensors without values after loading: {leftovers[:6]}")

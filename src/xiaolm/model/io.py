@@ -317,7 +317,7 @@ def load_quantized(path: str | Path, device: str = "cpu", with_tokenizer: bool =
     load_weights(model, sd, path, assign=True, absent=quant_keys)  # QuantizedLlama.tie_weights: built in
     if cfg.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # a float embedding stays tied the usual way
-    model.model.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta).to(device)
+    model.model.rotary_emb = RotaryEmbedding.for_config(cfg).to(device)
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         raise CheckpointError(f"{path}: tensors without values after loading: {leftovers[:6]}")

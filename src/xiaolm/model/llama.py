@@ -38,6 +38,9 @@ class LlamaConfig:
     head_dim: Optional[int] = None  # defaults to hidden_size // num_attention_heads
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
+    # transformers' layout: {"rope_type": linear|dynamic|yarn|llama3, "factor", "original_max_position_embeddings",
+    # ...}; None is plain RoPE (xiaolm.model.rope)
+    rope_scaling: Optional[dict] = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
@@ -59,6 +62,9 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        from xiaolm.model.rope import normalize_rope_scaling
+
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,30 +153,46 @@ class LlamaRMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables indexed by position ids (so left padding and per-document positions work)."""
+    """cos/sin tables indexed by position ids (so left padding and per-document positions work), with optional
+    RoPE scaling (``xiaolm.model.rope``: linear, dynamic NTK, YaRN, llama3, as transformers computes them)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: Optional[dict] = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        inv_freq, self.attention_scaling = self._inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.max_positions = max_positions
 
-    def _inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+    @classmethod
+    def for_config(cls, cfg: "LlamaConfig") -> "RotaryEmbedding":
+        return cls(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+
+    def _inv_freq(self) -> tuple[torch.Tensor, float]:
+        from xiaolm.model.rope import scaled_inv_freq
+
+        return scaled_inv_freq(self.head_dim, self.theta, self.scaling)
 
     def _apply(self, fn, recurse=True):
         # ``model.to(torch.bfloat16)`` (GPU serving) would round the frequencies to 8 bits of mantissa: position 500
         # would then rotate up to ~0.7 rad off the angle the model was trained with. They stay float32.
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:
-            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+            self.inv_freq = self._inv_freq()[0].to(self.inv_freq.device)
         return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # [B, T] -> cos, sin of shape [B, 1, T, head_dim]; computed in float32 like Hugging Face.
-        freqs = position_ids.float()[..., None] * self.inv_freq.float()
+        inv_freq = self.inv_freq.float()
+        if self.scaling is not None and self.scaling["rope_type"] == "dynamic":
+            from xiaolm.model.rope import dynamic_inv_freq
+
+            inv_freq = dynamic_inv_freq(self.head_dim, self.theta, self.scaling, position_ids.max() + 1)
+        freqs = position_ids.float()[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:  # YaRN's attention temperature, folded into q and k as transformers does
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +259,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rotary_emb = RotaryEmbedding.for_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ masks

@@ -47,6 +47,10 @@ class ModelSection:
     zero_init_residual: bool = opt(True, "start o_proj and down_proj at zero (each block the identity); "
                                           "ignored with --init-from")
     init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
+    rope_scaling: Optional[Literal["linear", "dynamic", "yarn", "llama3"]] = opt(
+        None, "with --init-from: extend the model's context to --seq-len by RoPE scaling (transformers' rope_type; "
+              "yarn is the usual choice for a context-extension run)")
+    rope_factor: Optional[float] = opt(None, "RoPE scaling factor (default: --seq-len / the original context)")
 
 
 @dataclass
@@ -291,9 +295,20 @@ def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer):
         if init_tok is not None and init_tok.fingerprint != tokenizer.fingerprint:
             raise fail(f"--init-from {m.init_from} uses tokenizer {init_tok.fingerprint}, the shards use "
                        f"{tokenizer.fingerprint}: tokenise the data with the model's tokenizer")
-        if model.config.max_position_embeddings < m.seq_len:
+        if m.rope_scaling:
+            from xiaolm.model.rope import extend_context
+
+            try:
+                scaling = extend_context(model, m.seq_len, m.rope_scaling, m.rope_factor)
+            except ValueError as exc:
+                raise fail(str(exc)) from None
+            log(f"context {scaling['original_max_position_embeddings']} -> {model.config.max_position_embeddings} "
+                f"tokens: RoPE scaling {scaling['rope_type']}, factor {scaling['factor']:g}")
+        elif model.config.max_position_embeddings < m.seq_len:
             model.config.max_position_embeddings = m.seq_len
         return model
+    if m.rope_scaling or m.rope_factor:
+        raise fail("--rope-scaling extends a pretrained model's context: use it with --init-from RUN")
     overrides = {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                              "num_attention_heads", "num_key_value_heads") if getattr(m, k)}
     mcfg = preset_config(
