@@ -101,7 +101,7 @@ SHORT_FLAGS = {
         "--hidden-size --init-from --intermediate-size --keep-last --log-every --loss-chunk-size --lr "
         "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
         "--muon-weight-decay --num-attention-heads --num-hidden-layers --num-key-value-heads --on-nonfinite "
-        "--optimizer --peak-flops --precision --prefetch --preset --progress --prompts --resume --resume-from "
+        "--optimizer --overwrite --peak-flops --precision --prefetch --preset --progress --prompts --resume --resume-from "
         "--rope-theta --sample-temperature --sample-tokens --save-every --schedule --seed --seq-len "
         "--stop-at-step --tensorboard --tie-word-embeddings --warmup-steps --weight-decay --windows "
         "--zero-init-residual"
@@ -110,14 +110,14 @@ SHORT_FLAGS = {
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
         "--grad-accum-steps --grad-clip --keep-last --log-every --loss-chunk-size --lr "
         "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
-        "--muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --resume "
+        "--muon-weight-decay --on-nonfinite --optimizer --overwrite --peak-flops --precision --prefetch --progress --resume "
         "--resume-from --save-every --schedule --seed --stop-at-step --tensorboard --warmup-steps --weight-decay"
     ),
     "reward": (
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
         "--grad-accum-steps --grad-clip --keep-last --log-every --lr --max-skipped-steps "
         "--max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum --muon-weight-decay "
-        "--on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --resume --resume-from "
+        "--on-nonfinite --optimizer --overwrite --peak-flops --precision --prefetch --progress --resume --resume-from "
         "--save-every --schedule --seed --stop-at-step --tensorboard --warmup-steps --weight-decay"
     ),
     "reward score": "",
@@ -126,7 +126,7 @@ SHORT_FLAGS = {
         "--eval-every --fsdp --grad-accum-steps --grad-clip --greedy --k --keep-last "
         "--limit --log-every --lr --markers --max-new-tokens --max-skipped-steps --max-steps --max-tokens "
         "--micro-batch-size --min-lr-ratio --min-margin --mode --muon-lr --muon-momentum --muon-weight-decay "
-        "--on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --repetition-penalty "
+        "--on-nonfinite --optimizer --overwrite --peak-flops --precision --prefetch --progress --repetition-penalty "
         "--repetition-weight --resume --resume-from --reward-model --reward-model-weight --save-every --schedule "
         "--scorer --seed --stop --stop-at-step --temperature --tensorboard --top-k --top-p --warmup-steps "
         "--weight-decay --word-credit"
@@ -135,7 +135,7 @@ SHORT_FLAGS = {
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
         "--grad-accum-steps --grad-clip --keep-last --log-every --lr --max-new-tokens "
         "--max-skipped-steps --max-steps --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
-        "--muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --progress --repetition-penalty "
+        "--muon-weight-decay --on-nonfinite --optimizer --overwrite --peak-flops --precision --progress --repetition-penalty "
         "--resume --resume-from --save-every --schedule --seed --stop --stop-at-step --temperature --tensorboard "
         "--top-k --top-p --warmup-steps --weight-decay"
     ),

@@ -354,3 +354,43 @@ def test_overwrite_never_empties_a_directory_that_is_not_a_run(shards_dir, tmp_p
     (mine / "thesis.txt").write_text("keep me")
     err = _refused(capsys, shards_dir, mine, "--max-steps", "2", "--overwrite")
     assert "not one" in err and (mine / "thesis.txt").read_text() == "keep me"
+
+
+def test_a_metrics_log_cut_mid_character_does_not_block_resume(short_run, shards_dir, tmp_path, capsys):
+    """A crash can cut an append-only log anywhere, even inside a character: --resume drops the incomplete last
+    line and says so in one line naming the file; the records before it are kept."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    metrics = run / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    cut = json.dumps({"kind": "train", "step": 4, "note": "中文"}, ensure_ascii=False).encode("utf-8")
+    metrics.write_bytes(whole + cut[: cut.index("中".encode()) + 1])  # one byte into a three-byte character
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"{metrics}: dropped an incomplete last line" in err
+    steps = [json.loads(x)["step"] for x in metrics.read_text(encoding="utf-8").splitlines()]
+    assert steps[-1] == 6 and steps == sorted(steps)
+
+
+def test_a_bad_byte_inside_a_jsonl_names_the_file_and_line(tmp_path):
+    from xiaolm.utils import read_jsonl, read_log_lines
+
+    f = tmp_path / "records.jsonl"
+    f.write_bytes(b'{"a": 1}\n{"b": "\xe4\xb8"}\n')
+    with pytest.raises(ValueError, match=f"{f}:2: not UTF-8"):
+        list(read_jsonl(f))
+    with pytest.raises(Exception, match=f"{f}:2: not UTF-8"):
+        read_log_lines(f)
+
+
+def test_teach_cache_cut_by_a_kill_is_repaired_before_appending(tmp_path, capsys):
+    from xiaolm.data.teach import Cache
+
+    path = tmp_path / "cache.jsonl"
+    good = json.dumps({"key": "a", "answer": "好"}, ensure_ascii=False) + "\n"
+    path.write_bytes(good.encode() + '{"key": "b", "answer": "好'.encode()[:-1])
+    cache = Cache(path)
+    cache.put({"key": "c", "answer": "行"})
+    cache.close()
+    assert "dropped an incomplete last line" in capsys.readouterr().err
+    assert [json.loads(x)["key"] for x in path.read_text(encoding="utf-8").splitlines()] == ["a", "c"]

@@ -35,6 +35,33 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).exists() for name in RUN_MARKERS)
 
 
+def _is_run_or_checkpoint(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() or ((path / "meta.json").is_file() and (path / "model_config.json").is_file())
+
+
+def inside_run(path: str | Path) -> bool:
+    """A RUNDIR, a checkpoint directory, a run's tokenizer/ or checkpoints/ folder, or anything inside those: no
+    export or quantised copy may be written there (a new folder beside them, RUNDIR/hf, is fine)."""
+    path = Path(path).resolve()
+    if _is_run_or_checkpoint(path):
+        return True
+    for p in path.parents:
+        if _is_run_or_checkpoint(p) and (path == p / "tokenizer" or p / "checkpoints" in (path, *path.parents)):
+            return True
+    return False
+
+
+def check_parent(path: Path, what: str) -> None:
+    """The first existing ancestor must be a writable directory (missing ones are created)."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise fail(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise fail(f"{what} {path}: {parent} is not writable")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
