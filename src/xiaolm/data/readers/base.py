@@ -176,8 +176,11 @@ def _extract_one(record: Any, path: str, joiner: str) -> tuple[str | None, str |
 
 def _check_text(text: str, had_bad_bytes: bool) -> str | None:
     """A reason if ``text`` holds lone surrogates (from undecodable bytes or a ``\\udXXX`` JSON escape)."""
-    if _SURROGATE.search(text) is None:
+    try:
+        text.encode("utf-8")  # in C: ~20x faster than searching for a surrogate, and only they fail
         return None
+    except UnicodeEncodeError:
+        pass
     if had_bad_bytes:
         return "non-UTF-8 bytes: the record holds bytes that are not valid UTF-8"
     return "invalid Unicode: the record holds an unpaired surrogate escape"
