@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -57,7 +58,7 @@ def _check_gpu_route(out, stories: int):
     assert run_cfg["train"]["max_steps"] >= 20            # sized by the calibration, not given
     assert sum(1 for _ in open(out / "stories.jsonl", encoding="utf-8")) == stories
     result = json.loads((out / "quickstart.json").read_text())
-    assert len(result["stories"]) == 5 and result["val_loss"] == result["val_loss"]
+    assert len(result["stories"]) == 5 and math.isfinite(result["val_loss"])
 
 
 def test_quickstart_gpu_defaults_run_end_to_end_on_cpu(tmp_path, monkeypatch):

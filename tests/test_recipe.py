@@ -21,7 +21,7 @@ from xiaolm.train.schedule import lr_at
 from xiaolm.train.optim import Muon, MuonAdamW, build_optimizer, hidden_matrix_ids, newton_schulz, newton_schulz_dtype
 from xiaolm.train.pretrain import aligned_window_starts
 
-from conftest import TINY_PRETRAIN
+from conftest import TINY_PRETRAIN, free_port
 
 MUON = ["--optimizer", "muon", "--muon-lr", "0.02"]
 
@@ -125,7 +125,7 @@ def test_muon_two_processes_train_like_one(shards_dir, tmp_path):
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "xiaolm", "pretrain", "--out", str(two), "--grad-accum-steps", "1", *common],
         capture_output=True, text=True, timeout=300, env=env,
     )
