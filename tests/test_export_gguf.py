@@ -20,6 +20,7 @@ from xiaolm.cli import main
 from xiaolm.errors import XiaolmError
 from xiaolm.export.gguf import check_tokenizer_for_gguf, export_gguf, permute_for_gguf, unpermute_from_gguf
 from xiaolm.model.io import load_model
+from xiaolm.tokenizer.chat import CHAT_TEMPLATE
 
 gguf = pytest.importorskip("gguf")
 
@@ -99,11 +100,12 @@ def test_metadata_tokenizer_and_tensors_read_back(gguf_files, tiny_run):
         assert _field(r, key) == value, key
     assert _field(r, "llama.rope.freq_base") == pytest.approx(c.rope_theta)
     assert _field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(c.rms_norm_eps)
-    assert "<|im_start|>" in _field(r, "tokenizer.chat_template")
+    assert _field(r, "tokenizer.chat_template") == CHAT_TEMPLATE  # the one template, tools and thinking included
     tokens = _field(r, "tokenizer.ggml.tokens")
     assert tokens == [tok.id_to_token(i) for i in range(tok.vocab_size)]
     types = _field(r, "tokenizer.ggml.token_type")
-    assert types[:8] == [int(gguf.TokenType.CONTROL)] * 8 and set(types[8:]) == {int(gguf.TokenType.NORMAL)}
+    assert types[:8] == [int(gguf.TokenType.CONTROL)] * 8 and set(types[14:]) == {int(gguf.TokenType.NORMAL)}
+    assert types[8:14] == [int(gguf.TokenType.USER_DEFINED)] * 6  # <think> ... </tool_response>: printed text
     tok_json = json.loads((Path(tok.path) / "tokenizer.json").read_text())
     assert _field(r, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m
                                                   for m in tok_json["model"]["merges"]]

@@ -116,6 +116,22 @@ def test_chat_template_encodes_exactly_what_sft_trained_on(tiny_run, tmp_path):
         ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
         assert list(ids) == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
         assert ids[0] == tok.im_start_id
+    # thinking and tools: the exported template renders our prompt byte for byte (the full table is
+    # tests/test_chat_format.py, on the tokenizer directory)
+    from xiaolm.tokenizer.chat import render_conversation
+
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}]
+    messages = [{"role": "user", "content": "12345*6789=?"},
+                {"role": "assistant", "reasoning_content": "要用计算器。", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12345*6789"}}}]},
+                {"role": "tool", "content": "83810205"}]
+    for thinking in (True, False):
+        text = hf_tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=thinking)
+        assert text == render_conversation(messages, tools=tools, enable_thinking=thinking, add_generation_prompt=True)
+        assert "<tool_call>" in text and text.endswith("<|im_start|>assistant\n" + ("" if thinking else
+                                                                                   "<think>\n\n</think>\n\n"))
 
 
 def test_llama_cpp_chat_answers_like_xiaolm_chat(tiny_run, tmp_path, monkeypatch):

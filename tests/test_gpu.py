@@ -249,7 +249,7 @@ def test_compiled_decode_reuses_its_cache_across_prompt_lengths(monkeypatch):
             want = generate_ids(model, prompts, 12, **kw)
             got = generate_ids(model, prompts, 12, compile_step=True, **kw)
         assert got == want
-        caches.append({k: v for k, v in gen._STATIC_CACHES.items() if k[0] == id(model)})
+        caches.append(dict(gen._decode_state(model)["caches"]))
     assert len(caches[1]) == 1 and list(caches[0].values())[0] is list(caches[1].values())[0]
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])   # the step, not one per length
 

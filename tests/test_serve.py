@@ -22,7 +22,8 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from xiaolm.infer.generate import SamplingConfig, generate, generate_ids  # noqa: E402
-from xiaolm.serve.app import BackgroundServer, create_app  # noqa: E402
+from serve_harness import BackgroundServer  # noqa: E402
+from xiaolm.serve.app import create_app  # noqa: E402
 from xiaolm.serve.engine import Engine, GenerationRequest, QueueFull, SamplingParams  # noqa: E402
 
 from conftest import stop_process  # noqa: E402
@@ -169,10 +170,10 @@ def test_streaming_completion_never_sends_a_broken_character(client):
 def test_sse_lines_survive_clients_that_split_on_unicode_line_breaks():
     """httpx's aiter_lines (and anything using str.splitlines) also breaks lines at U+2028, U+2029 and U+0085;
     a model can emit those, so the server escapes them and a data line always arrives whole."""
-    from xiaolm.serve.app import _sse
+    from xiaolm.serve.sse import sse_event
 
     text = "一\u2028二\x85三\u2029四\n五\x1c六"
-    event = _sse({"choices": [{"text": text}]})
+    event = sse_event({"choices": [{"text": text}]})
     assert event.endswith("\n\n") and event.startswith("data: ")
     line = event[:-2]
     assert line.splitlines() == [line]

@@ -54,7 +54,8 @@ class SlowModel(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def page_server(tiny_run):
-    from xiaolm.serve.app import BackgroundServer, create_app
+    from serve_harness import BackgroundServer
+    from xiaolm.serve.app import create_app
     from xiaolm.model.io import load_model
 
     model, tokenizer, _info = load_model(tiny_run, device="cpu")

@@ -23,7 +23,9 @@ def test_page_asks_for_the_api_key_once_and_keeps_it_in_the_tab(tiny_run, tmp_pa
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("Playwright for Python is needed for the browser test: pip install playwright")
-    from xiaolm.serve.app import LOOPBACK_HOSTS, BackgroundServer, create_app
+    from serve_harness import BackgroundServer
+    from xiaolm.serve.app import create_app
+    from xiaolm.serve.guard import LOOPBACK_HOSTS
     from xiaolm.model.io import load_model
 
     model, tokenizer, _info = load_model(tiny_run, device="cpu")

@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("fastapi")
 
 from xiaolm.cli import main  # noqa: E402
-from xiaolm.serve.app import BackgroundServer, create_app  # noqa: E402
+from serve_harness import BackgroundServer  # noqa: E402
+from xiaolm.serve.app import create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,3 +200,45 @@ def test_against_a_real_xiaolm_serve_process(tiny_run, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_reason_task_stores_reasoning_and_answer(tmp_path):
+    """A fake reasoning teacher: some answers carry ``reasoning_content`` (DeepSeek-R1's API), some spell a think
+    block in the content, some have no reasoning at all (counted, not kept)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    seen = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        question = body["messages"][-1]["content"]
+        seen.append(body["messages"][0]["content"])
+        n = int(question.split("第")[1].split("种")[0])
+        if n % 3 == 0:
+            message = {"role": "assistant", "content": f"答案{n}。", "reasoning_content": f"想一想第{n}个。"}
+        elif n % 3 == 1:
+            message = {"role": "assistant", "content": f"<think>\n推理{n}\n</think>\n\n答案{n}。"}
+        else:
+            message = {"role": "assistant", "content": f"直接答{n}。"}
+        return {"choices": [{"message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
+
+    records = _alpaca(tmp_path / "alpaca.json", 6)
+    out = tmp_path / "reason"
+    with BackgroundServer(app) as server:
+        assert _teach([str(records), "--task", "reason", "--endpoint", server.url + "/v1", "--out", str(out),
+                       "--model", "r1", "--backoff", "0.01"]) == 0
+    assert all("<think>" in s for s in seen)  # the prompt asks for the think block
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 4 and report["without_reasoning"] == 2
+    samples = [json.loads(x) for x in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_n = {int(s["source"]["instruction"].split("第")[1].split("种")[0]): s["messages"][1] for s in samples}
+    assert by_n[0] == {"role": "assistant", "reasoning_content": "想一想第0个。", "content": "答案0。"}
+    assert by_n[1] == {"role": "assistant", "reasoning_content": "推理1", "content": "答案1。"}
+    assert set(by_n) == {0, 1, 3, 4}
+    from xiaolm.data.formats import load_conversations
+    from xiaolm.tokenizer.chat import render_conversation
+
+    convs, _ = load_conversations([out / "train.jsonl"])
+    assert render_conversation(convs[0].messages).endswith("<think>\n想一想第0个。\n</think>\n\n答案0。<|im_end|>\n")

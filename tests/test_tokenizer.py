@@ -13,7 +13,7 @@ from xiaolm.data.vocab import main as train_main
 from xiaolm.data.vocab import train_tokenizer
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, XTokenizer, load_tokenizer
-from xiaolm.tokenizer.core import fingerprint_of_json
+from xiaolm.tokenizer.core import TRAINED_SPECIAL_TOKENS, fingerprint_of_json
 from xiaolm.tokenizer.train import train_bpe, training_chunks
 
 VOCAB = 640
@@ -113,8 +113,8 @@ def test_saved_pipeline_is_gpt2_byte_level_without_normalizer(tok_dir):
 
 def test_tokens_are_capped_at_max_token_length(tok, tmp_path):
     def longest_token_bytes(t: XTokenizer) -> int:
-        # A byte-level token string has one character per byte.
-        return max(len(t.id_to_token(i)) for i in range(len(SPECIAL_TOKENS), t.vocab_size))
+        # A byte-level token string has one character per byte (special tokens, markers included, are not BPE's).
+        return max(len(t.id_to_token(i)) for i in range(len(TRAINED_SPECIAL_TOKENS), t.vocab_size))
 
     assert longest_token_bytes(tok) <= 16
     # A corpus of one phrase repeated: without a cap BPE learns the whole 30-byte phrase as one token.
@@ -415,3 +415,14 @@ def test_tokenizer_package_imports_nothing_from_the_data_layer():
             found += [f"{path.name}: {n}" for n in names if n.startswith("xiaolm.") and
                       n.split(".")[1] not in ("tokenizer", "utils", "config", "errors")]
     assert found == []
+
+
+def test_training_prints_no_empty_lines_where_there_is_no_terminal(capfd):
+    """The Rust progress bars printed one bare newline per stage (four empty lines in the quickstart's output)."""
+    from xiaolm.tokenizer.train import train_bpe
+
+    texts = ["从前，有一个小女孩叫莉莉。她喜欢在花园里玩。" * 20] * 50
+    tok, _ = train_bpe(texts, 400, progress=True)
+    captured = capfd.readouterr()
+    assert tok.vocab_size > 264
+    assert captured.out == "" and captured.err == "", (captured.out, captured.err)

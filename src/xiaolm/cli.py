@@ -21,6 +21,7 @@ VERBS: dict[str, object] = {
         "instruct": ("build instruction data with checkable constraints from story records", "xiaolm.tasks.instruct:main"),
         "pairs": ("build preference pairs: load common layouts or sample on-policy", "xiaolm.align.onpolicy:main"),
         "teach": ("instruction data from a teacher model at any OpenAI-compatible endpoint", "xiaolm.data.teach:main"),
+        "tools": ("build verifiable tool-use data (calculator, dates, units, a city table; held-out split)", "xiaolm.tasks.agent:main"),
     },
     "tokenizer": {
         "train": ("train a byte-level BPE tokenizer on a corpus", "xiaolm.data.vocab:main"),
@@ -39,14 +40,17 @@ VERBS: dict[str, object] = {
     "eval": {
         "ppl": ("loss, perplexity and bits per character on text or shards", "xiaolm.eval.ppl:main"),
         "instruct": ("instruction-following and repetition scores on held-out instructions", "xiaolm.eval.instruct:main"),
+        "tools": ("tool use on held-out tool tasks (calls, arguments, answers; without tools for contrast)", "xiaolm.eval.tools:main"),
         "mc": ("multiple-choice accuracy (C-Eval / CMMLU CSV) by answer likelihood", "xiaolm.eval.mc:main"),
+        "judge": ("stories graded by a judge model (TinyStories' rubric, in Chinese) beside the corpus's own",
+                  "xiaolm.eval.judge:main"),
     },
     "export": {
         "hf": ("write a Hugging Face LlamaForCausalLM directory", "xiaolm.export.hf:main"),
         "gguf": ("write a GGUF file for llama.cpp / Ollama", "xiaolm.export.gguf:main"),
     },
     "quantize": ("weight-only int8 / int4 quantisation", "xiaolm.infer.quantize:main"),
-    "serve": ("OpenAI-compatible HTTP server with a web chat page", "xiaolm.serve.app:main"),
+    "serve": ("OpenAI-compatible HTTP server with a web chat page", "xiaolm.serve.main:main"),
 }
 
 

@@ -37,12 +37,14 @@ import dataclasses
 import math
 import statistics
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
+from xiaolm.align.agent import ToolSampling
 from xiaolm.align.common import (
     PolicySampling,
     RewardWeights,
@@ -116,6 +118,12 @@ clipped-ratio objective and a KL penalty to the SFT model.
     eval_limit: int = opt(64, "held-out instructions used by that eval")
     eval_max_new_tokens: int = opt(256, "answer length in that eval (greedy)")
     checkpoint: str = opt("latest", "which checkpoint of the SFT RUNDIR: latest or best")
+    task: Literal["instruct", "tools"] = opt("instruct", "instruct: story instructions scored by the constraint "
+                                                         "verifier; tools: `xiaolm data tools` problems, episodes "
+                                                         "with the tools run in the loop (xiaolm.align.agent)")
+    max_turns: int = opt(4, "tools: assistant turns per episode at most")
+    enable_thinking: Optional[bool] = opt(None, "tools: the prompt's thinking switch (false: an empty think block; "
+                                                "unset: the model decides)")
     train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
 
 
@@ -250,6 +258,16 @@ class Rollouts:
         return torch.cat(out)
 
 
+class ToolRollouts(ToolSampling, Rollouts):
+    """Rollouts whose samples are tool episodes (``xiaolm.align.agent``)."""
+
+    def __init__(self, cfg: GRPOConfig, prompts: list[dict], tokenizer, reference, out: Path, micro_batch: int,
+                 env: DistEnv, model=None):
+        super().__init__(cfg, [{"prompt": p["prompt"]} for p in prompts], tokenizer, reference, out, micro_batch,
+                         env, model=model)
+        self.use_tool_prompts(prompts)
+
+
 def grpo_loss(model, batch: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The micro-batch's summed loss and its units (response tokens, or responses with --loss-agg sequence), so that
     the engine's division by the step's units averages over the whole batch of samples; and its metrics."""
@@ -306,25 +324,39 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     if not cfg.run:
         raise fail("give the SFT model: xiaolm grpo SFTDIR --prompts FILE --out GRPODIR")
     if not cfg.prompts:
-        raise fail("--prompts is required: training instructions with constraints (xiaolm data instruct)")
+        raise fail("--prompts is required: training instructions with constraints (xiaolm data instruct), or tool "
+                   "tasks with --task tools (xiaolm data tools)")
     if cfg.group_size < 2:
         raise fail("--group-size must be at least 2 (advantages are relative to the group)")
     env = env or setup_distributed(cfg.train.device)
     if env.distributed:
         raise fail("xiaolm grpo runs on one device (sampling and training share it); run it without torchrun")
     seed_everything(cfg.train.seed)
-    try:
-        pset = load_prompt_set(cfg.prompts, cfg.heldout or None, cfg.limit)
-    except FileNotFoundError as exc:
-        raise fail(str(exc))
-    if pset.excluded_heldout:
-        log(f"refused {pset.excluded_heldout} held-out prompts ({', '.join(pset.heldout_files)})")
+    tools = cfg.task == "tools"
+    if tools:
+        from xiaolm.tasks.agent import load_tool_prompts
+
+        loaded, refused = load_tool_prompts(cfg.prompts, cfg.heldout or None, cfg.limit)
+        pset = types.SimpleNamespace(prompts=loaded, excluded_heldout=refused)
+        if refused:
+            log(f"refused {refused} held-out tool prompts")
+    else:
+        try:
+            pset = load_prompt_set(cfg.prompts, cfg.heldout or None, cfg.limit)
+        except FileNotFoundError as exc:
+            raise fail(str(exc))
+        if pset.excluded_heldout:
+            log(f"refused {pset.excluded_heldout} held-out prompts ({', '.join(pset.heldout_files)})")
     try:
         policy, tokenizer, info = load_model(cfg.run, device=env.device, dtype=torch.float32, which=cfg.checkpoint)
     except CheckpointError as exc:
         raise fail(str(exc))
     context = policy.config.max_position_embeddings
-    prompts = [p for p in pset.prompts if len(prompt_ids(tokenizer, p["prompt"])) + 16 <= context]
+
+    def ids_of(p: dict) -> list[int]:
+        return prompt_ids(tokenizer, p["prompt"], p.get("tools"), cfg.enable_thinking if tools else None)
+
+    prompts = [p for p in pset.prompts if len(ids_of(p)) + 16 <= context]
     if len(prompts) < len(pset.prompts):
         log(f"skipped {len(pset.prompts) - len(prompts)} prompts that leave under 16 tokens of context for an answer")
     if not prompts:
@@ -341,15 +373,22 @@ def grpo(cfg: GRPOConfig, env: Optional[DistEnv] = None) -> dict:
     mu = max(1, cfg.updates_per_batch)
     total_steps = int(t.max_steps)
     out = Path(cfg.out)
-    rollouts = Rollouts(cfg, prompts, tokenizer, reference, out, micro, env, model=policy)
+    rollouts = (ToolRollouts if tools else Rollouts)(cfg, prompts, tokenizer, reference, out, micro, env,
+                                                     model=policy)
     eval_samples = None
-    if cfg.eval_prompts:
+    if cfg.eval_prompts and tools:
+        from xiaolm.align.agent import tool_eval_fn
+        from xiaolm.tasks.agent import load_tool_prompts
+
+        eval_samples, _ = load_tool_prompts(cfg.eval_prompts, limit=cfg.eval_limit, refuse_heldout=False)
+        eval_fn = tool_eval_fn(cfg, tokenizer, eval_samples)
+    elif cfg.eval_prompts:
         from xiaolm.eval.instruct import load_eval_samples
 
         eval_samples, _ = load_eval_samples(cfg.eval_prompts, limit=cfg.eval_limit)
 
-    def eval_fn(m, step):
-        return instruct_metrics(m, tokenizer, eval_samples, cfg.eval_max_new_tokens) if eval_samples else {}
+        def eval_fn(m, step):
+            return instruct_metrics(m, tokenizer, eval_samples, cfg.eval_max_new_tokens) if eval_samples else {}
 
     trainer = Trainer(t, policy, out, total_steps=total_steps, dist_env=env,
                       full_config=cfg, tokenizer=tokenizer, name="grpo",

@@ -6,6 +6,9 @@ Layouts (detected per record, or forced with ``fmt``):
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system"?}``
 - ``openai``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}], ...}``; any other fields
   (our instruction data keeps ``constraints`` and ``story_id`` there) are kept as ``Conversation.meta``.
+- tool calls, tool turns and reasoning (glaive ShareGPT ``function_call``/``observation``, OpenAI ``tool_calls``/
+  ``tool``, ``reasoning_content``, the DeepSeek-R1 ``reasoning`` layout) are read by ``xiaolm.data.toolformats``;
+  ``tools`` becomes ``Conversation.meta["tools"]`` (OpenAI schemas) and ``Conversation.tools``.
 
 Files may be JSON Lines, a JSON array (pretty-printed or not), or one JSON object; the extension does not decide
 (``Belle_open_source_1k.json`` is JSON Lines). CSV, Parquet and Arrow files and ``datasets`` ``save_to_disk``
@@ -21,19 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-FORMATS = ("auto", "alpaca", "sharegpt", "openai")
+from xiaolm.data.chatrecord import SHAREGPT_ROLES, RecordError, text_field
+
+FORMATS = ("auto", "alpaca", "sharegpt", "openai", "reasoning")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".gz")  # what a directory of data contributes
 
-# ShareGPT speaker names seen in the wild -> OpenAI roles.
-_SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
-}
+_SHAREGPT_ROLES = SHAREGPT_ROLES
 _OPENAI_ROLES = ("system", "user", "assistant")
-
-
-class RecordError(ValueError):
-    """A record that does not fit its layout; the message is the reason."""
 
 
 @dataclass
@@ -43,6 +40,11 @@ class Conversation:
     messages: list[dict]
     where: str  # "path:line", for messages about this sample
     meta: dict = field(default_factory=dict)
+
+    @property
+    def tools(self) -> Optional[list]:
+        """The function schemas offered in this conversation (OpenAI layout), if any."""
+        return self.meta.get("tools") or None
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -181,8 +183,12 @@ def _iter_array(text: str) -> Iterator[tuple[int, object, Optional[str]]]:
 
 def detect_format(record: object) -> Optional[str]:
     """``alpaca``, ``sharegpt`` or ``openai`` by the record's keys; None when none fits."""
+    from xiaolm.data.toolformats import is_reasoning_record
+
     if not isinstance(record, dict):
         return None
+    if is_reasoning_record(record):
+        return "reasoning"
     if isinstance(record.get("messages"), list):
         first = next((m for m in record["messages"] if isinstance(m, dict)), {})
         return "sharegpt" if "from" in first and "role" not in first else "openai"
@@ -209,15 +215,7 @@ def system_and_history(rec: dict, text=None) -> list[dict]:
     return messages
 
 
-def _text(value: object, what: str) -> str:
-    if isinstance(value, list):  # OpenAI content parts: keep the text parts
-        parts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
-        if len(parts) != len(value) or not all(isinstance(p, str) for p in parts):
-            raise RecordError(f"{what} has non-text content parts")
-        value = "".join(parts)
-    if not isinstance(value, str):
-        raise RecordError(f"{what} is {type(value).__name__}, expected a string")
-    return value
+_text = text_field
 
 
 def from_alpaca(rec: dict) -> list[dict]:
@@ -317,10 +315,19 @@ def convert_record(rec: object, fmt: str = "auto", require_answer: bool = True) 
     """One record -> ``(messages, note, format)``; raises RecordError with the reason."""
     if not isinstance(rec, dict):
         raise RecordError(f"a record must be a JSON object, got {type(rec).__name__}")
+    from xiaolm.data import toolformats
+
     layout = detect_format(rec) if fmt == "auto" else fmt
     if layout is None:
         raise RecordError(f"no known layout (keys {sorted(rec)[:6]}); expected alpaca, sharegpt or openai fields")
-    messages = _CONVERTERS[layout](rec)
+    if layout == "reasoning":
+        messages = toolformats.from_reasoning(rec)
+    elif layout in ("sharegpt", "openai") and toolformats.is_tool_record(rec):
+        messages = (toolformats.from_sharegpt_tools if layout == "sharegpt" else toolformats.from_openai_tools)(rec)
+        messages, note = toolformats.validate_tool_messages(messages, require_answer)
+        return messages, note, layout
+    else:
+        messages = _CONVERTERS[layout](rec)
     messages, note = validate_messages(messages, require_answer)
     return messages, note, layout
 
@@ -353,6 +360,15 @@ def load_file(path: str | Path, fmt: str = "auto", require_answer: bool = True) 
             report.problems.append(Problem(where, note, "trimmed"))
         seen_formats[layout] = seen_formats.get(layout, 0) + 1
         meta = {k: v for k, v in rec.items() if k not in _KNOWN_KEYS}
+        if "tools" in meta:  # schemas in OpenAI layout, for the system turn (glaive keeps them as a JSON string)
+            from xiaolm.data.toolformats import parse_tools
+
+            try:
+                meta["tools"] = parse_tools(meta["tools"])
+            except RecordError as exc:
+                report.skipped += 1
+                report.problems.append(Problem(where, str(exc)))
+                continue
         out.append(Conversation(messages, where, meta))
     report.loaded = len(out)
     report.format = "+".join(sorted(seen_formats, key=lambda k: -seen_formats[k])) or (fmt if fmt != "auto" else "?")

@@ -6,7 +6,11 @@ Records go through ``POST {endpoint}/chat/completions`` (a cloud API, a local vL
 - ``translate``: a TinyStories record's story and its instruction to Chinese (two requests per record), as
   Chinese_LLM_From_Scratch built its SFT set;
 - ``answer``: answer an instruction (Alpaca ``instruction``/``input``, or any field via ``--template``): distillation;
-- ``rewrite``: rewrite an existing answer (``output``) better.
+- ``rewrite``: rewrite an existing answer (``output``) better;
+- ``reason``: answer an instruction thinking first (reasoning distillation): the reasoning comes from the teacher's
+  ``message.reasoning_content`` (DeepSeek-R1's API, vLLM's reasoning parsers) or a ``<think>...</think>`` block the
+  prompt asks for; the sample stores both (``reasoning_content`` beside ``content``); an answer without reasoning is
+  counted (``without_reasoning``) and not kept.
 
 Requests run with bounded concurrency and are retried with exponential backoff (and the server's Retry-After) on
 429, 5xx and connection errors. Every answer is appended to ``OUT/cache.jsonl`` the moment it arrives, keyed by
@@ -51,6 +55,11 @@ TEMPLATES: dict[str, dict[str, tuple[str, str]]] = {
         "answer": ("你是一个乐于助人的中文助手。回答准确、清楚、简洁。",
                    "{{instruction}}\n\n{{input?}}"),
     },
+    "reason": {
+        "answer": ("你是一个善于推理的中文助手。先一步一步地思考，把思考过程写在 <think> 和 </think> 之间，"
+                   "然后在 </think> 之后给出清楚、简洁的最终回答。",
+                   "{{instruction}}\n\n{{input?}}"),
+    },
     "rewrite": {
         "answer": ("你是一个严谨的中文编辑。",
                    "改写下面这个回答，使它更准确、清楚、有条理；只输出改写后的回答。\n\n问题：{{instruction}}\n"
@@ -76,8 +85,9 @@ bounded concurrency, retries with backoff, a resumable cache and token/cost acco
     inputs: list[str] = opt([], "records: JSON Lines or JSON array files (TinyStories, Alpaca, or any layout "
                                 "the template names fields of)")
     out: str = opt("data/teach", "output directory: train.jsonl, cache.jsonl, report.json, config.yaml")
-    task: Literal["translate", "answer", "rewrite"] = opt("answer", "translate (story + instruction to Chinese), "
-                                                                     "answer an instruction, or rewrite an answer")
+    task: Literal["translate", "answer", "reason", "rewrite"] = opt(
+        "answer", "translate (story + instruction to Chinese), answer an instruction, reason (think, then answer: "
+                  "both stored), or rewrite an answer")
     endpoint: str = opt("http://127.0.0.1:8000/v1", "OpenAI-compatible base URL (.../v1)")
     model: str = opt("gpt-4o-mini", "model name sent in each request")
     api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the API key (none set: no auth header)")
@@ -243,6 +253,10 @@ class Teacher:
                         data = resp.json()
                         choice = data["choices"][0]
                         text = choice["message"]["content"] or ""
+                        thought = choice["message"].get("reasoning_content") or choice["message"].get("reasoning")
+                        if self.cfg.task == "reason" and isinstance(thought, str) and thought.strip() \
+                                and "</think>" not in text:  # kept in the cached text, in the chat format's layout
+                            text = f"<think>\n{thought.strip()}\n</think>\n\n{text.lstrip()}"
                     except (ValueError, KeyError, IndexError, TypeError):
                         error = f"HTTP 200 with a body that is not a chat completion: {resp.text[:200]!r}"
                         break
@@ -289,9 +303,13 @@ def build_sample(cfg: TeachConfig, rec: dict, answers: dict[str, str], where: st
         return {"messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": story}],
                 "story_zh": story, "instruction_zh": instruction, "source": rec, "teacher": teacher}
     question = render(cfg.question, rec, where)
-    return {"messages": [{"role": "user", "content": question},
-                         {"role": "assistant", "content": answers["answer"].strip()}],
-            "source": rec, "teacher": teacher}
+    answer: dict = {"role": "assistant", "content": answers["answer"].strip()}
+    if cfg.task == "reason":
+        from xiaolm.tokenizer.chat import split_reasoning
+
+        reasoning, content = split_reasoning({"content": answers["answer"]})
+        answer = {"role": "assistant", "reasoning_content": (reasoning or "").strip(), "content": content.strip()}
+    return {"messages": [{"role": "user", "content": question}, answer], "source": rec, "teacher": teacher}
 
 
 def teach(cfg: TeachConfig) -> dict:
@@ -359,7 +377,7 @@ def teach(cfg: TeachConfig) -> dict:
         tokens[prefix + "completion"] += hit.get("completion_tokens", 0)
         truncated += hit.get("finish_reason") == "length"
     samples, failed_records = [], []
-    empty = 0
+    empty = without_reasoning = 0
     for i, (where, rec) in enumerate(records):
         answers = by_record.get(i, {})
         if i in bad:
@@ -370,7 +388,12 @@ def teach(cfg: TeachConfig) -> dict:
         if not all(a.strip() for a in answers.values()):
             empty += 1  # an empty answer teaches nothing; it stays cached (a rerun with other options re-asks)
             continue
-        samples.append(build_sample(cfg, rec, answers, where))
+        sample = build_sample(cfg, rec, answers, where)
+        if cfg.task == "reason" and not (sample["messages"][1]["reasoning_content"]
+                                         and sample["messages"][1]["content"]):
+            without_reasoning += 1
+            continue
+        samples.append(sample)
     from xiaolm.utils import stable_hash
 
     cut = round(cfg.heldout_fraction * 10_000)
@@ -391,7 +414,8 @@ def teach(cfg: TeachConfig) -> dict:
         "failed_requests": len(failures), "failed_records": failed_records[:200],
         "http": teacher.stats, "tokens": tokens, "cost": round(cost, 6), "cost_saved_by_cache": round(saved, 6),
         "price_per_million": {"input": cfg.price_input, "output": cfg.price_output},
-        "truncated_answers": truncated, "empty_answers": empty, "samples": len(samples), "train": len(train), "heldout": len(heldout),
+        "truncated_answers": truncated, "empty_answers": empty,
+        "without_reasoning": without_reasoning, "samples": len(samples), "train": len(train), "heldout": len(heldout),
         "skipped_records": len(bad), "problems": problems[:200], "failures": list(failures.values())[:50],
         "wall_s": round(wall, 2), "requests_per_s": round((len(todo) - len(failures)) / max(wall, 1e-9), 2),
     }

@@ -19,7 +19,8 @@ from xiaolm.tokenizer.core import XTokenizer
 class TokenizerTrainConfig:
     """Train a byte-level BPE tokenizer (lossless for any Unicode text) on a corpus.
 
-    Special tokens take ids 0-7: <|endoftext|>, <|im_start|>, <|im_end|>, <|reserved_0..4|>.
+    Special tokens take ids 0-7: <|endoftext|>, <|im_start|>, <|im_end|>, <|reserved_0..4|>; then 8-13 the
+    thinking / tool markers (<think> ... </tool_response>).
     The output directory loads with transformers.AutoTokenizer and carries a ChatML template.
     """
 

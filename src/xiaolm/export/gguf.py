@@ -79,6 +79,8 @@ def gguf_vocab(tok_json: dict, vocab_size: int) -> tuple[list[str], list[int], l
     """Tokens in id order, their GGUF token types, and the merges as ``"a b"`` strings."""
     import gguf
 
+    from xiaolm.tokenizer.chat import MARKERS
+
     vocab: dict[str, int] = dict(tok_json["model"]["vocab"])
     special = {}
     for t in tok_json.get("added_tokens") or []:
@@ -95,7 +97,10 @@ def gguf_vocab(tok_json: dict, vocab_size: int) -> tuple[list[str], list[int], l
         else:
             tokens.append(by_id[i])
             if i in special:
-                types.append(gguf.TokenType.CONTROL if special[i] else gguf.TokenType.USER_DEFINED)
+                # The thinking / tool markers are printed text for llama.cpp's parsers (as Qwen3's GGUFs have
+                # them); the turn markers are control tokens it hides.
+                control = special[i] and by_id[i] not in MARKERS
+                types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
             else:
                 types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"].get("merges") or []]

@@ -3,7 +3,14 @@
 ``load_tokenizer(dir) -> XTokenizer``. Training on texts is ``xiaolm.tokenizer.train.train_bpe``; on a corpus (files,
 prepared directories) ``xiaolm.data.vocab.train_tokenizer``, in the data layer above this one.
 """
-from xiaolm.tokenizer.chat import CHAT_TEMPLATE, render_chat
+from xiaolm.tokenizer.chat import (
+    CHAT_TEMPLATE,
+    MARKERS,
+    ParsedAssistant,
+    parse_assistant_text,
+    render_chat,
+    render_conversation,
+)
 from xiaolm.tokenizer.core import (
     EOT,
     IM_END,
@@ -14,5 +21,5 @@ from xiaolm.tokenizer.core import (
 )
 
 
-__all__ = ["CHAT_TEMPLATE", "EOT", "IM_END", "IM_START", "SPECIAL_TOKENS", "XTokenizer", "load_tokenizer",
-           "render_chat"]
+__all__ = ["CHAT_TEMPLATE", "EOT", "IM_END", "IM_START", "MARKERS", "ParsedAssistant", "SPECIAL_TOKENS", "XTokenizer",
+           "load_tokenizer", "parse_assistant_text", "render_chat", "render_conversation"]

@@ -9,8 +9,11 @@ Special tokens sit at the lowest ids so that every vocabulary size agrees on the
     1 <|im_start|>    ChatML turn start
     2 <|im_end|>      ChatML turn end
     3..7 <|reserved_0|>..<|reserved_4|>   unused, kept for later stages
+    8..13 <think> </think> <tool_call> </tool_call> <tool_response> </tool_response>
+          (tokenizers trained from now on; an older tokenizer gets them appended by ``add_markers``)
 
-The chat template is ChatML (``xiaolm.tokenizer.chat``); ``XTokenizer.apply_chat_template`` renders it.
+The chat template is ChatML with Qwen3's thinking and tool conventions (``xiaolm.tokenizer.chat``);
+``XTokenizer.apply_chat_template`` renders it.
 """
 from __future__ import annotations
 
@@ -22,11 +25,12 @@ from typing import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer
 
-from xiaolm.tokenizer.chat import CHAT_TEMPLATE, IM_END, IM_START, render_chat
+from xiaolm.tokenizer.chat import CHAT_TEMPLATE, IM_END, IM_START, MARKERS, render_conversation
 
 EOT = "<|endoftext|>"
 RESERVED = [f"<|reserved_{i}|>" for i in range(5)]
-SPECIAL_TOKENS: list[str] = [EOT, IM_START, IM_END, *RESERVED]
+SPECIAL_TOKENS: list[str] = [EOT, IM_START, IM_END, *RESERVED]  # fixed ids 0..7 in every tokenizer
+TRAINED_SPECIAL_TOKENS: list[str] = [*SPECIAL_TOKENS, *MARKERS]  # what training adds first (ids 0..13)
 
 TOKENIZER_FILE = "tokenizer.json"
 XIAOLM_FILE = "xiaolm_tokenizer.json"
@@ -80,6 +84,7 @@ class XTokenizer:
         """Recompute what derives from the vocabulary (after ``self.tok.add_tokens(...)``, for instance)."""
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = fingerprint_of_json(json.loads(self.tok.to_str()))
+        self._xiaolm_byte_table = None  # each id's bytes (xiaolm.tokenizer.detok), rebuilt on first use
 
     # ------------------------------------------------------------------------------------------- encode
 
@@ -113,9 +118,32 @@ class XTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Iterable[Mapping[str, object]], add_generation_prompt: bool = False) -> str:
-        """ChatML text for ``messages``; encode it with ``encode`` (special tokens are recognised)."""
-        return render_chat(messages, add_generation_prompt=add_generation_prompt)
+    def apply_chat_template(self, messages: Iterable[Mapping[str, object]], add_generation_prompt: bool = False,
+                            tools: list | None = None, enable_thinking: bool | None = None) -> str:
+        """The chat text for ``messages`` (``xiaolm.tokenizer.chat.render_conversation``); encode it with
+        ``encode`` (special tokens are recognised)."""
+        return render_conversation(messages, tools=tools, enable_thinking=enable_thinking,
+                                   add_generation_prompt=add_generation_prompt)
+
+    @property
+    def has_markers(self) -> bool:
+        """Whether the thinking / tool markers are tokens of this vocabulary."""
+        return all(self.tok.token_to_id(m) is not None for m in MARKERS)
+
+    def add_markers(self) -> int:
+        """Append the thinking / tool markers missing from an older vocabulary as special tokens (new ids at the
+        end; the fingerprint changes with them). Returns how many were added."""
+        from tokenizers import AddedToken
+
+        missing = [m for m in MARKERS if self.tok.token_to_id(m) is None]
+        if missing:
+            self.tok.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in missing])
+            self._refresh()
+        return len(missing)
+
+    def special_tokens(self) -> list[tuple[int, str]]:
+        """``(id, text)`` of every special token, by id."""
+        return sorted((i, t.content) for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -142,8 +170,9 @@ class XTokenizer:
         added_tokens_decoder = {
             str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                      "single_word": False, "special": True}
-            for i, t in enumerate(SPECIAL_TOKENS)
+            for i, t in self.special_tokens()
         }
+        markers = [m for m in MARKERS if self.tok.token_to_id(m) is not None]
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": MODEL_MAX_LENGTH,
@@ -157,21 +186,21 @@ class XTokenizer:
             "clean_up_tokenization_spaces": False,
             "padding_side": "right",
             "model_input_names": ["input_ids", "attention_mask"],
-            "additional_special_tokens": [IM_START, IM_END],
+            "additional_special_tokens": [IM_START, IM_END, *markers],
             "added_tokens_decoder": added_tokens_decoder,
             "chat_template": CHAT_TEMPLATE,
         }
         atomic_write_json(out / "tokenizer_config.json", config)
         atomic_write_text(out / "chat_template.jinja", CHAT_TEMPLATE)
         special_map = {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT, "unk_token": EOT,
-                       "additional_special_tokens": [IM_START, IM_END]}
+                       "additional_special_tokens": [IM_START, IM_END, *markers]}
         atomic_write_json(out / "special_tokens_map.json", special_map)
         info = dict(self.info)
         info.update(extra_info or {})
         info.update({
             "fingerprint": self.fingerprint,
             "vocab_size": self.vocab_size,
-            "special_tokens": {t: i for i, t in enumerate(SPECIAL_TOKENS)},
+            "special_tokens": {t: i for i, t in self.special_tokens()},
             "eot_id": self.eot_id, "im_start_id": self.im_start_id, "im_end_id": self.im_end_id,
             "pad_id": self.pad_id,
         })

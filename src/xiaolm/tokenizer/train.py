@@ -25,10 +25,11 @@ This module trains on texts; reading a corpus for it (inputs, sampling, the ``xi
 from __future__ import annotations
 
 import re
+import sys
 import time
 from typing import Iterable, Iterator
 
-from xiaolm.tokenizer.core import SPECIAL_TOKENS, XTokenizer
+from xiaolm.tokenizer.core import TRAINED_SPECIAL_TOKENS, XTokenizer
 
 # Sentence and clause ends: Chinese full-width and ASCII punctuation, closing quotes/brackets, newlines.
 _SEPARATORS = "\n\r。！？；，、：…!?;,:.\u3000”’」』）)》"
@@ -57,9 +58,9 @@ def _build_tokenizer():
 
 
 def check_vocab_size(vocab_size: int) -> None:
-    minimum = len(SPECIAL_TOKENS) + 256
+    minimum = len(TRAINED_SPECIAL_TOKENS) + 256
     if vocab_size <= minimum:
-        raise ValueError(f"--vocab-size {vocab_size} is too small: {len(SPECIAL_TOKENS)} special tokens and "
+        raise ValueError(f"--vocab-size {vocab_size} is too small: {len(TRAINED_SPECIAL_TOKENS)} special tokens and "
                          f"256 byte tokens need {minimum}, and merges need more")
     if vocab_size > 1 << 20:
         raise ValueError(f"--vocab-size {vocab_size} is unreasonably large for a small model")
@@ -89,8 +90,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        show_progress=progress,
-        special_tokens=list(SPECIAL_TOKENS),  # added first, so they get ids 0..7
+        # the Rust progress bars print a bare newline per stage where there is no terminal to draw on
+        show_progress=progress and sys.stdout.isatty() and sys.stderr.isatty(),
+        special_tokens=list(TRAINED_SPECIAL_TOKENS),  # added first: ids 0..7, then the markers 8..13
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
         max_token_length=max_token_length or None,
     )

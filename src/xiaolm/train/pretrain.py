@@ -190,15 +190,19 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 
 def sample_openings(model, tokenizer, prompts: list[str], max_new: int, temperature: float) -> list[str]:
-    from xiaolm.infer.generate import SamplingConfig, generate
+    """Stories from ``prompts`` for the log and the report: whole characters, ended by the model or cut back to a
+    sentence end and marked as cut."""
+    from xiaolm.infer.generate import SamplingConfig
+    from xiaolm.infer.stories import story_line, tell_stories
 
     if not prompts or max_new <= 0:
         return []
     was_training = model.training
     model.eval()
-    texts = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new, temperature=temperature, seed=0))
+    stories = tell_stories(model, tokenizer, prompts,
+                           SamplingConfig(max_new_tokens=max_new, temperature=temperature, seed=0))
     model.train(was_training)
-    return [p + t.replace("\n", " ") for p, t in zip(prompts, texts)]
+    return [story_line(s, max_new) for s in stories]
 
 
 # ----------------------------------------------------------------------------------------------- build

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from xiaolm.config import opt, parse_config
-from xiaolm.tokenizer.chat import encode_conversation
+from xiaolm.tokenizer.chat import SegmentEncoder, conversation_segments, uses_markers
 from xiaolm.train.dist import DistEnv, setup_distributed
 from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
@@ -124,17 +124,14 @@ class EncodeStats:
 
 
 def encode_all(tokenizer, conversations: list[list[dict]], seq_len: int, overlong: str = "truncate",
-               ) -> tuple[list[Example], EncodeStats]:
-    """Encode conversations (contents in one fast batch) and apply the length rule (module docstring)."""
+               tools: Optional[list[Optional[list]]] = None) -> tuple[list[Example], EncodeStats]:
+    """Encode conversations (``tools[i]``: the schemas conversation ``i`` offers; literal texts in one fast batch)
+    and apply the length rule (module docstring)."""
     stats = EncodeStats(conversations=len(conversations))
-    flat = [m["content"] for msgs in conversations for m in msgs]
-    encoded = tokenizer.encode_batch(flat, allow_special=False) if flat else []
+    tools = tools or [None] * len(conversations)
+    segments = [conversation_segments(msgs, t) for msgs, t in zip(conversations, tools)]
     examples = []
-    pos = 0
-    for msgs in conversations:
-        bodies = encoded[pos : pos + len(msgs)]
-        pos += len(msgs)
-        ids, mask = encode_conversation(tokenizer, msgs, bodies)
+    for ids, mask in SegmentEncoder(tokenizer).encode_many(segments):
         if len(ids) - 1 > seq_len:
             if overlong == "drop":
                 stats.dropped_overlong += 1
@@ -150,6 +147,36 @@ def encode_all(tokenizer, conversations: list[list[dict]], seq_len: int, overlon
         stats.tokens += len(ex)
         stats.label_tokens += ex.label_count
     return examples, stats
+
+
+def add_chat_markers(model, tokenizer) -> Optional[str]:
+    """Give an older tokenizer the thinking / tool markers and the model embedding rows for them, initialised to the
+    mean of the trained rows (a neutral start: every logit of a new token starts at the average). Returns the one
+    line to print, or None when nothing was needed."""
+    if tokenizer.has_markers:
+        return None
+    old = tokenizer.vocab_size
+    added = tokenizer.add_markers()
+    new = tokenizer.vocab_size
+    embed = model.model.embed_tokens
+    rows = embed.weight.shape[0]
+    with torch.no_grad():
+        if rows < new:
+            grown = torch.nn.Embedding(new, embed.weight.shape[1], dtype=embed.weight.dtype, device=embed.weight.device)
+            grown.weight[:rows] = embed.weight
+            model.model.embed_tokens = grown
+            if not model.config.tie_word_embeddings:
+                head = torch.nn.Linear(model.lm_head.in_features, new, bias=False, dtype=model.lm_head.weight.dtype,
+                                       device=model.lm_head.weight.device)
+                head.weight[:rows] = model.lm_head.weight
+                model.lm_head = head
+            model.config.vocab_size = new
+            model.tie_weights()
+        model.model.embed_tokens.weight[old:new] = model.model.embed_tokens.weight[:old].mean(0)
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight[old:new] = model.lm_head.weight[:old].mean(0)
+    return (f"sft: the data uses thinking / tool markers the tokenizer lacks; added {added} special tokens (ids "
+            f"{old}..{new - 1}) and embedding rows for them (the mean of the trained rows)")
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -420,9 +447,15 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     seq = cfg.seq_len or context
     if seq > context:
         raise fail(f"--seq-len {seq} exceeds the model's context ({context} positions)")
-    train_examples, train_stats = encode_all(tokenizer, [c.messages for c in train_convs], seq, cfg.overlong)
-    heldout_examples, heldout_stats = encode_all(tokenizer, [c.messages for c in heldout_convs[: cfg.eval_conversations]],
-                                                 seq, cfg.overlong)
+    if any(uses_markers(c.messages, c.tools) for c in train_convs):
+        note = add_chat_markers(model, tokenizer)
+        if note:
+            log(note)
+    train_examples, train_stats = encode_all(tokenizer, [c.messages for c in train_convs], seq, cfg.overlong,
+                                             [c.tools for c in train_convs])
+    held = heldout_convs[: cfg.eval_conversations]
+    heldout_examples, heldout_stats = encode_all(tokenizer, [c.messages for c in held], seq, cfg.overlong,
+                                                 [c.tools for c in held])
     if not train_examples:
         raise fail("no training conversations (see the messages above)")
     t = cfg.train
