@@ -80,7 +80,7 @@ SHORT_FLAGS = {
     "tokenizer train": "",
     "pipeline": (
         "--attn-impl --beta --center-coef --chapter-regex --clip-eps --converter --csv-delimiter --data-weights "
-        "--doc-mask --dtype --enable-thinking --eval-conversations --eval-tokens --exact "
+        "--doc-mask --dtype --enable-thinking --encoding --eval-conversations --eval-tokens --exact "
         "--false-negative-weight --fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type "
         "--global-batch-tokens --group-by-length --group-size --heldout-prompts --hf --hf-cache-dir "
         "--hf-config --hf-split --hidden-size --init-from --inputs --instruct-limit --intermediate-size "
