@@ -21,8 +21,6 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Optional
-
 from xiaolm.utils import fail
 
 LOCK_NAME = ".xiaolm.lock"
@@ -153,8 +151,7 @@ def _empty(out: Path) -> None:
             p.unlink()
 
 
-def claim_run_dir(out: str | Path, *, resume: bool, overwrite: bool, verb: str,
-                  resume_hint: Optional[str] = None) -> Path:
+def claim_run_dir(out: str | Path, *, resume: bool, overwrite: bool, verb: str) -> Path:
     """Lock ``out`` (``lock_run_dir``) and check that this run may write there; with ``overwrite`` empty it first.
     A second claim by the same process only checks the lock (the first one decided)."""
     out = Path(out)
