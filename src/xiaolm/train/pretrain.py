@@ -40,8 +40,9 @@ class ModelSection:
     num_attention_heads: Optional[int] = opt(None, "override the preset's attention heads")
     num_key_value_heads: Optional[int] = opt(None, "override the preset's key/value heads (GQA)")
     doc_mask: bool = opt(True, "keep attention inside each document of a packed window (positions restart too)")
-    attn_impl: Literal["sdpa", "flex"] = opt("sdpa", "attention kernel for --doc-mask: sdpa (dense mask) or flex "
-                                                     "(FlexAttention, skips masked blocks; CUDA only)")
+    attn_impl: Literal["auto", "sdpa", "flex"] = opt("auto", "attention kernel for --doc-mask: auto (FlexAttention "
+                                                             "on CUDA, SDPA with a dense mask on CPU), sdpa (dense "
+                                                             "mask) or flex (skips masked blocks; CUDA only)")
     zero_init_residual: bool = opt(True, "start o_proj and down_proj at zero (each block the identity); "
                                           "ignored with --init-from")
     init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
