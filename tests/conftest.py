@@ -201,12 +201,3 @@ def stop_process(proc) -> str:
         out, _ = proc.communicate()
     return out.decode(errors="replace")
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for torchrun's --master_port: a fixed number collides when two suites
-    (or two DDP tests) run at once."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

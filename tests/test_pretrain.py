@@ -19,7 +19,7 @@ from xiaolm.model.io import CheckpointError, find_checkpoint, load_model
 from xiaolm.train.engine import TrainConfig
 from xiaolm.train.schedule import lr_at
 
-from conftest import TINY_PRETRAIN, free_port
+from conftest import TINY_PRETRAIN
 
 FAST = [a for a in TINY_PRETRAIN]
 
@@ -177,7 +177,7 @@ def test_two_processes_train_like_one(shards_dir, tmp_path):
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",  # a free port
          "-m", "xiaolm", "pretrain", "--out", str(two), "--grad-accum-steps", "1", *common],
         capture_output=True, text=True, timeout=300, env=env,
     )
