@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -109,8 +109,8 @@ def sequence_logps(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tup
 
 
 @torch.no_grad()
-def precompute_logps(model, seqs: list[Sequence], pad_id: int, batch_size: int = 32
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def precompute_logps(model, seqs: list[Sequence], pad_id: int, batch_size: int = 32,
+                     autocast: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probabilities and token counts of ``seqs`` under ``model`` (float64 sums on CPU), computed in
     length-sorted batches. This is how the reference model's numbers are made once, before training, so the
     reference never has to stay in memory beside the policy."""
@@ -123,11 +123,21 @@ def precompute_logps(model, seqs: list[Sequence], pad_id: int, batch_size: int =
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = pad_batch([seqs[i] for i in idx], pad_id)
-        s, c = sequence_logps(model, batch["input_ids"].to(device), batch["targets"].to(device))
+        ctx = autocast() if autocast is not None else _null()
+        with ctx:
+            s, c = sequence_logps(model, batch["input_ids"].to(device), batch["targets"].to(device))
         sums[idx] = s.double().cpu()
         counts[idx] = c.cpu()
     model.train(was_training)
     return sums, counts
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ rule reward
