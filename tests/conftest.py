@@ -200,3 +200,4 @@ def stop_process(proc) -> str:
         proc.kill()
         out, _ = proc.communicate()
     return out.decode(errors="replace")
+

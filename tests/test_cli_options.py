@@ -80,7 +80,7 @@ SHORT_FLAGS = {
     "tokenizer train": "",
     "pipeline": (
         "--attn-impl --beta --center-coef --chapter-regex --clip-eps --converter --csv-delimiter --data-weights "
-        "--doc-mask --dtype --enable-thinking --eval-conversations --eval-tokens --exact "
+        "--doc-mask --dtype --enable-thinking --encoding --eval-conversations --eval-tokens --exact "
         "--false-negative-weight --fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type "
         "--global-batch-tokens --group-by-length --group-size --heldout-prompts --hf --hf-cache-dir "
         "--hf-config --hf-split --hidden-size --init-from --inputs --instruct-limit --intermediate-size "
@@ -105,9 +105,9 @@ SHORT_FLAGS = {
         "--global-batch-tokens --grad-accum-steps --grad-clip --hidden-size --init-from --intermediate-size "
         "--keep-last --log-every --loss-chunk-size --lr --max-skipped-steps --max-steps --max-tokens "
         "--micro-batch-size --min-lr-ratio --muon-lr --muon-momentum --muon-weight-decay --num-attention-heads "
-        "--num-hidden-layers --num-key-value-heads --on-nonfinite --optimizer --peak-flops --precision "
-        "--prefetch --preset --progress --prompts --resume --resume-from --rope-factor --rope-scaling "
-        "--rope-theta --sample-temperature "
+        "--num-hidden-layers --num-key-value-heads --on-nonfinite --optimizer --overwrite --peak-flops "
+        "--precision --prefetch --preset --progress --prompts --resume --resume-from --rope-factor "
+        "--rope-scaling --rope-theta --sample-temperature "
         "--sample-tokens --save-every --schedule --seed --seq-len --stop-at-step --teacher --teacher-logits "
         "--tensorboard --tie-word-embeddings --warmup-steps --weight-decay --windows --zero-init-residual"
     ),
@@ -115,7 +115,7 @@ SHORT_FLAGS = {
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --distill-alpha --distill-temperature "
         "--eps --eval-every --fsdp --grad-accum-steps --grad-clip --keep-last --log-every --loss-chunk-size --lr "
         "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr "
-        "--muon-momentum --muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --prefetch "
+        "--muon-momentum --muon-weight-decay --on-nonfinite --optimizer --overwrite --peak-flops --precision --prefetch "
         "--progress --resume --resume-from --save-every --schedule --seed --stop-at-step --teacher --tensorboard "
         "--warmup-steps --weight-decay"
     ),
@@ -123,7 +123,7 @@ SHORT_FLAGS = {
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
         "--grad-accum-steps --grad-clip --keep-last --log-every --lr --max-skipped-steps "
         "--max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum --muon-weight-decay "
-        "--on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --resume --resume-from "
+        "--on-nonfinite --optimizer --overwrite --peak-flops --precision --prefetch --progress --resume --resume-from "
         "--save-every --schedule --seed --stop-at-step --tensorboard --warmup-steps --weight-decay"
     ),
     "reward score": "",
@@ -132,7 +132,7 @@ SHORT_FLAGS = {
         "--eval-every --fsdp --grad-accum-steps --grad-clip --greedy --k --keep-last "
         "--limit --log-every --lr --markers --max-new-tokens --max-skipped-steps --max-steps --max-tokens "
         "--micro-batch-size --min-lr-ratio --min-margin --mode --muon-lr --muon-momentum --muon-weight-decay "
-        "--on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --repetition-penalty "
+        "--on-nonfinite --optimizer --overwrite --peak-flops --precision --prefetch --progress --repetition-penalty "
         "--repetition-weight --resume --resume-from --reward-model --reward-model-weight --save-every --schedule "
         "--scorer --seed --stop --stop-at-step --temperature --tensorboard --top-k --top-p --warmup-steps "
         "--weight-decay --word-credit"
@@ -141,7 +141,7 @@ SHORT_FLAGS = {
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
         "--grad-accum-steps --grad-clip --keep-last --log-every --lr --max-new-tokens "
         "--max-skipped-steps --max-steps --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
-        "--muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --progress --repetition-penalty "
+        "--muon-weight-decay --on-nonfinite --optimizer --overwrite --peak-flops --precision --progress --repetition-penalty "
         "--resume --resume-from --save-every --schedule --seed --stop --stop-at-step --temperature --tensorboard "
         "--top-k --top-p --warmup-steps --weight-decay"
     ),

@@ -224,3 +224,51 @@ def test_generate_ids_ends_a_row_whose_numbers_go_bad_alone_when_asked():
     assert got[0] == clean[0] and got[2] == clean[2]
     with pytest.raises(FloatingPointError, match=r"row\(s\) \[1\]"):
         generate_ids(model, prompts, 8, logits_processor=poison, **kw)
+
+
+class _Stdin:
+    """Piped stdin (not a terminal) holding ``data``."""
+
+    def __init__(self, data: bytes):
+        import io
+
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self) -> bool:
+        return False
+
+    def read(self) -> str:
+        return self.buffer.read().decode("utf-8")
+
+
+def test_prompts_file_empty_gbk_or_a_directory_is_one_line(tiny_run, tmp_path, capsys):
+    from xiaolm.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("从前\n一丌丐专丕业\n".encode("gbk"))
+    for path, named in ((empty, "no prompts"), (gbk, f"{gbk}:1: not UTF-8"), (tmp_path, "Is a directory"),
+                        (tmp_path / "missing.txt", "No such file")):
+        assert main(["generate", str(tiny_run), "--prompts-file", str(path), "--max-new-tokens", "4"]) == 2
+        captured = capsys.readouterr()
+        assert named in captured.err and captured.err.count("\n") == 1 and captured.out == "", captured
+
+
+def test_prompts_come_from_stdin_with_a_dash_or_piped_without_prompt(tiny_run, monkeypatch, capsys):
+    from xiaolm.cli import main
+
+    greedy = ["--max-new-tokens", "4", "--temperature", "0", "--device", "cpu"]
+    assert main(["generate", str(tiny_run), "--prompt", "小猫", "有一天", *greedy]) == 0
+    expected = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", _Stdin("小猫\n\n有一天\n".encode()))
+    assert main(["generate", str(tiny_run), "--prompts-file", "-", *greedy]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["generate", str(tiny_run), "--prompt", "小猫", *greedy]) == 0
+    one = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", _Stdin("小猫\n".encode()))
+    assert main(["generate", str(tiny_run), *greedy]) == 0
+    assert capsys.readouterr().out == one and one.startswith("小猫")
+    monkeypatch.setattr("sys.stdin", _Stdin(b""))
+    assert main(["generate", str(tiny_run), "--prompts-file", "-", *greedy]) == 2
+    assert "--prompts-file stdin: no prompts" in capsys.readouterr().err

@@ -7,6 +7,7 @@ test is collected and skipped cleanly without CUDA, and that the list covers eve
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -284,17 +285,23 @@ def test_compiled_decode_reuses_its_cache_across_prompt_lengths(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("device", [CUDA])
-def test_quantized_generate_runs(device, bits, tiny_run, tmp_path):
+@pytest.mark.parametrize("device", [CUDA, CPU])
+def test_quantized_generate_agrees_with_the_float_model(device, bits, tiny_run, tmp_path):
+    """Greedy text of the quantised model against the float model's, token by token (CPU, measured: int8 1.0 and
+    int4 1.0 on this prompt; int4 0.31-0.53 on others, where one changed token sends the rest elsewhere)."""
     from xiaolm.infer.quantize import quantize_run
-    from xiaolm.model.io import load_quantized
+    from xiaolm.model.io import load_model, load_quantized
 
     quantize_run(tiny_run, tmp_path / "q", bits=bits, group_size=64)
     model, tokenizer, _ = load_quantized(tmp_path / "q", device=device)
+    reference, _, _ = load_model(tiny_run, device=device)
     ids = tokenizer.encode("从前，有一个小女孩")
-    out = generate_ids(model, [ids, ids[:3]], 16, pad_id=tokenizer.pad_id, eos_ids=[], temperature=0.0)
+    kw = dict(pad_id=tokenizer.pad_id, eos_ids=[], temperature=0.0)
+    out = generate_ids(model, [ids, ids[:3]], 16, **kw)
+    want = generate_ids(reference, [ids, ids[:3]], 16, **kw)
     assert [len(o) for o in out] == [16, 16]
-    assert all(0 <= t < model.config.vocab_size for o in out for t in o)
+    agreement = sum(a == b for o, w in zip(out, want) for a, b in zip(o, w)) / 32
+    assert agreement >= (0.9 if bits == 8 else 0.5), (agreement, out, want)
 
 
 # ---------------------------------------------------------------------------------- SFT / DPO / GRPO, serve
@@ -331,7 +338,7 @@ def test_sft_dpo_grpo_steps_run_under_bf16_autocast(device, tiny_run, instruct_d
                  "--max-steps", "2", *common]) == 0
     for run in ("sft", "dpo", "grpo"):
         train = [r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r.get("kind") == "train"]
-        assert len(train) == 2 and all(r["loss"] == r["loss"] for r in train), (run, train)   # finite
+        assert len(train) == 2 and all(math.isfinite(r["loss"]) for r in train), (run, train)
 
 
 @pytest.mark.parametrize("device", [CUDA])

@@ -1,6 +1,6 @@
 """The package's layering, checked from source (``ast``; nothing is imported).
 
-Lowest first: utils, config, errors -> tokenizer -> model -> data -> tasks -> infer -> export -> eval -> train ->
+Lowest first: utils, config, errors, rundir -> tokenizer -> model -> data -> tasks -> infer -> export -> eval -> train ->
 align -> serve -> pipeline, quickstart, cli. A module imports only from its own layer or below -- lazy imports inside
 functions count too, since they are the same dependency taken later -- and no group of modules imports itself round
 (there, an annotation-only import under ``if TYPE_CHECKING:`` does not count: it never runs).
@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xiaolm"
 
 LAYERS = [
-    {"xiaolm", "utils", "config", "errors"},
+    {"xiaolm", "utils", "config", "errors", "rundir"},
     {"tokenizer"},
     {"model"},
     {"data"},

@@ -165,7 +165,7 @@ def test_output_records_and_report_keys(tmp_path):
     assert report["characters_in"] == report["characters_kept"] == sum(len(s) for s in STORIES)
     assert report["files"] == [{"file": str(src), "format": "jsonl", "documents_in": 5, "documents_kept": 5,
                                 "characters_in": report["characters_in"], "characters_kept": report["characters_kept"],
-                                "malformed": 0}]
+                                "malformed": 0, "encoding": "utf-8"}]
     for doc in all_docs(out):
         assert set(doc) == {"text", "id", "source"}
         assert len(doc["id"]) == 16 and doc["source"].startswith(f"{src}:")

@@ -141,6 +141,41 @@ def test_bad_requests_are_clear(tiny_run, qdirs, tmp_path, capsys):
     assert "already quantised" in capsys.readouterr().err
 
 
+def test_quantize_out_follows_the_export_rules(tiny_run, qdirs, tmp_path, capsys):
+    """--out never the source run (its config.yaml would be replaced and its resume broken), never a run directory,
+    never a foreign non-empty directory; an earlier QDIR only with --overwrite."""
+    import hashlib
+
+    def tree(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def refused(out, *extra) -> str:
+        assert main(["quantize", str(tiny_run), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("xiaolm: error: ") and err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    before = tree(tiny_run)
+    assert "the run being quantised" in refused(tiny_run)
+    assert "run directory" in refused(tiny_run / "checkpoints" / "q")
+    assert tree(tiny_run) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert "not an earlier quantised directory" in refused(mine, "--overwrite")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert "--overwrite" in refused(qdirs[8])
+    again = tmp_path / "again"
+    assert main(["quantize", str(tiny_run), "--out", str(again)]) == 0
+    (again / "model.safetensors").write_bytes(b"stale")
+    assert main(["quantize", str(tiny_run), "--out", str(again), "--overwrite"]) == 0
+    load_model(again)  # the stale weights were replaced
+    capsys.readouterr()
+    assert "--embedding-bits 3" in refused(tmp_path / "e", "--embedding-bits", "3")
+    assert not (tmp_path / "e").exists()
+
+
 def test_torchao_int8_backend_agrees():
     pytest.importorskip("torchao")
     torch.manual_seed(3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -16,8 +17,10 @@ def test_quickstart_trains_a_model_that_beats_the_unigram_baseline(tmp_path, cap
     assert "Stories written by your model" in printed and "Validation curve" in printed
     assert f"xiaolm eval judge {out / 'run'} --endpoint URL --model NAME" in printed   # how to get grades
     result = json.loads((out / "quickstart.json").read_text())
-    # Far below the loss of a model that ignores context: the model has learned the stories' structure.
-    assert result["val_loss"] < result["unigram_entropy"] - 1.0, result
+    # Near what this budget reaches, not merely below the unigram entropy (6.60 nats/token, a model ignoring context;
+    # that bound passed a model seven times worse than the README's figure). Measured at these 60 steps: 2.60 (eval
+    # at 15/30/45/60 steps: 4.32, 3.38, 2.91, 2.60); the README's 0.82 is the full budget's 236 steps.
+    assert result["val_loss"] < 3.0, result
     evals = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in x]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
@@ -58,7 +61,7 @@ def _check_gpu_route(out, stories: int):
     assert run_cfg["train"]["max_steps"] >= 20            # sized by the calibration, not given
     assert sum(1 for _ in open(out / "stories.jsonl", encoding="utf-8")) == stories
     result = json.loads((out / "quickstart.json").read_text())
-    assert len(result["stories"]) == 5 and result["val_loss"] == result["val_loss"]
+    assert len(result["stories"]) == 5 and math.isfinite(result["val_loss"])
 
 
 def test_quickstart_gpu_defaults_run_end_to_end_on_cpu(tmp_path, monkeypatch):

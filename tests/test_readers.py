@@ -42,15 +42,13 @@ def test_jsonl_plain_and_gzip(tmp_path, gz):
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_json_array_gives_line_of_each_record(tmp_path, gz):
+def test_json_array_gives_row_of_each_record(tmp_path, gz):
+    """Arrays are streamed (ijson), so an item is named by its row, as in an object holding a list."""
     text = json.dumps(STORIES, ensure_ascii=False, indent=2)
     path = write(tmp_path / ("a.json.gz" if gz else "a.json"), text, gz)
     records, _ = read([path], field="story_zh")
     assert [r.text for r in records] == [s["story_zh"] for s in STORIES]
-    lines = text.split("\n")
-    for rec in records:  # each record's line is where its object opens
-        assert lines[rec.line - 1].strip() == "{"
-    assert records[0].line == 2 and records[1].line > records[0].line
+    assert [r.row for r in records] == [1, 2] and records[1].source == f"{path}#2"
 
 
 def test_json_object_holding_a_list_and_single_record(tmp_path):
@@ -213,7 +211,7 @@ def test_malformed_csv_and_txt_and_json_array(tmp_path):
     arr = '[\n  {"text": "一"},\n  {"text": 5},\n  {"text": "三"},\n  {"text": oops}\n]'
     records, log = read([write(tmp_path / "b.json", arr)])
     assert [r.text for r in records] == ["一", "三"]
-    assert [(m.line, m.reason.split(":")[0]) for m in log.malformed] == [(3, "non-string field"), (5, "bad JSON")]
+    assert [(m.row, m.reason.split(":")[0]) for m in log.malformed] == [(2, "non-string field"), (4, "bad JSON")]
 
 
 def test_truncated_gzip_is_reported_not_fatal(tmp_path):
@@ -333,3 +331,70 @@ def test_prepare_and_tokenize_read_a_save_to_disk_directory(tmp_path, tokenizer_
         assert main(["data", "tokenize", str(tmp_path / inp), "--tokenizer", str(tokenizer_dir),
                      "--out", str(out), "--workers", "1", "--no-progress"]) == 0
         assert len(TokenShards(out, "train").doc_starts) == len(texts)
+
+
+# ------------------------------------------------------------------------------------------ encodings
+
+CORPUS = ["从前有一座山，山里有一座庙。庙里有个老和尚在给小和尚讲故事。",
+          "小猫在花园里追蝴蝶，蝴蝶飞到了高高的树上。",
+          "老奶奶给小明讲了一个关于月亮和星星的故事。"] * 4
+
+
+@pytest.mark.parametrize("codec,found", [("gbk", "gb18030"), ("gb18030", "gb18030"), ("utf-16-le", "utf-16-le"),
+                                         ("utf-16", "utf-16-le")])
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "json", "csv"])
+def test_gbk_gb18030_and_utf16_inputs_are_detected(tmp_path, codec, found, kind):
+    if kind == "txt":
+        text = "\n".join(CORPUS) + "\n"
+    elif kind == "jsonl":
+        text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in CORPUS)
+    elif kind == "json":
+        text = json.dumps([{"text": t} for t in CORPUS], ensure_ascii=False)
+    else:
+        text = "id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(CORPUS))
+    path = write(tmp_path / f"c.{kind}", text.encode(codec))
+    records, log = read([path])
+    assert [r.text for r in records] == CORPUS and log.malformed_total == 0
+    assert log.files[str(path)].encoding == found  # utf-16 with a BOM: the BOM names the byte order
+
+
+def test_encoding_given_explicitly_and_a_bad_name_is_refused(tmp_path):
+    path = write(tmp_path / "c.txt", "一丌丐专丕业\n".encode("gbk"))  # these GBK bytes happen to be valid UTF-8
+    records, log = read([path])
+    assert log.files[str(path)].encoding == "utf-8" and records[0].text != "一丌丐专丕业"  # undetectable
+    records, log = read([path], encoding="GBK")
+    assert [r.text for r in records] == ["一丌丐专丕业"] and log.files[str(path)].encoding == "gb18030"
+    with pytest.raises(ValueError, match="--encoding 'klingon'"):
+        read([path], encoding="klingon")
+
+
+def test_a_gbk_line_in_a_utf8_file_is_dropped_alone(tmp_path):
+    path = write(tmp_path / "mixed.txt", ("\n".join(CORPUS) + "\n").encode() + "坏行\n".encode("gbk"))
+    records, log = read([path])
+    assert [r.text for r in records] == CORPUS and log.malformed_total == 1
+    assert log.malformed[0].line == len(CORPUS) + 1 and log.files[str(path)].encoding == "utf-8"
+
+
+def test_json_array_with_bad_bytes_in_one_item_keeps_the_others(tmp_path):
+    items = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in CORPUS[:3]]
+    items[1] = items[1].replace("小猫".encode(), b"\xff\xfe")
+    path = write(tmp_path / "a.json", b"[" + b",\n".join(items) + b"]")
+    records, log = read([path])
+    assert [r.text for r in records] == [CORPUS[0], CORPUS[2]]
+    assert [(m.row, m.reason.split(":")[0]) for m in log.malformed] == [(2, "non-UTF-8 bytes")]
+
+
+def test_data_prepare_reads_a_gbk_corpus_and_names_file_and_encoding(tmp_path, capsys):
+    from xiaolm.cli import main
+
+    gbk = write(tmp_path / "gbk.txt", ("\n".join(CORPUS[:3]) + "\n").encode("gbk") + b"\xff\xff\xff\n")
+    utf16 = write(tmp_path / "u16.txt", ("\n".join(CORPUS[3:6]) + "\n").encode("utf-16"))
+    assert main(["data", "prepare", str(gbk), str(utf16), "--out", str(tmp_path / "out"), "--val-fraction", "0",
+                 "--no-exact", "--no-near"]) == 0
+    err = capsys.readouterr().err
+    assert f"{gbk}: 1 malformed records dropped, read as gb18030" in err
+    assert f"{utf16}: read as utf-16-le" in err
+    kept = [json.loads(x)["text"] for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert len(kept) == 6 and kept[0] == CORPUS[0]
+    assert main(["data", "prepare", str(gbk), "--out", str(tmp_path / "o2"), "--encoding", "nope"]) == 2
+    assert "--encoding 'nope'" in capsys.readouterr().err

@@ -25,8 +25,9 @@ def _pretrain(shards, out, *extra):
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
+    """Every file's sha256, the run directory's lock file aside (it names whoever claimed the directory last)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".xiaolm.lock"}
 
 
 def _refused(capsys, *call) -> str:
@@ -257,3 +258,139 @@ def test_full_disk_while_writing_the_latest_pointer_names_the_complete_checkpoin
     verify_checkpoint(run / "checkpoints" / "step-00000004")
     assert _pretrain(shards_dir, run, "--max-steps", "6", "--save-every", "2", "--resume-from", "4") == 0
     assert "step-00000004 (step 4" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- one owner per run directory
+
+_HOLDER = """
+import sys, time
+from xiaolm.rundir import lock_run_dir
+lock_run_dir(sys.argv[1], "pretrain")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(out: Path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_process_on_the_same_out_is_refused_naming_the_holder_and_a_killed_holder_does_not_block(
+        shards_dir, tmp_path, capsys):
+    import signal
+    import socket
+
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    try:
+        err = _refused(capsys, shards_dir, run, "--max-steps", "2")
+        assert f"PID {holder.pid} on {socket.gethostname()}" in err and "in use by another xiaolm process" in err
+        assert err.count("\n") == 1 and not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The lock file is still there, naming the dead holder; the kernel dropped its flock, so it is stale.
+    assert json.loads((run / ".xiaolm.lock").read_text())["pid"] == holder.pid
+    assert _pretrain(shards_dir, run, "--max-steps", "2") == 0
+    assert json.loads((run / ".xiaolm.lock").read_text())["pid"] == os.getpid()
+
+
+def test_lock_is_stale_after_its_holder_died_without_flock(tmp_path, monkeypatch):
+    """Where flock is unavailable the recorded PID decides: a dead PID on this host is stale, a live one refuses."""
+    import fcntl
+    import socket
+    import subprocess
+    import sys
+
+    from xiaolm import rundir
+    from xiaolm.errors import XiaolmError
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "run"
+    out.mkdir()
+    host = socket.gethostname()
+    (out / ".xiaolm.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": host}))
+    rundir.lock_run_dir(out, "pretrain")
+    rundir.release_run_dirs()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".xiaolm.lock").write_text(json.dumps({"pid": live.pid, "host": host}))
+        with pytest.raises(XiaolmError, match=f"PID {live.pid} on {host}"):
+            rundir.lock_run_dir(out, "pretrain")
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_new_run_in_an_existing_run_directory_is_refused_and_overwrite_empties_it(short_run, shards_dir, tmp_path,
+                                                                                    capsys):
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    before = _tree_hash(run)
+    err = _refused(capsys, shards_dir, run, "--max-steps", "2")
+    assert "already holds a run" in err and "--resume" in err and "--out" in err and err.count("\n") == 1
+    assert _tree_hash(run) == before  # nothing in the run changed
+    err = _refused(capsys, shards_dir, run, "--max-steps", "2", "--resume", "--overwrite")
+    assert "give one of them" in err
+    assert _pretrain(shards_dir, run, "--max-steps", "2", "--overwrite") == 0
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-00000002"]  # the old run's step-4 checkpoint is gone, not mixed in
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()][-1] == 2
+
+
+def test_overwrite_never_empties_a_directory_that_is_not_a_run(shards_dir, tmp_path, capsys):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep me")
+    err = _refused(capsys, shards_dir, mine, "--max-steps", "2", "--overwrite")
+    assert "not one" in err and (mine / "thesis.txt").read_text() == "keep me"
+
+
+def test_a_metrics_log_cut_mid_character_does_not_block_resume(short_run, shards_dir, tmp_path, capsys):
+    """A crash can cut an append-only log anywhere, even inside a character: --resume drops the incomplete last
+    line and says so in one line naming the file; the records before it are kept."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    metrics = run / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    cut = json.dumps({"kind": "train", "step": 4, "note": "中文"}, ensure_ascii=False).encode("utf-8")
+    metrics.write_bytes(whole + cut[: cut.index("中".encode()) + 1])  # one byte into a three-byte character
+    assert _pretrain(shards_dir, run, "--max-steps", "6", "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"{metrics}: dropped an incomplete last line" in err
+    steps = [json.loads(x)["step"] for x in metrics.read_text(encoding="utf-8").splitlines()]
+    assert steps[-1] == 6 and steps == sorted(steps)
+
+
+def test_a_bad_byte_inside_a_jsonl_names_the_file_and_line(tmp_path):
+    from xiaolm.utils import read_jsonl, read_log_lines
+
+    f = tmp_path / "records.jsonl"
+    f.write_bytes(b'{"a": 1}\n{"b": "\xe4\xb8"}\n')
+    with pytest.raises(ValueError, match=f"{f}:2: not UTF-8"):
+        list(read_jsonl(f))
+    with pytest.raises(Exception, match=f"{f}:2: not UTF-8"):
+        read_log_lines(f)
+
+
+def test_teach_cache_cut_by_a_kill_is_repaired_before_appending(tmp_path, capsys):
+    from xiaolm.data.teach import Cache
+
+    path = tmp_path / "cache.jsonl"
+    good = json.dumps({"key": "a", "answer": "好"}, ensure_ascii=False) + "\n"
+    path.write_bytes(good.encode() + '{"key": "b", "answer": "好'.encode()[:-1])
+    cache = Cache(path)
+    cache.put({"key": "c", "answer": "行"})
+    cache.close()
+    assert "dropped an incomplete last line" in capsys.readouterr().err
+    assert [json.loads(x)["key"] for x in path.read_text(encoding="utf-8").splitlines()] == ["a", "c"]

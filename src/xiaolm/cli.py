@@ -92,6 +92,10 @@ def _run(target: str, argv: list[str]) -> int:
             raise
         print(f"xiaolm: error: this verb needs {top}: pip install 'xiaolm[{EXTRAS[top]}]'", file=sys.stderr)
         return 2
+    finally:  # the run directories this verb locked are free again when it returns (tests call verbs in-process)
+        rundir = sys.modules.get("xiaolm.rundir")
+        if rundir is not None:
+            rundir.release_run_dirs()
     return int(result or 0)
 
 

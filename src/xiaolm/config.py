@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -74,6 +75,11 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _flag(where: str) -> str:
+    """``config.sampling.top_k`` -> ``--top-k``: how the option is spelled on the command line."""
+    return "--" + where.rsplit(".", 1)[-1].split("[")[0].replace("_", "-")
+
+
 def _convert(value: Any, tp, where: str):
     """Coerce a YAML or command-line value to the annotated type, with an error that names the field."""
     inner, optional = _unwrap_optional(tp)
@@ -119,11 +125,23 @@ def _convert(value: Any, tp, where: str):
             if isinstance(value, float):
                 if not value.is_integer():
                     raise ConfigError(f"{where}: expected an integer, got {value!r}")
-                return int(value)
+                value = int(value)
             text = str(value).replace("_", "")
-            return int(float(text)) if any(c in text for c in "eE.") else int(text)
+            if any(c in text for c in "eE."):  # 1e6 is a count; 1.5 is not, and is refused, not truncated
+                number = float(text)
+                if not number.is_integer():
+                    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+                number = int(number)
+            else:
+                number = int(text)
+            if not INT_RANGE[0] <= number <= INT_RANGE[1]:  # seeds, counts, sizes: nothing wider (torch's limit)
+                raise ConfigError(f"{where} ({_flag(where)}): {value!r} is out of range (a 64-bit integer)")
+            return number
         if inner is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # no option means anything by NaN or infinity
+                raise ConfigError(f"{where} ({_flag(where)}): expected a finite number, got {value!r}")
+            return number
         if inner is str:
             return str(value)
         if _is_dataclass_type(inner):
@@ -396,6 +414,19 @@ def refuse_missing(cls, cfg) -> None:
             raise ConfigError(message)
 
 
+_PARSERS: dict = {}
+INT_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is a ConfigError like any other: one ``xiaolm: error:`` line through the CLI (not
+    argparse's usage block and exit), naming the verb and pointing at its --help."""
+
+    def error(self, message: str):
+        verb = self.prog[len("xiaolm "):] if self.prog.startswith("xiaolm ") else self.prog
+        raise ConfigError(f"{verb}: {message} (see {self.prog} --help)")
+
+
 def parse_config(cls, argv: list[str] | None, prog: str, description: str | None = None,
                  positionals: dict[str, str] | None = None, epilog: str | None = None,
                  extra: typing.Callable[[argparse.ArgumentParser], None] | None = None,
@@ -407,14 +438,15 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str | None
     ``description`` defaults to the config class's own docstring, so a config documents its verb; fields declared
     with ``opt(required=...)`` are refused when still empty once the recipe and the flags are applied.
     """
-    if description is None:
-        description = config_description(cls)
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_args(parser, cls, positionals, unused)
-    if extra is not None:
-        extra(parser)
+    key = (cls, prog, description, epilog, tuple((positionals or {}).items()), extra, tuple(unused))
+    parser = _PARSERS.get(key)
+    if parser is None:  # built once per verb and process: a parser is not changed by parsing
+        parser = _Parser(prog=prog, description=config_description(cls) if description is None else description,
+                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_args(parser, cls, positionals, unused)
+        if extra is not None:
+            extra(parser)
+        _PARSERS[key] = parser
     args = parser.parse_args(argv)
     cfg = resolve_config(cls, args)  # a ConfigError names the field; the CLI prints it as one line
     refuse_unused(cls, cfg, args, unused, prog)

@@ -203,6 +203,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     t_cfg.device, t_cfg.seed, t_cfg.lr = device, cfg.seed, cfg.lr
     t_cfg.micro_batch_size, t_cfg.warmup_steps, t_cfg.min_lr_ratio = cfg.micro_batch_size, 50, 0.1
     t_cfg.log_every, t_cfg.keep_last, t_cfg.tensorboard = 25, 1, False
+    t_cfg.overwrite = True  # quickstart remakes every stage of its own directory, the run included
     pcfg.eval.eval_tokens, pcfg.eval.sample_tokens = 16_384, 48
     if cfg.max_steps:
         t_cfg.max_steps, plan = cfg.max_steps, f"{cfg.max_steps} steps"

@@ -77,11 +77,43 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     return n
 
 
+def read_log_lines(path: str | Path, truncate: bool = False, strict: bool = True) -> list[str]:
+    """The complete lines of an append-only log (metrics.jsonl, a cache.jsonl). A crash can cut the last line, even
+    mid-character: it is dropped, said in one line, and with ``truncate`` cut from the file too, so that the next
+    append starts on a line of its own. A line elsewhere that is not UTF-8 is an error naming the file and line
+    (``strict``) or dropped with a warning that names them."""
+    path = Path(path)
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    tail = data[end:]
+    if tail:
+        log(f"{path}: dropped an incomplete last line ({len(tail)} bytes, cut by a crash or a kill)")
+        if truncate:
+            os.truncate(path, end)
+    lines = []
+    for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            message = f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start} of the line)"
+            if strict:
+                raise fail(message)
+            log(f"warning: {message}; line skipped")
+    return lines
+
+
 def read_jsonl(path: str | Path, strict: bool = True) -> Iterator[dict]:
     """Yield the JSON objects of a JSON Lines file. Errors name the file and line."""
     path = Path(path)
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if strict:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start} of the line); "
+                                     f"convert the file to UTF-8") from None
+                continue
             if not line.strip():
                 continue
             try:

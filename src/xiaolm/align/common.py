@@ -25,7 +25,7 @@ from xiaolm.config import opt
 from xiaolm.infer.generate import SamplingConfig
 from xiaolm.model.losses import token_logprobs
 from xiaolm.train.engine import TrainConfig
-from xiaolm.tokenizer.chat import prompt_ids
+from xiaolm.tokenizer.chat import prompt_ids  # noqa: F401 (re-exported: reward, on-policy pairs)
 from xiaolm.tokenizer.detok import decode_clean
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -80,14 +80,6 @@ def build_sequence(prompt: list[int], response: list[int], finished: bool, end_i
     targets = arr[1:].copy()
     targets[: n_prompt - 1] = -100
     return Sequence(arr[:-1].copy(), targets)
-
-
-def encode_response(tokenizer, messages: list[dict], response: str, seq_len: int, finished: bool = True,
-                    counts: Optional[EncodeCounts] = None, prompt: Optional[list[int]] = None) -> Optional[Sequence]:
-    """``messages`` (the prompt turns) answered by ``response`` text; see ``build_sequence``."""
-    p = prompt if prompt is not None else prompt_ids(tokenizer, messages)
-    r = tokenizer.encode(response, allow_special=False)
-    return build_sequence(p, r, finished, tokenizer.im_end_id, seq_len, counts)
 
 
 def pad_batch(seqs: list[Sequence], pad_id: int) -> dict:

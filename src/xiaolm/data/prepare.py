@@ -76,7 +76,17 @@ def _summary(report: dict) -> str:
            if report["malformed_count"] else ""),
         f"{report['wall_seconds']:.1f} s, {report['documents_per_second'] or 0:,.0f} documents/s",
     ]
+    # Where lines were dropped, or a file was not UTF-8: the file and the encoding it was read as.
+    noted = [f for f in report.get("files", []) if f.get("malformed") or f.get("encoding") not in (None, "utf-8")]
+    for f in noted[:MAX_FILES_NOTED]:
+        dropped = f"{f['malformed']:,} malformed records dropped, " if f.get("malformed") else ""
+        lines.append(f"  {f['file']}: {dropped}read as {f.get('encoding') or '-'}")
+    if len(noted) > MAX_FILES_NOTED:
+        lines.append(f"  ... and {len(noted) - MAX_FILES_NOTED} more files (see report.json)")
     return "\n".join(lines)
+
+
+MAX_FILES_NOTED = 10
 
 
 EPILOG = """examples:

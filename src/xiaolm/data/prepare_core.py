@@ -23,7 +23,7 @@ from xiaolm.config import opt, save_config
 from xiaolm.data.clean import FILTER_RULES, Cleaner, CleanConfig, FilterConfig, filter_reasons, split_long, \
     validate_filters
 from xiaolm.data.dedup import DedupConfig, Deduplicator, MinHasher, validate_dedup
-from xiaolm.data.readers import TXT_MODES, ReadLog, iter_records, read_options_from, resolve_inputs
+from xiaolm.data.readers import TXT_MODES, ReadLog, check_encoding, iter_records, read_options_from, resolve_inputs
 from xiaolm.utils import atomic_write_json, stable_hash
 
 SPLIT_BUCKETS = 10_000
@@ -54,6 +54,9 @@ class PrepareConfig:
     json_key: str | None = opt(None, "key of the record list in a .json file holding one object (default: its "
                                      "only list-valued key)")
     csv_delimiter: str = opt(",", "field delimiter of .csv inputs")
+    encoding: str = opt("auto", "character encoding of text inputs (.txt .jsonl .json .csv): auto (a byte-order "
+                                "mark, else UTF-8 when the file starts as UTF-8, else detected, e.g. GB18030 or "
+                                "UTF-16), or a name such as utf-8, gb18030, gbk, utf-16")
     hf_split: str = opt("train", "split to load for hf:NAME inputs")
     hf_config: str | None = opt(None, "configuration name for hf:NAME inputs")
     hf_cache_dir: str | None = opt(None, "cache directory for hf:NAME inputs")
@@ -136,6 +139,7 @@ def validate_config(cfg: PrepareConfig) -> None:
         re.compile(cfg.chapter_regex)
     except re.error as exc:
         raise ValueError(f"chapter_regex {cfg.chapter_regex!r} is not a valid regular expression: {exc}") from None
+    check_encoding(cfg.encoding)
     if cfg.workers < -1:
         raise ValueError(f"workers must be -1 (automatic), 0 or more, got {cfg.workers}")
     if cfg.tasks < 1:
@@ -459,7 +463,8 @@ def run_prepare(cfg: PrepareConfig, _stage1: Any = None) -> dict:
                                          "characters_kept": 0})
         read_stats = collector.files.get(item.path)
         files_report.append({"file": item.path, "format": item.format + (".gz" if item.compressed else ""),
-                             **stats, "malformed": read_stats.malformed if read_stats else 0})
+                             **stats, "malformed": read_stats.malformed if read_stats else 0,
+                             "encoding": read_stats.encoding if read_stats else None})
     report = {
         "inputs": cfg.inputs,
         "out": str(out),

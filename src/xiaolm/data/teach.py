@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from xiaolm.config import opt, parse_config, save_config
-from xiaolm.utils import atomic_write_json, fail, log, write_jsonl
+from xiaolm.utils import atomic_write_json, fail, log, read_log_lines, write_jsonl
 
 # Built-in templates: slot -> (system, user). ``{{path}}`` is a field of the record (dotted for nested keys);
 # ``{{path?}}`` may be missing or empty.
@@ -167,12 +167,14 @@ class Cache:
         self.path = path
         self.entries: dict[str, dict] = {}
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            # A line cut by a kill is dropped (and cut off the file, so the next answer starts a line of its own):
+            # that answer is simply asked again.
+            for line in read_log_lines(path, truncate=True, strict=False):
                 try:
                     rec = json.loads(line)
                     self.entries[rec["key"]] = rec
                 except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by a kill: that answer is simply asked again
+                    continue
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(path, "a", encoding="utf-8")
         self._lock = threading.Lock()

@@ -14,26 +14,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from xiaolm.rundir import check_parent, inside_run
 from xiaolm.utils import fail
 
 MARKER = "xiaolm_export.json"
 GGUF_BASENAME = "xiaolm"
 MODELFILE_HEAD = "# Ollama Modelfile: ollama create "
-
-
-def _is_run(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() or ((path / "meta.json").is_file() and (path / "model_config.json").is_file())
-
-
-def _is_run_dir(path: Path) -> bool:
-    """A RUNDIR, a checkpoint directory, a run's tokenizer/ or checkpoints/ folder, or anything inside those.
-    (A new folder beside them, RUNDIR/hf, is fine.)"""
-    if _is_run(path):
-        return True
-    for p in path.parents:
-        if _is_run(p) and (path == p / "tokenizer" or p / "checkpoints" in (path, *path.parents)):
-            return True
-    return False
 
 
 def read_marker(out: Path) -> Optional[dict]:
@@ -42,17 +28,6 @@ def read_marker(out: Path) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _check_parent(path: Path, what: str) -> None:
-    """The first existing ancestor must be a writable directory (missing ones are created)."""
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise fail(f"{what} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise fail(f"{what} {path}: {parent} is not writable")
 
 
 def prepare_hf_target(out: str | Path, overwrite: bool, source: str | Path) -> Path:
@@ -64,10 +39,10 @@ def prepare_hf_target(out: str | Path, overwrite: bool, source: str | Path) -> P
         raise fail(f"export hf: {out} is a file; give a directory to write the model into")
     if out.resolve() == src:
         raise fail(f"export hf: {out} is the directory being exported; write the export somewhere else")
-    if _is_run_dir(out.resolve()):
+    if inside_run(out):
         raise fail(f"export hf: {out} is (inside) a run directory; exporting there would replace the run's "
                    f"config.yaml and tokenizer. Write the export somewhere else")
-    _check_parent(out, "export hf:")
+    check_parent(out, "export hf:")
     if out.is_dir() and any(out.iterdir()):
         marker = read_marker(out)
         if marker is None:
@@ -112,7 +87,7 @@ def prepare_gguf_target(out: str | Path, overwrite: bool) -> tuple[Path, Path]:
     modelfile = out.with_name(out.stem + ".Modelfile")
     if out.is_dir():
         raise fail(f"export gguf: {out} is a directory; give the .gguf file to write")
-    _check_parent(out, "export gguf:")
+    check_parent(out, "export gguf:")
     if out.exists():
         if not is_our_gguf(out):
             raise fail(f"export gguf: {out} exists and is not a GGUF written by xiaolm; choose another name "

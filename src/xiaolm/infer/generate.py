@@ -463,13 +463,54 @@ class GenerateConfig:
 
     run: str = opt(None, "RUNDIR, checkpoint, quantised or Hugging Face directory")
     prompt: list[str] = opt([], "prompt text (repeat for several prompts, generated as one batch)")
-    prompts_file: Optional[str] = opt(None, "file with one prompt per line")
+    prompts_file: Optional[str] = opt(None, "file with one prompt per line (UTF-8; - reads them from stdin)")
     num_samples: int = opt(1, "samples per prompt")
     chat: bool = opt(False, "wrap each prompt in the chat template as a user turn")
     system: Optional[str] = opt(None, "system message for --chat")
     sampling: SamplingConfig = opt(factory=SamplingConfig)
     device: str = opt("auto", "auto, cpu, cuda or mps")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
+
+
+def _decode_prompts(data: bytes, where: str) -> str:
+    from xiaolm.utils import fail
+
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise fail(f"{where}:{line}: not UTF-8 ({exc.reason}); convert it first, e.g. iconv -f GB18030 -t UTF-8")
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per non-blank line of ``path`` (``-``: stdin). A file without any is refused: generating from
+    nothing is never what a prompts file asked for."""
+    from xiaolm.utils import fail
+
+    where = "stdin" if path == "-" else path
+    if path == "-":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    else:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise fail(f"--prompts-file {path}: {exc.strerror}")
+    prompts = [line.rstrip("\r") for line in _decode_prompts(data, where).split("\n") if line.strip()]
+    if not prompts:
+        raise fail(f"--prompts-file {where}: no prompts (the file is empty or has blank lines only)")
+    return prompts
+
+
+def _piped_stdin() -> str:
+    """Text piped on stdin, or "" on a terminal (or where stdin cannot be read, as under a test runner)."""
+    try:
+        if sys.stdin is None or sys.stdin.isatty():
+            return ""
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return _decode_prompts(data, "stdin")
 
 
 def main(argv: list[str]) -> int:
@@ -481,13 +522,10 @@ def main(argv: list[str]) -> int:
     )
     prompts = list(cfg.prompt)
     if cfg.prompts_file:
-        try:
-            with open(cfg.prompts_file, encoding="utf-8") as fh:
-                prompts += [line.rstrip("\n") for line in fh if line.strip()]
-        except OSError as exc:
-            raise fail(f"{cfg.prompts_file}: {exc.strerror}")
-    if not prompts:
-        prompts = [""]
+        prompts += read_prompts_file(cfg.prompts_file)
+    elif not prompts:
+        piped = _piped_stdin()  # `echo 从前 | xiaolm generate RUN`: the piped text is the prompt
+        prompts = [piped.rstrip("\r\n")] if piped else [""]
     problem = f"--num-samples must be at least 1, got {cfg.num_samples}" if cfg.num_samples < 1 else None
     model, tokenizer = load_sampling_model(cfg, problem)
     prompts = [p for p in prompts for _ in range(cfg.num_samples)]

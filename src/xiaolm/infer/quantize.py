@@ -3,6 +3,7 @@ are described in ``xiaolm.model.quant``; ``xiaolm.model.io.load_model`` reads a 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -15,9 +16,12 @@ import torch.nn as nn
 from xiaolm.config import opt, parse_config, save_config
 from xiaolm.model.llama import Llama
 from xiaolm.model.quant import FORMAT, FORMAT_VERSION, GROUP_SIZES, QUANT_FILE, quantize_int4, quantize_int8
+from xiaolm.rundir import LOCK_NAME, check_parent, inside_run, lock_run_dir
 from xiaolm.utils import atomic_output, atomic_write_json, fail, log
 
 # ================================================================================================== quantise
+
+EMBEDDING_BITS = (4, 8, 16, 32)
 
 
 def _linear_names(model: Llama) -> list[str]:
@@ -28,7 +32,7 @@ def quantize_state_dict(model: Llama, bits: int, group_size: int = 64, embedding
     """Quantise a float model's matrices. Returns (tensors to save, per-module table for quantization.json)."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, got {bits}")
-    if embedding_bits not in (4, 8, 16, 32):
+    if embedding_bits not in EMBEDDING_BITS:
         raise ValueError(f"embedding bits must be 4, 8, 16 or 32, got {embedding_bits}")
     cfg = model.config
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()
@@ -61,17 +65,55 @@ def quantize_state_dict(model: Llama, bits: int, group_size: int = 64, embedding
     return {k: v.contiguous() for k, v in out.items()}, table
 
 
+# What a QDIR holds: an earlier one is replaced file by file with --overwrite, and nothing else is ever removed.
+QDIR_FILES = ("model.safetensors", "model_config.json", "tokenizer", QUANT_FILE, "config.yaml")
+
+
+def prepare_qdir_target(out: str | Path, overwrite: bool, source: str | Path) -> Path:
+    """The rules ``export hf`` follows (``xiaolm.export.target``): never the source or a run directory, never a
+    non-empty directory that is not an earlier QDIR, and an earlier QDIR only with ``overwrite``."""
+    out, src = Path(out), Path(source).resolve()
+    if out.exists() and not out.is_dir():
+        raise fail(f"quantize: {out} is a file; give a directory to write the quantised model into")
+    if out.resolve() == src:
+        raise fail(f"quantize: --out {out} is the run being quantised; write the QDIR somewhere else")
+    if inside_run(out):
+        raise fail(f"quantize: --out {out} is (inside) a run directory; writing there would replace the run's "
+                   f"config.yaml and tokenizer. Write the QDIR somewhere else")
+    check_parent(out, "quantize: --out")
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        if not (out / QUANT_FILE).is_file():
+            raise fail(f"quantize: --out {out} is not empty and is not an earlier quantised directory; choose an "
+                       f"empty or new directory (nothing was written)")
+        if not overwrite:
+            raise fail(f"quantize: --out {out} holds an earlier quantised model; pass --overwrite to replace it")
+        for name in QDIR_FILES:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    return out
+
+
 def quantize_run(run: str | Path, out: str | Path, bits: int, group_size: int = 64, embedding_bits: int = 8,
-                 which: str = "latest", config=None) -> dict:
+                 which: str = "latest", config=None, overwrite: bool = False) -> dict:
     """Quantise a run's checkpoint into QDIR ``out``; returns quantization.json's content."""
     from safetensors.torch import save_file
 
     from xiaolm.model.io import CheckpointError, load_model
     from xiaolm.utils import atomic_write_text
 
+    if bits not in (4, 8):
+        raise fail(f"--bits {bits}: choose 8 or 4")
     if bits == 4 and group_size not in GROUP_SIZES:
         raise fail(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+    if embedding_bits not in EMBEDDING_BITS:
+        raise fail(f"--embedding-bits {embedding_bits}: choose one of {', '.join(map(str, EMBEDDING_BITS))}")
     run = Path(run)
+    if not run.exists():
+        raise fail(f"{run}: no such run or checkpoint directory")
+    out = prepare_qdir_target(out, overwrite, run)
     if (run / QUANT_FILE).is_file():
         raise fail(f"{run}: already quantised; quantise the original run")
     try:
@@ -84,8 +126,7 @@ def quantize_run(run: str | Path, out: str | Path, bits: int, group_size: int = 
             raise fail(f"{run}: cannot quantise a {type(model).__name__}")
         model = merge()
     tensors, table = quantize_state_dict(model, bits, group_size, embedding_bits)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out, "quantize")  # creates it; a second quantize into the same QDIR at once is refused
     with atomic_output(out / "model.safetensors") as part:  # normal permissions, never a half-written file
         save_file(tensors, str(part), metadata={"format": "pt", "quantization": FORMAT})
     atomic_write_text(out / "model_config.json", json.dumps(model.config.to_dict(), indent=2))
@@ -147,12 +188,13 @@ directory works with generate, chat, serve and eval like a run directory."""
     group_size: int = opt(64, "int4 group size: 32, 64 or 128 (smaller: more accurate, slightly larger)")
     embedding_bits: int = opt(8, "bits for the token embedding / output head: 8, 4, or 16 / 32 to keep it float")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
+    overwrite: bool = opt(False, "replace an earlier quantised directory at --out (any other non-empty one is refused)")
 
 
 def main(argv: list[str]) -> int:
     cfg, _ = parse_config(QuantizeConfig, argv, "xiaolm quantize", positionals={"run": "RUNDIR"})
     qconf = quantize_run(cfg.run, cfg.out, int(cfg.bits), cfg.group_size, cfg.embedding_bits, cfg.checkpoint,
-                         config=cfg)
+                         config=cfg, overwrite=cfg.overwrite)
     size = (Path(cfg.out) / "model.safetensors").stat().st_size
     log(f"quantize: {qconf['method']}")
     log(f"quantize: linear weights {qconf['linear_bytes_float32'] / 1e6:.2f} MB (float32) -> "

@@ -40,6 +40,7 @@ from xiaolm.pipeline.state import StageState, fingerprint
 from xiaolm.tasks.instruct import InstructConfig
 from xiaolm.train.pretrain import PretrainConfig
 from xiaolm.train.sft import SFTConfig
+from xiaolm.rundir import lock_run_dir
 from xiaolm.utils import atomic_write_json, fail, log
 
 STAGES = ("prepare", "tokenizer", "tokenize", "pretrain", "instruct", "sft", "pairs", "reward", "align", "eval",
@@ -521,7 +522,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: Optional[str] = None, dry_run:
         print_plan(rows, cfg)
         return {"workdir": cfg.workdir, "plan": rows}
     work = Path(cfg.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(work, "pipeline")  # one pipeline per work directory; each training stage also claims its run
     save_config(cfg, work / "pipeline.yaml")
     print_plan(rows, cfg, file=sys.stderr)
     results: dict = {}

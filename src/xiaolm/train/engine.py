@@ -34,6 +34,7 @@ import torch
 
 from xiaolm.config import opt, save_config
 from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
+from xiaolm.rundir import claim_run_dir
 from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
 from xiaolm.train.dist import (DistEnv, auto_help, autocast_for, configure_device, device_peak_flops,
                                resolve_device_defaults, resolve_precision, setup_distributed, teardown_distributed)
@@ -85,6 +86,8 @@ class TrainConfig:
     resume_from: Optional[str] = opt(
         None, "continue from this checkpoint instead (implies --resume): a step number or a checkpoint directory"
     )
+    overwrite: bool = opt(False, "OUT already holds a run: empty it first and start over (without this or --resume, "
+                                 "such an OUT is refused)")
     stop_at_step: Optional[int] = opt(
         None, "save and exit at this step, as if interrupted (the schedule still spans max_steps)"
     )
@@ -346,12 +349,19 @@ class Trainer:
 
     def open_run_dir(self) -> None:
         """Check a resume against the run (``resume_checkpoint``), then create the run directory and write the
-        tokenizer into it (main process only): every verb's first write, after nothing can be refused any more."""
+        tokenizer into it (main process only): every verb's first write, after nothing can be refused any more.
+        The main process first claims the directory (``xiaolm.rundir``): its lock, held while this process lives,
+        and the refusal of an existing run without --resume (--overwrite empties it)."""
+        self._claim()
         self.resume_checkpoint()
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.tokenizer is not None:
                 self.tokenizer.save(self.run_dir / "tokenizer")
+
+    def _claim(self) -> None:
+        if self.env.is_main:
+            claim_run_dir(self.run_dir, resume=self.resuming, overwrite=self.cfg.overwrite, verb=self.name)
 
     def _find_resume_checkpoint(self) -> Optional[Path]:
         if not self.resuming:
@@ -529,6 +539,7 @@ class Trainer:
         eval_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None,
     ) -> FitResult:
         cfg, env = self.cfg, self.env
+        self._claim()  # a no-op after open_run_dir
         self.resume_checkpoint()  # before config.yaml is rewritten
         resolve_tensorboard(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)

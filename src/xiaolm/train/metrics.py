@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from xiaolm.utils import human, log, write_jsonl
+from xiaolm.utils import human, log, read_log_lines, write_jsonl
 
 
 def resolve_tensorboard(cfg) -> None:
@@ -60,10 +60,16 @@ class MetricsLog:
             self.tb.close()
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def _read_metrics(path: Path, quiet: bool = False) -> list[dict]:
+    """metrics.jsonl's records; a last line cut by a crash is dropped (and said, unless ``quiet``)."""
     out = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        if quiet:
+            data = path.read_bytes()
+            lines = data[:data.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines()
+        else:
+            lines = read_log_lines(path, strict=False)
+        for line in lines:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -73,7 +79,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def plot_loss_curve(run_dir: Path, title: str = "") -> Optional[Path]:
     """loss_curve.png: training loss and validation loss against tokens seen."""
-    records = _read_metrics(run_dir / "metrics.jsonl")
+    records = _read_metrics(run_dir / "metrics.jsonl", quiet=True)
     train = [r for r in records if r.get("kind") == "train" and "loss" in r]
     val = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
     if not train and not val:

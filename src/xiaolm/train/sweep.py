@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from xiaolm.rundir import lock_run_dir
 from xiaolm.utils import atomic_write_json, log
 
 
@@ -23,6 +24,7 @@ def sweep(cfg, pretrain: Callable[[Any], dict]) -> dict:
     if not rates:
         raise ValueError("--lr-sweep needs at least one learning rate")
     base = Path(cfg.out)
+    lock_run_dir(base, "sweep")  # the trials' own directories are claimed by their runs
     if cfg.train.max_steps is None and cfg.train.max_tokens is None:
         cfg.train.max_steps = 200
         log("sweep: no --max-steps given; 200 steps per trial")
