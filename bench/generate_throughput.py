@@ -10,6 +10,10 @@ on-policy data generation needs). Variants:
 
     python bench/generate_throughput.py                   # auto device
     python bench/generate_throughput.py --batches 1 64 --new-tokens 256 --compile
+
+Each row is printed (and with ``--append``, appended to a Markdown file) the moment it is measured (the two
+transformers rows together, as they give the "x HF best" base). The compiled forward of "hf static+compile" is
+installed only while that variant runs: "hf dynamic" is transformers' plain eager generate.
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def time_it(fn, reps):
     return best, out
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shape", default=None, help=f"one of {list(SHAPES)} (GPU 58m-v8k, CPU quickstart-v4k)")
@@ -72,7 +76,8 @@ def main():
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="also measure compiled variants (default: on GPU)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions; the best counts")
-    args = ap.parse_args()
+    ap.add_argument("--append", default=None, help="also append each row to this Markdown file as it is measured")
+    args = ap.parse_args(argv)
     from xiaolm.utils import pick_device
 
     device = pick_device(args.device)
@@ -87,25 +92,38 @@ def main():
           f"prompt {args.prompt_tokens} tokens, {new} new tokens, greedy, best of {args.reps}")
     header = f"{'batch':>6} {'variant':<26}{'tok/s':>12}{'x HF best':>11}{'same tokens':>13}"
     print(header)
-    print("-" * len(header))
+    print("-" * len(header), flush=True)
+    if args.append:
+        with open(args.append, "a", encoding="utf-8") as f:
+            f.write(f"{torch.cuda.get_device_name() if gpu else 'cpu'}, {dtype}, prompt {args.prompt_tokens} tokens, "
+                    f"{new} new tokens, greedy, best of {args.reps}\n\n"
+                    "| batch | variant | tok/s | x HF best | same tokens |\n|---|---|---|---|---|\n")
+    plain_forward = hf.forward
     for B in batches:
         prompt = torch.randint(1, cfg.vocab_size, (B, args.prompt_tokens), generator=torch.Generator().manual_seed(B))
         prompts = prompt.tolist()
         x = prompt.to(device)
         variants = []
+        compiled = {}
 
-        def hf_gen(static):
+        def hf_gen(static, compile_forward=False):
+            # the compiled forward is installed for this call only: every other variant runs the plain one
+            if compile_forward and "forward" not in compiled:
+                compiled["forward"] = torch.compile(plain_forward, mode="reduce-overhead" if gpu else "default")
+            hf.forward = compiled["forward"] if compile_forward else plain_forward
             kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones_like(x))
             if static:
                 kw["cache_implementation"] = "static"
-            with torch.no_grad():
-                return hf.generate(x, **kw)[:, args.prompt_tokens:].tolist()
+            try:
+                with torch.no_grad():
+                    return hf.generate(x, **kw)[:, args.prompt_tokens:].tolist()
+            finally:
+                hf.forward = plain_forward
 
         variants.append(("hf dynamic", lambda: hf_gen(False)))
         if compile_too:
-            hf.forward = torch.compile(hf.forward, mode="reduce-overhead" if gpu else "default")
-            variants.append(("hf static+compile", lambda: hf_gen(True)))
+            variants.append(("hf static+compile", lambda: hf_gen(True, compile_forward=True)))
 
         def ours_gen(**kw):
             return generate_ids(ours, prompts, new, pad_id=0, eos_ids=[], temperature=0.0, **kw)
@@ -115,18 +133,26 @@ def main():
         if compile_too:
             variants.append(("xiaolm static+compile", lambda: ours_gen(compile_step=True)))
         results = []
-        for name, fn in variants:
+        n_hf = sum(name.startswith("hf") for name, _ in variants)
+
+        def emit(name, tok_s, out, hf_best, ref):
+            same = sum(a == b for a, b in zip(out, ref)) / len(ref)
+            print(f"{B:>6} {name:<26}{tok_s:>12,.0f}{tok_s / hf_best:>11.2f}{100 * same:>12.0f}%", flush=True)
+            if args.append:
+                with open(args.append, "a", encoding="utf-8") as f:
+                    f.write(f"| {B} | {name} | {tok_s:,.0f} | {tok_s / hf_best:.2f} | {100 * same:.0f}% |\n")
+
+        for i, (name, fn) in enumerate(variants):
             fn()  # warmup (and compilation)
             sync(device)
             dt, out = time_it(lambda: (fn(), sync(device))[0], args.reps)
             results.append((name, B * new / dt, out))
-        hf_best = max(r[1] for r in results if r[0].startswith("hf"))
-        ref = results[0][2]
-        for name, tok_s, out in results:
-            same = sum(a == b for a, b in zip(out, ref)) / len(ref)
-            print(f"{B:>6} {name:<26}{tok_s:>12,.0f}{tok_s / hf_best:>11.2f}{100 * same:>12.0f}%")
-        if compile_too:
-            hf.forward = type(hf).forward.__get__(hf)
+            if i + 1 == n_hf:  # both transformers rows measured: the base is known
+                hf_best = max(r[1] for r in results)
+                for row in results:
+                    emit(*row, hf_best, results[0][2])
+            elif i + 1 > n_hf:
+                emit(*results[-1], hf_best, results[0][2])
     print("'same tokens': share of rows whose greedy tokens equal hf dynamic's (bf16 can flip near-ties).")
 
 

@@ -1,9 +1,15 @@
 """The GPU proof's driver (run it through bench/gpu_proof.sh, which installs the carried wheels first).
 
 Runs every step as a subprocess under its own time box (a step that fails or hangs is killed at its box and the
-next one starts), within a global budget, and writes OUT/gpu_report.md, OUT/gpu_report.json and OUT/gpu_proof.log
-(every step's full output). The corpus for the end-to-end route (synth -> prepare -> tokenizer -> tokenize ->
-instructions) is built by a background chain on the CPU cores while the GPU runs the tests and benchmarks.
+next one starts), within a global budget, in the order of what each figure is worth: the environment -> the one
+headline training shape (ours compiled vs transformers compiled) -> the quickstart at GPU size -> ``pytest -m gpu``
+-> decode throughput -> the rest (SFT and eval instruct on the quickstart's model, the GPU speedrun track, the
+profile). Every step appends its section to OUT/gpu_report.md the moment it finishes, and the benchmarks append each
+table row the moment it is measured, so a kill at any moment leaves every finished figure on disk;
+OUT/gpu_report.json is rewritten after each step and OUT/gpu_proof.log holds every step's full output. The corpus
+(synth -> prepare -> tokenizer -> tokenize -> instructions) is built by a background chain on the CPU cores while
+the GPU runs the headline. The inductor and Triton caches live in the work folder, so a rerun on the same machine
+skips the compiles.
 
     python bench/gpu_proof.py [--quick] [--dry-run] [--profile] [--out DIR] [--work DIR]
 
@@ -26,10 +32,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The serial steps, in the order they run (worth first). "data" runs in the background from the start and must end
+# before "quickstart"; "profile" runs only with --profile.
+STEPS = ("env", "train_headline", "quickstart", "pytest_gpu", "decode", "sft", "eval_instruct", "speedrun",
+         "profile")
+
 
 @dataclass
 class Plan:
-    """Sizes of one mode. Boxes are seconds; ``budget`` bounds the whole run."""
+    """Sizes of one mode. Boxes are seconds (a step whose box is 0 is not part of the mode); the serial boxes sum
+    to at most ``budget`` (tests/test_gpu_proof.py checks it), so no step is starved by an earlier one."""
 
     budget: float
     device: str
@@ -39,50 +51,68 @@ class Plan:
     seq_len: int
     micro_batch: int
     pretrain_s: float
-    sft_s: float
+    compile_reserve_s: float
     instructions: int
     eval_new_tokens: int
     train_args: list
     generate_args: list
+    speedrun_args: list
     boxes: dict
 
+    def serial_boxes(self, profile: bool = True) -> float:
+        return sum(v for k, v in self.boxes.items() if k != "data" and (profile or k != "profile"))
 
+
+# Full: one device call of about 8 minutes (the device tool: 15 minutes per session including a 1-2 minute machine
+# start, at most 10 minutes per command): 480 s of steps, run with timeout_s 540 to leave room for the wheels and
+# the start of Python. Measured on the CPU only so far; the boxes are estimates from H100 costs (a cold
+# torch.compile of one of these models takes tens of seconds, forward and backward).
 FULL = Plan(
-    budget=480, device="cuda", stories=200_000, vocab=8192, preset="58m", seq_len=512, micro_batch=64,
-    pretrain_s=180, sft_s=60, instructions=200, eval_new_tokens=160,
-    train_args=["--shapes", "58m-v64k", "29m-v8k", "134m-v64k", "--steps", "10", "--warmup", "3", "--rounds", "2"],
-    generate_args=["--batches", "1", "64", "--new-tokens", "256", "--reps", "2"],
-    boxes={"env": 20, "data": 170, "pytest_gpu": 75, "train_throughput": 100, "generate_throughput": 45,
-           "profile": 60, "pretrain": 215, "sft": 75, "eval_instruct": 40},
+    budget=480, device="cuda", stories=100_000, vocab=8192, preset="24m", seq_len=512, micro_batch=64,
+    pretrain_s=100, compile_reserve_s=40, instructions=100, eval_new_tokens=128,
+    train_args=["--shapes", "58m-v64k", "--headline", "--steps", "8", "--warmup", "3", "--rounds", "1"],
+    generate_args=["--batches", "1", "64", "--new-tokens", "128", "--reps", "2"],
+    speedrun_args=["--track", "gpu", "--variants", "adamw-cosine,recipe", "--steps", "150", "--eval-every", "50"],
+    boxes={"env": 15, "data": 150, "train_headline": 115, "quickstart": 110, "pytest_gpu": 75, "decode": 45,
+           "sft": 40, "eval_instruct": 25, "speedrun": 40, "profile": 15},
 )
 QUICK = Plan(
-    budget=240, device="cuda", stories=50_000, vocab=8192, preset="58m", seq_len=512, micro_batch=64,
-    pretrain_s=60, sft_s=20, instructions=50, eval_new_tokens=128,
-    train_args=["--shapes", "58m-v64k", "--steps", "8", "--warmup", "3", "--rounds", "1"],
+    budget=240, device="cuda", stories=50_000, vocab=8192, preset="24m", seq_len=512, micro_batch=64,
+    pretrain_s=70, compile_reserve_s=40, instructions=50, eval_new_tokens=128,
+    train_args=["--shapes", "58m-v64k", "--headline", "--steps", "8", "--warmup", "3", "--rounds", "1"],
     generate_args=["--batches", "1", "64", "--new-tokens", "128", "--reps", "1"],
-    boxes={"env": 15, "data": 80, "pytest_gpu": 60, "train_throughput": 45, "generate_throughput": 25,
-           "profile": 45, "pretrain": 85, "sft": 45, "eval_instruct": 20},
+    speedrun_args=[],
+    boxes={"env": 15, "data": 100, "train_headline": 100, "quickstart": 85, "pytest_gpu": 0, "decode": 40,
+           "sft": 0, "eval_instruct": 0, "speedrun": 0, "profile": 0},
 )
+# The dry run's boxes are wide: on a loaded 2-core machine importing torch and transformers alone takes 10-20 s.
 DRY = Plan(
-    budget=170, device="cpu", stories=1500, vocab=1024, preset="tiny", seq_len=128, micro_batch=8,
-    pretrain_s=8, sft_s=4, instructions=6, eval_new_tokens=16,
+    budget=420, device="cpu", stories=1500, vocab=1024, preset="tiny", seq_len=128, micro_batch=8,
+    pretrain_s=8, compile_reserve_s=0, instructions=6, eval_new_tokens=16,
     train_args=["--device", "cpu", "--shapes", "quickstart-v4k", "--batch", "2", "--seq", "64", "--steps", "2",
-                "--warmup", "1", "--rounds", "1", "--no-compile"],
+                "--warmup", "1", "--rounds", "1", "--headline", "--no-compile"],
     generate_args=["--device", "cpu", "--shape", "quickstart-v4k", "--batches", "1", "4", "--new-tokens", "8",
                    "--reps", "1", "--no-compile"],
-    boxes={"env": 15, "data": 60, "pytest_gpu": 45, "train_throughput": 25, "generate_throughput": 20,
-           "profile": 20, "pretrain": 45, "sft": 30, "eval_instruct": 25},
+    speedrun_args=["--track", "cpu", "--variants", "adamw-cosine,recipe", "--preset", "tiny", "--seq-len", "64",
+                   "--batch", "4", "--steps", "6", "--eval-every", "3", "--sample-tokens", "4"],
+    boxes={"env": 20, "data": 90, "train_headline": 60, "quickstart": 60, "pytest_gpu": 45, "decode": 45,
+           "sft": 45, "eval_instruct": 40, "speedrun": 60, "profile": 30},
 )
 
 
 class Runner:
-    def __init__(self, plan: Plan, out: Path, work: Path):
-        self.plan, self.out, self.work = plan, out, work
+    def __init__(self, plan: Plan, out: Path, work: Path, mode: str = ""):
+        self.plan, self.out, self.work, self.mode = plan, out, work, mode
         self.t0 = time.monotonic()
         self.steps: list[dict] = []
+        self.figures: dict = {}
         self.log = open(out / "gpu_proof.log", "a", encoding="utf-8")
+        self.md = out / "gpu_report.md"
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                        # compiled kernels cached beside the corpus: a rerun on the same machine skips the compiles
+                        TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-cache"),
+                        TRITON_CACHE_DIR=str(work / "triton-cache"))
         if plan.device == "cpu":
             self.env["CUDA_VISIBLE_DEVICES"] = ""      # the dry run must not touch a GPU even where one exists
 
@@ -91,6 +121,11 @@ class Runner:
 
     def box(self, name: str) -> float:
         return min(self.plan.boxes[name], self.left())
+
+    def append(self, text: str) -> None:
+        """Append to gpu_report.md now (flushed and closed: a kill a moment later keeps it)."""
+        with open(self.md, "a", encoding="utf-8") as f:
+            f.write(text.rstrip("\n") + "\n")
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         self.log.write(f"\n===== {name}: {' '.join(map(str, cmd))}\n")
@@ -128,6 +163,8 @@ class Runner:
         return step
 
     def run(self, name: str, cmd: list[str], soft_stop: float | None = None) -> dict:
+        if not self.plan.boxes.get(name):
+            return {"step": name, "status": "not in this mode", "seconds": 0.0, "box_s": 0.0, "output": ""}
         timeout = self.box(name)
         if timeout < min(5, self.plan.boxes[name]):
             step = {"step": name, "status": "skipped (budget spent)", "seconds": 0.0, "box_s": 0.0, "output": ""}
@@ -135,6 +172,30 @@ class Runner:
             return step
         t = time.monotonic()
         return self.finish(name, self.start(name, cmd), timeout, t, soft_stop)
+
+    def skip(self, name: str, why: str) -> None:
+        if self.plan.boxes.get(name):
+            self.steps.append({"step": name, "status": f"skipped ({why})", "seconds": 0.0, "box_s": 0.0,
+                               "output": ""})
+            self.report_step(self.steps[-1])
+
+    def report_step(self, step: dict, body: str = "") -> None:
+        """Append one finished step's section to gpu_report.md and rewrite gpu_report.json."""
+        text = [f"\n## {step['step']}: {step['status']} in {step['seconds']:.0f} s (box {step['box_s']:.0f} s)"]
+        if body:
+            text += ["", body]
+        if step["status"] != "ok" and step["output"]:
+            text += ["", "Last lines:", "", "```", "\n".join(step["output"].splitlines()[-15:]), "```"]
+        self.append("\n".join(text))
+        self.write_json()
+
+    def write_json(self) -> None:
+        data = {"mode": self.mode, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                "wall_s": round(time.monotonic() - self.t0, 1), "budget_s": self.plan.budget,
+                "figures": self.figures,
+                "steps": [{k: v for k, v in s.items() if k != "output"} for s in self.steps]}
+        (self.out / "gpu_report.json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n",
+                                                  encoding="utf-8")
 
 
 def xiaolm(*args) -> list[str]:
@@ -211,16 +272,22 @@ def cmd_env(args) -> None:
 
 
 def cmd_timed_pretrain(args) -> None:
-    """Pretrain with the TinyStories recipe's settings for about ``--seconds`` (compile and calibration included):
-    a few calibration steps size the run so its cosine schedule ends when the time does (as the quickstart does).
-    Then 5 sampled stories, and the figures as one JSON line."""
+    """The quickstart at GPU size: pretrain with the TinyStories recipe's settings for about ``--seconds``.
+
+    A few calibration steps run eagerly (no compile: compiling for calibration and again for the run cost two cold
+    compiles); the run is sized from that eager step time, less ``--compile-reserve`` seconds for the run's one
+    compile, so its schedule ends inside the box (the compiled steps are faster, so it ends early rather than late).
+    Then 5 sampled stories, their rep-4 and distinct-2, and the figures as one JSON line."""
+    import copy
+
     import torch
     import yaml
 
     from xiaolm.config import parse_config
     from xiaolm.infer.generate import SamplingConfig, generate
-    from xiaolm.quickstart import OPENINGS, calibrate_step_time
     from xiaolm.model.io import load_model
+    from xiaolm.quickstart import OPENINGS, calibrate_step_time
+    from xiaolm.tasks.constraints import aggregate_repetition, repetition_metrics
     from xiaolm.train.pretrain import PretrainConfig, pretrain
 
     t0 = time.monotonic()
@@ -235,14 +302,17 @@ def cmd_timed_pretrain(args) -> None:
         argv += ["--no-compile", "--global-batch-tokens", str(args.seq_len * args.micro_batch),
                  "--loss-chunk-size", "0", "--eval-tokens", "4096", "--sample-tokens", "16"]
     pcfg, _ = parse_config(PretrainConfig, argv, prog="gpu_proof pretrain", description="")
-    step_s = calibrate_step_time(pcfg) * max(1, pcfg.train.global_batch_tokens // (args.seq_len * args.micro_batch)
-                                             if pcfg.train.global_batch_tokens else 1)
-    left = args.seconds - (time.monotonic() - t0)
-    # evaluations, samples, checkpoints and the second compile take ~20-25%
-    pcfg.train.max_steps = max(10, int(left * 0.75 / step_s))
+    eager = copy.deepcopy(pcfg)
+    eager.train.compile = False
+    accum = max(1, pcfg.train.global_batch_tokens // (args.seq_len * args.micro_batch)
+                if pcfg.train.global_batch_tokens else 1)
+    step_s = calibrate_step_time(eager) * accum
+    left = args.seconds - (time.monotonic() - t0) - (args.compile_reserve if pcfg.train.compile else 0)
+    # evaluations, samples and checkpoints take ~20%
+    pcfg.train.max_steps = max(10, int(left * 0.8 / step_s))
     pcfg.train.max_tokens = None
     pcfg.train.warmup_steps = min(pcfg.train.warmup_steps, max(1, pcfg.train.max_steps // 10))
-    pcfg.train.eval_every = max(5, pcfg.train.max_steps // 3)
+    pcfg.train.eval_every = max(5, pcfg.train.max_steps // 2)
     pcfg.train.log_every = max(1, pcfg.train.max_steps // 20)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -254,14 +324,17 @@ def cmd_timed_pretrain(args) -> None:
     model, tokenizer, _ = load_model(args.out, device=args.device)
     stories = generate(model, tokenizer, OPENINGS, SamplingConfig(max_new_tokens=args.sample_tokens, temperature=0.8,
                                                                   top_k=50, seed=0))
+    rep = aggregate_repetition([repetition_metrics(t) for t in stories])
     print(json.dumps({
-        "steps": pcfg.train.max_steps, "step_s_calibrated": round(step_s, 4),
+        "steps": pcfg.train.max_steps, "step_s_calibrated_eager": round(step_s, 4),
         "tokens": train[-1]["tokens"] if train else 0,
         "val_loss": round(summary["val_loss"], 4) if summary.get("val_loss") is not None else None,
         "val_bpc": round(summary["val_bpc"], 4) if summary.get("val_bpc") is not None else None,
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in tail) / max(1, len(tail))),
         "mfu": round(sum(r.get("mfu", 0) for r in tail) / max(1, len(tail)), 4) if tail and "mfu" in tail[-1] else None,
         "peak_mem_gib": round(peak, 2) if peak is not None else None,
+        "rep4": None if rep["rep4"] is None else round(rep["rep4"], 4),
+        "distinct2": None if rep["distinct2"] is None else round(rep["distinct2"], 4),
         "wall_s": round(time.monotonic() - t0, 1),
         "samples": [o + s.strip() for o, s in zip(OPENINGS, stories)],
     }, ensure_ascii=False))
@@ -350,44 +423,27 @@ def instruct_figures(res: dict) -> dict:
 
 
 
-def write_report(runner: Runner, figures: dict, mode: str) -> None:
-    out = runner.out
+def env_line(env: dict) -> str:
+    return (f"Device: {env.get('gpu', 'cpu')}, driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}; "
+            f"Python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}; "
+            f"measured {env.get('matmul', '')} matmul {env.get('matmul_tflops', '?')} TFLOP/s"
+            + (f" (datasheet {env['datasheet_bf16_tflops']:.0f})" if env.get("datasheet_bf16_tflops") else ""))
+
+
+def figure_table(prefix: str, figures: dict, keys) -> str:
+    rows = ["| figure | value |", "|---|---|"]
+    rows += [f"| {prefix} {k} | {figures.get(k)} |" for k in keys if k in figures]
+    return "\n".join(rows)
+
+
+def final_summary(runner: Runner) -> None:
+    """The closing section: every step's status, seconds and box, and the wall time against the budget."""
     wall = time.monotonic() - runner.t0
-    data = {"mode": mode, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "wall_s": round(wall, 1),
-            "budget_s": runner.plan.budget, "figures": figures,
-            "steps": [{k: v for k, v in s.items() if k != "output"} for s in runner.steps]}
-    (out / "gpu_report.json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    env = figures.get("env", {})
-    md = [f"# xiaolm GPU proof ({mode}), {data['date_utc']} UTC",
-          "",
-          f"Device: {env.get('gpu', 'cpu')}, driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}; "
-          f"Python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}; "
-          f"measured {env.get('matmul', '')} matmul {env.get('matmul_tflops', '?')} TFLOP/s"
-          + (f" (datasheet {env['datasheet_bf16_tflops']:.0f})" if env.get("datasheet_bf16_tflops") else ""),
-          "",
-          f"Wall time {wall:.0f} s of a {runner.plan.budget:.0f} s budget.",
-          "",
-          "| step | status | seconds | box |",
-          "|---|---|---|---|"]
-    for s in runner.steps:
-        md.append(f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s['box_s']:.0f} |")
-    e2e = figures.get("pretrain", {})
-    if e2e:
-        md += ["", "## End to end", "",
-               "| figure | value |", "|---|---|"]
-        for key in ("steps", "tokens", "val_loss", "val_bpc", "tokens_per_s", "mfu", "peak_mem_gib", "wall_s"):
-            md.append(f"| pretrain {key} | {e2e.get(key)} |")
-        for key, value in figures.get("eval_instruct", {}).items():
-            md.append(f"| eval instruct {key} | {value} |")
-        md += ["", "Sampled stories:", ""] + [f"- {s}" for s in e2e.get("samples", [])]
-    for s in runner.steps:
-        if s["step"] in ("pytest_gpu", "train_throughput", "generate_throughput", "profile") and s["output"]:
-            md += ["", f"## {s['step']}", "", "```", table_lines(s["output"]), "```"]
-    bad = [s for s in runner.steps if s["status"] != "ok"]
-    for s in bad:
-        md += ["", f"## {s['step']}: {s['status']} (last lines)", "", "```", "\n".join(s["output"].splitlines()[-15:]),
-               "```"]
-    (out / "gpu_report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    md = ["", "## Summary", "", f"Wall time {wall:.0f} s of a {runner.plan.budget:.0f} s budget.", "",
+          "| step | status | seconds | box |", "|---|---|---|---|"]
+    md += [f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s['box_s']:.0f} |" for s in runner.steps]
+    runner.append("\n".join(md))
+    runner.write_json()
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -402,7 +458,8 @@ def main(argv=None) -> int:
                     help="also profile a few training steps (top kernels in the log, OUT/trace.json.gz)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT") or "out/gpu_proof")
-    ap.add_argument("--work", default=None, help="scratch directory for corpora and runs (default: OUT/work)")
+    ap.add_argument("--work", default=None, help="scratch directory for corpora, runs and the compile caches "
+                                                 "(default: OUT/work)")
     # sub-command arguments
     ap.add_argument("--data")
     ap.add_argument("--preset")
@@ -410,21 +467,15 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int)
     ap.add_argument("--device")
     ap.add_argument("--seconds", type=float)
+    ap.add_argument("--compile-reserve", type=float, default=0.0)
     ap.add_argument("--sample-tokens", type=int, default=120)
     ap.add_argument("--wheels", default=".whl")
     ap.add_argument("--trace", default="trace.json.gz")
     args = ap.parse_args(argv)
-    if args.sub == "env":
-        cmd_env(args)
-        return 0
-    if args.sub == "timed-pretrain":
-        cmd_timed_pretrain(args)
-        return 0
-    if args.sub == "install-plan":
-        cmd_install_plan(args)
-        return 0
-    if args.sub == "profile":
-        cmd_profile(args)
+    subs = {"env": cmd_env, "timed-pretrain": cmd_timed_pretrain, "install-plan": cmd_install_plan,
+            "profile": cmd_profile}
+    if args.sub in subs:
+        subs[args.sub](args)
         return 0
 
     plan = DRY if args.dry_run else (QUICK if args.quick else FULL)
@@ -433,19 +484,24 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work).resolve() if args.work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    r = Runner(plan, out, work)
-    figures: dict = {}
+    r = Runner(plan, out, work, mode)
+    fig = r.figures
     me = [sys.executable, str(Path(__file__).resolve())]
+    gpu = plan.device == "cuda"
+    r.md.write_text(f"# xiaolm GPU proof ({mode}), {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC\n\n"
+                    f"Budget {plan.budget:.0f} s; each section below was appended the moment its step finished "
+                    f"(table rows the moment they were measured).\n", encoding="utf-8")
 
+    # 1. the environment
     step = r.run("env", [*me, "env"])
-    figures["env"] = last_json(step["output"])
-    if plan.device == "cuda" and not figures["env"].get("cuda_available"):
-        r.log.write("no CUDA device: the GPU steps cannot run; use --dry-run on a machine without a GPU\n")
-        write_report(r, figures, mode)
-        print((out / "gpu_report.md").read_text(encoding="utf-8"))
+    fig["env"] = last_json(step["output"])
+    r.report_step(step, env_line(fig["env"]))
+    if gpu and not fig["env"].get("cuda_available"):
+        r.append("\nno CUDA device: the GPU steps cannot run; use --dry-run on a machine without a GPU")
+        final_summary(r)
         return 1
 
-    # the corpus, on the CPU cores, while the GPU runs the tests and benchmarks
+    # the corpus, on the CPU cores, while the GPU runs the headline
     stories, prepared, tok, shards, instruct = (work / "stories.jsonl", work / "prepared", work / "tokenizer",
                                                 work / "shards", work / "instruct")
     chain = " && ".join([
@@ -456,51 +512,104 @@ def main(argv=None) -> int:
         " ".join(xiaolm("data", "instruct", stories, "--out", instruct, "--limit", max(2000, plan.stories // 20),
                         "--heldout-fraction", 0.1)),
     ])
-    data_box = r.box("data")
+    if (shards / "meta.json").is_file() and (instruct / "heldout.jsonl").is_file():
+        chain = "echo the corpus of an earlier run is reused"   # a rerun on the same machine
+    data_box = plan.boxes["data"]
     data_t = time.monotonic()
     data_proc = r.start("data", ["bash", "-c", chain])
 
-    step = r.run("pytest_gpu", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
-                                "tests/test_gpu.py"])
-    m = re.search(r"(\d+ (passed|failed|skipped)[^\n]*) in [\d.]+s", step["output"])
-    figures["pytest_gpu"] = m.group(1) if m else None
-    r.run("train_throughput", [sys.executable, "bench/train_throughput.py", *plan.train_args])
-    r.run("generate_throughput", [sys.executable, "bench/generate_throughput.py", *plan.generate_args])
-    if args.profile:
-        r.run("profile", [*me, "profile", "--trace", out / "trace.json.gz"])
+    # 2. the headline: one shape, ours compiled vs transformers compiled, each row appended as it is measured
+    r.append("\n## train_headline (rows appended as measured)\n")
+    step = r.run("train_headline", [sys.executable, "bench/train_throughput.py", *plan.train_args,
+                                    "--append", r.md])
+    r.report_step(step)
 
+    # 3. the quickstart at GPU size, on the corpus built meanwhile
     data_step = r.finish("data", data_proc, max(1.0, data_box - (time.monotonic() - data_t)), data_t)
     data_step["box_s"] = round(data_box, 1)
-    if data_step["status"] != "ok":
-        write_report(r, figures, mode)
-        print((out / "gpu_report.md").read_text(encoding="utf-8"))
-        return 1
+    r.report_step(data_step)
     run, sft = work / "run", work / "sft"
-    # if the earlier steps ran long, train a little less rather than lose SFT and eval to the budget
-    reserve = plan.boxes["sft"] + plan.boxes["eval_instruct"] + (plan.boxes["pretrain"] - plan.pretrain_s)
-    pretrain_s = max(min(plan.pretrain_s, r.left() - reserve), plan.pretrain_s / 3)
-    figures["pretrain_seconds_asked"] = round(pretrain_s, 1)
-    step = r.run("pretrain", [*me, "timed-pretrain", "--data", shards, "--out", run, "--preset", plan.preset,
-                              "--seq-len", plan.seq_len, "--micro-batch", plan.micro_batch, "--device", plan.device,
-                              "--seconds", pretrain_s, "--sample-tokens", 120 if plan.device == "cuda" else 16])
-    figures["pretrain"] = last_json(step["output"])
-    if step["status"] == "ok":
-        # SFT for about sft_s seconds: SIGTERM then (the trainer saves a checkpoint and exits)
-        r.run("sft", xiaolm("sft", run, "--config", "configs/sft-stories.yaml", "--data", instruct / "train.jsonl",
-                            "--out", sft, "--device", plan.device, "--no-progress", "--no-tensorboard",
-                            "--eval-every", 0, "--max-steps", 100_000, "--seq-len", plan.seq_len,
-                            "--eval-conversations", 16, "--sample-prompts", 1, "--sample-tokens", 16),
-              soft_stop=min(plan.sft_s + (20 if plan.device == "cuda" else 10), plan.boxes["sft"] - 10))
+    have_data = data_step["status"] == "ok"
+    if have_data:
+        step = r.run("quickstart", [*me, "timed-pretrain", "--data", shards, "--out", run, "--preset", plan.preset,
+                                    "--seq-len", plan.seq_len, "--micro-batch", plan.micro_batch, "--device",
+                                    plan.device, "--seconds", min(plan.pretrain_s, r.box("quickstart") - 10),
+                                    "--compile-reserve", plan.compile_reserve_s,
+                                    "--sample-tokens", 120 if gpu else 16])
+        fig["quickstart"] = last_json(step["output"])
+        q = fig["quickstart"]
+        body = figure_table("quickstart", q, ("steps", "tokens", "val_loss", "val_bpc", "tokens_per_s", "mfu",
+                                              "peak_mem_gib", "rep4", "distinct2", "wall_s"))
+        if q.get("samples"):
+            body += "\n\nSampled stories:\n\n" + "\n".join(f"- {x}" for x in q["samples"])
+        r.report_step(step, body)
+    else:
+        r.skip("quickstart", "no corpus")
+
+    # 4. the GPU tests, each under its own timeout (one hanging compile cannot eat the box)
+    per_test = ["--timeout", str(max(10, int(plan.boxes["pytest_gpu"] // 2)))] if _has("pytest_timeout") else []
+    step = r.run("pytest_gpu", [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
+                                *per_test, "tests/test_gpu.py"])
+    if step["status"] != "not in this mode":
+        m = re.search(r"(\d+ (passed|failed|skipped)[^\n]*) in [\d.]+s", step["output"])
+        fig["pytest_gpu"] = m.group(1) if m else None
+        r.report_step(step, f"pytest -m gpu: {fig['pytest_gpu']}\n\n```\n{table_lines(step['output'])}\n```")
+
+    # 5. decode throughput, each row appended as it is measured
+    if plan.boxes.get("decode"):
+        r.append("\n## decode (rows appended as measured)\n")
+        step = r.run("decode", [sys.executable, "bench/generate_throughput.py", *plan.generate_args,
+                                "--append", r.md])
+        r.report_step(step)
+
+    # 6. the rest: SFT (a finite schedule sized to end inside its box) and eval instruct on the quickstart's model,
+    # the GPU speedrun track, the profile
+    if have_data and (run / "summary.json").is_file() and plan.boxes.get("sft"):
+        step_s = fig.get("quickstart", {}).get("step_s_calibrated_eager") or 1.0
+        # ~25 s of the box go to starting Python, loading, the final checkpoint and report; half the rest to steps
+        sft_steps = max(10, int((plan.boxes["sft"] - 25) * 0.5 / step_s))
+        step = r.run("sft", xiaolm("sft", run, "--config", "configs/sft-stories.yaml", "--data",
+                                   instruct / "train.jsonl", "--out", sft, "--device", plan.device, "--no-progress",
+                                   "--no-tensorboard", "--eval-every", 0, "--max-steps", sft_steps,
+                                   "--micro-batch-size", plan.micro_batch, "--seq-len", plan.seq_len,
+                                   "--no-compile", "--eval-conversations", 16, "--sample-prompts", 1,
+                                   "--sample-tokens", 16),
+                     soft_stop=plan.boxes["sft"] - 5)   # a safety net: the trainer saves and exits
+        fig["sft_steps"] = sft_steps
+        r.report_step(step, f"SFT: {sft_steps} steps (sized from the eager step time {step_s:.3f} s)")
         if any(p.name.startswith("step-") for p in (sft / "checkpoints").glob("*")):
             result = work / "eval_instruct.json"
             step = r.run("eval_instruct", xiaolm("eval", "instruct", sft, "--data", instruct / "heldout.jsonl",
                                                  "--limit", plan.instructions, "--out", result, "--device",
                                                  plan.device, "--max-new-tokens", plan.eval_new_tokens))
             if result.is_file():
-                figures["eval_instruct"] = instruct_figures(json.loads(result.read_text(encoding="utf-8")))
-    write_report(r, figures, mode)
-    print((out / "gpu_report.md").read_text(encoding="utf-8"))
+                fig["eval_instruct"] = instruct_figures(json.loads(result.read_text(encoding="utf-8")))
+            r.report_step(step, figure_table("eval instruct", fig.get("eval_instruct", {}),
+                                             list(fig.get("eval_instruct", {}))))
+        else:
+            r.skip("eval_instruct", "no SFT checkpoint")
+    else:
+        r.skip("sft", "no quickstart model")
+        r.skip("eval_instruct", "no quickstart model")
+    if have_data and plan.boxes.get("speedrun"):
+        # the recipe against the old defaults on the proof's corpus (its --cache holds shards/ and tokenizer/)
+        step = r.run("speedrun", [sys.executable, "bench/speedrun.py", *plan.speedrun_args, "--cache", work,
+                                  "--out", out / "speedrun"])
+        r.report_step(step, "```\n" + table_lines(step["output"]) + "\n```")
+    else:
+        r.skip("speedrun", "no corpus")
+    if args.profile and plan.boxes.get("profile"):
+        step = r.run("profile", [*me, "profile", "--trace", out / "trace.json.gz"])
+        r.report_step(step, "```\n" + table_lines(step["output"]) + "\n```")
+    final_summary(r)
+    print(r.md.read_text(encoding="utf-8"))
     return 0 if all(s["status"] == "ok" for s in r.steps) else 1
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 if __name__ == "__main__":

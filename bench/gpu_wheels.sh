@@ -43,6 +43,7 @@ WHEELS=(
   rouge-score==0.1.2        # eval instruct's ROUGE-L (sacrebleu, absl-py, six are on the image)
   nltk==3.10.4              # a dependency of rouge-score
   defusedxml==0.7.1         # a dependency of nltk
+  pytest-timeout==2.4.0     # gpu_proof's per-test timeout for pytest -m gpu
 )
 
 TMP=$(mktemp -d)

@@ -28,6 +28,12 @@ rows end) and `continuous` (rows join the running batch at every decode step), o
     python bench/serve_load.py --batching                   # tiny random-weight model, CPU
     python bench/serve_load.py RUNDIR --batching --device cuda --streams 1 8 32 --lengths 16 64 192
 
+--fairness measures what one heavy client does to everyone else: a client streaming many large-`n` requests keeps
+the server full while small clients send one-row requests; time to first token p50/p99 of the small requests and the
+heavy client's tokens/s, first come first served (`--no-fair-share`, the baseline) against fair shares (default).
+
+    python bench/serve_load.py --fairness                   # tiny random-weight model, CPU, --max-batch 8
+
 Only 127.0.0.1 is used. Exit status 1 if any request failed.
 
 --hostile runs one server (the first --max-batch value) twice over the same normal streaming load: alone, then
@@ -103,7 +109,8 @@ def free_port() -> int:
 class ServerProcess:
     """`xiaolm serve` in a subprocess, stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, run: str, max_batch: int, device: str, start_timeout: float, scheduler: str = ""):
+    def __init__(self, run: str, max_batch: int, device: str, start_timeout: float, scheduler: str = "",
+                 extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.cmd = [sys.executable, "-m", "xiaolm", "serve", run, "--host", HOST, "--port", str(self.port),
@@ -111,6 +118,7 @@ class ServerProcess:
                     "--model-name", "bench", "--max-queue", "4096"]
         if scheduler:
             self.cmd += ["--scheduler", scheduler]
+        self.cmd += list(extra)
         self.start_timeout = start_timeout
         self.log = tempfile.TemporaryFile()
 
@@ -177,10 +185,13 @@ class Run:
     wall: float = 0.0
 
 
-async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, timeout: float) -> Result:
+async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, timeout: float, n: int = 1,
+                      user: str | None = None) -> Result:
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 0.8, "top_p": 0.95}
+            "temperature": 0.8, "top_p": 0.95, "n": n}
+    if user is not None:
+        body["user"] = user
     started = time.perf_counter()
     seen = {"ttft": None, "tokens": 0, "done": False}
 
@@ -215,8 +226,8 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, tim
     latency = time.perf_counter() - started
     if not error and not seen["done"]:
         error = "stream ended without [DONE]"
-    if not error and seen["tokens"] != max_tokens:
-        error = f"usage says {seen['tokens']} tokens, expected {max_tokens}"
+    if not error and seen["tokens"] != n * max_tokens:
+        error = f"usage says {seen['tokens']} tokens, expected {n * max_tokens}"
     return Result(not error, seen["ttft"], latency, seen["tokens"], error)
 
 
@@ -509,6 +520,89 @@ def batching_main(args, run_dir: str) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ --fairness
+
+
+async def fairness_load(url: str, args) -> tuple[list[Result], list[Result], float]:
+    """A heavy client (--heavy-streams streams of n=--heavy-n requests of --heavy-tokens tokens, `user` "heavy")
+    keeps the server full; after it has queued its first requests, --small-streams small clients (each its own
+    `user`) send --small-requests one-row requests of --small-tokens tokens in all, one after another. Returns the
+    heavy results completed meanwhile, the small results and the small clients' wall time."""
+    heavy_results: list[Result] = []
+    small_results: list[Result] = []
+    stop = asyncio.Event()
+    streams = args.heavy_streams + args.small_streams
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits) as http:
+        async def heavy() -> None:
+            while not stop.is_set():
+                heavy_results.append(await one_request(http, PROMPTS[1], args.heavy_tokens, args.request_timeout,
+                                                       n=args.heavy_n, user="heavy"))
+
+        async def small(i: int) -> None:
+            for k in range(i, args.small_requests, args.small_streams):
+                small_results.append(await one_request(http, PROMPTS[k % len(PROMPTS)], args.small_tokens,
+                                                       args.request_timeout, user=f"small-{i}"))
+
+        tasks = [asyncio.create_task(heavy()) for _ in range(args.heavy_streams)]
+        await asyncio.sleep(args.heavy_head_start)
+        started = time.perf_counter()
+        await asyncio.gather(*(small(i) for i in range(args.small_streams)))
+        wall = time.perf_counter() - started
+        stop.set()
+        for task in tasks:  # requests in flight are dropped (not counted)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return heavy_results, small_results, wall
+
+
+def fairness_main(args, run_dir: str) -> list[dict]:
+    """First come, first served (--no-fair-share) against fair shares, the same load on both, alternating."""
+    rows = []
+    modes = {"fifo": ("--no-fair-share",), "fair": ("--fair-share",)}
+    with ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180, extra=modes["fifo"]) as fifo, \
+            ServerProcess(run_dir, args.max_batch[-1], args.device, start_timeout=180, extra=modes["fair"]) as fair:
+        servers = {"fifo": fifo, "fair": fair}
+        for server in servers.values():
+            warm = asyncio.run(warm_up(server.url))
+            if not warm.ok:
+                raise SystemExit(f"warm-up request failed: {warm.error}\n{server.output()}")
+        runs: dict[str, list] = {name: [] for name in servers}
+        for _ in range(args.repeats):
+            for name, server in servers.items():
+                runs[name].append(asyncio.run(fairness_load(server.url, args)))
+        for name, done in runs.items():
+            small = [r for _h, s, _w in done for r in s]
+            heavy = [r for h, _s, _w in done for r in h]
+            wall = sum(w for _h, _s, w in done)
+            ok = [r for r in small if r.ok]
+            ttfts = [r.ttft for r in ok if r.ttft is not None]
+            rows.append({
+                "mode": name, "small_requests": len(small), "small_errors": len(small) - len(ok),
+                "heavy_errors": sum(not r.ok for r in heavy),
+                "error_samples": sorted({r.error for r in small + heavy if not r.ok})[:3],
+                "small_ttft_p50_s": percentile(ttfts, 50), "small_ttft_p99_s": percentile(ttfts, 99),
+                "small_latency_p99_s": percentile([r.latency for r in ok], 99),
+                "heavy_tokens_per_s": sum(r.tokens for r in heavy if r.ok) / wall, "wall_s": wall,
+            })
+    header = (f"{'mode':>5} {'small':>5} {'errors':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p99':>8} "
+              f"{'heavy tok/s':>11} {'p99 vs fifo':>11}")
+    print(f"\nsmall requests beside a heavy client: max-batch {args.max_batch[-1]}; heavy: {args.heavy_streams} "
+          f"streams of n={args.heavy_n} x {args.heavy_tokens} tokens (user 'heavy'); small: {args.small_streams} "
+          f"streams, {args.small_requests} requests of {args.small_tokens} tokens in all; {args.repeats} alternating "
+          f"repeats; device {args.device}, model {args.run or repr(args.preset) + ' random-weight (built)'}")
+    print(header)
+    print("-" * len(header))
+    base = next(r for r in rows if r["mode"] == "fifo")["small_ttft_p99_s"] or float("nan")
+    for r in rows:
+        print(f"{r['mode']:>5} {r['small_requests']:>5} {r['small_errors'] + r['heavy_errors']:>6} "
+              f"{r['small_ttft_p50_s']:>8.3f}s {r['small_ttft_p99_s']:>8.3f}s {r['small_latency_p99_s']:>7.2f}s "
+              f"{r['heavy_tokens_per_s']:>11.1f} {r['small_ttft_p99_s'] / base:>10.2f}x")
+        for sample in r["error_samples"]:
+            print(f"{'':>5} error: {sample}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -544,7 +638,30 @@ def main() -> int:
     batching.add_argument("--min-requests", type=int, default=12, help="requests at least, per row (default 12)")
     batching.add_argument("--repeats", type=int, default=3,
                           help="measurements per row, alternating the schedulers (default 3)")
+    fairness = parser.add_argument_group("--fairness mode (small requests beside a heavy client)")
+    fairness.add_argument("--fairness", action="store_true",
+                          help="first come, first served against fair shares (p99 time to first token of small "
+                               "requests beside a heavy client)")
+    fairness.add_argument("--heavy-streams", type=int, default=4, help="heavy client's streams (default 4)")
+    fairness.add_argument("--heavy-n", type=int, default=8, help="n of each heavy request (default 8)")
+    fairness.add_argument("--heavy-tokens", type=int, default=64, help="tokens per heavy row (default 64)")
+    fairness.add_argument("--heavy-head-start", type=float, default=1.0,
+                          help="seconds the heavy client runs before the small ones start (default 1)")
+    fairness.add_argument("--small-streams", type=int, default=2, help="small clients (default 2)")
+    fairness.add_argument("--small-requests", type=int, default=16, help="small requests in all (default 16)")
+    fairness.add_argument("--small-tokens", type=int, default=8, help="tokens per small request (default 8)")
     args = parser.parse_args()
+    if args.fairness:
+        if "--max-batch" not in sys.argv:
+            args.max_batch = [8]
+        if "--repeats" not in sys.argv:
+            args.repeats = 2
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+            run_dir = args.run or str(build_tiny_run(Path(tmp), args.preset, args.context))
+            rows = fairness_main(args, run_dir)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return 1 if any(r["small_errors"] or r["heavy_errors"] for r in rows) else 0
     if args.batching:
         if "--max-batch" not in sys.argv:
             args.max_batch = [32]

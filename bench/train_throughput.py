@@ -7,6 +7,11 @@ Same shape, batch, precision, optimizer (fused AdamW) and initial weights; rando
 
     python bench/train_throughput.py                  # auto device, default shapes for it
     python bench/train_throughput.py --compile --steps 30 --batch 64 --seq 512
+    python bench/train_throughput.py --shapes 58m-v64k --headline --append gpu_report.md   # the GPU proof's
+
+Each row is printed (and with ``--append``, appended to a Markdown file) the moment its variant is measured, so a
+run killed at its time box keeps the rows it finished. With ``--headline`` only the pair that matters is measured:
+transformers compiled, then ours compiled (eager with ``--no-compile``): two cold compiles instead of six.
 """
 from __future__ import annotations
 
@@ -108,7 +113,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--shapes", nargs="*", help=f"names from {list(GPU_SHAPES) + list(CPU_SHAPES)}")
@@ -120,7 +125,10 @@ def main():
                     help="also measure torch.compile variants (default: on GPU)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best round counts")
     ap.add_argument("--chunk", type=int, default=None, help="xiaolm's fused linear+CE chunk rows (GPU 8192, CPU 0)")
-    args = ap.parse_args()
+    ap.add_argument("--headline", action="store_true",
+                    help="only transformers vs ours, both compiled (both eager with --no-compile)")
+    ap.add_argument("--append", default=None, help="also append each row to this Markdown file as it is measured")
+    args = ap.parse_args(argv)
     from xiaolm.utils import pick_device
 
     device = pick_device(args.device)
@@ -140,11 +148,19 @@ def main():
           f"{'bf16 autocast' if amp else 'fp32'}, fused AdamW; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
     header = f"{'shape':<16}{'impl':<22}{'params':>8}{'tok/s':>11}{'x HF':>7}{'MFU':>7}{'peak GiB':>9}{'loss':>9}"
     print(header)
-    print("-" * len(header))
+    print("-" * len(header), flush=True)
+    if args.append:
+        with open(args.append, "a", encoding="utf-8") as f:
+            f.write(f"{name}, batch {batch} x {seq}, {'bf16 autocast' if amp else 'fp32'}, best of {args.rounds} "
+                    f"round(s) of {steps} steps after {warmup} warmup\n\n"
+                    "| shape | impl | params | tok/s | x HF | MFU | peak GiB | loss |\n|---|---|---|---|---|---|---|---|\n")
     all_shapes = {**GPU_SHAPES, **CPU_SHAPES}
     for sname in shapes:
         shape = all_shapes[sname]
-        specs = [("hf", False), ("xiaolm", False)] + ([("hf", True), ("xiaolm", True)] if compile_too else [])
+        if args.headline:
+            specs = [("hf", compile_too), ("xiaolm", compile_too)]
+        else:
+            specs = [("hf", False), ("xiaolm", False)] + ([("hf", True), ("xiaolm", True)] if compile_too else [])
         variants = []
         for impl, comp in specs:
             cfg, ours, hf = make_models(shape, seq)
@@ -154,15 +170,23 @@ def main():
         n_params = sum(p.numel() for p in variants[1][2].model.parameters())
         for _impl, _comp, v in variants:
             v.run_steps(warmup, timed=False)
-        for _round in range(args.rounds):  # interleaved: a burst of load hits every variant alike
-            for _impl, _comp, v in variants:
+        base = {}
+        for rnd in range(args.rounds):  # interleaved: a burst of load hits every variant alike
+            for impl, comp, v in variants:  # transformers first in each pair, so its row gives the x HF base
                 v.run_steps(steps, timed=True)
-        base = {comp: v.best_tok_s for impl, comp, v in variants if impl == "hf"}
-        for impl, comp, v in variants:
-            label = impl + (" +compile" if comp else "") + (" +chunkCE" if impl != "hf" and chunk else "")
-            mfu = flops_per_token(v.cfg, seq) * v.best_tok_s / peak if peak else float("nan")
-            print(f"{sname:<16}{label:<22}{n_params / 1e6:>7.1f}M{v.best_tok_s:>11,.0f}"
-                  f"{v.best_tok_s / base[comp]:>7.2f}{100 * mfu:>6.1f}%{v.peak_gib:>9.2f}{v.loss:>9.4f}")
+                if rnd < args.rounds - 1:
+                    continue
+                if impl == "hf":
+                    base[comp] = v.best_tok_s
+                label = impl + (" +compile" if comp else "") + (" +chunkCE" if impl != "hf" and chunk else "")
+                mfu = flops_per_token(v.cfg, seq) * v.best_tok_s / peak if peak else float("nan")
+                ratio = v.best_tok_s / base[comp] if comp in base else float("nan")
+                print(f"{sname:<16}{label:<22}{n_params / 1e6:>7.1f}M{v.best_tok_s:>11,.0f}"
+                      f"{ratio:>7.2f}{100 * mfu:>6.1f}%{v.peak_gib:>9.2f}{v.loss:>9.4f}", flush=True)
+                if args.append:
+                    with open(args.append, "a", encoding="utf-8") as f:
+                        f.write(f"| {sname} | {label} | {n_params / 1e6:.1f}M | {v.best_tok_s:,.0f} | {ratio:.2f} | "
+                                f"{100 * mfu:.1f}% | {v.peak_gib:.2f} | {v.loss:.4f} |\n")
         del variants
         gc.collect()
         if gpu:

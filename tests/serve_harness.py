@@ -6,6 +6,8 @@ import threading
 import time
 from typing import Optional
 
+from xiaolm.serve.transport import uvicorn_config
+
 
 class BackgroundServer:
     """Run an app with uvicorn on a free loopback port in a background thread (tests, notebooks, benchmarks).
@@ -15,8 +17,9 @@ class BackgroundServer:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 start_timeout: float = 30.0):
+                 start_timeout: float = 30.0, read_timeout: Optional[float] = None):
         self.app, self.host, self.port, self.log_level, self.start_timeout = app, host, port, log_level, start_timeout
+        self.read_timeout = read_timeout  # None: the server's default (xiaolm.serve.transport)
         self.url = ""
         self._server = None
         self._thread: Optional[threading.Thread] = None
@@ -29,7 +32,8 @@ class BackgroundServer:
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=5)
+        extra = {} if self.read_timeout is None else {"read_timeout": self.read_timeout}
+        config = uvicorn_config(self.app, log_level=self.log_level, lifespan="on", **extra)  # what `serve` runs
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
                                         name="xiaolm-uvicorn")

@@ -80,21 +80,23 @@ SHORT_FLAGS = {
     "tokenizer train": "",
     "pipeline": (
         "--attn-impl --beta --center-coef --chapter-regex --clip-eps --converter --csv-delimiter --data-weights "
-        "--doc-mask --dtype --enable-thinking --eval-conversations --eval-tokens --exact --false-negative-weight "
-        "--fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type --global-batch-tokens "
-        "--group-by-length --group-size --heldout-prompts --hf --hf-cache-dir --hf-config --hf-split "
-        "--hidden-size --init-from --inputs --instruct-limit --intermediate-size --joiner --json-key --keep-prob "
-        "--kl-beta --kto-desirable-weight --kto-undesirable-weight --label-smoothing --loss --loss-agg "
-        "--lr-sweep --max-blank-lines --max-chars --max-chunk-chars --max-dup-line-fraction --max-eval-chars "
-        "--max-heldout --max-malformed-listed --max-sentence-chars --max-token-length --max-top-ngram-fraction "
-        "--max-train-mb --max-turns --mc-data --mc-limit --mc-shots --mc-split --mc-subjects --merge --min-chars "
-        "--min-cjk-fraction --min-frequency --min-sentence-chars --name --near --near-dedup --ngram "
-        "--num-attention-heads --num-hidden-layers --num-key-value-heads --num-perm --overlong --packing "
-        "--policy --ppl-tokens --preset --prompts-per-step --questions --quiet --ref-batch-size --rope-theta "
-        "--round-reference --rounds --sample-prompts --sample-temperature --samples-per-story --scale-rewards "
-        "--sft-weight --shard-tokens --simpo-gamma --sources --stories --strip-indent --task --threshold "
-        "--tie-word-embeddings --to-simplified --too-long --top-ngram-size --train-eval-pairs --txt-mode "
-        "--updates-per-batch --val-fraction --vocab-size --windows --zero-init-residual"
+        "--doc-mask --dtype --enable-thinking --eval-conversations --eval-tokens --exact "
+        "--false-negative-weight --fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type "
+        "--global-batch-tokens --group-by-length --group-size --heldout-prompts --hf --hf-cache-dir "
+        "--hf-config --hf-split --hidden-size --init-from --inputs --instruct-limit --intermediate-size "
+        "--joiner --json-key --judge-endpoint --judge-model --judge-samples --keep-prob --kl-beta "
+        "--kto-desirable-weight --kto-undesirable-weight --label-smoothing --loss --loss-agg --lr-sweep "
+        "--max-blank-lines --max-chars --max-chunk-chars --max-dup-line-fraction --max-eval-chars "
+        "--max-heldout --max-malformed-listed --max-sentence-chars --max-token-length "
+        "--max-top-ngram-fraction --max-train-mb --max-turns --mc-data --mc-limit --mc-shots --mc-split "
+        "--mc-subjects --merge --min-chars --min-cjk-fraction --min-frequency --min-sentence-chars --name "
+        "--near --near-dedup --ngram --num-attention-heads --num-hidden-layers --num-key-value-heads "
+        "--num-perm --overlong --packing --policy --ppl-tokens --preset --prompts-per-step --questions "
+        "--quiet --ref-batch-size --rope-theta --round-reference --rounds --sample-prompts "
+        "--sample-temperature --samples-per-story --scale-rewards --sft-weight --shard-tokens --simpo-gamma "
+        "--sources --stories --strip-indent --task --threshold --tie-word-embeddings --to-simplified "
+        "--too-long --top-ngram-size --train-eval-pairs --txt-mode --updates-per-batch --val-fraction "
+        "--vocab-size --windows --zero-init-residual"
     ),
     "pretrain": (
         "--adam-lr --attn-impl --beta1 --beta2 --compile --decay-fraction --device --doc-mask --eps "
@@ -146,6 +148,7 @@ SHORT_FLAGS = {
     "eval tools": "",
     "eval instruct": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "eval mc": "",
+    "eval judge": "",
     "export hf": "",
     "export gguf": "",
     "quantize": "",

@@ -138,7 +138,7 @@ def test_static_cache_decoding_equals_default_decoding():
 import pytest  # noqa: E402
 
 BAD_FLAGS = [(["--max-new-tokens", "-1"], "--max-new-tokens"), (["--temperature", "-1"], "--temperature"),
-             (["--top-p", "7"], "--top-p"), (["--top-p", "0"], "--top-p"), (["--top-k", "-3"], "--top-k"),
+             (["--top-p", "7"], "--top-p"), (["--top-p", "-0.5"], "--top-p"), (["--top-k", "-3"], "--top-k"),
              (["--seed", str(2 ** 64)], "--seed"), (["--num-samples", "0"], "--num-samples")]
 
 
@@ -172,3 +172,55 @@ def test_generate_encodes_the_prompt_as_text(tiny_run, capsys):
     assert main([str(tiny_run), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out == prompt + expected[0] + "\n"
+
+
+def test_a_model_that_generated_with_the_compiled_step_is_garbage_collected(monkeypatch):
+    """The compiled step and its static caches live on the model (issue 26): they once sat in module-level dicts
+    keyed by id(model), which kept every model alive for the life of the process."""
+    import copy
+    import gc
+    import weakref
+
+    from xiaolm.infer import generate as gen
+
+    monkeypatch.setattr(gen.torch, "compile", lambda fn, **kw: fn)  # our caches are under test here, not dynamo's
+    model = _model()
+    prompts = _prompts()[:2]
+    with torch.no_grad():
+        want = generate_ids(model, prompts, 6, pad_id=0, temperature=0.0)
+        assert generate_ids(model, prompts, 6, pad_id=0, temperature=0.0, compile_step=True) == want
+        twin = copy.deepcopy(model)  # a copy must not reuse the original's step (it would run the original)
+        twin.model.norm.weight.mul_(-1)  # another model: it picks other tokens
+        assert generate_ids(twin, prompts, 6, pad_id=0, temperature=0.0) != want
+        assert (generate_ids(twin, prompts, 6, pad_id=0, temperature=0.0, compile_step=True)
+                == generate_ids(twin, prompts, 6, pad_id=0, temperature=0.0))
+    assert gen._decode_state(model)["caches"] and gen._decode_state(model)["compiled"] is not None
+    alive = weakref.ref(model)
+    del model, twin
+    gc.collect()
+    assert alive() is None
+
+
+def test_generate_ids_ends_a_row_whose_numbers_go_bad_alone_when_asked():
+    """The static scheduler's batches: one row's NaN logits end that row (on_bad_row) and the others are exactly
+    what they are without it; without on_bad_row it is an error naming the row."""
+    import pytest
+
+    model = _model()
+    prompts = _prompts()[:3]
+
+    def poison(logits, outputs):
+        if len(outputs[1]) >= 2:  # row 1 goes bad at its third token
+            logits = logits.clone()
+            logits[1, 0] = float("nan")
+        return logits
+
+    kw = dict(pad_id=0, temperature=0.8, generator=None)
+    clean = generate_ids(model, prompts, 8, **{**kw, "generator": torch.Generator().manual_seed(4)})
+    bad_rows = []
+    got = generate_ids(model, prompts, 8, logits_processor=poison, on_bad_row=bad_rows.append,
+                       **{**kw, "generator": torch.Generator().manual_seed(4)})
+    assert bad_rows == [1] and got[1] == clean[1][:2]
+    assert got[0] == clean[0] and got[2] == clean[2]
+    with pytest.raises(FloatingPointError, match=r"row\(s\) \[1\]"):
+        generate_ids(model, prompts, 8, logits_processor=poison, **kw)

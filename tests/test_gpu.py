@@ -73,7 +73,7 @@ def test_compiled_step_equals_eager_loss_and_gradients(device):
 def test_flex_document_mask_equals_dense_sdpa_mask_forward_and_backward(device):
     """FlexAttention's block mask for packed documents == the dense boolean mask through SDPA (GQA included)."""
     a, b = tiny_model(device), tiny_model(device)
-    b.attn_impl = "flex"
+    a.attn_impl, b.attn_impl = "sdpa", "flex"  # the dense reference vs the block mask
     T = 128 if device == "cuda" else 64
     x = rows(2, T).to(device)
     doc_ids = torch.cumsum((torch.rand(2, T, generator=torch.Generator().manual_seed(1)) < 0.05).long(), 1)
@@ -98,7 +98,7 @@ def test_flex_document_mask_equals_dense_sdpa_mask_forward_and_backward(device):
 def test_compiled_flex_document_mask_training_step_equals_eager_dense(device):
     """pretrain --compile --doc-mask --attn-impl flex: the block mask is built inside the compiled forward."""
     a, b = tiny_model(device), tiny_model(device)
-    b.attn_impl = "flex"
+    a.attn_impl, b.attn_impl = "sdpa", "auto"  # auto picks FlexAttention on CUDA
     compiled = torch.compile(b)
     x = rows(2, 256).to(device)
     doc_ids = torch.cumsum((torch.rand(2, 256, generator=torch.Generator().manual_seed(2)) < 0.03).long(), 1).to(device)
@@ -111,6 +111,36 @@ def test_compiled_flex_document_mask_training_step_equals_eager_dense(device):
     ga, gb = grads(a), grads(b)
     for n in ga:
         assert close(gb[n], ga[n], 0.05), n
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_auto_attention_uses_one_block_mask_and_equals_dense_under_bf16(device, monkeypatch):
+    """attn_impl auto on CUDA (the default): document masks go to FlexAttention through its compiled kernel (the
+    eager evaluation path), one block mask per forward, q/k/v in one dtype under bf16 autocast; equal to the dense
+    SDPA reference forward and backward. Two batch shapes: the second compiles once more, the first is reused."""
+    import xiaolm.model.llama as llama
+
+    built = []
+    real = llama.document_block_mask
+    monkeypatch.setattr(llama, "document_block_mask", lambda d: built.append(d) or real(d))
+    a, b = tiny_model(device), tiny_model(device)
+    a.attn_impl = "sdpa"
+    for batch in (2, 3, 2):
+        x = rows(batch, 128, seed=batch).to(device)
+        doc_ids = torch.cumsum((torch.rand(batch, 128, generator=torch.Generator().manual_seed(3)) < 0.05).long(),
+                               1).to(device)
+        for m in (a, b):
+            m.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            la = a(x[:, :-1], targets=x[:, 1:], doc_ids=doc_ids).loss
+            lb = b(x[:, :-1], targets=x[:, 1:], doc_ids=doc_ids).loss
+        la.backward()
+        lb.backward()
+        assert abs(la.item() - lb.item()) < 2e-2 * la.item()
+        ga, gb = grads(a), grads(b)
+        for n in ga:
+            assert close(gb[n], ga[n], 0.05), n
+    assert len(built) == 3          # b's three forwards; a (sdpa) builds none
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
@@ -248,7 +278,7 @@ def test_compiled_decode_reuses_its_cache_across_prompt_lengths(monkeypatch):
             want = generate_ids(model, prompts, 12, **kw)
             got = generate_ids(model, prompts, 12, compile_step=True, **kw)
         assert got == want
-        caches.append({k: v for k, v in gen._STATIC_CACHES.items() if k[0] == id(model)})
+        caches.append(dict(gen._decode_state(model)["caches"]))
     assert len(caches[1]) == 1 and list(caches[0].values())[0] is list(caches[1].values())[0]
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])   # the step, not one per length
 
@@ -361,7 +391,7 @@ def test_peak_flops_table_names_the_cards(monkeypatch, name, tflops):
 
 
 # the CUDA paths bench/gpu_proof.sh promises to test: each must have a gpu-marked test here
-PROMISED = ("compiled_step", "flex_document_mask", "chunked_linear_cross_entropy", "fused_adamw",
+PROMISED = ("compiled_step", "flex_document_mask", "auto_attention", "chunked_linear_cross_entropy", "fused_adamw",
             "cuda_graph_greedy", "quantized_generate", "fsdp2", "sft_dpo_grpo", "serve_streams")
 
 

@@ -158,6 +158,8 @@ def test_story_route_report_card_and_exports(story_route):
                     "## Reproduce each stage", "天空为什么是蓝色的？"):
         assert heading in md
     assert "![pretrain loss curve](run/loss_curve.png)" in md and (work / "run" / "loss_curve.png").is_file()
+    assert "Not graded: set `eval.judge_endpoint` and `eval.judge_model`" in md    # how to get the judge's table
+    assert "\ufffd" not in md                                                      # no broken characters
     # The exports load with their consumers' readers.
     from xiaolm.model.io import load_hf_llama
 

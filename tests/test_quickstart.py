@@ -14,6 +14,7 @@ def test_quickstart_trains_a_model_that_beats_the_unigram_baseline(tmp_path, cap
                  "--max-new-tokens", "40", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "Stories written by your model" in printed and "Validation curve" in printed
+    assert f"xiaolm eval judge {out / 'run'} --endpoint URL --model NAME" in printed   # how to get grades
     result = json.loads((out / "quickstart.json").read_text())
     # Far below the loss of a model that ignores context: the model has learned the stories' structure.
     assert result["val_loss"] < result["unigram_entropy"] - 1.0, result

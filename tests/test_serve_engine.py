@@ -473,3 +473,113 @@ def test_row_kv_cache_rows_at_different_lengths_match_running_each_alone(loaded)
                 alone = model(torch.tensor([prompts[b] + steps[b]]), logits_to_keep=1).logits[0, -1]
                 torch.testing.assert_close(out[slot], alone, atol=1e-4, rtol=1e-4)
                 steps[b].append(int(out[slot].argmax()))
+
+
+# ------------------------------------------------------- issue 26, defect 1: a poisoned row fails alone
+
+
+def _poison_beside_two_streams(model, tokenizer, poisoned: bool):
+    """Two normal requests (one seeded sampling, one greedy) and, when ``poisoned``, a row whose repetition
+    penalty (1e-300, past the server's validation: the engine is called directly) turns its logits into infinity.
+    All are queued before the worker starts, so they share the prefill and every decode step."""
+    prompt = _ids(tokenizer, "从前有一个小女孩")
+    engine = Engine(model, tokenizer, max_batch=4, autostart=False)
+    normal = [GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.9, seed=7, ignore_eos=True)),
+              GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.0, ignore_eos=True))]
+    bad = []
+    if poisoned:
+        bad = [GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.9, repetition_penalty=1e-300)),
+               GenerationRequest(tokenizer, [prompt], [24], SamplingParams(temperature=0.0, repetition_penalty=1e-300))]
+    try:
+        for request in bad[:1] + normal + bad[1:]:
+            engine.submit(request)
+        engine.start()
+        texts = [(r.result(timeout=60)[0].text, r.sequences[0].finish_reason) for r in normal]
+        for r in bad:
+            with pytest.raises(RuntimeError, match="error while generating"):
+                r.result(timeout=60)
+            assert r.sequences[0].finish_reason == "error"
+        return texts, engine.stats.errors
+    finally:
+        engine.close()
+
+
+def test_a_row_whose_numbers_go_bad_fails_alone_and_the_others_finish_byte_identical(loaded):
+    model, tokenizer = loaded
+    alone, errors_alone = _poison_beside_two_streams(model, tokenizer, poisoned=False)
+    beside, errors_beside = _poison_beside_two_streams(model, tokenizer, poisoned=True)
+    assert [reason for _t, reason in alone] == ["length", "length"] and all(text for text, _r in alone)
+    assert beside == alone  # same text, byte for byte, and same finish reasons
+    assert (errors_alone, errors_beside) == (0, 2)
+
+
+def test_sample_rows_flags_bad_rows_and_leaves_the_others_draws_unchanged():
+    from xiaolm.infer.generate import sample_next, sample_rows
+
+    logits = torch.randn(3, 50)
+    poisoned = logits.clone()
+    poisoned[1, 4] = float("inf")
+    for temperature, top_p in ((0.8, 1.0), (0.8, 0.9), (0.0, 1.0)):
+        clean = sample_rows(logits, temperature, 5, top_p, torch.Generator().manual_seed(3))
+        mixed = sample_rows(poisoned, temperature, 5, top_p, torch.Generator().manual_seed(3))
+        assert mixed[1] == -1 and mixed[[0, 2]].tolist() == clean[[0, 2]].tolist()
+    nan = logits.clone()
+    nan[2, 0] = float("nan")
+    assert sample_rows(nan, 1.0)[2] == -1
+    with pytest.raises(FloatingPointError, match=r"row\(s\) \[2\]"):
+        sample_next(nan, 1.0)
+
+
+# ------------------------------------------------------------- issue 26, defect 10: a fair share of the batch
+
+
+def _small_beside_heavy(model, tokenizer, fair_share: bool):
+    """A heavy client queues two requests of n=8 (16 rows, 8 slots); once they run, a small one-row request from
+    another client arrives. Returns how many tokens the heavy client's first request had when the small one ended,
+    and what each client held at most."""
+    slow = Wrapped(model, before=lambda *a, **k: time.sleep(0.002))
+    engine = Engine(slow, tokenizer, max_batch=8, autostart=False, fair_share=fair_share)
+    prompt = _ids(tokenizer, "从前有一个小女孩")
+    heavy = [GenerationRequest(tokenizer, [prompt] * 8, [30] * 8, SamplingParams(temperature=0.0, ignore_eos=True),
+                               client="heavy") for _ in range(2)]
+    small = GenerationRequest(tokenizer, [prompt], [3], SamplingParams(temperature=0.0, ignore_eos=True),
+                              client="small")
+    try:
+        for request in heavy:
+            engine.submit(request)
+        engine.start()
+        _wait(lambda: heavy[0].sequences[0].tokens >= 2)
+        engine.submit(small)
+        small.result(timeout=60)
+        heavy_tokens = sum(s.tokens for s in heavy[0].sequences)
+        for request in heavy:
+            assert [s.finish_reason for s in request.result(timeout=120)] == ["length"] * 8
+        return heavy_tokens
+    finally:
+        engine.close()
+
+
+def test_a_small_request_does_not_wait_behind_a_heavy_clients_queue(loaded):
+    model, tokenizer = loaded
+    fair = _small_beside_heavy(model, tokenizer, fair_share=True)
+    fifo = _small_beside_heavy(model, tokenizer, fair_share=False)
+    # First come, first served: the small row queued behind all 16 heavy rows, so the heavy client's first request
+    # (8 rows x 30 tokens) had ended before it. Fair: it took the slot kept for newcomers at the next step.
+    assert fifo == 8 * 30
+    assert fair < 7 * 30 // 2, fair  # well before the heavy request's half-way point
+
+
+def test_fair_admission_goes_client_by_client_fewest_running_first(loaded):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch=4, autostart=False)
+    prompt = _ids(tokenizer, "小猫")
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    a = GenerationRequest(tokenizer, [prompt] * 4, [2] * 4, params, client="a")
+    b = GenerationRequest(tokenizer, [prompt] * 2, [2] * 2, params, client="b")
+    c = GenerationRequest(tokenizer, [prompt], [2], params, client="c")
+    for request in (a, b, c):
+        engine.submit(request)
+    slots = [None] * 4
+    admitted = engine._admit(slots)  # the lock is not needed: the worker never started
+    assert [r.seq.request.client for r in admitted] == ["a", "b", "c", "a"]
+    engine.close()

@@ -184,8 +184,7 @@ def test_values_of_the_wrong_type_are_not_coerced(live, field, value):
     assert_error(chat(http, **{field: value}), 400, None, field)
 
 
-UNSUPPORTED = [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-               ("response_format", {"type": "json_object"}), ("logit_bias", {"5": 10}),
+UNSUPPORTED = [("response_format", {"type": "json_object"}), ("logit_bias", {"5": 10}),
                ("functions", [{"name": "f"}])]
 
 
@@ -209,7 +208,7 @@ def test_internal_errors_do_not_leak_into_5xx_bodies(loaded, monkeypatch):
 
     app = create_app(model=model, tokenizer=tokenizer, model_name=MODEL)
     with TestClient(app, raise_server_exceptions=False) as c:
-        monkeypatch.setattr("xiaolm.serve.app.chat_prompt_ids", broken)
+        monkeypatch.setattr("xiaolm.serve.app.build_prompt", broken)
         r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
         assert r.status_code == 500 and "SECRET" not in r.text and "RuntimeError" not in r.text
         assert r.json()["error"]["type"] == "server_error"

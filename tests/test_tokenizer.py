@@ -415,3 +415,14 @@ def test_tokenizer_package_imports_nothing_from_the_data_layer():
             found += [f"{path.name}: {n}" for n in names if n.startswith("xiaolm.") and
                       n.split(".")[1] not in ("tokenizer", "utils", "config", "errors")]
     assert found == []
+
+
+def test_training_prints_no_empty_lines_where_there_is_no_terminal(capfd):
+    """The Rust progress bars printed one bare newline per stage (four empty lines in the quickstart's output)."""
+    from xiaolm.tokenizer.train import train_bpe
+
+    texts = ["从前，有一个小女孩叫莉莉。她喜欢在花园里玩。" * 20] * 50
+    tok, _ = train_bpe(texts, 400, progress=True)
+    captured = capfd.readouterr()
+    assert tok.vocab_size > 264
+    assert captured.out == "" and captured.err == "", (captured.out, captured.err)

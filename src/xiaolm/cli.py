@@ -42,6 +42,8 @@ VERBS: dict[str, object] = {
         "instruct": ("instruction-following and repetition scores on held-out instructions", "xiaolm.eval.instruct:main"),
         "tools": ("tool use on held-out tool tasks (calls, arguments, answers; without tools for contrast)", "xiaolm.eval.tools:main"),
         "mc": ("multiple-choice accuracy (C-Eval / CMMLU CSV) by answer likelihood", "xiaolm.eval.mc:main"),
+        "judge": ("stories graded by a judge model (TinyStories' rubric, in Chinese) beside the corpus's own",
+                  "xiaolm.eval.judge:main"),
     },
     "export": {
         "hf": ("write a Hugging Face LlamaForCausalLM directory", "xiaolm.export.hf:main"),

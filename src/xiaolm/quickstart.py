@@ -50,6 +50,9 @@ a GPU, a larger model in the same time."""
     temperature: float = opt(0.8, "sampling temperature of the stories shown at the end")
     top_k: int = opt(50, "top-k of the stories shown at the end")
     workers: Optional[int] = opt(None, "processes for tokenisation (default: all cores)")
+    judge_endpoint: Optional[str] = opt(None, "OpenAI-compatible endpoint (.../v1) of a judge model that grades "
+                                              "the stories (xiaolm eval judge); none: a line says how")
+    judge_model: Optional[str] = opt(None, "the judge's model name (key: $XIAOLM_JUDGE_API_KEY or $OPENAI_API_KEY)")
 
 
 @dataclass
@@ -122,6 +125,42 @@ def ascii_curve(points: list[tuple[int, float]], width: int = 40) -> list[str]:
     return lines
 
 
+JUDGE_HINT = ("Graded like the TinyStories paper (grammar, creativity, consistency, by a judge model): "
+              "xiaolm eval judge {run} --endpoint URL --model NAME")
+
+
+def show_stories(model, tokenizer, cfg: QuickstartConfig, file) -> list:
+    """Write a story from each opening and print them: whole characters only, each ending where the model ended
+    it or cut back to its last sentence end and marked as cut."""
+    from xiaolm.infer.generate import SamplingConfig
+    from xiaolm.infer.stories import story_line, tell_stories
+
+    stories = tell_stories(model, tokenizer, OPENINGS, SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed))
+    print("Stories written by your model (the opening is given, the rest is generated):\n", file=file)
+    for story in stories:
+        print(f"  {story_line(story, cfg.max_new_tokens)}\n", file=file)
+    dropped = sum(s.dropped_bytes for s in stories)
+    if dropped:
+        print(f"  ({dropped} byte(s) of characters the model left unfinished were left out)\n", file=file)
+    return stories
+
+
+def show_judge_grades(run: Path, cfg: QuickstartConfig, device: str, file, **options) -> Optional[dict]:
+    """With ``--judge-endpoint``: grade the model's stories (``xiaolm eval judge``, one completion per opening;
+    ``options`` override its other defaults) and print the table; without: one line saying how to get it."""
+    if not cfg.judge_endpoint:
+        print(JUDGE_HINT.format(run=run), file=file)
+        return None
+    from xiaolm.eval.judge import JudgeConfig, format_table, judge
+
+    judged = judge(JudgeConfig(run=str(run), endpoint=cfg.judge_endpoint, model=cfg.judge_model or "",
+                               samples=1, device=device, seed=cfg.seed, **options))
+    print(f"\nStories graded by {cfg.judge_model} (1-10, mean and 95% interval; details in "
+          f"{judged['out']}/judge.md):\n{format_table(judged)}", file=file)
+    return judged
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     from xiaolm.data.prepare import prepare
     from xiaolm.data.shards import tokenize_to_shards
@@ -176,12 +215,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     summary = pretrain(pcfg)
     timings["pretrain_s"] = time.perf_counter() - t
 
-    from xiaolm.infer.generate import SamplingConfig, generate
     from xiaolm.model.io import load_model
 
     model, tokenizer, _ = load_model(out / "run", device=device)
-    texts = generate(model, tokenizer, OPENINGS, SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed))
     total = time.perf_counter() - t_all
     import json
 
@@ -189,9 +225,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     curve = [(r["step"], r["val_loss"]) for r in evals if r.get("kind") == "eval"]
     p = sys.stdout
     print("\n" + "=" * 72, file=p)
-    print("Stories written by your model (the opening is given, the rest is generated):\n", file=p)
-    for opening, text in zip(OPENINGS, texts):
-        print(f"  {opening}{text.strip()}\n", file=p)
+    stories = show_stories(model, tokenizer, cfg, p)
+    texts = [s.text for s in stories]
     print("Validation curve:", file=p)
     for line in ascii_curve(curve):
         print(line, file=p)
@@ -208,8 +243,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     print(f"Run directory: {out / 'run'} (report.md, loss_curve.png, metrics.jsonl, config.yaml)", file=p)
     print(f"Next: xiaolm generate {out / 'run'} --prompt 从前  |  xiaolm eval ppl {out / 'run'} --data {out / 'shards'}",
           file=p)
+    judged = show_judge_grades(out / "run", cfg, device, p)
     result = dict(summary, total_s=round(total, 1), timings={k: round(v, 1) for k, v in timings.items()},
-                  stories=texts, openings=OPENINGS,
+                  stories=texts, openings=OPENINGS, stories_cut=[s.cut for s in stories],
+                  dropped_bytes=sum(s.dropped_bytes for s in stories),
+                  judge=(judged or {}).get("rows"),
                   repetition={k: repetition[k] for k in ("rep4", "distinct2", "mean_chars")})
     from xiaolm.utils import atomic_write_json
 

@@ -26,6 +26,7 @@ from xiaolm.infer.generate import SamplingConfig
 from xiaolm.model.losses import token_logprobs
 from xiaolm.train.engine import TrainConfig
 from xiaolm.tokenizer.chat import prompt_ids
+from xiaolm.tokenizer.detok import decode_clean
 
 # ------------------------------------------------------------------------------------------------ encoding
 
@@ -254,7 +255,8 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], k: int, *, max_
         for (p, j), row in zip(chunk, ids):
             finished = bool(row) and row[-1] in eos
             body = row[:-1] if finished else row
-            out[p][j] = Sample(body, tokenizer.decode(body, skip_special_tokens=True), finished,
+            # the shared detokenizer's text: a character cut off at the budget is left out, not U+FFFD
+            out[p][j] = Sample(body, decode_clean(tokenizer, body)[0], finished,
                                row[-1] if finished else None)
             stats.samples += 1
             stats.tokens += len(row)

@@ -37,11 +37,15 @@ class StreamEvaluator:
 
         device = model.device
         total = torch.zeros((), dtype=torch.float64, device=device)
+        full = min(self.batch_size, len(self.windows))
         for i in range(0, len(self.windows), self.batch_size):
             rows = self.windows[i : i + self.batch_size].to(device)
-            x, y = rows[:, :-1], rows[:, 1:]
+            n = len(rows)
+            if n < full:  # the last partial batch is padded to full size: one shape, so compiled kernels compile once
+                rows = torch.cat([rows, rows[:1].expand(full - n, -1)])
+            x, y = rows[:, :-1], rows[:n, 1:]
             doc_ids = doc_ids_from_tokens(x, self.eot_id) if self.doc_mask else None
-            logits = model(x, doc_ids=doc_ids).logits
+            logits = model(x, doc_ids=doc_ids).logits[:n]
             total += torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), y.flatten(), reduction="sum"
             ).double()

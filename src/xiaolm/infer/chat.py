@@ -4,8 +4,14 @@ Answers stream as they are generated (``StreamDecoder``: never half a character)
 with every message, rendered with the chat template; when it no longer fits the context window together with room
 for the answer, the oldest turns are left out first (the system message always stays) and a note says how many.
 Commands: ``/reset`` (forget the conversation), ``/system <text>`` (set the system message; ``/system`` alone clears
-it), ``/save <file>`` (write the conversation as JSON: OpenAI messages), ``/help``, ``/quit``. Works on a terminal
-(with line editing) and on piped stdin, one message per line.
+it), ``/think on|off`` (the thinking switch, ``enable_thinking``), ``/save <file>`` (write the conversation as JSON:
+OpenAI messages), ``/help``, ``/quit``. Works on a terminal (with line editing) and on piped stdin, one message per
+line.
+
+Thinking and tools (``xiaolm.tokenizer.chat``'s format): a ``<think>`` block is shown dimmed (on a terminal), and
+a ``<tool_call>`` is run (``infer/chat_tools.py``: the built-in tools, ``--builtin-tools`` offers them in the
+prompt, and the user's own functions from ``--tools FILE.py``, in the sandbox); the call and its result are shown,
+the result goes back to the model as a ``tool`` turn, and the model goes on, up to ``--max-tool-rounds`` times.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from xiaolm.config import opt, parse_config
 from xiaolm.infer.generate import SamplingConfig, chat_prompt_ids, load_sampling_model
 
 HELP = ("commands: /reset  forget the conversation | /system <text>  set the system message (/system alone clears "
-        "it) | /save <file>  write the conversation as JSON | /help | /quit")
+        "it) | /think on|off  let the model think first, or not | /save <file>  write the conversation as JSON | "
+        "/help | /quit")
+DIM, RESET = "\x1b[2m", "\x1b[0m"  # thinking is shown dimmed on a terminal
 
 
 def _chat_sampling() -> SamplingConfig:
@@ -32,6 +40,12 @@ class ChatConfig:
     context: Optional[int] = opt(None, "context window in tokens (default: the model's)")
     device: str = opt("auto", "auto, cpu, cuda or mps")
     checkpoint: str = opt("latest", "which checkpoint of a RUNDIR: latest or best")
+    tools: list[str] = opt([], "Python files whose public functions the model may call (schema from each "
+                               "function's signature and docstring; run in the sandbox)")
+    builtin_tools: bool = opt(False, "offer the built-in tools (calculator, weekday, date_add, convert_unit, "
+                                     "city_info) in the prompt; calls to them are run either way")
+    think: Optional[bool] = opt(None, "start with thinking on or off (default: as the model was trained)")
+    max_tool_rounds: int = opt(4, "tool calls answered in a row before the model must answer")
     sampling: SamplingConfig = field(default_factory=_chat_sampling)
 
 
@@ -39,11 +53,14 @@ class ChatSession:
     """The conversation state and the rule for fitting it into the context window."""
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig, context: Optional[int] = None,
-                 system: Optional[str] = None):
+                 system: Optional[str] = None, tools=None, thinking: Optional[bool] = None, max_tool_rounds: int = 4):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.context = context or model.config.max_position_embeddings
         self.system = system
-        self.turns: list[dict] = []  # user / assistant messages, oldest first
+        self.tools = tools  # xiaolm.infer.chat_tools.ToolBox, or None: calls are not run
+        self.thinking = thinking  # enable_thinking: None (as trained), True, False
+        self.max_tool_rounds = max_tool_rounds
+        self.turns: list[dict] = []  # user / assistant / tool messages, oldest first
         self.dropped = 0  # turns left out of the last prompt
 
     @property
@@ -58,45 +75,94 @@ class ChatSession:
     def prompt_ids(self) -> tuple[list[int], int]:
         """Prompt for the next answer and how many of the oldest turns had to be left out to fit the window.
 
-        Turns are dropped from the oldest, in user/assistant pairs, so the prompt always starts with a user turn.
-        Raises ValueError when even the newest user message alone does not fit."""
+        Turns are dropped from the oldest, a user turn and what answered it at a time, so the prompt always starts
+        with a user turn. Raises ValueError when even the newest user message alone does not fit."""
         limit = self.context - self.answer_budget()
         head = [{"role": "system", "content": self.system}] if self.system else []
-        start = 0
-        while True:
+        starts = [k for k, m in enumerate(self.turns) if m["role"] == "user"] or [0]
+        for start in starts:
             msgs = head + self.turns[start:]
-            ids = chat_prompt_ids(self.tokenizer, msgs)
+            if self.tools is None and self.thinking is None:
+                ids = chat_prompt_ids(self.tokenizer, msgs)
+            else:
+                from xiaolm.tokenizer.chat import prompt_ids
+
+                ids = prompt_ids(self.tokenizer, msgs, tools=self.tools.schemas if self.tools else None,
+                                 enable_thinking=self.thinking)
             if len(ids) <= limit:
                 return ids, start
-            if start >= len(self.turns) - 1:
-                raise ValueError(f"this message needs {len(ids)} tokens but the context window leaves {limit} "
-                                 f"for the prompt ({self.context} minus {self.answer_budget()} for the answer)")
-            start += 2
+        raise ValueError(f"this message needs {len(ids)} tokens but the context window leaves {limit} "
+                         f"for the prompt ({self.context} minus {self.answer_budget()} for the answer)")
 
-    def reply(self, text: str, write: Callable[[str], None], note: Callable[[str], None]) -> Optional[str]:
-        """Add a user message, stream the answer through ``write``; returns the answer (None if it did not fit)."""
-        from xiaolm.infer.generate import generate
-
+    def reply(self, text: str, write: Callable[[str], None], note: Callable[[str], None],
+              think: Optional[Callable[[str], None]] = None) -> Optional[str]:
+        """Add a user message, stream the answer through ``write`` (its thinking through ``think``), run the tools
+        it calls (each call and result shown through ``note``) and let it go on; returns the final answer (None if
+        the message did not fit)."""
         self.turns.append({"role": "user", "content": text})
+        first = len(self.turns) - 1
+        for _round in range(self.max_tool_rounds + 1):
+            message = self._answer(write, note, think or write)
+            if message is None:
+                del self.turns[first:]
+                return None
+            self.turns.append(message)
+            if not message.get("tool_calls") or self.tools is None:
+                return message["content"]
+            for call in message["tool_calls"]:
+                fn = call["function"]
+                note(f"[调用 {fn['name']}({fn['arguments']})]")
+                result = self.tools.run(fn["name"], fn["arguments"])
+                note(f"[结果 {result}]")
+                self.turns.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        note(f"[{self.max_tool_rounds} rounds of tool calls in a row; the model's turn ends here]")
+        return self.turns[-1].get("content", "")
+
+    def _answer(self, write, note, think) -> Optional[dict]:
+        """One assistant turn, streamed and taken apart (reasoning, content, tool calls); None if it did not fit or
+        was interrupted."""
+        from xiaolm.infer.generate import dropped_note, generate_samples
+        from xiaolm.infer.toolstream import ToolStreamParser, marker_ids
+
         try:
             ids, dropped = self.prompt_ids()
         except ValueError as exc:
-            self.turns.pop()
             note(f"[{exc}; say it in fewer words]")
             return None
         if dropped != self.dropped and dropped:
             note(f"[the conversation is longer than the {self.context}-token context window: the {dropped} oldest "
                  f"turn(s) are left out of what the model sees]")
         self.dropped = dropped
+        parser = ToolStreamParser(parse_tools=self.tools is not None)
+
+        def show(delta) -> None:
+            if delta.reasoning:
+                think(delta.reasoning)
+            if delta.content:
+                write(delta.content)
+
         try:
-            answer = generate(self.model, self.tokenizer, [""], self.sampling, prompt_ids=[ids],
-                              stream=lambda _row, delta: write(delta))[0]
+            result = generate_samples(self.model, self.tokenizer, [""], self.sampling, prompt_ids=[ids],
+                                      stream=lambda _row, text: show(parser.push(text)),
+                                      keep_ids=marker_ids(self.tokenizer))[0]
         except KeyboardInterrupt:
             note("\n[interrupted]")
-            self.turns.pop()
             return None
-        self.turns.append({"role": "assistant", "content": answer})
-        return answer
+        show(parser.finish())
+        if dropped_note([result]):
+            note("\n" + dropped_note([result]))
+        parsed = parser.result()
+        for error in parsed.errors:
+            note(f"[{error}]")
+        message = {"role": "assistant", "content": parsed.content or ""}
+        if parsed.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = [c.openai() for c in parsed.tool_calls]
+        return message
+
+    def set_thinking(self, value: Optional[bool]) -> None:
+        self.thinking = value
 
     def reset(self) -> None:
         self.turns = []
@@ -125,6 +191,9 @@ def run_chat(session: ChatSession, stdin=None, stdout=None, stderr=None, interac
     def write(text: str) -> None:
         stdout.write(text)
         stdout.flush()
+
+    def think(text: str) -> None:  # the model's thinking: dimmed on a terminal
+        write(f"{DIM}{text}{RESET}" if interactive else text)
 
     def note(text: str) -> None:
         stderr.write(text + "\n")
@@ -160,6 +229,12 @@ def run_chat(session: ChatSession, stdin=None, stdout=None, stderr=None, interac
             elif cmd == "/system":
                 session.system = arg or None
                 note(f"[system message set: {arg}]" if arg else "[system message cleared]")
+            elif cmd == "/think":
+                if arg not in ("on", "off"):
+                    note("[usage: /think on|off]")
+                    continue
+                session.set_thinking(arg == "on")
+                note(f"[thinking {arg}]")
             elif cmd == "/save":
                 if not arg:
                     note("[usage: /save <file>]")
@@ -175,7 +250,7 @@ def run_chat(session: ChatSession, stdin=None, stdout=None, stderr=None, interac
             continue
         if interactive:
             write("模型> ")
-        session.reply(text, write, note)
+        session.reply(text, write, note, think)
         write("\n")
 
 
@@ -195,5 +270,16 @@ def main(argv: list[str]) -> int:
         raise fail(f"--context {context} exceeds the model's {model.config.max_position_embeddings} positions")
     if context < 16:
         raise fail("--context must be at least 16 tokens")
-    session = ChatSession(model, tokenizer, cfg.sampling, context, cfg.system)
+    if cfg.max_tool_rounds < 0:
+        raise fail(f"--max-tool-rounds must be 0 or more, got {cfg.max_tool_rounds}")
+    tools = None
+    if cfg.tools or cfg.builtin_tools or getattr(tokenizer, "has_markers", False):
+        from xiaolm.infer.chat_tools import ToolBox
+
+        try:
+            tools = ToolBox(builtin=cfg.builtin_tools, files=cfg.tools)
+        except ValueError as exc:
+            raise fail(f"--tools {exc}")
+    session = ChatSession(model, tokenizer, cfg.sampling, context, cfg.system, tools=tools, thinking=cfg.think,
+                          max_tool_rounds=cfg.max_tool_rounds)
     return run_chat(session)

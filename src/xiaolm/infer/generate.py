@@ -7,8 +7,8 @@ still turn into a stop string.
 """
 from __future__ import annotations
 
-import math
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -16,6 +16,7 @@ import torch
 
 from xiaolm.config import opt
 from xiaolm.infer.cache import new_cache
+from xiaolm.infer.limits import limit_problem
 
 # ------------------------------------------------------------------------------------------------ sampling
 
@@ -42,18 +43,24 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     return torch.where(present, penalised, logits)
 
 
-def sample_next(
+def sample_rows(
     logits: torch.Tensor,
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+    """Next token ids [B] from last-position logits [B, V]; -1 for a row whose numbers went bad (a NaN or an
+    infinite logit, or no token left with any probability), so a batch can fail that row alone.
+
+    ``temperature`` 0 or ``top_p`` 0 is greedy. A bad row is given a harmless distribution before drawing, so the
+    other rows draw exactly what they would have drawn without it."""
     logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+    if temperature <= 0 or top_p <= 0:
+        ok = ~(logits.isnan() | logits.isposinf()).any(-1) & logits.isfinite().any(-1)
+        return torch.where(ok, logits.argmax(dim=-1), -1)
     logits = logits / temperature
+    ok = ~(logits.isnan() | logits.isposinf()).any(-1)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,7 +72,26 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    ok &= probs.isfinite().all(-1) & (probs.sum(-1) > 0)
+    if not bool(ok.all()):
+        probs = torch.where(ok[:, None], probs, torch.ones_like(probs))
+    return torch.where(ok, torch.multinomial(probs, 1, generator=generator).squeeze(1), -1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]; raises ``FloatingPointError`` naming the rows whose
+    numbers went bad (``sample_rows`` reports them instead)."""
+    tokens = sample_rows(logits, temperature, top_k, top_p, generator)
+    bad = (tokens < 0).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"sampling failed for row(s) {bad}: their logits are NaN or infinite")
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------ core loop
@@ -91,6 +117,7 @@ def generate_ids(
     compile_step: bool = False,
     logits_processor: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
     on_eos: Optional[Callable[[int, int], None]] = None,
+    on_bad_row: Optional[Callable[[int], None]] = None,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts (left-padded together); returns each row's new tokens.
 
@@ -101,6 +128,8 @@ def generate_ids(
     ``logits_processor(logits [B, V] float32, outputs)`` sees each step's raw logits first and returns the logits
     to sample from (the server records log-probabilities and applies frequency/presence penalties there).
     ``on_eos(row, id)`` is called when a row ends at an end-of-text token (which is not part of its output).
+    A row whose numbers go bad (NaN or infinite logits) raises ``FloatingPointError``; with ``on_bad_row(row)`` it
+    ends there instead and the other rows go on as if it were not there.
     """
     if not prompts:
         return []
@@ -144,10 +173,17 @@ def generate_ids(
         if logits_processor is not None:
             logits = logits_processor(logits, outputs)
         logits = apply_repetition_penalty(logits, context, repetition_penalty, context_mask if padded else None)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = sample_rows(logits, temperature, top_k, top_p, generator)
         tokens = nxt.tolist()  # the one host sync per step: the host decides who stops (eos, stop strings)
+        bad = [i for i, tok in enumerate(tokens) if tok < 0 and not done[i]]
+        if bad and on_bad_row is None:
+            raise FloatingPointError(f"sampling failed for row(s) {bad}: their logits are NaN or infinite")
         for i, tok in enumerate(tokens):
             if done[i]:
+                continue
+            if tok < 0:
+                done[i] = True
+                on_bad_row(i)
                 continue
             if tok in eos_set:
                 done[i] = True
@@ -170,8 +206,20 @@ def generate_ids(
     return outputs
 
 
-_COMPILED: dict = {}
-_STATIC_CACHES: dict = {}
+_STATE_ATTR = "_xiaolm_decode_state"
+MAX_STATIC_CACHES = 8  # per model: batch sizes x power-of-two lengths kept for the compiled step
+
+
+def _decode_state(model) -> dict:
+    """The compiled decode step and static caches of ``model``, kept on the model itself so they go when it goes
+    (module-level dicts keyed by ``id(model)`` kept every model that ever generated alive, and could hand a new
+    model at a reused id another model's step). ``owner`` catches a ``copy.deepcopy`` of the model, whose copied
+    attribute would still point at the original's step."""
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None or state["owner"]() is not model:
+        state = {"owner": weakref.ref(model), "compiled": None, "caches": {}}
+        object.__setattr__(model, _STATE_ATTR, state)  # plain attribute: not a submodule, not in the state_dict
+    return state
 
 
 def _reused_static_cache(model, batch: int, need: int):
@@ -183,12 +231,13 @@ def _reused_static_cache(model, batch: int, need: int):
     """
     limit = model.config.max_position_embeddings
     size = min(max(64, 1 << (need - 1).bit_length()), max(limit, need))
-    key = (id(model), batch, size, model.model.embed_tokens.weight.dtype, str(model.device))
-    cache = _STATIC_CACHES.get(key)
+    caches = _decode_state(model)["caches"]
+    key = (batch, size, model.model.embed_tokens.weight.dtype, str(model.device))
+    cache = caches.get(key)
     if cache is None:
-        if len(_STATIC_CACHES) >= 8:      # bounded: drop the oldest
-            _STATIC_CACHES.pop(next(iter(_STATIC_CACHES)))
-        cache = _STATIC_CACHES[key] = new_cache(model, batch, size, static=True)
+        if len(caches) >= MAX_STATIC_CACHES:  # bounded: drop the oldest
+            caches.pop(next(iter(caches)))
+        cache = caches[key] = new_cache(model, batch, size, static=True)
     else:
         cache.reset()
     return cache
@@ -202,45 +251,66 @@ def _decode_step(model, compile_step: bool):
 
     if not compile_step:
         return step
-    key = id(model)
-    if key not in _COMPILED:
+    state = _decode_state(model)
+    if state["compiled"] is None:
         mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-        _COMPILED[key] = torch.compile(step, mode=mode, dynamic=False)
-    return _COMPILED[key]
+        state["compiled"] = torch.compile(step, mode=mode, dynamic=False)
+    return state["compiled"]
 
 
 # ------------------------------------------------------------------------------------------------ text level
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text deltas that are safe to print.
+    """Turns generated token ids into text deltas that are safe to print.
 
-    Holds back a trailing U+FFFD (an incomplete UTF-8 sequence whose remaining bytes are in the next token) and any
-    tail that might be the beginning of a stop string; ``finish()`` flushes the rest.
+    Characters come from the shared incremental detokenizer (``xiaolm.tokenizer.detok.Detokenizer``: an incomplete
+    UTF-8 tail waits for the token that completes it, a sequence that can never complete is dropped and counted);
+    a tail that might be the beginning of a stop string is held back too. ``finish()`` flushes the rest and drops an
+    incomplete character the generation ended inside (counted in ``dropped_bytes``). ``keep_ids``: special tokens
+    whose text is kept (the detokenizer drops special tokens).
     """
 
-    def __init__(self, tokenizer, stop: Iterable[str] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: Iterable[str] = (), keep_ids: Iterable[int] = ()):
+        from xiaolm.tokenizer.detok import Detokenizer
+
+        self.detok = Detokenizer(tokenizer)
         self.stop = [s for s in stop if s]
+        # special tokens that stay in the text (the thinking and tool-call markers: their parser reads them)
+        self.kept = {i: tokenizer.decode([i]) for i in keep_ids}
         self.ids: list[int] = []
+        self.full = ""                   # every completed character so far
+        self.cut: Optional[int] = None   # where the first stop string starts in ``full``
         self.emitted = 0
         self.stopped = False
+        self.finished = False
+
+    @property
+    def dropped_bytes(self) -> int:
+        return self.detok.dropped_bytes
+
+    def _append(self, piece: str) -> None:
+        if not piece:
+            return
+        # text before ``start`` was searched already: a new match must end in the new piece
+        start = max(0, len(self.full) - max((len(s) for s in self.stop), default=1) + 1)
+        self.full += piece
+        if self.stopped:
+            return
+        for s in self.stop:
+            i = self.full.find(s, start)
+            if i != -1 and (self.cut is None or i < self.cut):
+                self.cut = i
+        self.stopped = self.cut is not None
 
     def text(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            cut = text.find(s)
-            if cut != -1:
-                text = text[:cut]
-                self.stopped = True
-        return text
+        return self.full if self.cut is None else self.full[:self.cut]
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        self._append(self.kept[token_id] if token_id in self.kept else self.detok.push(token_id))
         text = self.text()
         safe = len(text)
-        while safe > self.emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
         if not self.stopped:
             for s in self.stop:  # keep back a tail that could still grow into a stop string
                 for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
@@ -252,6 +322,9 @@ class StreamDecoder:
         return delta
 
     def finish(self) -> str:
+        if not self.finished:
+            self.finished = True
+            self.detok.finish()
         text = self.text()
         delta = text[self.emitted :]
         self.emitted = len(text)
@@ -259,9 +332,6 @@ class StreamDecoder:
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
-
 
 def plain_prompt_ids(tokenizer, text: str) -> list[int]:
     """A plain (non-chat) prompt: ``<|endoftext|>`` first, since every training document starts after one, then the
@@ -280,19 +350,17 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
 
 
 def sampling_problem(s: SamplingConfig) -> Optional[str]:
-    """What is wrong with sampling settings given as flags (one line naming the flag), or None."""
-    if s.max_new_tokens < 1:
-        return f"--max-new-tokens must be at least 1, got {s.max_new_tokens}"
-    if not (math.isfinite(s.temperature) and s.temperature >= 0):
-        return f"--temperature must be 0 (greedy) or more, got {s.temperature}"
-    if not 0 < s.top_p <= 1:
-        return f"--top-p must be in (0, 1], got {s.top_p}"
-    if s.top_k < 0:
-        return f"--top-k must be 0 (off) or more, got {s.top_k}"
-    if not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
-        return f"--repetition-penalty must be more than 0 (1 is off), got {s.repetition_penalty}"
-    if s.seed is not None and not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
-        return f"--seed must be a 64-bit integer ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {s.seed}"
+    """What is wrong with sampling settings given as flags (one line naming the flag), or None. The ranges are
+    ``SAMPLING_LIMITS``', the server's too."""
+    checks = [("max_tokens", "--max-new-tokens", s.max_new_tokens), ("temperature", "--temperature", s.temperature),
+              ("top_p", "--top-p", s.top_p), ("top_k", "--top-k", s.top_k),
+              ("repetition_penalty", "--repetition-penalty", s.repetition_penalty)]
+    if s.seed is not None:
+        checks.append(("seed", "--seed", s.seed))
+    for name, flag, value in checks:
+        problem = limit_problem(name, value, flag)
+        if problem:
+            return problem
     return None
 
 
@@ -319,7 +387,19 @@ def _eos_ids(tokenizer) -> list[int]:
     return ids
 
 
-def generate(
+@dataclass
+class Generated:
+    """One generation: its text (cut at the first stop string), why it ended (``"eos"``: the model's end-of-text or
+    end-of-turn, ``"stop"``: a stop string, ``"length"``: the token budget), its token count and the bytes of broken
+    characters dropped (never shown as U+FFFD)."""
+
+    text: str
+    ended: str
+    tokens: int
+    dropped_bytes: int = 0
+
+
+def generate_samples(
     model,
     tokenizer,
     prompts: list[str],
@@ -329,38 +409,49 @@ def generate(
     prompt_ids: Optional[list[list[int]]] = None,
     eos_ids: Optional[Iterable[int]] = None,
     use_cache: bool = True,
-) -> list[str]:
-    """Continue each prompt; returns the generated text (prompt excluded, cut at the first stop string).
+    keep_ids: Iterable[int] = (),
+) -> list[Generated]:
+    """Continue each prompt; returns a ``Generated`` per prompt (prompt excluded).
 
     ``stream(row, delta)`` receives printable text as it is produced. ``prompt_ids`` overrides the encoding of
-    ``prompts`` (e.g. a chat template already rendered and encoded).
+    ``prompts`` (e.g. a chat template already rendered and encoded). ``keep_ids``: special tokens that stay in the
+    text (the thinking and tool-call markers, for a caller that parses them).
     """
     s = sampling or SamplingConfig()
     ids = prompt_ids if prompt_ids is not None else [plain_prompt_ids(tokenizer, p) for p in prompts]
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(s.seed)
-    decoders = [StreamDecoder(tokenizer, s.stop) for _ in ids]
+    decoders = [StreamDecoder(tokenizer, s.stop, keep_ids) for _ in ids]
+    at_eos = [False] * len(ids)
 
     def on_token(row: int, tok: int) -> None:
         delta = decoders[row].push(tok)
         if stream is not None and delta:
             stream(row, delta)
 
-    generate_ids(
+    outputs = generate_ids(
         model, ids, s.max_new_tokens, pad_id=tokenizer.pad_id,
         eos_ids=_eos_ids(tokenizer) if eos_ids is None else eos_ids,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
         generator=generator, use_cache=use_cache, on_token=on_token,
         should_stop=(lambda row, _ids: decoders[row].stopped) if s.stop else None,
+        on_eos=lambda row, _tok: at_eos.__setitem__(row, True),
     )
-    texts = []
+    results = []
     for row, dec in enumerate(decoders):
         tail = dec.finish()
         if stream is not None and tail:
             stream(row, tail)
-        texts.append(dec.text())
-    return texts
+        ended = "eos" if at_eos[row] else ("stop" if dec.stopped else "length")
+        results.append(Generated(dec.text(), ended, len(outputs[row]), dec.dropped_bytes))
+    return results
+
+
+def generate(model, tokenizer, prompts: list[str], sampling: Optional[SamplingConfig] = None, **options) -> list[str]:
+    """The texts of ``generate_samples`` (same arguments): each prompt's continuation, cut at the first stop
+    string, broken characters dropped."""
+    return [g.text for g in generate_samples(model, tokenizer, prompts, sampling, **options)]
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -417,12 +508,24 @@ def main(argv: list[str]) -> int:
     if len(prompts) == 1:
         if not cfg.chat:
             sys.stdout.write(prompts[0])
-        generate(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids,
-                 stream=lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+        results = generate_samples(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids,
+                                   stream=lambda _row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
         sys.stdout.write("\n")
-        return 0
-    texts = generate(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids)
-    for i, (p, t) in enumerate(zip(prompts, texts)):
-        print(f"--- [{i}] ---")
-        print(("" if cfg.chat else p) + t)
+    else:
+        results = generate_samples(model, tokenizer, prompts, cfg.sampling, prompt_ids=prompt_ids)
+        for i, (p, r) in enumerate(zip(prompts, results)):
+            print(f"--- [{i}] ---")
+            print(("" if cfg.chat else p) + r.text)
+    note = dropped_note(results)
+    if note:
+        print(note, file=sys.stderr)
     return 0
+
+
+def dropped_note(results: list[Generated]) -> Optional[str]:
+    """One line saying how many bytes of broken characters were left out, or None when there were none."""
+    dropped = sum(r.dropped_bytes for r in results)
+    if not dropped:
+        return None
+    return (f"[{dropped} byte(s) of unfinished UTF-8 characters left out: the model ended or broke off inside a "
+            f"character]")

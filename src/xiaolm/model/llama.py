@@ -1,7 +1,8 @@
 """The xiaolm model: a Llama-style decoder in one file.
 
 Pre-norm RMSNorm, rotary position embeddings (Hugging Face's ``rotate_half`` convention), grouped-query attention
-through ``scaled_dot_product_attention`` (flash kernels on GPU), a SwiGLU MLP, no biases, tied or untied embeddings.
+through the kernel ``xiaolm.model.attention`` picks (flash or FlexAttention on GPU), a SwiGLU MLP, no biases, tied or
+untied embeddings.
 
 Parameter names and config field names are those of ``transformers.LlamaForCausalLM`` / ``LlamaConfig``, so a
 state dict exports to Hugging Face as a copy and imports from it the same way.
@@ -20,6 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from xiaolm.model.attention import attend, build_attention_mask, document_block_mask, use_flex  # noqa: F401
 
 # ------------------------------------------------------------------------------------------------ config
 
@@ -194,19 +197,13 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # RoPE runs in the tables' float32 under autocast; the kernels want one dtype (FlexAttention rejects a mix,
+        # SDPA would run float32 kernels), so q/k go back to v's dtype (bf16 under autocast, a no-op in float32).
         q, k = apply_rotary(q, k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, write)
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
-            y = _flex_attention(q, k, v, mask, gqa=self.n_kv != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if self.n_kv != self.n_heads:  # grouped-query attention: each kv head serves a group of query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if mask is None:  # plain causal training: lets SDPA pick the flash kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -246,57 +243,6 @@ class LlamaModel(nn.Module):
 # ------------------------------------------------------------------------------------------------ masks
 
 
-def build_attention_mask(
-    q_len: int,
-    k_len: int,
-    device,
-    key_valid: Optional[torch.Tensor] = None,
-    doc_ids: Optional[torch.Tensor] = None,
-) -> Optional[torch.Tensor]:
-    """Boolean mask [B or 1, 1, q_len, k_len] (True = may attend), or None for plain causal attention.
-
-    Queries are the last ``q_len`` of ``k_len`` positions. ``key_valid`` [B, k_len] hides padding; ``doc_ids``
-    [B, k_len] keeps attention inside each document of a packed sequence. Every query may always see itself, so no
-    row is fully masked (a fully masked row would make SDPA return NaN, and 0 * NaN poisons the values).
-    """
-    if key_valid is None and doc_ids is None and q_len == k_len:
-        return None
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)
-    k_pos = torch.arange(k_len, device=device)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, q, k]
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :].bool()
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, None, -q_len:, None] == doc_ids[:, None, None, :])
-    return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
-
-
-_FLEX = {}
-
-
-def _flex_attention(q, k, v, block_mask, gqa: bool):
-    """FlexAttention, compiled on GPU (a fused kernel that skips fully masked blocks); eager elsewhere."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if q.is_cuda:
-        if "compiled" not in _FLEX:
-            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
-        return _FLEX["compiled"](q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-
-
-def document_block_mask(doc_ids: torch.Tensor):
-    """A FlexAttention block mask: causal and inside each packed document (same rule as build_attention_mask)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, T = doc_ids.shape
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-
-    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
-
-
 def doc_ids_from_tokens(input_ids: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Document index per position in a packed window: a new document starts after each end-of-text token."""
     ends = (input_ids == eot_id).long()
@@ -331,7 +277,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.attn_impl = "sdpa"  # "flex": FlexAttention for packed-document masks (a runtime choice, not saved)
+        self.attn_impl = "auto"  # auto, sdpa or flex (xiaolm.model.attention; a runtime choice, not saved)
         self.apply(self._init_weights)
         # GPT-2 style: scale the residual-stream output projections by depth so activations stay O(1).
         scale = cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
@@ -390,8 +336,8 @@ class Llama(nn.Module):
                 position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        if doc_ids is not None and cache is None and key_valid is None and self.attn_impl == "flex":
-            mask = document_block_mask(doc_ids)
+        if doc_ids is not None and cache is None and key_valid is None and use_flex(self.attn_impl, input_ids.device):
+            mask = document_block_mask(doc_ids)  # once per forward pass; every layer shares it
         else:
             mask = build_attention_mask(T, past + T, input_ids.device, key_valid=key_valid, doc_ids=doc_ids)
 

@@ -4,7 +4,8 @@
 - the instruction-following table (constraint rates, repetition, BLEU/ROUGE against references) of each chat model
   on the held-out instructions, greedy;
 - multiple-choice accuracy beside chance (C-Eval / CMMLU CSVs) of the base and the final model, where named;
-- the final model's answers to a few fixed questions.
+- the final model's answers to a few fixed questions;
+- with ``eval.judge_endpoint``: the pretrained model's stories graded by a judge model (``xiaolm eval judge``).
 """
 from __future__ import annotations
 
@@ -70,5 +71,20 @@ def evaluate_route(cfg) -> dict:
                 result["question_sampling"] = dict(sampling.__dict__)
         del model
     out = Path(cfg.workdir) / "eval"
+    if e.judge_endpoint:
+        result["judge"] = judge_stories(cfg, models["base"], out / "judge")
     atomic_write_json(out / "eval.json", result)
     return result
+
+
+def judge_stories(cfg, run: str, out: Path, **options) -> dict:
+    """``xiaolm eval judge`` on the pretrained model (story completion is what pretraining teaches); ``options``
+    override the judge's other defaults."""
+    from xiaolm.eval.judge import JudgeConfig, format_table, judge
+
+    e = cfg.eval
+    r = judge(JudgeConfig(run=str(run), endpoint=e.judge_endpoint, model=e.judge_model or "", out=str(out),
+                          samples=e.judge_samples, device=e.device, **options))
+    log(f"eval judge ({e.judge_model}):\n{format_table(r)}")
+    return {"run": str(run), "judge": r["judge"], "rows": r["rows"], "accounting": r["accounting"],
+            "openings": r["openings"], "samples": r["samples"], "out": r["out"], "table": format_table(r)}

@@ -186,6 +186,7 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
               f"{(full_eval.get('question_sampling') or {}).get('repetition_penalty')})", ""]
         for q in qs:
             L.append(f"- **{q['question']}** → {_one_line(q['answer']) or '(empty)'}")
+    L += ["", "## Story grades by a judge model", ""] + judge_section(full_eval.get("judge"), cfg.pretrain.out)
     samples = []
     for name in ("pretrain", "sft"):
         summ = _read(Path(getattr(cfg, name).out) / "summary.json") or {}
@@ -220,6 +221,19 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
     path = work / "REPORT.md"
     atomic_write_text(path, "\n".join(L) + "\n")
     return path
+
+
+def judge_section(judged: dict | None, run) -> list[str]:
+    """The judge's table (``xiaolm eval judge``), or one line saying how to get it."""
+    if not judged:
+        return [f"Not graded: set `eval.judge_endpoint` and `eval.judge_model` in the recipe (or run `xiaolm eval "
+                f"judge {run} --endpoint URL --model NAME`) for TinyStories-style grades of the stories."]
+    j, t = judged["judge"], judged["accounting"]["tokens"]
+    return [f"`{judged['run']}` completing {judged['openings']} held-out openings × {judged['samples']}, graded by "
+            f"`{j['model']}` (1-10, mean and 95% interval; the corpus's own stories are the ceiling, their shuffled "
+            f"sentences the floor). Tokens: {t['prompt'] + t['completion']:,} now, "
+            f"{t['cached_prompt'] + t['cached_completion']:,} from the cache. Details: `{judged['out']}/judge.md`.",
+            "", judged["table"]]
 
 
 def _one_line(text: str, limit: int = 240) -> str:

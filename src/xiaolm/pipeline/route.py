@@ -62,6 +62,10 @@ class EvalSection:
     mc_shots: int = opt(0, "worked dev examples before each question")
     questions: list[str] = opt(QUESTIONS, "questions the final model answers in the report (greedy)")
     repetition_penalty: float = opt(1.1, "repetition penalty of those answers (the instruction eval uses none)")
+    judge_endpoint: Optional[str] = opt(None, "OpenAI-compatible endpoint (.../v1) of a judge model that grades the "
+                                              "pretrained model's stories (xiaolm eval judge; none: skip)")
+    judge_model: Optional[str] = opt(None, "the judge's model name (key: $XIAOLM_JUDGE_API_KEY or $OPENAI_API_KEY)")
+    judge_samples: int = opt(1, "completions per held-out opening graded by the judge")
 
 
 @dataclass

@@ -42,17 +42,20 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xiaolm.infer.generate import chat_prompt_ids, plain_prompt_ids
+from xiaolm.infer.generate import plain_prompt_ids
+from xiaolm.infer.toolstream import marker_ids
 from xiaolm.serve.body import DEFAULT_MAX_BODY_MB, parse_body
 from xiaolm.serve.engine import Engine
 from xiaolm.serve.errors import LOG, APIError, validation_error
-from xiaolm.serve.guard import LOOPBACK_HOSTS, Guard  # noqa: F401  (LOOPBACK_HOSTS: part of this module's API)
+from xiaolm.serve.guard import LOOPBACK_HOSTS, Guard, api_key_problem  # noqa: F401  (LOOPBACK_HOSTS: part of this module's API)
 from xiaolm.serve.handling import (ResponseMeta, Served, check_completion_scoring, check_length_cheaply, check_model,
                                    collect, completion_choice_logprobs, longest_token_chars, resolve_max_tokens,
                                    submit, usage_body)
 from xiaolm.serve.logprobs import chat_logprobs
 from xiaolm.serve.schemas import ChatCompletionRequest, CompletionRequest
 from xiaolm.serve.sse import SSE_HEADERS, chat_stream, completion_stream
+from xiaolm.serve.tools import (ToolRequestError, build_prompt, chat_choice, constraint_factory,
+                                plan_tools, request_chars, request_messages, several_calls)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The page may load only what this server serves: a stray CDN link would be blocked, not silently fetched.
@@ -78,6 +81,7 @@ def create_app(
     max_body_mb: float = DEFAULT_MAX_BODY_MB,
     docs: bool = False,
     scheduler: str = "continuous",
+    fair_share: bool = True,
 ):
     """The FastAPI app serving ``run`` (loaded with ``load_model``) or an already loaded ``model`` + ``tokenizer``.
 
@@ -86,8 +90,13 @@ def create_app(
     ``request_timeout`` bounds how long one request may wait and generate, in seconds. ``api_key``,
     ``allowed_hosts`` (``Host`` names accepted; None: any) and ``max_body_mb`` are the guards described above;
     ``docs`` serves FastAPI's ``/docs`` page, which loads Swagger UI from a CDN (off by default).
-    ``scheduler`` is the engine's: ``continuous`` (default) or ``static``.
+    ``scheduler`` is the engine's: ``continuous`` (default) or ``static``. ``fair_share`` (continuous only): waiting
+    rows are admitted client by client (OpenAI's ``user``, else the peer address), fewest running rows first, and a
+    few slots stay for clients with none (``Engine``); off, first come first served.
     """
+    problem = api_key_problem(api_key, "api_key") if api_key else None
+    if problem:  # before loading anything
+        raise ValueError(problem)
     if model is None:
         if run is None:
             raise ValueError("create_app needs a run directory or a loaded model and tokenizer")
@@ -98,7 +107,8 @@ def create_app(
         raise ValueError("create_app needs the tokenizer that goes with the model")
     if model_name is None:
         model_name = Path(run).resolve().name if run is not None else "xiaolm"
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduler=scheduler)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, scheduler=scheduler,
+                    fair_share=fair_share)
     served = Served(engine=engine, tokenizer=tokenizer, model_name=model_name,
                      context_length=engine.context_length, default_max_tokens=int(default_max_tokens),
                      request_timeout=float(request_timeout), created=int(time.time()), device=str(model.device),
@@ -179,29 +189,33 @@ def create_app(
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs",
                            code="invalid_value")
-        messages = []
-        for i, m in enumerate(body.messages):
-            try:
-                text = m.text()
-            except ValueError as exc:
-                raise APIError(400, str(exc), param=f"messages.{i}.content", code="invalid_value") from None
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        check_length_cheaply(sum(len(m["content"]) for m in messages), served, "messages")
-        prompt_ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, messages)
+        try:
+            plan = plan_tools(body)
+            messages = request_messages(body)
+        except ToolRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        check_length_cheaply(request_chars(messages, plan), served, "messages")
+        prompt_ids = await asyncio.to_thread(build_prompt, tokenizer, messages, plan)
         explicit = body.requested_max_tokens()
         max_tokens = resolve_max_tokens(len(prompt_ids), explicit, served, "messages",
                                          "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens")
         n = body.n or 1
-        gen = submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n")
+        try:
+            constraint = await asyncio.to_thread(constraint_factory, served.call_grammar, plan,
+                                                 several_calls(tokenizer, plan))
+        except ToolRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        gen = submit(served, [prompt_ids] * n, [max_tokens] * n, body, "n", _peer(request), constraint=constraint,
+                     keep_ids=marker_ids(tokenizer))
         meta = ResponseMeta("chatcmpl-" + gen.id, int(time.time()), served.model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(chat_stream(gen, meta, n, len(prompt_ids), include_usage, served),
+            return StreamingResponse(chat_stream(gen, meta, n, len(prompt_ids), include_usage, served, plan),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         await collect(gen, request, served)
-        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
-                    "logprobs": chat_logprobs(tokenizer, s.logprobs) if body.logprobs else None,
-                    "finish_reason": s.finish_reason} for s in gen.sequences]
+        choices = [chat_choice(s.index, s.text, s.finish_reason, plan,
+                               chat_logprobs(tokenizer, s.logprobs) if body.logprobs else None)
+                   for s in gen.sequences]
         return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
                 "choices": choices, "usage": usage_body(len(prompt_ids), gen.sequences)}
 
@@ -239,7 +253,7 @@ def create_app(
                 echoes.append(echo if body.echo else "")
                 limits.append(limit)
                 prepended.append(isinstance(p, str))
-        gen = submit(served, prompt_ids, limits, body, "n" if len(prompts) == 1 else "prompt")
+        gen = submit(served, prompt_ids, limits, body, "n" if len(prompts) == 1 else "prompt", _peer(request))
         meta = ResponseMeta("cmpl-" + gen.id, int(time.time()), served.model_name)
         prompt_tokens = sum(len(prompt_ids[i]) for i in range(0, len(prompt_ids), n))
         if body.stream:
@@ -254,3 +268,8 @@ def create_app(
                 "choices": choices, "usage": usage_body(prompt_tokens, gen.sequences)}
 
     return app
+
+
+def _peer(request: Request) -> Optional[str]:
+    """The client's address, which identifies it for fair shares when it sends no ``user``."""
+    return request.client.host if request.client is not None else None

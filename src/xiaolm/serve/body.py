@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Optional
 
 from xiaolm.serve.errors import LOG, APIError, validation_error
+from xiaolm.serve.guard import header_charset
 
 DEFAULT_MAX_BODY_MB = 4.0  # a 128k-token prompt is well under 1 MB of JSON
 MAX_JSON_DEPTH = 32  # the deepest a valid request gets is about 5 (messages -> content parts -> fields)
+# How much of an oversized body is read and dropped so the client can read its 413 (see read_body).
+DRAIN_BYTES = 64 * 2 ** 20
+DRAIN_SECONDS = 5.0
 
 
 def _too_large(limit: int) -> APIError:
@@ -17,25 +22,49 @@ def _too_large(limit: int) -> APIError:
 
 
 async def read_body(request, limit: int) -> bytes:
-    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (before it is all read)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (before it is all read).
+
+    Many clients (Python's urllib, httpx and so the ``openai`` client) write the whole body before they read the
+    answer: closing on them with unread bytes makes the kernel send a reset, and they see "connection reset" instead
+    of the 413. So the rest of an oversized body is read and dropped first, as nginx's lingering close does, within
+    ``DRAIN_BYTES`` and ``DRAIN_SECONDS``; a body larger than that is refused without waiting for it."""
     from starlette.requests import ClientDisconnect
 
+    declared = request.headers.get("content-length")
+    declared = int(declared) if declared is not None and declared.isdigit() else None
     chunks, size = [], 0
+    stream = request.stream()  # one iterator: starlette refuses a second request.stream()
     try:
-        async for chunk in request.stream():
+        if declared is not None and declared > limit:
+            await _drain(stream, declared)
+            raise _too_large(limit)
+        async for chunk in stream:
             size += len(chunk)
             if size > limit:
+                await _drain(stream, None, size)
                 raise _too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:  # routine: one line, and an answer nobody will read
         LOG.info("serve: %s %s: the client disconnected before sending its whole body", request.method,
-                  request.url.path)
+                 request.url.path)
         raise APIError(400, "The client disconnected before sending the whole body.", code="client_disconnected") \
             from None
     return b"".join(chunks)
+
+
+async def _drain(stream, declared: Optional[int], seen: int = 0) -> None:
+    """Read and drop what is left of an oversized body, unless it is declared (or turns out) larger than
+    ``DRAIN_BYTES`` or takes longer than ``DRAIN_SECONDS``; then the 413 goes out at once."""
+    if declared is not None and declared > DRAIN_BYTES:
+        return
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in stream:
+                seen += len(chunk)
+                if seen > DRAIN_BYTES:
+                    return
+    except TimeoutError:
+        return
 
 
 def _check_json_values(data) -> None:
@@ -62,8 +91,16 @@ def _check_json_values(data) -> None:
             stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(value))
 
 
-def decode_body(raw: bytes, schema):
-    """Bytes -> validated request (runs in a worker thread: a body of a few MB takes a while)."""
+def decode_body(raw: bytes, schema, charset: Optional[str] = None):
+    """Bytes -> validated request (runs in a worker thread: a body of a few MB takes a while). ``charset`` is the
+    Content-Type's (the guard has refused names Python cannot decode); without one, JSON's own rule (UTF-8, or
+    UTF-16/32 recognised by their zero bytes)."""
+    if charset is not None:
+        try:
+            raw = raw.decode(charset)
+        except UnicodeDecodeError as exc:
+            raise APIError(400, f"The body is not valid {charset} (as its Content-Type says) at byte {exc.start}.",
+                           code="invalid_json") from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -90,4 +127,5 @@ def decode_body(raw: bytes, schema):
 
 
 async def parse_body(request, schema, max_body_bytes: int):
-    return await asyncio.to_thread(decode_body, await read_body(request, max_body_bytes), schema)
+    charset = header_charset(request.headers.get("content-type", ""))
+    return await asyncio.to_thread(decode_body, await read_body(request, max_body_bytes), schema, charset)

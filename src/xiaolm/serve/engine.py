@@ -15,6 +15,11 @@ who else is running. ``static`` is the older scheme: up to ``max_batch`` waiting
 (that together fit the context window) run as one left-padded :func:`~xiaolm.infer.generate.generate_ids` batch
 until all of them end, and rows that arrive meanwhile wait for the next one.
 
+Who gets a free slot (continuous, ``fair_share``, the default): the waiting row of the client that holds the fewest
+slots, the oldest on a tie, and the last ``max_batch // 8`` free slots only go to a client that holds none; so one
+client with many large-``n`` requests cannot hold everyone else back until its queue has run. A row whose numbers go
+bad (NaN or infinite logits) fails alone in either scheduler; the other rows draw what they would have drawn.
+
 A row whose client disconnects stops costing compute at the next token, and a cancelled row still in the queue is
 dropped before it runs. The worker loop cannot be killed by a request: an exception in a step fails that step's rows
 (HTTP 500, no exception text sent) and the loop goes on; ``Engine.alive`` says whether the worker is running.
@@ -39,11 +44,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from xiaolm.infer.cache import RowKVCache, model_dtype
-from xiaolm.infer.generate import StreamDecoder, generate_ids, sample_next
+from xiaolm.infer.generate import StreamDecoder, generate_ids, sample_rows
 
 log = logging.getLogger("xiaolm.serve")
 SCHEDULERS = ("continuous", "static")
-MAX_TOP_LOGPROBS = 20  # as OpenAI allows
 PREFILL_TOKENS = 2048  # padded prompt tokens in one prefill pass of newly admitted rows (bounds its logits' memory)
 # What a client sees when generation failed on our side; the exception itself goes to the server log only.
 GENERATION_FAILED = "The server had an error while generating this response; please retry."
@@ -123,6 +127,7 @@ class Sequence:
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # echo: one per prompt token (None for the 1st)
+    constraint: Any = None  # a grammar the row's tokens must follow (xiaolm.infer.constrain.CallConstraint)
     _unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # streamed with the next text delta
 
     @property
@@ -144,6 +149,8 @@ class GenerationRequest:
     """What the HTTP layer submits: one or more rows sharing sampling settings, and the events they produce.
 
     ``prompts`` holds one token-id list per row (a chat request with ``n=3`` repeats its prompt three times).
+    ``constraint``, when given, makes each row's grammar (``xiaolm.infer.constrain``): only tokens it allows are
+    sampled. ``keep_ids`` are special tokens that stay in the text (the thinking and tool-call markers).
     Create it inside a running event loop to consume events with ``async for event in request.events()``;
     otherwise call ``request.result()`` from any thread.
     """
@@ -152,10 +159,14 @@ class GenerationRequest:
 
     def __init__(self, tokenizer, prompts: list[list[int]], max_tokens: list[int], params: SamplingParams,
                  stop: list[str] = (), loop: Optional[asyncio.AbstractEventLoop] = None,
-                 prompt_logprobs: Optional[int] = None):
+                 prompt_logprobs: Optional[int] = None, client: Optional[str] = None,
+                 constraint: Optional[Callable[[], Any]] = None, keep_ids: list[int] = ()):
         if len(prompts) != len(max_tokens):
             raise ValueError("one max_tokens per prompt")
         self.id = uuid.uuid4().hex
+        # who sent it, for fair shares of the batch (the server: OpenAI's `user`, else the peer address); alone
+        # otherwise
+        self.client = client if client is not None else self.id
         self.order = next(self._ids)
         self.params = params.normalised()
         # echo with logprobs: score every prompt token too (with this many alternatives), as lm-eval needs
@@ -163,7 +174,8 @@ class GenerationRequest:
         self.stop = list(stop)
         self.created = time.time()
         self.sequences = [
-            Sequence(self, i, list(p), int(m), StreamDecoder(tokenizer, self.stop))
+            Sequence(self, i, list(p), int(m), StreamDecoder(tokenizer, self.stop, keep_ids),
+                     constraint=constraint() if constraint is not None else None)
             for i, (p, m) in enumerate(zip(prompts, max_tokens))
         ]
         self.batches_started = 0  # seeds the n-th batch of a seeded request with seed + n
@@ -279,7 +291,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 256, autostart: bool = True,
-                 scheduler: str = "continuous"):
+                 scheduler: str = "continuous", fair_share: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if scheduler not in SCHEDULERS:
@@ -290,6 +302,10 @@ class Engine:
         self.max_queue = int(max_queue)
         self.autostart = autostart
         self.scheduler = scheduler
+        self.fair_share = fair_share
+        # Slots a client holding none can always find free: a lone heavy client never takes the whole batch, so a
+        # newcomer starts at the next step instead of after a whole generation (there is no pre-emption).
+        self.reserved_slots = max_batch // 8 if fair_share else 0
         self.context_length = int(model.config.max_position_embeddings)
         self.eos_ids = sorted({tokenizer.eot_id, getattr(tokenizer, "im_end_id", tokenizer.eot_id)})
         self.stats = EngineStats()
@@ -358,7 +374,8 @@ class Engine:
         s = self.stats
         return {
             "waiting_rows": waiting, "running_rows": running, "max_batch": self.max_batch,
-            "max_queue": self.max_queue, "scheduler": self.scheduler, "batches": s.batches,
+            "max_queue": self.max_queue, "scheduler": self.scheduler, "fair_share": self.fair_share,
+            "batches": s.batches,
             "rows_finished": s.rows_finished, "rows_cancelled": s.rows_cancelled,
             "tokens_generated": s.tokens_generated, "errors": s.errors,
         }
@@ -437,6 +454,16 @@ class Engine:
                 keep.append(seq)
         self._waiting = keep
         return batch
+
+    def _drop_cancelled(self) -> None:
+        keep: collections.deque[Sequence] = collections.deque()
+        for seq in self._waiting:
+            if seq.request.cancelled:
+                self._count_finished(seq, "cancelled")
+                seq.request._finish_row(seq, "cancelled")
+            else:
+                keep.append(seq)
+        self._waiting = keep
 
     def _drop_cancelled_head(self) -> None:
         while self._waiting and self._waiting[0].request.cancelled:
@@ -518,6 +545,8 @@ class Engine:
         counts = None  # generated-token counts per row, for frequency/presence penalties
         step_logprobs: list[Optional[torch.Tensor]] = [None]  # this step's, read once the token is known
 
+        constrained = any(s.constraint is not None for s in batch)
+
         def process(logits: torch.Tensor, _outputs) -> torch.Tensor:
             nonlocal counts
             if params.logprobs:
@@ -526,6 +555,8 @@ class Engine:
                 if counts is None:
                     counts = torch.zeros_like(logits)
                 logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+            if constrained:
+                logits = _constrain(logits, [s.constraint for s in batch])
             return logits
 
         def on_token(row: int, token: int) -> None:
@@ -535,6 +566,8 @@ class Engine:
             entry = None
             if params.logprobs:
                 entry = token_logprobs(step_logprobs[0][row:row + 1], [token], params.top_logprobs)[0]
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             self._keep_token(seq, token, entry)
 
         def on_eos(row: int, token: int) -> None:
@@ -545,6 +578,14 @@ class Engine:
         def should_stop(row: int, _new_ids: list[int]) -> bool:
             return self._row_done(batch[row])
 
+        went_bad: list[Sequence] = []  # NaN / infinite numbers: failed alone, the batch goes on
+
+        def on_bad_row(row: int) -> None:
+            log.warning("serve: request %s choice %d: sampling produced no valid distribution (NaN or infinite "
+                        "logits); that row failed, the rest of the batch goes on", batch[row].request.id,
+                        batch[row].index)
+            went_bad.append(batch[row])
+
         error: Optional[BaseException] = None
         try:
             generate_ids(
@@ -552,8 +593,8 @@ class Engine:
                 pad_id=self.tokenizer.pad_id, eos_ids=[] if params.ignore_eos else self.eos_ids,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 repetition_penalty=params.repetition_penalty, generator=generator,
-                on_token=on_token, should_stop=should_stop, on_eos=on_eos,
-                logits_processor=process if params.logprobs or params.penalised else None,
+                on_token=on_token, should_stop=should_stop, on_eos=on_eos, on_bad_row=on_bad_row,
+                logits_processor=process if params.logprobs or params.penalised or constrained else None,
             )
         except Exception as exc:  # a failing batch must not take the server down with it
             log.exception("serve: generation failed")
@@ -566,8 +607,10 @@ class Engine:
         if error is not None:
             self._fail_rows(batch)
             return
+        self._fail_rows(went_bad)
         for seq in batch:
-            self._end_row(seq)
+            if seq.finish_reason is None:
+                self._end_row(seq)
 
     # ------------------------------------------------------------------------------- continuous batching
 
@@ -621,18 +664,47 @@ class Engine:
                     slots[row.slot] = None
 
     def _admit(self, slots: list[Optional["_Row"]]) -> list["_Row"]:
-        """Move the oldest waiting rows into free slots; called with the lock held."""
+        """Move waiting rows into free slots; called with the lock held. First come, first served without
+        ``fair_share``; with it, see ``_next_fair``."""
         admitted = []
-        for i in range(len(slots)):
-            if slots[i] is not None:
-                continue
+        held = collections.Counter(r.seq.request.client for r in slots if r is not None)
+        free = [i for i in range(len(slots)) if slots[i] is None]
+        if self.fair_share and any(seq.request.cancelled for seq in self._waiting):  # rows are not taken in order
+            self._drop_cancelled()
+        for n, i in enumerate(free):
             self._drop_cancelled_head()
             if not self._waiting:
                 break
-            seq = self._waiting.popleft()
+            if self.fair_share:
+                seq = self._next_fair(held, len(free) - n)
+                if seq is None:
+                    break
+            else:
+                seq = self._waiting.popleft()
+            held[seq.request.client] += 1
             slots[i] = _Row(seq, i)
             admitted.append(slots[i])
         return admitted
+
+    def _next_fair(self, held: collections.Counter, free: int) -> Optional[Sequence]:
+        """Take the waiting row of the client holding the fewest slots (the oldest such row on a tie): a small
+        request waits for one slot to free up, not behind every row a heavy client queued. The last
+        ``reserved_slots`` free slots go only to a client that holds none."""
+        best, best_key = None, None
+        seen = set()
+        for index, seq in enumerate(self._waiting):
+            client = seq.request.client
+            if client in seen or seq.request.cancelled:
+                continue
+            seen.add(client)
+            key = (held[client], index)
+            if best_key is None or key < best_key:
+                best, best_key = index, key
+        if best is None or (free <= self.reserved_slots and best_key[0] > 0):
+            return None
+        seq = self._waiting[best]
+        del self._waiting[best]
+        return seq
 
     def _row_cache(self) -> RowKVCache:
         if self._cache is None:
@@ -728,6 +800,8 @@ class Engine:
             logits = logits.clone()
             for i in penalised:
                 logits[i] = _penalise(rows[i], logits[i])
+        if any(r.seq.constraint is not None for r in rows):
+            logits = _constrain(logits, [r.seq.constraint for r in rows])
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             p = r.seq.request.params
@@ -735,13 +809,19 @@ class Engine:
         picks: list[Optional[torch.Tensor]] = [None] * len(rows)
         for key, members in groups.items():
             p = rows[members[0]].seq.request.params
-            drawn = sample_next(logits[members], p.temperature, p.top_k, p.top_p, rows[members[0]].generator)
+            drawn = sample_rows(logits[members], p.temperature, p.top_k, p.top_p, rows[members[0]].generator)
             for j, i in enumerate(members):
                 picks[i] = drawn[j:j + 1]
         tokens = torch.cat(picks).tolist()  # one host sync for the whole step
         eos = set(self.eos_ids)
         for i, (r, token) in enumerate(zip(rows, tokens)):
             seq, p = r.seq, r.seq.request.params
+            if token < 0:  # this row's numbers went bad (NaN / infinity): it fails alone, the others go on
+                log.warning("serve: request %s choice %d: sampling produced no valid distribution (NaN or infinite "
+                            "logits); that row failed, the rest of the batch goes on", seq.request.id, seq.index)
+                r.finished = True
+                self._fail_rows([seq])
+                continue
             if token in eos and not p.ignore_eos:
                 if i in logprobs:
                     self._keep_eos_logprob(seq, token_logprobs(logprobs[i], [token], p.top_logprobs)[0])
@@ -753,6 +833,8 @@ class Engine:
                 r.counts[token] += 1
             if r.present is not None:
                 r.present[token] = True
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             self._keep_token(seq, token, entry)
             self.stats.tokens_generated += 1
             r.next_token = token
@@ -784,4 +866,13 @@ def _penalise(row: _Row, logits: torch.Tensor) -> torch.Tensor:
     if row.present is not None:
         penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(row.present, penalised, logits)
+    return logits
+
+
+def _constrain(logits: torch.Tensor, constraints: list) -> torch.Tensor:
+    """``logits`` [B, V] with each row's grammar applied (rows whose constraint is None are left alone)."""
+    logits = logits.clone()
+    for i, constraint in enumerate(constraints):
+        if constraint is not None:
+            logits[i] = constraint.mask(logits[i])
     return logits

@@ -11,6 +11,41 @@ from xiaolm.serve.errors import APIError
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def api_key_problem(key: str, source: str = "--api-key") -> Optional[str]:
+    """Why ``key`` can never be matched by a client (one line naming ``source``), or None. HTTP headers carry
+    visible ASCII (RFC 9110), and the guard strips the header's value: a key outside that, or one that is only
+    whitespace, would start a server that refuses every request."""
+    if not key.strip():
+        return f"{source} is only whitespace; give a key clients can send, or leave it unset for no key"
+    if key != key.strip():
+        return f"{source} starts or ends with whitespace, which no Authorization header can carry; strip it"
+    bad = next((c for c in key if not (c == " " or "!" <= c <= "~")), None)
+    if bad is not None:
+        return (f"{source} holds {bad!r} (U+{ord(bad):04X}); an Authorization header carries visible ASCII only, "
+                f"so no client could send this key")
+    return None
+
+
+def header_charset(content_type: str) -> Optional[str]:
+    """The ``charset`` parameter of a Content-Type value (lower case, unquoted), or None."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower() or None
+    return None
+
+
+def text_codec(charset: str) -> bool:
+    """Whether Python can decode bytes to text with ``charset`` (``rot13``, ``base64`` and unknown names: no)."""
+    try:
+        b"{}".decode(charset)  # an empty input would not even look the name up
+    except LookupError:
+        return False
+    except UnicodeDecodeError:  # a text encoding; these two bytes just are not a whole character in it
+        pass
+    return True
+
+
 def _host_name(host_header: str) -> str:
     """``Host`` header -> lower-case host without the port (``[::1]:8000`` -> ``::1``)."""
     host = host_header.strip().lower()
@@ -59,8 +94,13 @@ class Guard:
             if not hmac.compare_digest(given.strip().encode(), self.api_key):
                 return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         if method == "POST" and path.startswith("/v1/"):
-            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            content_type = headers.get("content-type", "")
+            ctype = content_type.split(";", 1)[0].strip().lower()
             if ctype != "application/json":
                 return APIError(415, f"Content-Type must be application/json, not {ctype or 'missing'!r}.",
                                 code="unsupported_media_type")
+            charset = header_charset(content_type)
+            if charset is not None and not text_codec(charset):
+                return APIError(415, f"Unknown charset {charset!r} in Content-Type; send UTF-8 (or name a text "
+                                     f"encoding such as gb18030 or utf-16).", code="unsupported_media_type")
         return None

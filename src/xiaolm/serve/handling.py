@@ -28,6 +28,20 @@ class Served:
     device: str
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2 ** 20)
     max_token_chars: Optional[int] = None  # no token covers more characters; None: no cheap bound
+    _call_grammar: Any = None  # xiaolm.infer.constrain.CallGrammar, made on the first forced tool call
+
+    def call_grammar(self):
+        """The grammar compiler for forced tool calls (llguidance), made once; None if it cannot be."""
+        if self._call_grammar is None:
+            from xiaolm.infer.constrain import CallGrammar
+
+            try:
+                self._call_grammar = CallGrammar(self.tokenizer, self.engine.model.config.vocab_size,
+                                                 self.engine.eos_ids)
+            except (ImportError, ValueError) as exc:
+                LOG.warning("serve: tool calls will not be constrained: %s", exc)
+                self._call_grammar = False
+        return self._call_grammar or None
 
 
 def longest_token_chars(tokenizer) -> Optional[int]:
@@ -91,7 +105,10 @@ def _logprob_settings(body) -> tuple[bool, int, Optional[int]]:
     return bool(body.logprobs), (body.top_logprobs or 0) if body.logprobs else 0, None
 
 
-def submit(served: Served, prompts: list[list[int]], limits: list[int], body, rows_param: str) -> GenerationRequest:
+def submit(served: Served, prompts: list[list[int]], limits: list[int], body, rows_param: str,
+           client: Optional[str], constraint=None, keep_ids: list[int] = ()) -> GenerationRequest:
+    """Queue the request's rows for ``client`` (fair shares); ``constraint`` (each row's grammar) and ``keep_ids``
+    (special tokens kept in the text) are the engine's."""
     if len(prompts) > served.engine.max_queue:  # would be refused however long the client waits: not a 429
         raise APIError(400, f"This request needs {len(prompts)} generation rows (prompts x n), more than this server "
                             f"ever queues ({served.engine.max_queue}, xiaolm serve --max-queue). Send fewer prompts "
@@ -110,7 +127,8 @@ def submit(served: Served, prompts: list[list[int]], limits: list[int], body, ro
         top_logprobs=top_logprobs,
     )
     gen = GenerationRequest(served.tokenizer, prompts, limits, params, body.stop_list(),
-                            prompt_logprobs=prompt_logprobs)
+                            prompt_logprobs=prompt_logprobs, client=body.user or client, constraint=constraint,
+                            keep_ids=keep_ids)
     try:
         served.engine.submit(gen)
     except QueueFull as exc:

@@ -11,39 +11,15 @@ Completions (``logprobs: N``, the legacy shape lm-evaluation-harness reads)::
 
 A byte-level BPE token may hold part of a character: its ``bytes`` are exact, its ``token`` string shows the
 incomplete part as U+FFFD, and ``text_offset`` counts characters of the choice's text (where the token's first
-complete character starts).
+complete character starts; broken characters are dropped from the text, ``xiaolm.tokenizer.detok``).
 """
 from __future__ import annotations
 
-import codecs
 from typing import Optional
 
 from xiaolm.serve.engine import TokenLogprob
 from xiaolm.tokenizer.core import SPECIAL_TOKENS
-
-
-def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's ``bytes_to_unicode`` (the ByteLevel pre-tokenizer's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, codes)}
-
-
-_BYTES_OF = _unicode_to_byte()
-
-
-def token_bytes(tokenizer, token: int) -> bytes:
-    """The bytes a token stands for; a special token (which decoding skips) stands for none."""
-    if token < len(SPECIAL_TOKENS):
-        return b""
-    piece = tokenizer.id_to_token(token) or ""
-    return bytes(_BYTES_OF[c] for c in piece) if all(c in _BYTES_OF for c in piece) else piece.encode("utf-8")
+from xiaolm.tokenizer.detok import Detokenizer, token_bytes
 
 
 def token_text(tokenizer, token: int) -> str:
@@ -67,13 +43,15 @@ class TextOffsets:
 
     def __init__(self, start: int = 0):
         self.chars = start
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._detok = None  # the choice's own detokenizer rule, so offsets count the characters its text has
 
     def feed(self, tokenizer, tokens: list[int]) -> list[int]:
+        if self._detok is None:
+            self._detok = Detokenizer(tokenizer)
         offsets = []
         for token in tokens:
             offsets.append(self.chars)
-            self.chars += len(self._decoder.decode(token_bytes(tokenizer, token)))
+            self.chars += len(self._detok.push(token))
         return offsets
 
 

@@ -1,6 +1,7 @@
 """``xiaolm serve``: the command line (options, checks, the listening socket, uvicorn)."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -9,7 +10,8 @@ from typing import Literal, Optional
 from xiaolm.config import opt
 from xiaolm.serve.app import create_app
 from xiaolm.serve.body import DEFAULT_MAX_BODY_MB
-from xiaolm.serve.guard import LOOPBACK_HOSTS
+from xiaolm.serve.guard import LOOPBACK_HOSTS, api_key_problem
+from xiaolm.serve.transport import DEFAULT_READ_TIMEOUT, uvicorn_config
 
 
 @dataclass
@@ -34,10 +36,15 @@ class ServeConfig:
     request_timeout: float = opt(600.0, "seconds one request may wait and generate before it is cancelled")
     scheduler: Literal["continuous", "static"] = opt(
         "continuous", "continuous: new requests join the running batch at every step; static: a batch runs to its end")
+    fair_share: bool = opt(True, "continuous scheduler: admit waiting rows client by client (OpenAI's `user`, else "
+                                 "the peer address), fewest running first, and keep max-batch/8 slots for clients "
+                                 "with none; --no-fair-share: first come, first served")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = opt("info", "uvicorn log level")
     api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $XIAOLM_API_KEY; "
                                        "unset: no key)")
     max_body_mb: float = opt(DEFAULT_MAX_BODY_MB, "larger request bodies are refused with HTTP 413")
+    read_timeout: float = opt(DEFAULT_READ_TIMEOUT, "seconds a client may take to send one whole request (headers "
+                                                    "and body); slower ones get HTTP 408 and are disconnected")
     allowed_hosts: list[str] = opt([], "Host header names accepted besides the loopback names, which are the only "
                                        "ones accepted when listening on loopback (defeats DNS rebinding)")
     docs: bool = opt(False, "serve FastAPI's /docs page (it loads Swagger UI from a CDN)")
@@ -67,9 +74,17 @@ def main(argv: list[str]) -> int:
         raise fail("--max-batch and --max-queue must be at least 1")
     if not 0 <= cfg.port <= 65535:
         raise fail(f"--port {cfg.port} is not a TCP port")
-    if not cfg.max_body_mb > 0:
-        raise fail(f"--max-body-mb must be more than 0, got {cfg.max_body_mb}")
+    if not (math.isfinite(cfg.max_body_mb) and cfg.max_body_mb > 0):
+        raise fail(f"--max-body-mb must be a number more than 0, got {cfg.max_body_mb}")
+    if not (math.isfinite(cfg.request_timeout) and cfg.request_timeout > 0):
+        raise fail(f"--request-timeout must be a number of seconds more than 0, got {cfg.request_timeout}")
+    if not (math.isfinite(cfg.read_timeout) and cfg.read_timeout > 0):
+        raise fail(f"--read-timeout must be a number of seconds more than 0, got {cfg.read_timeout}")
     api_key = cfg.api_key or os.environ.get("XIAOLM_API_KEY") or None
+    if api_key is not None:  # refused now, not after loading the model and then on every request
+        problem = api_key_problem(api_key, "--api-key" if cfg.api_key else "$XIAOLM_API_KEY")
+        if problem:
+            raise fail(problem)
     allowed_hosts = None  # any Host header
     if cfg.host in LOOPBACK_HOSTS:
         allowed_hosts = list(LOOPBACK_HOSTS) + list(cfg.allowed_hosts)
@@ -84,7 +99,7 @@ def main(argv: list[str]) -> int:
                          checkpoint=cfg.checkpoint, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                          default_max_tokens=cfg.default_max_tokens, request_timeout=cfg.request_timeout,
                          api_key=api_key, allowed_hosts=allowed_hosts, max_body_mb=cfg.max_body_mb, docs=cfg.docs,
-                         scheduler=cfg.scheduler)
+                         scheduler=cfg.scheduler, fair_share=cfg.fair_share)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc))
     import uvicorn
@@ -102,7 +117,7 @@ def main(argv: list[str]) -> int:
     log(f"serve: model '{served.model_name}' on {served.device}, context {served.context_length} tokens, "
         f"batches of up to {cfg.max_batch}" + ("; API key required on /v1" if api_key else ""))
     log(f"serve: chat page http://{shown_host}:{port}/   API http://{shown_host}:{port}/v1")
-    config = uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, read_timeout=cfg.read_timeout, log_level=cfg.log_level)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

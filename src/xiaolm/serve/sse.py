@@ -11,6 +11,7 @@ from xiaolm.serve.engine import GenerationRequest
 from xiaolm.serve.errors import GENERATION_FAILED, LOG, APIError
 from xiaolm.serve.handling import ResponseMeta, Served, log_disconnect, usage_body
 from xiaolm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
+from xiaolm.serve.tools import ChoiceOutput, ToolPlan
 
 KEEPALIVE_SECONDS = 5.0  # an SSE comment while a streamed request waits in the queue (lets proxies and us notice)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -62,10 +63,11 @@ def _chunk(meta: ResponseMeta, object_name: str, include_usage: bool, choice: di
 
 
 async def _stream(gen: GenerationRequest, meta: ResponseMeta, object_name: str, opening: str, prompt_tokens: int,
-                  include_usage: bool, served: Served, delta: Callable[[Any], dict],
-                  finish: Callable[[int, str], dict]) -> AsyncIterator[str]:
-    """One streamed response: ``opening``, a chunk per delta (``delta(event)``) and per finished choice
-    (``finish(index, reason)``), the usage chunk, ``[DONE]``; chat and legacy completions differ only in their chunks."""
+                  include_usage: bool, served: Served, delta: Callable[[Any], Optional[dict]],
+                  finish: Callable[[int, str], list[dict]]) -> AsyncIterator[str]:
+    """One streamed response: ``opening``, a chunk per delta (``delta(event)``; None: nothing to send yet) and the
+    chunks of each finished choice (``finish(index, reason)``), the usage chunk, ``[DONE]``; chat and legacy
+    completions differ only in their chunks."""
     try:
         if opening:
             yield opening  # one write
@@ -73,9 +75,11 @@ async def _stream(gen: GenerationRequest, meta: ResponseMeta, object_name: str, 
             if event is None:
                 yield ": keep-alive\n\n"
             elif event.kind == "delta":
-                yield sse_event(delta(event))
+                chunk = delta(event)
+                if chunk is not None:
+                    yield sse_event(chunk)
             elif event.kind == "finish" and event.finish_reason in ("stop", "length"):
-                yield sse_event(finish(event.index, event.finish_reason))
+                yield "".join(sse_event(chunk) for chunk in finish(event.index, event.finish_reason))
             elif event.kind == "finish" and event.finish_reason == "cancelled":
                 yield _stream_error("the request was cancelled because the server is shutting down.", "shutting_down")
             elif event.kind == "error":
@@ -95,18 +99,32 @@ async def _stream(gen: GenerationRequest, meta: ResponseMeta, object_name: str, 
 
 
 def chat_stream(gen: GenerationRequest, meta: ResponseMeta, n: int, prompt_tokens: int,
-                 include_usage: bool, served: Served) -> AsyncIterator[str]:
+                include_usage: bool, served: Served, plan: ToolPlan) -> AsyncIterator[str]:
+    """Chat chunks: each choice's text taken apart as it streams into ``reasoning_content``, ``content`` and
+    ``tool_calls`` deltas (``serve/tools.py``); a choice that called tools ends with ``finish_reason: tool_calls``."""
+    outputs = [ChoiceOutput(plan) for _ in range(n)]
+
     def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, logprobs=None) -> dict:
         return _chunk(meta, "chat.completion.chunk", include_usage,
                       {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 
-    def delta(event) -> dict:
+    def delta(event) -> Optional[dict]:
         logprobs = chat_logprobs(served.tokenizer, event.logprobs) if gen.params.logprobs else None
-        return chunk(event.index, {"content": event.text}, logprobs=logprobs)
+        parts = outputs[event.index].push(event.text)
+        if parts is None and not logprobs:
+            return None  # held back: it may be the start of a marker
+        return chunk(event.index, parts or {}, logprobs=logprobs)
+
+    def finish(index: int, reason: str) -> list[dict]:
+        output = outputs[index]
+        rest = output.finish()
+        last = chunk(index, {}, output.finish_reason(reason))
+        if output.errors:
+            last["choices"][0]["tool_call_errors"] = output.errors
+        return ([chunk(index, rest)] if rest else []) + [last]
 
     opening = "".join(sse_event(chunk(index, {"role": "assistant", "content": ""})) for index in range(n))
-    return _stream(gen, meta, "chat.completion.chunk", opening, prompt_tokens, include_usage, served, delta,
-                   lambda index, reason: chunk(index, {}, reason))
+    return _stream(gen, meta, "chat.completion.chunk", opening, prompt_tokens, include_usage, served, delta, finish)
 
 
 def completion_stream(gen: GenerationRequest, meta: ResponseMeta, echoes: list[str], prompt_tokens: int,
@@ -126,4 +144,4 @@ def completion_stream(gen: GenerationRequest, meta: ResponseMeta, echoes: list[s
 
     opening = "".join(sse_event(chunk(index, echo)) for index, echo in enumerate(echoes) if echo)
     return _stream(gen, meta, "text_completion", opening, prompt_tokens, include_usage, served, delta,
-                   lambda index, reason: chunk(index, "", reason))
+                   lambda index, reason: [chunk(index, "", reason)])

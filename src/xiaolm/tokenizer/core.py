@@ -84,6 +84,7 @@ class XTokenizer:
         """Recompute what derives from the vocabulary (after ``self.tok.add_tokens(...)``, for instance)."""
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = fingerprint_of_json(json.loads(self.tok.to_str()))
+        self._xiaolm_byte_table = None  # each id's bytes (xiaolm.tokenizer.detok), rebuilt on first use
 
     # ------------------------------------------------------------------------------------------- encode
 

@@ -25,6 +25,7 @@ This module trains on texts; reading a corpus for it (inputs, sampling, the ``xi
 from __future__ import annotations
 
 import re
+import sys
 import time
 from typing import Iterable, Iterator
 
@@ -89,7 +90,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        show_progress=progress,
+        # the Rust progress bars print a bare newline per stage where there is no terminal to draw on
+        show_progress=progress and sys.stdout.isatty() and sys.stderr.isatty(),
         special_tokens=list(TRAINED_SPECIAL_TOKENS),  # added first: ids 0..7, then the markers 8..13
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
         max_token_length=max_token_length or None,

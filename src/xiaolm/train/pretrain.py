@@ -40,8 +40,9 @@ class ModelSection:
     num_attention_heads: Optional[int] = opt(None, "override the preset's attention heads")
     num_key_value_heads: Optional[int] = opt(None, "override the preset's key/value heads (GQA)")
     doc_mask: bool = opt(True, "keep attention inside each document of a packed window (positions restart too)")
-    attn_impl: Literal["sdpa", "flex"] = opt("sdpa", "attention kernel for --doc-mask: sdpa (dense mask) or flex "
-                                                     "(FlexAttention, skips masked blocks; CUDA only)")
+    attn_impl: Literal["auto", "sdpa", "flex"] = opt("auto", "attention kernel for --doc-mask: auto (FlexAttention "
+                                                             "on CUDA, SDPA with a dense mask on CPU), sdpa (dense "
+                                                             "mask) or flex (skips masked blocks; CUDA only)")
     zero_init_residual: bool = opt(True, "start o_proj and down_proj at zero (each block the identity); "
                                           "ignored with --init-from")
     init_from: Optional[str] = opt(None, "start from this RUNDIR or Hugging Face Llama directory (continued pretraining)")
@@ -190,15 +191,19 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 
 def sample_openings(model, tokenizer, prompts: list[str], max_new: int, temperature: float) -> list[str]:
-    from xiaolm.infer.generate import SamplingConfig, generate
+    """Stories from ``prompts`` for the log and the report: whole characters, ended by the model or cut back to a
+    sentence end and marked as cut."""
+    from xiaolm.infer.generate import SamplingConfig
+    from xiaolm.infer.stories import story_line, tell_stories
 
     if not prompts or max_new <= 0:
         return []
     was_training = model.training
     model.eval()
-    texts = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=max_new, temperature=temperature, seed=0))
+    stories = tell_stories(model, tokenizer, prompts,
+                           SamplingConfig(max_new_tokens=max_new, temperature=temperature, seed=0))
     model.train(was_training)
-    return [p + t.replace("\n", " ") for p, t in zip(prompts, texts)]
+    return [story_line(s, max_new) for s in stories]
 
 
 # ----------------------------------------------------------------------------------------------- build

@@ -208,7 +208,7 @@ class SFTBatches:
 
     A *unit* is a packed row (packing) or one conversation (padding). Each epoch visits the units of a seeded
     permutation of the conversations; step ``s`` takes the next ``global batch`` units, rank ``r`` its own slice,
-    and a micro-batch is padded to its longest unit.
+    and a micro-batch is padded to its longest unit, rounded up to a multiple of seq_len / 8 (few shapes).
     """
 
     def __init__(self, examples: list[Example], seq_len: int, micro_batch: int, accum: int, env: DistEnv,
@@ -267,9 +267,15 @@ class SFTBatches:
     def epochs_at(self, step: int) -> float:
         return step * self.global_batch / self.units_per_epoch
 
+    def width(self, longest: int) -> int:
+        """The padded width of a micro-batch whose longest unit has ``longest`` tokens: rounded up to a multiple of
+        seq_len / 8, so a compiled model meets at most 8 shapes instead of one per distinct length."""
+        step = max(1, -(-self.seq_len // 8))
+        return min(self.seq_len, -(-longest // step) * step) if longest <= self.seq_len else longest
+
     def collate(self, units: list[list[int]]) -> dict:
         lengths = [sum(self.lengths[i] for i in u) for u in units]
-        width = max(lengths)
+        width = self.width(max(lengths))
         B = len(units)
         inputs = np.full((B, width), self.pad_id, dtype=np.int64)
         targets = np.full((B, width), -100, dtype=np.int64)
@@ -309,7 +315,7 @@ class SFTBatches:
             chunk = units[i : i + self.micro_batch]
             lens = [sum(self.lengths[j] for j in u) for u in chunk]
             real += sum(lens)
-            padded += max(lens) * self.micro_batch
+            padded += self.width(max(lens)) * self.micro_batch
         return 1.0 - real / max(1, padded)
 
 
