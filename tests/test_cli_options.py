@@ -99,22 +99,23 @@ SHORT_FLAGS = {
         "--vocab-size --windows --zero-init-residual"
     ),
     "pretrain": (
-        "--adam-lr --attn-impl --beta1 --beta2 --compile --decay-fraction --device --doc-mask --eps "
-        "--eval-batch-size --eval-every --eval-tokens --fsdp --global-batch-tokens --grad-accum-steps --grad-clip "
-        "--hidden-size --init-from --intermediate-size --keep-last --log-every --loss-chunk-size --lr "
-        "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
-        "--muon-weight-decay --num-attention-heads --num-hidden-layers --num-key-value-heads --on-nonfinite "
-        "--optimizer --peak-flops --precision --prefetch --preset --progress --prompts --resume --resume-from "
-        "--rope-theta --sample-temperature --sample-tokens --save-every --schedule --seed --seq-len "
-        "--stop-at-step --tensorboard --tie-word-embeddings --warmup-steps --weight-decay --windows "
-        "--zero-init-residual"
+        "--adam-lr --attn-impl --beta1 --beta2 --compile --decay-fraction --device --distill-alpha "
+        "--distill-temperature --doc-mask --eps --eval-batch-size --eval-every --eval-tokens --fsdp "
+        "--global-batch-tokens --grad-accum-steps --grad-clip --hidden-size --init-from --intermediate-size "
+        "--keep-last --log-every --loss-chunk-size --lr --max-skipped-steps --max-steps --max-tokens "
+        "--micro-batch-size --min-lr-ratio --muon-lr --muon-momentum --muon-weight-decay --num-attention-heads "
+        "--num-hidden-layers --num-key-value-heads --on-nonfinite --optimizer --peak-flops --precision "
+        "--prefetch --preset --progress --prompts --resume --resume-from --rope-theta --sample-temperature "
+        "--sample-tokens --save-every --schedule --seed --seq-len --stop-at-step --teacher --teacher-logits "
+        "--tensorboard --tie-word-embeddings --warmup-steps --weight-decay --windows --zero-init-residual"
     ),
     "sft": (
-        "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
-        "--grad-accum-steps --grad-clip --keep-last --log-every --loss-chunk-size --lr "
-        "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr --muon-momentum "
-        "--muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --prefetch --progress --resume "
-        "--resume-from --save-every --schedule --seed --stop-at-step --tensorboard --warmup-steps --weight-decay"
+        "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --distill-alpha --distill-temperature "
+        "--eps --eval-every --fsdp --grad-accum-steps --grad-clip --keep-last --log-every --loss-chunk-size --lr "
+        "--max-skipped-steps --max-steps --max-tokens --micro-batch-size --min-lr-ratio --muon-lr "
+        "--muon-momentum --muon-weight-decay --on-nonfinite --optimizer --peak-flops --precision --prefetch "
+        "--progress --resume --resume-from --save-every --schedule --seed --stop-at-step --teacher --tensorboard "
+        "--warmup-steps --weight-decay"
     ),
     "reward": (
         "--adam-lr --beta1 --beta2 --compile --decay-fraction --device --eps --eval-every --fsdp "
@@ -142,6 +143,7 @@ SHORT_FLAGS = {
         "--resume --resume-from --save-every --schedule --seed --stop --stop-at-step --temperature --tensorboard "
         "--top-k --top-p --warmup-steps --weight-decay"
     ),
+    "data teacher-logits": "",
     "generate": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "chat": "--max-new-tokens --repetition-penalty --seed --stop --temperature --top-k --top-p",
     "eval ppl": "",

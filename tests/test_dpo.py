@@ -180,3 +180,13 @@ def test_bad_invocations_fail_clearly(tmp_path, tiny_run, pairs_file, capsys):
     assert main(["dpo", str(tiny_run), "--data", str(pairs_file), "--rounds", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--prompts" in capsys.readouterr().err
     assert main(["dpo", str(tmp_path / "nope"), "--data", str(pairs_file), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_reference_in_the_trainers_precision_gives_ln2_at_step_zero_under_bf16(tmp_path, tiny_run, pairs_file):
+    # the policy trains under bf16 autocast: a float32 reference would put the step-0 margins off 0 (issue 23)
+    out = tmp_path / "bf16"
+    assert main(["dpo", str(tiny_run), "--data", str(pairs_file), "--out", str(out), *FAST, "--max-steps", "1",
+                 "--precision", "bf16", "--eval-every", "0", "--beta", "0.1"]) == 0
+    first = _metrics(out)[0]
+    assert first["reward_margin"] == 0.0 and first["rewards_chosen"] == 0.0 and first["rewards_rejected"] == 0.0
+    assert first["loss"] == round(math.log(2), 6)

@@ -17,9 +17,9 @@ from xiaolm.train.sft import sft_loss
 VOCAB, WIDTH = 300, 24
 
 
-def _model(seed: int = 0) -> Llama:
+def _model(seed: int = 0, layers: int = 2) -> Llama:
     torch.manual_seed(seed)
-    return Llama(preset_config("tiny", vocab_size=VOCAB, max_position_embeddings=64))
+    return Llama(preset_config("tiny", vocab_size=VOCAB, max_position_embeddings=64, num_hidden_layers=layers))
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -77,32 +77,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_step(rank: int, port: int, batches: list[dict], out_dir: str) -> None:
+def _rank_step(rank: int, port: int, batches: list[dict], out_dir: str, compile: bool = False) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if compile:  # compile in this process: a pool of compile workers per rank costs more than it saves here
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         env = DistEnv(rank=rank, world_size=2, local_rank=rank, device="cpu")
-        trainer = Trainer(_cfg(), _model(), os.path.join(out_dir, f"r{rank}"), total_steps=2, dist_env=env)
+        trainer = Trainer(_cfg(compile=compile), _model(layers=1 if compile else 2), os.path.join(out_dir, f"r{rank}"),
+                          total_steps=2, dist_env=env)
         out, grads = _step_grads(trainer, [batches[rank]])
         dist.all_reduce(out.loss)  # the ranks' shares add up to the step's loss
         if rank == 0:
-            torch.save({"loss": out.loss, "grads": grads}, os.path.join(out_dir, "ddp.pt"))
+            wrappers = [type(trainer.model).__name__, type(getattr(trainer.model, "_orig_mod", None)).__name__]
+            torch.save({"loss": out.loss, "grads": grads, "wrappers": wrappers}, os.path.join(out_dir, "ddp.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_weigh_by_their_label_tokens(tmp_path):
-    # The same rule across DDP ranks: rank 0 holds 20 label tokens a row, rank 1 holds 2.
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_ranks_weigh_by_their_label_tokens(tmp_path, compile):
+    # The same rule across DDP ranks: rank 0 holds 20 label tokens a row, rank 1 holds 2. Compiled, the DDP module
+    # is what is compiled (dynamo splits the graph at DDP's buckets so all-reduce overlaps backward), and the
+    # gradients are the one-process gradients all the same (inductor runs on the CPU).
     import torch.multiprocessing as mp
 
     full, sparse = _sft_batch(2, 20, seed=1), _sft_batch(2, 2, seed=2)
     # fork: the ranks start without importing torch again (a second or two instead of ~20 on a busy machine)
-    mp.start_processes(_rank_step, args=(_free_port(), [full, sparse], str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(_rank_step, args=(_free_port(), [full, sparse], str(tmp_path), compile), nprocs=2,
+                       join=True, start_method="fork")
     ddp = torch.load(tmp_path / "ddp.pt")
-    joined = Trainer(_cfg(), _model(), tmp_path / "b", total_steps=2, dist_env=DistEnv())
+    if compile:
+        assert ddp["wrappers"] == ["OptimizedModule", "DistributedDataParallel"]
+    # (compiled: one layer, half the compile time of two on a busy 2-core machine)
+    joined = Trainer(_cfg(), _model(layers=1 if compile else 2), tmp_path / "b", total_steps=2, dist_env=DistEnv())
     out, grads = _step_grads(joined, [_cat(full, sparse)])
     torch.testing.assert_close(ddp["loss"], out.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(ddp["grads"], grads):

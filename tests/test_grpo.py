@@ -83,3 +83,15 @@ def test_resume_is_exact(tmp_path, tiny_run, instruct_dir, stop_at, capsys):
 def test_grpo_refuses_bad_settings(tmp_path, tiny_run, instruct_dir):
     assert main(["grpo", str(tiny_run), "--out", str(tmp_path / "x")]) == 2  # no prompts
     assert main([*_args(tiny_run, instruct_dir, tmp_path / "x"), "--group-size", "1"]) == 2
+
+
+def test_old_and_reference_log_probs_in_the_trainers_precision_under_bf16(tmp_path, tiny_run, instruct_dir):
+    # the policy trains under bf16 autocast: float32 old/reference log-probabilities put step 0's ratio off 1 and
+    # its KL off 0 (issue 23)
+    out = tmp_path / "bf16"
+    assert main([*_args(tiny_run, instruct_dir, out), "--max-steps", "1", "--updates-per-batch", "2",
+                 "--precision", "bf16", "--eval-every", "0"]) == 0
+    first = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"][0]
+    # float32 reference/old log-probs against a bf16 policy put KL at ~1e-5 (logged to 6 digits); in one precision
+    # only bf16 rounding of differently padded batches remains (~1e-6 on the ratio)
+    assert first["kl"] == 0.0 and abs(first["ratio"] - 1) < 1e-5

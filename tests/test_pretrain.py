@@ -177,7 +177,7 @@ def test_two_processes_train_like_one(shards_dir, tmp_path):
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",  # a free port
          "-m", "xiaolm", "pretrain", "--out", str(two), "--grad-accum-steps", "1", *common],
         capture_output=True, text=True, timeout=300, env=env,
     )

@@ -39,7 +39,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     model = Llama(preset_config("tiny", vocab_size=256, tie_word_embeddings=False))
     opt, fused = build_optimizer(TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02), model,
                                  model.param_groups(0.1), "cpu", sharded=False)
-    assert isinstance(opt, MuonAdamW) and not fused
+    assert isinstance(opt, MuonAdamW) and fused  # Muon + fused AdamW: both skip a non-finite step on the device
     muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in muon_ids}
     assert names == {n for n, p in model.named_parameters()
@@ -55,7 +55,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 
 
 def test_newton_schulz_in_bf16_is_torch_muons_bit_for_bit():
-    from torch.optim._muon import _zeropower_via_newtonschulz
+    _zeropower_via_newtonschulz = pytest.importorskip("torch.optim._muon")._zeropower_via_newtonschulz  # torch 2.9+
 
     torch.manual_seed(0)
     coeffs = (3.4445, -4.7750, 2.0315)
@@ -67,6 +67,8 @@ def test_newton_schulz_in_bf16_is_torch_muons_bit_for_bit():
 
 def test_muon_orthogonalises_in_fp32_on_the_cpu_and_steps_like_torch_muon():
     # torch.optim.Muon's bf16 Newton-Schulz is emulated on the CPU: 13x slower than fp32 (docs/RECIPE.md, 2026-12-05)
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon appeared in torch 2.9")
     assert newton_schulz_dtype(torch.device("cpu")) == torch.float32
     assert newton_schulz_dtype(torch.device("cuda", 0)) == torch.bfloat16
     torch.manual_seed(0)
@@ -125,7 +127,7 @@ def test_muon_two_processes_train_like_one(shards_dir, tmp_path):
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",  # a free port
          "-m", "xiaolm", "pretrain", "--out", str(two), "--grad-accum-steps", "1", *common],
         capture_output=True, text=True, timeout=300, env=env,
     )

@@ -21,6 +21,8 @@ VERBS: dict[str, object] = {
         "instruct": ("build instruction data with checkable constraints from story records", "xiaolm.tasks.instruct:main"),
         "pairs": ("build preference pairs: load common layouts or sample on-policy", "xiaolm.align.onpolicy:main"),
         "teach": ("instruction data from a teacher model at any OpenAI-compatible endpoint", "xiaolm.data.teach:main"),
+        "teacher-logits": ("a teacher's top-k log-probabilities beside token shards, for offline distillation",
+                           "xiaolm.data.teacher_logits:main"),
         "tools": ("build verifiable tool-use data (calculator, dates, units, a city table; held-out split)", "xiaolm.tasks.agent:main"),
     },
     "tokenizer": {

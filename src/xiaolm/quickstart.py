@@ -104,7 +104,8 @@ def calibrate_step_time(pcfg, steps: int = 4) -> float:
     times = []
     for s in range(steps):
         t = time.perf_counter()
-        trainer.train_step([sampler(s, 0)], lm_loss, s)
+        # the loss the run will use: the device's chunking, as the Trainer resolved it
+        trainer.train_step([sampler(s, 0)], lambda m, b: lm_loss(m, b, trainer.cfg.loss_chunk_size), s)
         if env.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

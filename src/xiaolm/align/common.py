@@ -322,3 +322,7 @@ class PairTrainConfig(TrainConfig):
     micro_batch_size: int = opt(16, "pairs per forward/backward on each device")
     weight_decay: float = opt(0.0, "AdamW weight decay (matrices only)")
     eval_every: int = opt(100, "evaluate (and save) every N steps; 0: only at the end")
+    # Pairs padded to each batch's longest row change shape every step (a compile per shape): eager until they are
+    # bucketed. No language-model loss to chunk: 0, so that device resolution leaves these unused fields alone.
+    compile: Optional[bool] = opt(False, "torch.compile the model")
+    loss_chunk_size: Optional[int] = opt(0, "unused: the pair losses need every token's log-probability")

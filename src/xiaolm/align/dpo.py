@@ -62,7 +62,7 @@ from xiaolm.align.common import (
 from xiaolm.align.onpolicy import OnPolicyOptions
 from xiaolm.config import opt, parse_config
 from xiaolm.eval.instruct import instruct_metrics
-from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.dist import DistEnv, autocast_for, resolve_precision, setup_distributed
 from xiaolm.train.engine import Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything, stable_hash, write_jsonl
@@ -342,14 +342,15 @@ def evaluate_pairs(model, data, pad_id: int, settings: LossSettings, batch_size:
 # ---------------------------------------------------------------------------------------------- reference
 
 
-def attach_reference(model, data, pad_id: int, batch_size: int) -> None:
-    """Reference log-probabilities of every row, computed once with ``model`` (the reference) before training."""
+def attach_reference(model, data, pad_id: int, batch_size: int, autocast=None) -> None:
+    """Reference log-probabilities of every row, computed once with ``model`` (the reference) before training, under
+    ``autocast`` (a context factory): the trainer's precision, so that policy == reference gives margins of 0."""
     if isinstance(data, PairSet):
-        data.ref_chosen, _ = precompute_logps(model, data.chosen, pad_id, batch_size)
-        data.ref_rejected, _ = precompute_logps(model, data.rejected, pad_id, batch_size)
+        data.ref_chosen, _ = precompute_logps(model, data.chosen, pad_id, batch_size, autocast)
+        data.ref_rejected, _ = precompute_logps(model, data.rejected, pad_id, batch_size, autocast)
     else:
-        data.ref, _ = precompute_logps(model, data.seqs, pad_id, batch_size)
-        data.ref_kl, _ = precompute_logps(model, data.kl_seqs, pad_id, batch_size)
+        data.ref, _ = precompute_logps(model, data.seqs, pad_id, batch_size, autocast)
+        data.ref_kl, _ = precompute_logps(model, data.kl_seqs, pad_id, batch_size, autocast)
 
 
 # ---------------------------------------------------------------------------------------------- one round
@@ -388,9 +389,10 @@ def train_round(cfg: DPOConfig, env: DistEnv, policy, tokenizer, train_data, hel
         ref_model = reference if reference is not None else policy
         log(f"round {round_index}: reference log-probabilities of {len(train_data)} training and {len(held_data)} "
             f"held-out {'examples' if cfg.loss == 'kto' else 'pairs'}, computed once")
-        attach_reference(ref_model, train_data, pad, cfg.ref_batch_size)
+        autocast = autocast_for(env.device, resolve_precision(t.precision, env.device))  # the trainer's precision
+        attach_reference(ref_model, train_data, pad, cfg.ref_batch_size, autocast)
         if len(held_data):
-            attach_reference(ref_model, held_data, pad, cfg.ref_batch_size)
+            attach_reference(ref_model, held_data, pad, cfg.ref_batch_size, autocast)
     batches = PreferenceBatches(train_data, t.micro_batch_size, t.grad_accum_steps, env, t.seed + round_index - 1,
                                 pad)
     lengths = [len(s) for s in (train_data.chosen if isinstance(train_data, PairSet) else train_data.seqs)]

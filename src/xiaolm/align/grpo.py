@@ -58,7 +58,7 @@ from xiaolm.align.common import (
     sample_responses,
 )
 from xiaolm.config import opt, parse_config
-from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.dist import DistEnv, autocast_for, resolve_precision, setup_distributed
 from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.utils import atomic_write_json, fail, log, seed_everything
 
@@ -75,6 +75,10 @@ class GRPOTrainConfig(TrainConfig):
     min_lr_ratio: float = opt(0.5, "final learning rate as a fraction of lr")
     eval_every: int = opt(50, "evaluate (and save) every N steps; 0: only at the end")
     log_every: int = opt(5, "log every N optimizer steps")
+    # Responses of every length: eager until batches are bucketed (a compile per shape otherwise). No LM loss to
+    # chunk: 0, so that device resolution leaves this unused field alone.
+    compile: Optional[bool] = opt(False, "torch.compile the model")
+    loss_chunk_size: Optional[int] = opt(0, "unused: GRPO needs every token's log-probability")
     prefetch: int = opt(0, "must stay 0 for GRPO: each batch is sampled by the current weights")
     grad_accum_steps: int = opt(0, "set by GRPO: micro-batches of one batch of samples (prompts_per_step x group_size "
                                    "/ micro_batch_size); leave at 0")
@@ -137,6 +141,8 @@ class Rollouts:
     def __init__(self, cfg: GRPOConfig, prompts: list[dict], tokenizer, reference, out: Path, micro_batch: int,
                  env: DistEnv, model=None):
         self.cfg, self.prompts, self.tokenizer, self.reference = cfg, prompts, tokenizer, reference
+        # old and reference log-probabilities in the trainer's precision: ratio 1 and KL 0 where the weights agree
+        self.autocast = autocast_for(env.device, resolve_precision(cfg.train.precision, env.device))
         self.out, self.micro_batch, self.env = out, micro_batch, env
         self.model = model  # the policy (the Trainer moves it to the device in place)
         self.current: Optional[tuple[int, dict]] = None
@@ -253,7 +259,8 @@ class Rollouts:
         out = []
         for start in range(0, x.shape[0], self.micro_batch):
             xb, yb = x[start : start + self.micro_batch], y[start : start + self.micro_batch]
-            out.append(response_logps(model, xb.to(model.device), yb.to(model.device)).float().cpu())
+            with self.autocast():
+                out.append(response_logps(model, xb.to(model.device), yb.to(model.device)).float().cpu())
         model.train(was)
         return torch.cat(out)
 

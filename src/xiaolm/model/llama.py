@@ -359,12 +359,17 @@ class Llama(nn.Module):
         cache=None,
         logits_to_keep: int = 0,
         loss_chunk_size: int = 0,
+        head_loss=None,
     ) -> CausalLMOutput:
         """Logits and, given ``targets`` (already shifted: ``targets[:, t]`` is the token after position t; -100 is
         ignored), the mean cross-entropy. ``loss_chunk_size > 0`` computes the loss in row chunks without keeping the
         float32 logits of the whole batch (returns no logits). ``logits_to_keep`` = n keeps only the last n positions.
+        ``head_loss(hidden, lm_head_weight)``, given, replaces the head and the loss (its result is the ``loss``): a
+        caller's own loss over the output layer (distillation) inside the one forward call DDP and FSDP wrap.
         """
         h = self.hidden_states(input_ids, position_ids, attention_mask, doc_ids, cache)
+        if head_loss is not None:
+            return CausalLMOutput(None, head_loss(h, self.lm_head.weight))
         if targets is not None and loss_chunk_size > 0:
             from xiaolm.model.losses import chunked_cross_entropy
 

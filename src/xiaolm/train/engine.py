@@ -35,7 +35,9 @@ import torch
 from xiaolm.config import opt, save_config
 from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
 from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
-from xiaolm.train.dist import DistEnv, device_peak_flops, resolve_precision, setup_distributed, teardown_distributed
+from xiaolm.train.dist import (DistEnv, auto_help, autocast_for, configure_device, device_peak_flops,
+                               resolve_device_defaults, resolve_precision, setup_distributed, teardown_distributed)
+from xiaolm.train.memory import OOM_FALLBACK_STEPS, MemoryCreep, memory_stats, split_rows
 from xiaolm.train.metrics import MetricsLog, _Progress, plot_loss_curve, resolve_tensorboard
 from xiaolm.train.prefetch import _Prefetcher, _to_device
 from xiaolm.train.schedule import lr_at
@@ -70,10 +72,10 @@ class TrainConfig:
     eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
-        "auto", "auto: bf16 autocast on GPUs that support it, else fp32"
+        "auto", f"{auto_help('precision')} (bf16 autocast where the GPU supports it)"
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    compile: bool = opt(False, "torch.compile the model (GPU: faster after a one-off compile)")
+    compile: Optional[bool] = opt(None, f"torch.compile the model (default {auto_help('compile')})")
     seed: int = opt(1337, "seed for initialisation and data order", short="--seed")
     log_every: int = opt(10, "log every N optimizer steps")
     eval_every: int = opt(200, "evaluate (and save) every N steps; 0: only at the end")
@@ -90,7 +92,8 @@ class TrainConfig:
         "stop", "a NaN/inf loss or gradient: stop with a message, or skip the step and go on"
     )
     max_skipped_steps: int = opt(20, "with on_nonfinite=skip: stop after this many skipped steps")
-    loss_chunk_size: int = opt(0, "rows per chunk for the fused linear + cross-entropy (0: plain)")
+    loss_chunk_size: Optional[int] = opt(
+        None, f"rows per chunk for the fused linear + cross-entropy, 0: plain (default {auto_help('loss_chunk_size')})")
     prefetch: int = opt(2, "batches prepared ahead by a background thread (pinned on GPU); 0 disables")
     fsdp: bool = opt(False, "shard parameters with FSDP2 (fully_shard) under torchrun")
     peak_flops: Optional[float] = opt(None, "device peak FLOP/s for MFU (default: looked up by GPU name)")
@@ -200,6 +203,7 @@ class Trainer:
         param_groups: Optional[list[dict]] = None,
         name: str = "train",
         new_run_hint: str = "start a new run with another --out",
+        oom_fallback: bool = False,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -213,8 +217,14 @@ class Trainer:
         self.extra_meta = extra_meta or {}
         self.name = name
         self.new_run_hint = new_run_hint
+        # Out of memory in the first steps: split every micro-batch in two and retry (the loss_fn's units must add
+        # up across rows, as language-model token counts do; train/memory.py).
+        self.oom_fallback = oom_fallback
+        self.micro_split = 1
         self._resume_ckpt: Optional[Path] = None
         self._resume_checked = False
+        configure_device(self.device)
+        resolve_device_defaults(cfg, self.device)  # in place: the verb's loss and config.yaml see what runs
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.raw_model = model.to(self.device)
         self.model = self._wrap(self.raw_model)
@@ -222,8 +232,8 @@ class Trainer:
         self.params = [p for g in groups for p in g["params"]]
         from xiaolm.train.optim import build_optimizer
 
-        self.optimizer, self.fused = build_optimizer(cfg, self.raw_model, groups, self.device,
-                                                     sharded=cfg.fsdp and dist_env.distributed)
+        self.optimizer, self.skips_on_device = build_optimizer(cfg, self.raw_model, groups, self.device,
+                                                               sharded=cfg.fsdp and dist_env.distributed)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.peak_flops = cfg.peak_flops or device_peak_flops(self.device)
 
@@ -241,19 +251,20 @@ class Trainer:
                     fully_shard(layer, mp_policy=mp)
                 fully_shard(model, mp_policy=mp)
         wrapped = model
-        if self.cfg.compile:
-            wrapped = torch.compile(wrapped)
         if self.env.distributed and not self.cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.env.local_rank] if self.device.startswith("cuda") else None
             wrapped = DDP(wrapped, device_ids=ids)
+        if self.cfg.compile:
+            # Compile the DDP module, not DDP around a compiled one: dynamo's DDPOptimizer then splits the graph at
+            # DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward (torchtitan
+            # compiles before replicating too); DDP around one opaque compiled graph can only reduce at its end.
+            wrapped = torch.compile(wrapped)
         return wrapped
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype)
+        return autocast_for(self.device, self.amp_dtype)()
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -357,7 +368,7 @@ class Trainer:
         return ckpt
 
     # Run settings besides the model config that a resumed run must share with its checkpoint.
-    RESUME_KEYS = ("seq_len",)
+    RESUME_KEYS = ("seq_len", "distill")
 
     def _check_fits(self, ckpt: Path, meta: dict) -> None:
         have = getattr(self.tokenizer, "fingerprint", None)
@@ -430,12 +441,16 @@ class Trainer:
         units = torch.zeros((), device=self.device)
         metrics: dict[str, torch.Tensor] = {}
         step_tokens = 0
-        for micro, batch in enumerate(batches):
-            batch = _to_device(batch, self.device)
+        pieces = []
+        for batch in batches:
+            batch = dict(batch)  # the caller's batch keeps its count, for a retry after an out-of-memory error
             step_tokens += int(batch.pop("num_tokens", batch["input_ids"].numel()))
+            pieces += split_rows(batch, self.micro_split)
+        for micro, batch in enumerate(pieces):
+            batch = _to_device(batch, self.device)
             sync_ctx = (
                 self.model.no_sync()
-                if env.distributed and not cfg.fsdp and micro < len(batches) - 1
+                if env.distributed and not cfg.fsdp and micro < len(pieces) - 1
                 else contextlib.nullcontext()
             )
             with sync_ctx:
@@ -445,7 +460,7 @@ class Trainer:
             loss_sum += loss.detach().float()
             units += n.detach().float() if isinstance(n, torch.Tensor) else float(n)
             for k, v in (extra or {}).items():
-                metrics[k] = metrics.get(k, 0) + v.detach().float() / len(batches)
+                metrics[k] = metrics.get(k, 0) + v.detach().float() / len(pieces)
         if env.distributed:
             import torch.distributed as dist
 
@@ -475,14 +490,35 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self.fused:
-            # The fused AdamW kernel skips the whole update when found_inf is set: no host sync needed.
+        elif self.skips_on_device:
+            # Fused AdamW and our Muon skip the whole update on the device when found_inf is 1: no host sync, so the
+            # only syncs are at log/eval/checkpoint points (the default recipe, Muon + AdamW, takes this path).
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
-        elif not bool(bad):
+        elif not bool(bad):  # unfused AdamW (FSDP, MPS): one host sync a step
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(step_loss, grad_norm, bad, step_tokens, metrics)
+
+    def _halve_micro_batch(self, step: int, steps_done: int, batches: list[dict]) -> bool:
+        """After an out-of-memory error at ``step``: split every micro-batch in two and double the accumulation
+        (the same global batch and, the loss being summed over units and divided by the step's, the same loss
+        curve), say so, and record it in config.yaml. False where that cannot help or is not safe: past the first
+        steps (memory that runs out later is a leak or a longer batch, not a wrong size), a verb whose units do not
+        add up across rows, or micro-batches of one row."""
+        rows = batches[0]["input_ids"].shape[0] // self.micro_split
+        if not self.oom_fallback or steps_done >= OOM_FALLBACK_STEPS or rows < 2 or self.env.distributed:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        self.micro_split *= 2
+        cfg = self.cfg
+        cfg.micro_batch_size = max(1, cfg.micro_batch_size // 2)
+        cfg.grad_accum_steps = max(1, cfg.grad_accum_steps) * 2
+        log(f"out of memory at step {step + 1}: micro-batch halved to {cfg.micro_batch_size}, accumulation doubled "
+            f"to {cfg.grad_accum_steps} (same global batch and loss curve; recorded in config.yaml)")
+        if self.env.is_main and self.full_config is not None:
+            save_config(self.full_config, self.run_dir / "config.yaml")
+        return True
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -510,6 +546,9 @@ class Trainer:
         progress = _Progress(self.total_steps, start_step, enabled=env.is_main, bar=cfg.progress)
 
         nonfinite = torch.zeros((), device=self.device)
+        creep = MemoryCreep()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
         skipped_total = 0
         interval_loss = torch.zeros((), device=self.device)
         interval_metrics: dict[str, torch.Tensor] = {}
@@ -526,7 +565,16 @@ class Trainer:
         try:
             while step < self.total_steps:
                 lr = lr_at(step, cfg, self.total_steps)
-                out = self.train_step([feed.get(step, micro) for micro in range(accum)], loss_fn, step)
+                batches = [feed.get(step, micro) for micro in range(accum)]
+                while True:
+                    try:
+                        out = self.train_step(batches, loss_fn, step)
+                        break
+                    except torch.OutOfMemoryError:
+                        if not self._halve_micro_batch(step, step - start_step, batches):
+                            raise
+                    if self.device.startswith("cuda"):  # out here the failed step's traceback, and with it its
+                        torch.cuda.empty_cache()         # activations, is gone: hand their blocks back
                 step_loss, grad_norm, bad = out.loss, out.grad_norm, out.bad
                 for k, v in out.metrics.items():
                     interval_metrics[k] = interval_metrics.get(k, 0) + v
@@ -578,6 +626,11 @@ class Trainer:
                         record[k] = round(float(v) / interval_steps, 6)
                     if self.flops_per_token and self.peak_flops:
                         record["mfu"] = round(self.flops_per_token * tok_s / env.world_size / self.peak_flops, 4)
+                    record.update(memory_stats(self.device))
+                    if "mem_allocated_gib" in record:
+                        creep_warning = creep.observe(record["mem_allocated_gib"] * 2**30, step)
+                        if creep_warning:
+                            progress.note(creep_warning)
                     if env.is_main:
                         metrics.write(record)
                     progress.show(record, self.total_steps, elapsed_before + now - t_start, step - start_step)
@@ -630,6 +683,7 @@ def run_training(train_fn: Callable[[Any, DistEnv], dict], cfg: Any) -> tuple[di
     from xiaolm.utils import fail
 
     env = setup_distributed(cfg.train.device)
+    resolve_device_defaults(cfg.train, env.device)
     try:
         summary = train_fn(cfg, env)
     except (TrainingDiverged, CheckpointError, ValueError) as exc:

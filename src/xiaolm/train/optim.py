@@ -1,13 +1,14 @@
 """Optimisers for the training engine: AdamW (the default) or Muon for hidden matrices with AdamW for the rest.
 
-Muon (Keller Jordan's, as in modded-nanogpt and nanochat; ``torch.optim.Muon``) orthogonalises each 2-D hidden
-matrix's momentum with a few Newton-Schulz iterations. It suits the attention and MLP projections; the embedding,
-an untied head and the norm gains stay with AdamW. See docs/RECIPE.md for the measurements.
+Muon (Keller Jordan's, as in modded-nanogpt and nanochat, and ``torch.optim.Muon`` in torch 2.9+) orthogonalises
+each 2-D hidden matrix's momentum with a few Newton-Schulz iterations. It suits the attention and MLP projections;
+the embedding, an untied head and the norm gains stay with AdamW. See docs/RECIPE.md for the measurements.
 
-``Muon`` below is ``torch.optim.Muon`` (same options, same state, same checkpoints) with one change: the
-Newton-Schulz iterations run in bf16 on an accelerator, as upstream does, but in fp32 on the CPU, where bf16 matrix
-products are emulated and cost ~13x more (measured: 415 vs 31 ms per step for the quickstart's 24 matrices, which
-made a CPU Muon step 2.3x an AdamW step). Matrices of one shape are orthogonalised together as one batch.
+``Muon`` below is ``torch.optim.Muon`` (same options, same state, same checkpoints; owned here, so any supported
+torch runs it and no private torch helper is called) with one change: the Newton-Schulz iterations run in bf16 on an
+accelerator, as upstream does, but in fp32 on the CPU, where bf16 matrix products are emulated and cost ~13x more
+(measured: 415 vs 31 ms per step for the quickstart's 24 matrices, which made a CPU Muon step 2.3x an AdamW step).
+Matrices of one shape are orthogonalised together as one batch.
 
 Under DDP every rank holds the full, all-reduced gradient, so every rank orthogonalises the same matrix and the
 replicas stay identical. Under FSDP2 a rank holds only a shard of each matrix, and orthogonalising a shard is not
@@ -15,10 +16,10 @@ orthogonalising the matrix, so Muon refuses to run there (see :func:`build_optim
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
-from torch.optim._muon import _adjust_lr  # torch's per-matrix lr scale, reused as is
 
 
 def hidden_matrix_ids(model: torch.nn.Module) -> set[int]:
@@ -52,8 +53,48 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-class Muon(torch.optim.Muon):
-    """``torch.optim.Muon`` with Newton-Schulz in fp32 on the CPU and same-shaped matrices batched (module doc)."""
+# Keller Jordan's quintic coefficients and torch.optim.Muon's defaults (torch/optim/_muon.py)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: Optional[str], shape) -> float:
+    """Muon's per-matrix learning rate: "original" (Keller Jordan's) scales by sqrt(max(1, rows/cols)),
+    "match_rms_adamw" (Moonshot's) by 0.2 sqrt(max(rows, cols)) -- torch.optim.Muon's ``_adjust_lr``."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        ratio = math.sqrt(max(1, rows / cols))
+    elif adjust_lr_fn == "match_rms_adamw":
+        ratio = 0.2 * math.sqrt(max(rows, cols))
+    else:
+        ratio = 1.0
+    return lr * ratio
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with ``torch.optim.Muon``'s options, state layout (``momentum_buffer``) and checkpoints, owned here so
+    that it runs on every supported torch (torch.optim.Muon appeared in 2.9) without torch's private helpers, with
+    Newton-Schulz in fp32 on the CPU, same-shaped matrices batched (module doc), and ``found_inf``: a 0-dim tensor
+    that, when 1, leaves the parameters and the momentum exactly as they were -- decided on the device, so the
+    engine skips a non-finite step without a host sync (as the fused AdamW kernel does with its ``found_inf``)."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = NS_EPS, ns_steps: int = NS_STEPS, adjust_lr_fn: Optional[str] = None):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"Muon: lr {lr}, momentum {momentum} and weight_decay {weight_decay} must be >= 0")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"Muon: adjust_lr_fn {adjust_lr_fn!r}: choose original or match_rms_adamw")
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
+                    "adjust_lr_fn": adjust_lr_fn}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only, not a parameter of shape {tuple(p.shape)}")
+        self.found_inf: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,25 +102,38 @@ class Muon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        keep = None if self.found_inf is None else self.found_inf.bool()  # True: skip this step on the device
         for group in self.param_groups:
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            bufs: list[torch.Tensor] = []
-            self._init_group(group, params, grads, bufs)
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
             momentum, lr = group["momentum"], float(group["lr"])
             by_shape: dict[tuple, list[int]] = {}
             for i, (grad, buf) in enumerate(zip(grads, bufs)):
-                buf.lerp_(grad, 1 - momentum)
+                if keep is None:
+                    buf.lerp_(grad, 1 - momentum)
+                else:  # the same numbers, kept only where the step is not skipped
+                    buf.copy_(torch.where(keep, buf, buf.lerp(grad, 1 - momentum)))
                 by_shape.setdefault((tuple(grad.shape), grad.device, grad.dtype), []).append(i)
             for (shape, device, _), idx in by_shape.items():
                 stacked = torch.stack([grads[i].lerp(bufs[i], momentum) if group["nesterov"] else bufs[i]
                                        for i in idx])
                 ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                       newton_schulz_dtype(device))
-                adjusted = _adjust_lr(lr, group["adjust_lr_fn"], shape)
+                step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape)
                 for k, i in enumerate(idx):
-                    params[i].mul_(1 - lr * group["weight_decay"])
-                    params[i].add_(ortho[k].to(params[i].dtype), alpha=-adjusted)
+                    p = params[i]
+                    if keep is None:
+                        p.mul_(1 - lr * group["weight_decay"])
+                        p.add_(ortho[k].to(p.dtype), alpha=-step_lr)
+                    else:
+                        new = p.mul(1 - lr * group["weight_decay"]).add_(ortho[k].to(p.dtype), alpha=-step_lr)
+                        p.copy_(torch.where(keep, p, new))
         return loss
 
 
@@ -118,6 +172,16 @@ class MuonAdamW:
     def state(self):
         return {k: v for o in self._opts for k, v in o.state.items()}
 
+    @property
+    def found_inf(self) -> Optional[torch.Tensor]:
+        return self.muon.found_inf
+
+    @found_inf.setter
+    def found_inf(self, value: Optional[torch.Tensor]) -> None:
+        """1 skips the step on the device, for both parts (the AdamW part is the fused kernel, see build_optimizer)."""
+        for o in self._opts:
+            o.found_inf = value
+
     def step(self) -> None:
         for o in self._opts:
             o.step()
@@ -138,7 +202,8 @@ class MuonAdamW:
 
 
 def build_optimizer(cfg, model: torch.nn.Module, groups: list[dict], device: str, sharded: bool):
-    """The optimiser ``cfg.optimizer`` names, and whether it is the fused AdamW that takes ``found_inf``."""
+    """The optimiser ``cfg.optimizer`` names, and whether it takes ``found_inf`` (a 0-dim tensor; 1 skips the step on
+    the device, leaving weights and state exactly as they were): the fused AdamW kernel, and Muon + fused AdamW."""
     fused = (device.startswith("cuda") or device == "cpu") and not cfg.fsdp
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw":
@@ -155,4 +220,4 @@ def build_optimizer(cfg, model: torch.nn.Module, groups: list[dict], device: str
     opt = MuonAdamW(groups, hidden_matrix_ids(model), muon_lr=cfg.muon_lr, adam_lr=adam_lr, base_lr=cfg.lr,
                     muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay, betas=betas,
                     eps=cfg.eps, fused=fused)
-    return opt, False
+    return opt, fused

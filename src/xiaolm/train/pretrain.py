@@ -19,6 +19,7 @@ import torch
 from xiaolm.config import opt, parse_config
 from xiaolm.eval.loss import StreamEvaluator
 from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.distill import DistillSection
 from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import count_params, fail, human, log, seed_everything
@@ -91,6 +92,7 @@ class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     eval: EvalSection = field(default_factory=EvalSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     lr_sweep: list[float] = opt([], "run short trials at these learning rates instead (see xiaolm sweep)")
 
 
@@ -128,8 +130,16 @@ class WindowSampler:
     def epochs_at(self, step: int) -> float:
         return step * self.global_batch / self.num_windows
 
+    def _first(self, step: int, micro: int) -> int:
+        return step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
+
+    def window_ids(self, step: int, micro: int) -> list[int]:
+        """The windows of this rank's micro-batch (offline teacher logits are read by them)."""
+        first = self._first(step, micro)
+        return [self.window_id(g) for g in range(first, first + self.micro_batch)]
+
     def __call__(self, step: int, micro: int) -> dict:
-        first = step * self.global_batch + (micro * self.env.world_size + self.env.rank) * self.micro_batch
+        first = self._first(step, micro)
         rows = np.stack([
             self.mix.read(g) if self.mix else self.shards.read(self.window_start(self.window_id(g)), self.seq_len + 1)
             for g in range(first, first + self.micro_batch)
@@ -297,6 +307,22 @@ def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer):
     return model
 
 
+def _distiller(cfg: PretrainConfig, tokenizer, vocab_size: int, env: DistEnv, aligned: bool):
+    """The run's ``Distiller`` (--teacher / --teacher-logits), or None without a teacher."""
+    d = cfg.distill
+    if not d.enabled:
+        return None
+    from xiaolm.data.shards import parse_data_dirs
+    from xiaolm.train.distill import Distiller
+
+    dirs, _ = parse_data_dirs(cfg.data, cfg.data_weights)
+    if d.teacher_logits and (len(dirs) > 1 or aligned):
+        raise fail("--teacher-logits follows the windows of one shard directory read with --windows random; "
+                   "with several --data directories or --windows aligned distil online (--teacher)")
+    return Distiller(d, tokenizer, vocab_size, env.device, shard_dir=dirs[0], seq_len=cfg.model.seq_len,
+                     doc_mask=cfg.model.doc_mask)
+
+
 def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
     """Run pretraining as configured; returns the run's summary (also written to RUNDIR/summary.json)."""
     from xiaolm.model.llama import count_parameters, flops_per_token
@@ -347,11 +373,14 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
         return result
 
     out = Path(cfg.out)
+    distiller = _distiller(cfg, tokenizer, mcfg.vocab_size, env, aligned)
     trainer = Trainer(
         t, model, out, total_steps=total_steps, dist_env=env, full_config=cfg,
         tokenizer=tokenizer, flops_per_token=fpt, name="pretrain",
-        extra_meta={"unigram_entropy": h_unigram, "params": n["total"], "seq_len": seq},
+        extra_meta={"unigram_entropy": h_unigram, "params": n["total"], "seq_len": seq,
+                    **({"distill": distiller.describe()} if distiller is not None else {})},
         new_run_hint=f"start a new run with another --out (--init-from {out} starts one from these weights)",
+        oom_fallback=True,  # token-summed LM loss: halving the micro-batch leaves the loss curve as it is
     )
     trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
@@ -362,7 +391,10 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
             f"({t.micro_batch_size} x {t.grad_accum_steps} accum x {env.world_size} proc x {seq}), "
             f"{total_steps} steps = {sampler.epochs_at(total_steps):.2f} epochs; device {env.device}")
     chunk = t.loss_chunk_size
-    result = trainer.fit(sampler, lambda m, b: lm_loss(m, b, chunk), eval_fn)
+    if distiller is not None:
+        result = trainer.fit(distiller.wrap_windows(sampler), distiller.loss_fn(chunk), eval_fn)
+    else:
+        result = trainer.fit(sampler, lambda m, b: lm_loss(m, b, chunk), eval_fn)
     summary = {
         "run": str(out), **result.summary(total_steps),
         "params": n["total"], "params_body": n["body"], "preset": cfg.model.preset,
@@ -370,6 +402,7 @@ def pretrain(cfg: PretrainConfig, env: Optional[DistEnv] = None) -> dict:
         "device": env.device, "world_size": env.world_size,
         **{k: v for k, v in result.last_eval.items() if k.startswith("val_") or k == "chars_per_token"},
         "samples": result.last_eval.get("samples", []),
+        **(distiller.summary(result.elapsed) if distiller is not None else {}),
     }
     if env.is_main:
         from xiaolm.train.report import write_report

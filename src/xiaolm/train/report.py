@@ -73,5 +73,12 @@ def print_summary(summary: dict, file=None) -> None:
         if v is not None:
             parts.append(f"{human(v)} tokens" if pattern is None else pattern.format(v))
     print(f"done: {summary.get('run')}: " + ", ".join(parts), file=file)
+    d = summary.get("distill")
+    if d and d.get("mode") == "online":
+        print(f"  teacher {d['teacher']}: {human(d['teacher_weight_bytes'])}B of weights, {d['teacher_forward_s']} s "
+              f"of forward passes ({100 * d['teacher_share_of_wall']:.0f}% of the run)", file=file)
+    elif d:
+        print(f"  teacher logits {d['teacher_logits']}: top-{d['top_k']}, {d['bytes_per_token']} bytes/token, "
+              f"written in {d['logits_write_s']} s once ({d['s_per_million_tokens']} s per million tokens)", file=file)
     for s in summary.get("samples") or []:
         print(f"  > {s}", file=file)

@@ -41,6 +41,7 @@ import torch
 from xiaolm.config import opt, parse_config
 from xiaolm.tokenizer.chat import SegmentEncoder, conversation_segments, uses_markers
 from xiaolm.train.dist import DistEnv, setup_distributed
+from xiaolm.train.distill import DistillSection
 from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
 from xiaolm.utils import fail, human, log, seed_everything, stable_hash
@@ -83,6 +84,7 @@ class SFTConfig:
     sample_prompts: int = opt(2, "held-out prompts answered (greedy) at each evaluation, shown in the log")
     sample_tokens: int = opt(64, "tokens generated for each of those answers")
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -501,6 +503,13 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         return result
 
     out = Path(cfg.out)
+    distiller = None
+    if cfg.distill.teacher_logits:
+        raise fail("--teacher-logits: offline logits follow pretraining windows; SFT distils online (--teacher)")
+    if cfg.distill.enabled:
+        from xiaolm.train.distill import Distiller
+
+        distiller = Distiller(cfg.distill, tokenizer, base_model.config.vocab_size, env.device)
     data_report = {
         "train": train_stats.to_dict(), "heldout": heldout_stats.to_dict(), "heldout_source": heldout_how,
         "packing": cfg.packing, "padding_share": round(pad_share, 4), "seq_len": seq,
@@ -509,7 +518,8 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
     trainer = trainer_cls(
         t, model, out, total_steps=total_steps, dist_env=env, full_config=cfg,
         model_config=base_model.config.to_dict(), tokenizer=tokenizer, param_groups=param_groups, name="sft",
-        extra_meta={"base": str(cfg.run), "lora": lora_info},
+        extra_meta={"base": str(cfg.run), "lora": lora_info,
+                    **({"distill": distiller.describe()} if distiller is not None else {})}, oom_fallback=True,
     )
     trainer.open_run_dir()  # a resume that does not fit is refused before anything in OUT is written
     if env.is_main:
@@ -523,7 +533,8 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
             f"{'rows' if cfg.packing else 'conversations'} per epoch, padding {100 * pad_share:.1f}% of tokens; "
             f"{total_steps} steps = {batches.epochs_at(total_steps):.2f} epochs; device {env.device}")
     chunk = t.loss_chunk_size
-    result = trainer.fit(batches, lambda m, b: sft_loss(m, b, chunk), eval_fn)
+    loss_fn = distiller.loss_fn(chunk) if distiller is not None else (lambda m, b: sft_loss(m, b, chunk))
+    result = trainer.fit(batches, loss_fn, eval_fn)
     summary = {
         "run": str(out), "base": str(cfg.run), **result.summary(total_steps),
         "params": n_params, "trainable_params": n_trainable, "lora": lora_info,
@@ -531,6 +542,7 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
         "data": data_report,
         **{k: v for k, v in result.last_eval.items() if k.startswith("val_")},
         "samples": result.last_eval.get("samples", []),
+        **(distiller.summary(result.elapsed) if distiller is not None else {}),
     }
     if cfg.merge and env.is_main and not result.interrupted:
         from xiaolm.model.lora import merge_lora
@@ -580,7 +592,7 @@ def _write_sft_report(out: Path, summary: dict, cfg: SFTConfig) -> None:
 def main(argv: list[str]) -> int:
     cfg, _ = parse_config(
         SFTConfig, argv, "xiaolm sft",
-        positionals={"run": "RUNDIR"},
+        positionals={"run": "RUNDIR"}, unused={"distill.teacher_logits"},
     )
     summary, env = run_training(sft, cfg)
     if env.is_main:
