@@ -54,6 +54,9 @@ def main() -> int:
     ap.add_argument("--kinds", nargs="+", default=None, help="task kinds (default: all)")
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--grpo-steps", type=int, default=30)
+    ap.add_argument("--grpo-group", type=int, default=8, help="GRPO group size")
+    ap.add_argument("--grpo-prompts", type=int, default=8, help="GRPO prompts per step")
+    ap.add_argument("--sft-lr", type=float, default=2e-3)
     ap.add_argument("--eval-limit", type=int, default=100)
     args = ap.parse_args()
     out = Path(args.out)
@@ -70,7 +73,7 @@ def main() -> int:
                                  str(args.heldout), "--schemas", "brief", "--thinking", "mix", *kinds])
     sft = out / "sft"
     timings["sft"] = run(["sft", str(base), "--data", str(data), "--out", str(sft), "--max-steps",
-                          str(args.sft_steps), "--micro-batch-size", "16", "--lr", "2e-3", "--eval-every",
+                          str(args.sft_steps), "--micro-batch-size", "16", "--lr", str(args.sft_lr), "--eval-every",
                           str(args.sft_steps), "--sample-prompts", "0", "--no-progress", "--no-tensorboard",
                           "--device", "cpu"])
     results = {}
@@ -80,7 +83,8 @@ def main() -> int:
                                                                     args.eval_limit, True)
     grpo = out / "grpo"
     timings["grpo"] = run(["grpo", str(sft), "--task", "tools", "--prompts", str(data), "--out", str(grpo),
-                           "--group-size", "8", "--prompts-per-step", "8", "--micro-batch-size", "16",
+                           "--group-size", str(args.grpo_group), "--prompts-per-step", str(args.grpo_prompts),
+                           "--micro-batch-size", "16",
                            "--max-new-tokens", "96", "--max-turns", "3", "--lr", "5e-5", "--kl-beta", "0.02",
                            "--no-enable-thinking", "--max-steps", str(args.grpo_steps), "--eval-every",
                            str(args.grpo_steps), "--no-progress", "--no-tensorboard", "--device", "cpu"])

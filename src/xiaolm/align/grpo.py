@@ -455,9 +455,14 @@ def main(argv: list[str]) -> int:
     if env.is_main:
         first, last = summary.get("first_batch") or {}, summary.get("last_batch") or {}
         msg = (f"done: {summary['run']}: {summary['steps']} steps, {summary['batches_sampled']} batches sampled; "
-               f"sample reward {first.get('reward', float('nan')):.3f} -> {last.get('reward', float('nan')):.3f}, "
-               f"all-met {100 * first.get('all_met', 0):.1f}% -> {100 * last.get('all_met', 0):.1f}%, "
-               f"rep-4 {first.get('rep4', 0):.3f} -> {last.get('rep4', 0):.3f}")
+               f"sample reward {first.get('reward', float('nan')):.3f} -> {last.get('reward', float('nan')):.3f}, ")
+        if cfg.task == "tools":
+            msg += (f"answers right {100 * first.get('accuracy', 0):.1f}% -> {100 * last.get('accuracy', 0):.1f}%, "
+                    f"calls per episode {first.get('calls_per_episode', 0):.2f} -> "
+                    f"{last.get('calls_per_episode', 0):.2f}")
+        else:
+            msg += (f"all-met {100 * first.get('all_met', 0):.1f}% -> {100 * last.get('all_met', 0):.1f}%, "
+                    f"rep-4 {first.get('rep4', 0):.3f} -> {last.get('rep4', 0):.3f}")
         if summary.get("val_all_met") is not None:
             msg += f"; held-out all-met {100 * summary['val_all_met']:.1f}%"
         print(msg, file=sys.stdout)

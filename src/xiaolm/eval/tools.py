@@ -7,7 +7,7 @@ sandbox (``xiaolm.infer.agent.run_episodes``):
   arguments);
 - ``right_function_rate``: episodes whose first call names the reference's first function;
 - ``exact_argument_rate``: episodes whose calls equal the reference calls, names and arguments (order-free);
-- ``accuracy``: final answers the task's checker accepts;
+- ``accuracy``: final answers the task's checker accepts; ``reward``: the mean GRPO reward (checker + format term);
 - ``accuracy_without_tools`` (the contrast): the same questions asked with no tools offered, one turn.
 
 On glaive-layout data (``--glaive FILE``: ShareGPT with ``function_call`` turns), the first call the model makes
@@ -54,7 +54,7 @@ def tool_metrics(model, tokenizer, prompts: list[dict], max_new_tokens: int = 16
                  keep: bool = False) -> dict:
     """The tool-task metrics (module docstring) of ``prompts`` (``xiaolm.tasks.agent.load_tool_prompts``)."""
     from xiaolm.infer.agent import run_episodes
-    from xiaolm.tasks.agent import check_answer
+    from xiaolm.tasks.agent import check_answer, reward
     from xiaolm.tasks.toolbox import call_tool
     from xiaolm.tokenizer.chat import prompt_ids
 
@@ -65,6 +65,7 @@ def tool_metrics(model, tokenizer, prompts: list[dict], max_new_tokens: int = 16
                             max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
     n = len(prompts)
     valid = right = exact = correct = 0
+    total_reward = 0.0
     kinds: dict[str, list[int]] = {}
     for p, e in zip(prompts, episodes):
         task = p["task"]
@@ -74,9 +75,10 @@ def tool_metrics(model, tokenizer, prompts: list[dict], max_new_tokens: int = 16
         exact += bool(e.calls) and _canonical(e.calls) == _canonical(ref)
         ok = e.final is not None and check_answer(task, e.final)
         correct += ok
+        total_reward += reward(task, e.final, e.calls, len(e.errors))
         kinds.setdefault(task.get("kind", "?"), []).append(int(ok))
     out = {"samples": n, "valid_call_rate": valid / n, "right_function_rate": right / n,
-           "exact_argument_rate": exact / n, "accuracy": correct / n,
+           "exact_argument_rate": exact / n, "accuracy": correct / n, "reward": total_reward / n,
            "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
            "ended": {k: sum(e.ended == k for e in episodes) for k in ("answered", "malformed", "turn_limit", "length")}}
     if contrast:

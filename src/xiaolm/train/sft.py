@@ -359,13 +359,15 @@ class HeldoutLoss:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_label_tokens": self.label_tokens}
 
 
-def answer_prompts(model, tokenizer, prompts: list[list[dict]], max_new: int) -> list[str]:
-    """Greedy answers to chat prompts (for the log)."""
+def answer_prompts(model, tokenizer, prompts: list[list[dict]], max_new: int,
+                   tools: Optional[list[Optional[list]]] = None) -> list[str]:
+    """Greedy answers to chat prompts (for the log); ``tools[i]``: the schemas prompt ``i`` offers."""
     from xiaolm.infer.generate import SamplingConfig, generate
+    from xiaolm.tokenizer.chat import prompt_ids
 
     if not prompts or max_new <= 0:
         return []
-    ids = [tokenizer.encode(tokenizer.apply_chat_template(p, add_generation_prompt=True)) for p in prompts]
+    ids = [prompt_ids(tokenizer, p, t) for p, t in zip(prompts, tools or [None] * len(prompts))]
     was_training = model.training
     model.eval()
     texts = generate(model, tokenizer, [""] * len(ids), SamplingConfig(max_new_tokens=max_new, temperature=0.0),
@@ -493,10 +495,11 @@ def sft(cfg: SFTConfig, env: Optional[DistEnv] = None) -> dict:
 
     evaluator = HeldoutLoss(heldout_examples, cfg.eval_batch_size, tokenizer.pad_id) if heldout_examples else None
     sample_prompts = [c.prompt_messages for c in heldout_convs[: cfg.sample_prompts]]
+    sample_tools = [c.tools for c in heldout_convs[: cfg.sample_prompts]]
 
     def eval_fn(m, step):
         result = evaluator(m) if evaluator is not None else {}
-        result["samples"] = answer_prompts(m, tokenizer, sample_prompts, cfg.sample_tokens)
+        result["samples"] = answer_prompts(m, tokenizer, sample_prompts, cfg.sample_tokens, sample_tools)
         return result
 
     out = Path(cfg.out)
