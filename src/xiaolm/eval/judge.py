@@ -240,7 +240,8 @@ def grade_items(cfg: JudgeConfig, items: list[Item], out: Path) -> tuple[dict[st
     client_cfg = SimpleNamespace(endpoint=cfg.endpoint, model=cfg.model, api_key_env=api_key_env(cfg),
                                  timeout=cfg.timeout, concurrency=cfg.concurrency, seed=cfg.seed,
                                  temperature=cfg.judge_temperature, max_tokens=cfg.judge_max_tokens,
-                                 max_retries=cfg.max_retries, backoff=cfg.backoff)
+                                 max_retries=cfg.max_retries, backoff=cfg.backoff,
+                                 task="judge")  # not "reason": a grade is the reply's content alone
     teacher = Teacher(client_cfg)
     failures: dict[str, str] = {}
 
