@@ -311,7 +311,7 @@ def test_two_processes_distil_like_one(offline, shards_dir, tmp_path):
               "--teacher-logits", str(offline[0]), "--distill-alpha", "0.3"]
     assert main(["pretrain", "--out", str(tmp_path / "one"), "--grad-accum-steps", "2", *common]) == 0
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "xiaolm", "pretrain", "--out", str(tmp_path / "two"), "--grad-accum-steps", "1", *common],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )

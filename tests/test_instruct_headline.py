@@ -26,9 +26,12 @@ from conftest import load_bench
 
 
 def length_matched_rep4(reference_answers: list[str], answers: list[str]) -> tuple[float, float]:
-    """Mean rep-4 of ``reference_answers`` and of ``answers`` each cut to its reference's length."""
-    ref = [repetition_metrics(r)["rep4"] for r in reference_answers]
-    cut = [repetition_metrics(a[: len(r)])["rep4"] for r, a in zip(reference_answers, answers)]
+    """Mean rep-4 of ``reference_answers`` and of ``answers`` each cut to its reference's length. A pair whose
+    reference is empty is left out: cut to nothing, neither text repeats nor varies (``repetition_metrics`` gives
+    None, and its own averages skip such texts)."""
+    pairs = [(r, a[: len(r)]) for r, a in zip(reference_answers, answers) if r]
+    ref = [repetition_metrics(r)["rep4"] for r, _ in pairs]
+    cut = [repetition_metrics(a)["rep4"] for _, a in pairs]
     return sum(ref) / len(ref), sum(cut) / len(cut)
 
 
@@ -37,6 +40,9 @@ def test_length_matched_rep4_cuts_to_the_reference_length():
     assert base == same > 0  # the loop is inside the first eight characters, so the cut keeps it
     base, other = length_matched_rep4(["今天天气很好啊"], ["小猫小猫小猫小猫"])
     assert base == 0 and other > 0
+    # an empty reference (the pretrained model answered nothing) leaves its pair out instead of failing on None
+    loop = repetition_metrics("小猫小猫小猫小猫")["rep4"]
+    assert length_matched_rep4(["", "小猫小猫小猫小猫"], ["小狗小狗小狗小狗", "小猫小猫小猫小猫"]) == (loop, loop)
 
 
 def test_sft_uses_the_asked_words_well_above_chance_without_more_repetition(story_sft, heldout_eval):
