@@ -16,7 +16,7 @@ import statistics
 import numpy as np
 import torch
 
-from xiaolm.align.common import Sequence, items_for, pad_batch
+from xiaolm.align.common import Sequence
 from xiaolm.tokenizer.chat import prompt_ids
 from xiaolm.utils import log
 
@@ -31,16 +31,14 @@ class ToolSampling:
 
     @torch.no_grad()
     def sample(self, g: int) -> dict:
-        from xiaolm.align.losses import group_advantages
         from xiaolm.infer.agent import EpisodeStats, run_episodes
         from xiaolm.tasks.agent import check_answer, reward
         from xiaolm.tasks.toolbox import call_tool
 
         cfg, tok, model = self.cfg, self.tokenizer, self.model
-        P, G = cfg.prompts_per_step, cfg.group_size
-        chosen = items_for(len(self.prompts), cfg.train.seed, g * P, P)
+        G = cfg.group_size
+        chosen, seed = self._chosen(g)
         s = cfg.sampling
-        seed = (s.seed if s.seed is not None else cfg.train.seed) * 100_003 + g
         stats = EpisodeStats()
         episodes = run_episodes(model, tok, [self.prompt_ids[i] for i in chosen for _ in range(G)], call_tool,
                                 enable_thinking=cfg.enable_thinking, max_turns=cfg.max_turns,
@@ -59,28 +57,14 @@ class ToolSampling:
             arr = np.asarray(e.ids, dtype=np.int64)
             lab = np.asarray(e.labels, dtype=bool)
             seqs.append(Sequence(arr[:-1].copy(), np.where(lab[1:], arr[1:], -100)))
-        reward_t = torch.tensor(rewards, dtype=torch.float32).view(P, G)
-        adv = group_advantages(reward_t, scale=cfg.scale_rewards).view(-1)
-        batch = pad_batch(seqs, tok.pad_id)
-        x, y = batch["input_ids"], batch["targets"]
-        old = self._logps(model, x, y) if cfg.updates_per_batch > 1 else torch.zeros(y.shape)
-        ref = self._logps(self.reference, x, y) if self.reference is not None else torch.zeros(y.shape)
-        mask = y != -100
-        norm = float(mask.sum()) if cfg.loss_agg == "token" else float(len(seqs))
-        stats_out = {
-            "reward": float(reward_t.mean()),
-            "reward_std": float(reward_t.std(dim=1).mean()) if G > 1 else 0.0,
+        return self._precomputed(g, seqs, rewards, {
             "accuracy": statistics.fmean(correct),
             "calls_per_episode": stats.tool_calls / max(1, len(episodes)),
             "malformed": statistics.fmean(float(bool(e.errors)) for e in episodes),
             "response_tokens": statistics.fmean(sum(e.labels) for e in episodes),
-            "no_signal_groups": float((reward_t.std(dim=1) < 1e-6).float().mean()) if G > 1 else 1.0,
             # the plain-GRPO report's columns
             "all_met": statistics.fmean(correct), "rep4": 0.0,
-        }
-        self.history.append({"batch": g, **{k: round(v, 4) for k, v in stats_out.items()}})
-        return {"input_ids": x, "targets": y, "old_logp": old, "ref_logp": ref, "advantages": adv,
-                "lengths": torch.tensor([len(q) for q in seqs]), "norm": norm, "stats": stats_out}
+        })
 
 
 def tool_eval_fn(cfg, tokenizer, heldout_prompts: list[dict]):

@@ -200,16 +200,13 @@ class Rollouts:
     @torch.no_grad()
     def sample(self, g: int) -> dict:
         """Sample, score and precompute everything batch g needs (old and reference log-probabilities)."""
-        from xiaolm.align.losses import group_advantages
         from xiaolm.tasks.constraints import score_response
 
         cfg, tok, model = self.cfg, self.tokenizer, self.model
-        P, G = cfg.prompts_per_step, cfg.group_size
-        chosen = items_for(len(self.prompts), cfg.train.seed, g * P, P)
+        chosen, base_seed = self._chosen(g)
         s = cfg.sampling
-        base_seed = (s.seed if s.seed is not None else cfg.train.seed) * 100_003 + g
         groups = sample_responses(
-            model, tok, [self.prompt_ids[i] for i in chosen], G, max_new_tokens=s.max_new_tokens,
+            model, tok, [self.prompt_ids[i] for i in chosen], cfg.group_size, max_new_tokens=s.max_new_tokens,
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
             batch_size=cfg.gen_batch_size, seed=base_seed, stats=self.gen_stats,
         )
@@ -233,20 +230,37 @@ class Rollouts:
         if self.scorer is not None:
             rm = self.scorer([(self.prompts[i], smp.text) for i, group in zip(chosen, groups) for smp in group])
             rewards = [r + cfg.reward_model_weight * x for r, x in zip(rewards, rm)]
-        reward_t = torch.tensor(rewards, dtype=torch.float32).view(P, G)
+        return self._precomputed(g, seqs, rewards, {
+            "all_met": statistics.fmean(all_met),
+            "rep4": statistics.fmean(rep4) if rep4 else 0.0,
+            "response_tokens": statistics.fmean(lengths),
+        })
+
+    def _chosen(self, g: int) -> tuple[list[int], int]:
+        """Batch g's prompts (a seeded pick, the same on every rank and after a resume) and its sampling seed."""
+        cfg, P = self.cfg, self.cfg.prompts_per_step
+        s = cfg.sampling
+        return (items_for(len(self.prompts), cfg.train.seed, g * P, P),
+                (s.seed if s.seed is not None else cfg.train.seed) * 100_003 + g)
+
+    def _precomputed(self, g: int, seqs: list, rewards: list[float], task_stats: dict) -> dict:
+        """Batch g from its scored sequences (prompt by prompt, group_size each): group advantages, the padded
+        tensors, old and reference log-probabilities, and its stats (logged in ``history``)."""
+        from xiaolm.align.losses import group_advantages
+
+        cfg, G = self.cfg, self.cfg.group_size
+        reward_t = torch.tensor(rewards, dtype=torch.float32).view(cfg.prompts_per_step, G)
         adv = group_advantages(reward_t, scale=cfg.scale_rewards).view(-1)
-        batch = pad_batch(seqs, tok.pad_id)
+        batch = pad_batch(seqs, self.tokenizer.pad_id)
         x, y = batch["input_ids"], batch["targets"]
-        old = self._logps(model, x, y) if cfg.updates_per_batch > 1 else torch.zeros(y.shape)
+        old = self._logps(self.model, x, y) if cfg.updates_per_batch > 1 else torch.zeros(y.shape)
         ref = self._logps(self.reference, x, y) if self.reference is not None else torch.zeros(y.shape)
         mask = y != -100
         norm = float(mask.sum()) if cfg.loss_agg == "token" else float(len(seqs))
         stats = {
             "reward": float(reward_t.mean()),
             "reward_std": float(reward_t.std(dim=1).mean()) if G > 1 else 0.0,
-            "all_met": statistics.fmean(all_met),
-            "rep4": statistics.fmean(rep4) if rep4 else 0.0,
-            "response_tokens": statistics.fmean(lengths),
+            **task_stats,
             "no_signal_groups": float((reward_t.std(dim=1) < 1e-6).float().mean()) if G > 1 else 1.0,
         }
         self.history.append({"batch": g, **{k: round(v, 4) for k, v in stats.items()}})
