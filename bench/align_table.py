@@ -67,9 +67,12 @@ def main() -> int:
     ap.add_argument("--word-credit", type=float, default=1.0, help="verifier partial credit for required words")
     ap.add_argument("--repetition-weight", type=float, default=3.0, help="verifier penalty per share of repeated 4-grams")
     ap.add_argument("--min-margin", type=float, default=0.25, help="minimum score margin of a pair")
-    ap.add_argument("--dpo-epochs", type=float, default=2.0)
-    ap.add_argument("--dpo-lr", type=float, default=1e-4)
-    ap.add_argument("--beta", type=float, default=0.3)
+    ap.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
+                    help="pairs: the greedy answer is one more candidate (configs/dpo-stories.yaml)")
+    # DPO: configs/dpo-stories.yaml's values
+    ap.add_argument("--dpo-epochs", type=float, default=3.0)
+    ap.add_argument("--dpo-lr", type=float, default=2e-4)
+    ap.add_argument("--beta", type=float, default=0.05)
     ap.add_argument("--sft-weight", type=float, default=1.0, help="DPO: weight of the chosen answers' NLL")
     ap.add_argument("--grpo-steps", type=int, default=60)
     ap.add_argument("--grpo-prompts-per-step", type=int, default=8)
@@ -100,7 +103,7 @@ def main() -> int:
                           "--limit", str(args.prompts), "--k", str(args.k),
                           "--max-new-tokens", str(args.max_new_tokens),
                           "--word-credit", str(args.word_credit), "--repetition-weight", str(args.repetition_weight),
-                          "--min-margin", str(args.min_margin),
+                          "--min-margin", str(args.min_margin), *(["--greedy"] if args.greedy else []),
                           "--batch-size", "128", "--sampling.seed", str(args.seed)])
     report["pairs"] = json.loads((out / "pairs.jsonl.report.json").read_text())
     runs = {"SFT": args.sft}
