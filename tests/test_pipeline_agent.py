@@ -32,12 +32,12 @@ TINY_AGENT = [
 ]
 
 
-def _plan(argv: list[str]) -> dict[str, dict]:
+def _plan(argv: list[str], from_stage: str | None = None) -> dict[str, dict]:
     from xiaolm.config import parse_config
     from xiaolm.pipeline import PipelineConfig, run_pipeline
 
     cfg, _ = parse_config(PipelineConfig, argv, "xiaolm pipeline", "")
-    return {r["stage"]: r for r in run_pipeline(cfg, dry_run=True)["plan"]}
+    return {r["stage"]: r for r in run_pipeline(cfg, from_stage, dry_run=True)["plan"]}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,8 @@ def test_a_rerun_skips_the_agent_stages_and_a_changed_eval_reruns_only_it(agent_
     assert [plan[s]["action"] for s in AGENT_STAGES] == ["skip", "skip", "skip", "rerun"]
     plan = _plan(argv + ["--agent-data.seed", "1"])
     assert all(plan[s]["action"] == "rerun" for s in AGENT_STAGES)
+    plan = _plan(argv, from_stage="agent_grpo")
+    assert [plan[s]["action"] for s in AGENT_STAGES] == ["leave", "leave", "rerun", "rerun"]
 
 
 def test_report_section_puts_each_rate_in_its_row_and_column(tmp_path):
