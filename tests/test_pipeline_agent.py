@@ -91,6 +91,8 @@ def test_agent_stage_writes_its_outputs_and_the_report_shows_the_eval(agent_rout
         assert sft == f"{100 * ev['sft'][key]:.1f}%" and grpo == f"{100 * ev['grpo'][key]:.1f}%", label
         assert diff == f"{100 * (ev['grpo'][key] - ev['sft'][key]):+.1f}", label
     assert f"on {ev['sft']['samples']} held-out tool tasks" in section and ev["sft"]["samples"] == 6
+    assert (f"| tool use, GRPO with tools (6 held-out tasks) | answers {100 * ev['grpo']['accuracy']:.1f}% with tools, "
+            f"{100 * ev['grpo']['accuracy_without_tools']:.1f}% without;") in report.split("## Stages")[0]
     assert json.loads((work / "report.json").read_text())["agent"] == ev
 
 
@@ -147,3 +149,7 @@ def test_report_section_puts_each_rate_in_its_row_and_column(tmp_path):
     assert "| final answers without tools | 55.0% | 55.0% | +0.0 |" in text
     assert "| mean reward | 0.250 | 0.500 | +0.250 |" in text
     assert "on 50 held-out tool tasks" in text and "route's sft model" in text
+    from xiaolm.pipeline.agent import headline_rows
+
+    assert headline_rows(cfg) == ["| tool use, GRPO with tools (50 held-out tasks) | answers 45.0% with tools, 55.0% "
+                                  "without; valid calls 15.0% (tool SFT: answers 44.0%, valid calls 11.0%) |"]

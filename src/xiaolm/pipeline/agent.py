@@ -134,16 +134,34 @@ def _points(a, b) -> str:
     return "-" if a is None or b is None else f"{100 * (b - a):+.1f}"
 
 
-def report_section(cfg) -> list[str]:
-    """REPORT.md's agent section: the eval's rates of the tool SFT model and the GRPO policy side by side."""
+def _eval(cfg):
     import json
 
+    try:
+        return json.loads((eval_dir(cfg) / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def headline_rows(cfg) -> list[str]:
+    """The report's headline row for the agent stage: the GRPO policy's held-out answers with and without tools."""
+    ev = _eval(cfg) if agent_on(cfg) else None
+    if not ev:
+        return []
+    sft, grpo = ev.get("sft") or {}, ev.get("grpo") or {}
+    return [f"| tool use, GRPO with tools ({grpo.get('samples')} held-out tasks) | answers {_pct(grpo.get('accuracy'))} "
+            f"with tools, {_pct(grpo.get('accuracy_without_tools'))} without; valid calls "
+            f"{_pct(grpo.get('valid_call_rate'))} (tool SFT: answers {_pct(sft.get('accuracy'))}, valid calls "
+            f"{_pct(sft.get('valid_call_rate'))}) |"]
+
+
+def report_section(cfg) -> list[str]:
+    """REPORT.md's agent section: the eval's rates of the tool SFT model and the GRPO policy side by side."""
     if not agent_on(cfg):
         return []
     L = ["", "## Tool use (agent stage)", ""]
-    try:
-        ev = json.loads((eval_dir(cfg) / "eval.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    ev = _eval(cfg)
+    if not ev:
         return L + ["Not evaluated yet: the agent stages have not finished (rerun the same command to continue)."]
     sft, grpo = ev.get("sft") or {}, ev.get("grpo") or {}
     n = sft.get("samples") or grpo.get("samples")

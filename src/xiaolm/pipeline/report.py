@@ -91,6 +91,7 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
     (``route.command_for``, passed in: it needs route's stage table)."""
     from xiaolm.eval.instruct import format_table
     from xiaolm.pipeline.agent import eval_dir as agent_eval_dir
+    from xiaolm.pipeline.agent import headline_rows as agent_headline
     from xiaolm.pipeline.agent import report_section as agent_section
     from xiaolm.pipeline.paths import final_run
     from xiaolm.pipeline.state import StageState
@@ -161,6 +162,7 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
         met = f"all constraints {_pct(a.get('rate'))} of {a.get('n')}, " if a.get("n") else ""
         L.append(f"| instruction following, {name} ({r.get('samples')} held-out prompts) | {met}"
                  f"rep-4 {_f(rep.get('rep4'), 3)}, mean length {_f(rep.get('mean_chars'), 0)} chars{extra} |")
+    L += agent_headline(cfg)
 
     L += ["", "## Stages", "",
           "| stage | this run | status | wall s | tokens (chars for prepare) | device | peak RSS MB | key figures |",
