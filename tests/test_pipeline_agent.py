@@ -100,7 +100,8 @@ def test_the_agent_eval_is_eval_tools_on_the_heldout_split(agent_route, tmp_path
     """The stage's figures are what `xiaolm eval tools` says of the GRPO model, run again by hand."""
     work = agent_route["work"]
     out = tmp_path / "again.json"
-    assert main(["eval", "tools", str(work / "agent" / "grpo"), "--data", str(work / "agent" / "data" / "heldout.jsonl"),
+    heldout = work / "agent" / "data" / "heldout.jsonl"
+    assert main(["eval", "tools", str(work / "agent" / "grpo"), "--data", str(heldout),
                  "--limit", "6", "--max-new-tokens", "24", "--max-turns", "2", "--no-enable-thinking",
                  "--device", "cpu", "--out", str(out)]) == 0
     again = json.loads(out.read_text())

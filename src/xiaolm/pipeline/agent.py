@@ -149,8 +149,8 @@ def headline_rows(cfg) -> list[str]:
     if not ev:
         return []
     sft, grpo = ev.get("sft") or {}, ev.get("grpo") or {}
-    return [f"| tool use, GRPO with tools ({grpo.get('samples')} held-out tasks) | answers {_pct(grpo.get('accuracy'))} "
-            f"with tools, {_pct(grpo.get('accuracy_without_tools'))} without; valid calls "
+    return [f"| tool use, GRPO with tools ({grpo.get('samples')} held-out tasks) | answers "
+            f"{_pct(grpo.get('accuracy'))} with tools, {_pct(grpo.get('accuracy_without_tools'))} without; valid calls "
             f"{_pct(grpo.get('valid_call_rate'))} (tool SFT: answers {_pct(sft.get('accuracy'))}, valid calls "
             f"{_pct(sft.get('valid_call_rate'))}) |"]
 
@@ -176,11 +176,11 @@ def report_section(cfg) -> list[str]:
                      f"{'-' if a is None or b is None else f'{b - a:+.3f}'} |")
         else:
             L.append(f"| {label} | {_pct(a)} | {_pct(b)} | {_points(a, b)} |")
-    kinds = sorted(set(sft.get("accuracy_by_kind") or {}) | set(grpo.get("accuracy_by_kind") or {}))
+    by_sft, by_grpo = sft.get("accuracy_by_kind") or {}, grpo.get("accuracy_by_kind") or {}
+    kinds = sorted(set(by_sft) | set(by_grpo))
     if kinds:
-        L.append("\nFinal answers with tools by task kind: " + "; ".join(
-            f"{k} {_pct((sft.get('accuracy_by_kind') or {}).get(k))} → {_pct((grpo.get('accuracy_by_kind') or {}).get(k))}"
-            for k in kinds) + ".")
+        L.append("\nFinal answers with tools by task kind, tool SFT → GRPO: " + "; ".join(
+            f"{k} {_pct(by_sft.get(k))} → {_pct(by_grpo.get(k))}" for k in kinds) + ".")
     if n:
         L.append(f"\nOne held-out task is {100 / n:.1f} points; with {n} tasks a difference under about "
                  f"{200 * (0.25 / n) ** 0.5:.0f} points is within two standard errors. Episodes: "

@@ -1,9 +1,10 @@
 """``xiaolm pipeline --config RECIPE.yaml``: the whole route, from raw text to an exported chat model and a report.
 
 prepare -> tokenizer -> tokenize -> pretrain -> instruct -> sft -> (pairs -> reward -> align: DPO or GRPO) -> (agent:
-tool data -> tool SFT -> GRPO with tools -> eval tools, see ``agent.py``) -> eval -> export -> report. A recipe holds one section per stage with exactly the options of that stage's own verb, plus
-a ``workdir``; outputs are wired together unless the recipe names them. Each stage writes its resolved options to
-``WORKDIR/configs/STAGE.yaml`` and the report names the command that replays it alone.
+tool data -> tool SFT -> GRPO with tools -> eval tools, see ``agent.py``) -> eval -> export -> report. A recipe
+holds one section per stage with exactly the options of that stage's own verb, plus a ``workdir``; outputs are
+wired together unless the recipe names them. Each stage writes its resolved options to ``WORKDIR/configs/STAGE.yaml``
+and the report names the command that replays it alone.
 
 Resumable by stage: a rerun skips a stage whose fingerprint (options + upstream fingerprints + external inputs, see
 ``state.py``) is unchanged and whose outputs exist; resumes an interrupted training stage from its last checkpoint
@@ -105,8 +106,8 @@ whose options or inputs changed."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    agent: Literal["none", "sft", "base"] = opt("none", "agent stages: tool data, tool SFT from the route's sft (or base) "
-                                                         "model, GRPO with tools, eval tools (none: off)")
+    agent: Literal["none", "sft", "base"] = opt("none", "agent stages: tool data, tool SFT from the route's sft "
+                                                         "(or base) model, GRPO with tools, eval tools (none: off)")
     agent_data: ToolDataConfig = field(default_factory=ToolDataConfig)
     agent_sft: SFTConfig = field(default_factory=SFTConfig)
     agent_grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(task="tools"))
@@ -425,7 +426,8 @@ def stage_options(cfg: PipelineConfig, name: str):
 def command_for(cfg: PipelineConfig, name: str) -> str:
     """The command that replays one stage alone (its resolved options are in WORKDIR/configs/STAGE.yaml)."""
     conf = Path(cfg.workdir) / "configs" / f"{name}.yaml"
-    if name in ("eval", "agent_eval", "report") or (name == "prepare" and cfg.mix) or (name == "instruct" and cfg.instruct_mix.sources):
+    if (name in ("eval", "agent_eval", "report") or (name == "prepare" and cfg.mix)
+            or (name == "instruct" and cfg.instruct_mix.sources)):
         return f"xiaolm pipeline --config {Path(cfg.workdir) / 'pipeline.yaml'} --from {name} --stages {name}"
     if name == "export":
         e, run = cfg.export, final_run(cfg)

@@ -197,7 +197,8 @@ function render(view, reply, streaming) {
     view.reasoning.box.open = false;   // the thinking is done: make room for the answer
     view.folded = true;
   }
-  view.body.textContent = streaming ? reply.content.trimStart() : reply.content.trim();  // small models open with blank lines
+  // small models like to open with blank lines
+  view.body.textContent = streaming ? reply.content.trimStart() : reply.content.trim();
   if (reply.toolCalls.length) showToolCalls(view, reply.toolCalls);
 }
 

@@ -54,7 +54,9 @@ function historyTurn(reply) {
   const turn = { role: "assistant", content: reply.content.trim() };
   const calls = reply.toolCalls.filter((c) => c && c.name);
   if (calls.length) {
-    turn.tool_calls = calls.map((c) => ({ id: c.id, type: "function", function: { name: c.name, arguments: c.arguments } }));
+    turn.tool_calls = calls.map((c) => ({
+      id: c.id, type: "function", function: { name: c.name, arguments: c.arguments },
+    }));
   }
   return turn;
 }
