@@ -64,6 +64,20 @@ def test_agent_stages_are_off_unless_the_recipe_asks(tmp_path):
         plan = _plan(argv + ["--agent", "sft"])
         assert all(plan[s]["action"] == "run" for s in AGENT_STAGES), recipe
 
+    # the chain's wiring: tool SFT from the route's SFT model (or its base), GRPO with tools from the tool SFT model
+    from xiaolm.config import parse_config
+    from xiaolm.pipeline import PipelineConfig, wire
+
+    argv = ["--config", str(REPO / "configs" / "tinystories-zh.yaml"), "--workdir", str(tmp_path / "w")]
+    for agent, start in (("sft", "sft"), ("base", "run")):
+        cfg = wire(parse_config(PipelineConfig, argv + ["--agent", agent], "xiaolm pipeline", "")[0])
+        assert cfg.agent_sft.run == str(tmp_path / "w" / start)
+        assert cfg.agent_sft.data == cfg.agent_grpo.prompts == [str(tmp_path / "w" / "agent" / "data")]
+        assert cfg.agent_grpo.run == cfg.agent_sft.out == str(tmp_path / "w" / "agent" / "sft")
+        assert cfg.agent_grpo.task == "tools"
+        assert cfg.agent_grpo.eval_prompts == cfg.agent_eval.data == [str(tmp_path / "w" / "agent" / "data" /
+                                                                          "heldout.jsonl")]
+
 
 def test_agent_stage_writes_its_outputs_and_the_report_shows_the_eval(agent_route):
     work = agent_route["work"]
