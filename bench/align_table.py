@@ -74,13 +74,10 @@ def main() -> int:
     ap.add_argument("--dpo-lr", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.05)
     ap.add_argument("--sft-weight", type=float, default=1.0, help="DPO: weight of the chosen answers' NLL")
-    # GRPO: the slow test's recipe (tests/test_align_helps.py), configs/grpo-stories.yaml's shape
     ap.add_argument("--grpo-steps", type=int, default=60)
-    ap.add_argument("--grpo-prompts-per-step", type=int, default=16)
+    ap.add_argument("--grpo-prompts-per-step", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=6)
-    ap.add_argument("--grpo-updates-per-batch", type=int, default=2)
-    ap.add_argument("--grpo-temperature", type=float, default=0.8)
-    ap.add_argument("--grpo-lr", type=float, default=1e-4)
+    ap.add_argument("--grpo-lr", type=float, default=5e-5)
     ap.add_argument("--kl-beta", type=float, default=0.04)
     ap.add_argument("--rm-epochs", type=float, default=3.0)
     ap.add_argument("--rm-lr", type=float, default=1e-4)
@@ -123,8 +120,6 @@ def main() -> int:
         times["grpo"] = run(["grpo", args.sft, "--prompts", args.instruct, "--out", str(out / "grpo"), "--max-steps",
                              str(args.grpo_steps), "--prompts-per-step", str(args.grpo_prompts_per_step),
                              "--group-size", str(args.group_size), "--lr", str(args.grpo_lr), "--kl-beta",
-                             "--updates-per-batch", str(args.grpo_updates_per_batch),
-                             "--temperature", str(args.grpo_temperature),
                              str(args.kl_beta), "--word-credit", str(args.word_credit), "--repetition-weight",
                              str(args.repetition_weight), "--max-new-tokens",
                              str(args.max_new_tokens), *quiet, *seed])
