@@ -62,6 +62,9 @@ def score(model: Path, shards: Path, heldout: Path | None, args, log: Path, comm
     for key, data in (("val", ["--data", str(shards), "--split", "val"]),
                       *((("heldout", ["--data", str(heldout), "--split", "train"]),) if heldout else ())):
         f = model / f"eval-{key}.json"
+        if f.is_file():  # scored by an earlier run in this --work (a sweep reuses the teacher and the plain student)
+            out[key] = round(json.loads(f.read_text())["bits_per_char"], 4)
+            continue
         xiaolm(["eval", "ppl", str(model), *data, "--max-tokens", str(args.eval_tokens), "--batch-size", "16",
                 "--out", str(f)], log, commands)
         out[key] = round(json.loads(f.read_text())["bits_per_char"], 4)
@@ -94,13 +97,13 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
     common = ["--data", str(shards), "--seq-len", str(args.seq_len), "--micro-batch-size", str(args.batch),
               "--seed", "0", "--eval-every", "0", "--eval-tokens", "4096", "--no-progress", "--no-tensorboard",
               "--device", args.device, "--log-every", "5"]
-    teacher = work / f"{name}-teacher"
+    teacher = work / f"{name}-teacher{args.teacher_suffix}"
     if not (teacher / "summary.json").is_file():  # --work of an earlier run: its teacher (and logits) are reused
         xiaolm(["pretrain", *common, "--preset", args.teacher_preset, "--max-steps", str(args.teacher_steps),
                 "--sample-tokens", "1", "--out", str(teacher)], log, commands)
     t_score = score(teacher, shards, heldout, args, log, commands)
     print(f"  {name}: teacher {args.teacher_preset} {args.teacher_steps} steps: {t_score}", flush=True)
-    logits = work / f"{name}-teacher-logits"
+    logits = work / f"{name}-teacher{args.teacher_suffix}-logits{'' if args.top_k == 8 else f'-k{args.top_k}'}"
     if not (logits / "teacher_logits.json").is_file():
         xiaolm(["data", "teacher-logits", "--shards", str(shards), "--teacher", str(teacher), "--seq-len",
                 str(args.seq_len), "--top-k", str(args.top_k), "--device", args.device, "--out", str(logits)],
@@ -162,7 +165,7 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="stories,novels", help="stories, novels, or both (comma-separated)")
     ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
@@ -183,13 +186,19 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="plain,online,offline")
     ap.add_argument("--run-suffix", default="", help="appended to the distilled runs' directories (a sweep in one "
                                                      "--work reuses its teacher, logits and plain student)")
+    ap.add_argument("--teacher-suffix", default="", help="appended to the teacher's (and its logits') directory: "
+                                                         "a second teacher in one --work")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="/tmp/xiaolm-distill-cache")
     ap.add_argument("--novels-cache", default="/tmp/xiaolm-heldout-cache", help="bench/heldout_by_work.py's cache")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tag", default="")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     cache, work = Path(args.cache), Path(args.work or f"/tmp/xiaolm-distill-{stamp}")
