@@ -152,6 +152,64 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
     return rows
 
 
+def instruct_headline(res: dict) -> dict:
+    """The instruction headline of an ``eval instruct`` result: the share of constraints met (all kinds pooled), the
+    share of answers meeting all their constraints, and rep-4."""
+    cons = res.get("constraints") or {}
+    n, met = sum(c["n"] for c in cons.values()), sum(c["met"] for c in cons.values())
+    return {"constraints_met": round(met / n, 4) if n else None, "constraints_n": n,
+            "all_constraints": res["all_constraints"]["rate"], "answers": res["all_constraints"]["n"],
+            "rep4": res["repetition"]["rep4"], "mean_chars": res["repetition"]["mean_chars"],
+            "per_constraint": {k: round(c["rate"], 4) for k, c in cons.items()}}
+
+
+def run_sft(name: str, work: Path, cache: Path, args, log: Path, commands: list[str]) -> list[dict]:
+    """SFT rows: the pretraining teacher and the plain student each fine-tuned on the stories' instructions for the
+    same steps; then the student again, taught online by the SFT teacher on the assistant tokens; all three scored
+    by ``eval instruct`` on the held-out instructions (greedy)."""
+    instruct = cache / f"stories-{args.stories}-instruct"
+    if not (instruct / "heldout.jsonl").is_file():
+        xiaolm(["data", "instruct", str(cache / "stories.jsonl"), "--out", str(instruct), "--heldout-fraction",
+                "0.1", "--seed", "0"], log, commands)
+    common = ["--data", str(instruct / "train.jsonl"), "--max-steps", str(args.sft_steps), "--micro-batch-size",
+              str(args.batch), "--lr", str(args.sft_lr), "--warmup-steps", str(max(1, args.sft_steps // 10)),
+              "--eval-every", "0", "--eval-conversations", "32", "--sample-prompts", "1", "--sample-tokens", "16",
+              "--seed", "0", "--no-progress", "--no-tensorboard", "--device", args.device, "--log-every", "5"]
+    distil = ["--distill-alpha", str(args.alpha), "--distill-temperature", str(args.temperature)]
+    teacher = work / f"{name}-sft-teacher{args.teacher_suffix}"
+    runs = {"sft teacher": (work / f"{name}-teacher{args.teacher_suffix}", teacher, []),
+            "sft plain": (work / f"{name}-plain", work / f"{name}-sft-plain", []),
+            "sft distilled": (work / f"{name}-plain", work / f"{name}-sft-distilled{args.run_suffix}",
+                              ["--teacher", str(teacher), *distil])}
+    rows = []
+    for variant, (base, out, flags) in runs.items():
+        if not (out / "summary.json").is_file():
+            xiaolm(["sft", str(base), *common, *flags, "--out", str(out)], log, commands)
+        f = out / "eval-instruct.json"
+        if not f.is_file():
+            xiaolm(["eval", "instruct", str(out), "--data", str(instruct / "heldout.jsonl"), "--limit",
+                    str(args.instruct_limit), "--max-new-tokens", str(args.instruct_tokens), "--batch-size", "32",
+                    "--device", args.device, "--out", str(f)], log, commands)
+        summary = json.loads((out / "summary.json").read_text())
+        rows.append({"corpus": name, "variant": variant, "base": str(base), "steps": summary.get("steps"),
+                     "tokens": summary.get("tokens"), "wall_s": summary.get("wall_s"),
+                     "val_loss": summary.get("val_loss"), "distill": summary.get("distill"),
+                     **instruct_headline(json.loads(f.read_text()))})
+        print(f"  {name}: {variant:<13} {rows[-1]['constraints_met']} met, all {rows[-1]['all_constraints']}, "
+              f"rep-4 {rows[-1]['rep4']}", flush=True)
+    return rows
+
+
+def sft_table(rows: list[dict]) -> list[str]:
+    lines = ["| corpus | variant | base model | SFT steps | wall s | held-out SFT loss | constraints met | "
+             "all constraints met | rep-4 | mean chars |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['corpus']} | {r['variant']} | {Path(r['base']).name} | {r['steps']} | "
+                     f"{r['wall_s']:.1f} | {r['val_loss']:.4f} | {r['constraints_met']:.3f} ({r['constraints_n']}) | "
+                     f"{r['all_constraints']:.3f} ({r['answers']}) | {r['rep4']:.3f} | {r['mean_chars']:.0f} |")
+    return lines
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = ["| corpus | variant | student tokens | cost s | val bpc | held-out bpc | tokens to plain's final (x) "
              "| bpc at plain's seconds | rep-4 | distinct-2 |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -188,6 +246,12 @@ def parser() -> argparse.ArgumentParser:
                                                      "--work reuses its teacher, logits and plain student)")
     ap.add_argument("--teacher-suffix", default="", help="appended to the teacher's (and its logits') directory: "
                                                          "a second teacher in one --work")
+    ap.add_argument("--sft-steps", type=int, default=0, help="SFT rows (stories): the teacher and the plain student "
+                                                              "fine-tuned this many steps, the student also distilled "
+                                                              "from the SFT teacher (0: no SFT rows)")
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
+    ap.add_argument("--instruct-limit", type=int, default=150, help="held-out instructions scored by eval instruct")
+    ap.add_argument("--instruct-tokens", type=int, default=96, help="eval instruct's --max-new-tokens")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="/tmp/xiaolm-distill-cache")
     ap.add_argument("--novels-cache", default="/tmp/xiaolm-heldout-cache", help="bench/heldout_by_work.py's cache")
@@ -209,7 +273,7 @@ def main(argv=None) -> int:
     print(f"distill_table: teacher {args.teacher_preset} x {args.teacher_steps} steps, student {args.student_preset} "
           f"x {args.steps} steps, alpha {args.alpha}, T {args.temperature}, top-{args.top_k}; load "
           f"{load_start[0]:.1f}, commit {commit_id()}; log {log}", flush=True)
-    rows = []
+    rows, sft_rows = [], []
     try:
         for name in [c.strip() for c in args.corpus.split(",") if c.strip()]:
             if name == "novels" and not (Path(args.shared) / "classic_novels").is_dir():
@@ -217,11 +281,16 @@ def main(argv=None) -> int:
                 continue
             shards, heldout = (stories_shards if name == "stories" else novels_shards)(cache, args, log, commands)
             rows += run_corpus(name, shards, heldout, work, args, log, commands)
+            if name == "stories" and args.sft_steps:
+                sft_rows += run_sft(name, work, cache, args, log, commands)
     except BenchError as e:
         print(f"distill_table: {e}", file=sys.stderr)
         return 1
     load_end = os.getloadavg()
     lines = table(rows)
+    if sft_rows:
+        lines += ["", "SFT (stories' instructions; the distilled student taught online by the SFT teacher):", "",
+                  *sft_table(sft_rows)]
     print("\n" + "\n".join(lines))
     total_s = round(time.perf_counter() - t0, 1)
     machine = {"nproc": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
@@ -231,7 +300,7 @@ def main(argv=None) -> int:
     stem = f"distill-table-{stamp}{'-' + args.tag if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps({
         "date_utc": stamp, "commit": commit_id(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
-        "spec": vars(args), "rows": rows, "commands": commands}, ensure_ascii=False, indent=1), encoding="utf-8")
+        "spec": vars(args), "rows": rows, "sft_rows": sft_rows, "commands": commands}, ensure_ascii=False, indent=1), encoding="utf-8")
     (out / f"{stem}.md").write_text("\n".join([
         f"# Distillation table, {stamp} UTC (commit {commit_id()}) - loaded machine", "",
         f"Command: `python bench/distill_table.py {' '.join(sys.argv[1:])}`. Teacher {args.teacher_preset} "
