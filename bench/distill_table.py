@@ -118,7 +118,7 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
     rows = []
     for vname, flags in variants.items():
         run = work / f"{name}-{vname}{'' if vname == 'plain' else args.run_suffix}"
-        if vname == "plain" and (run / "summary.json").is_file():  # reused from an earlier run in --work
+        if (run / "summary.json").is_file():  # reused from an earlier run in --work (a sweep; a rerun)
             flags = None
         if flags is not None:
             xiaolm(["pretrain", *common, "--preset", args.student_preset, "--max-steps", str(args.steps),
@@ -163,23 +163,45 @@ def instruct_headline(res: dict) -> dict:
             "per_constraint": {k: round(c["rate"], 4) for k, c in cons.items()}}
 
 
-def run_sft(name: str, work: Path, cache: Path, args, log: Path, commands: list[str]) -> list[dict]:
+def sft_bases(name: str, shards: Path, work: Path, args, log: Path, commands: list[str]) -> tuple[Path, Path]:
+    """The teacher and the plain student as the pretraining rows have them, or, with a longer --sft-seq-len (an
+    instruction and its story do not fit in 128 tokens: generation would have no room left), both pretrained again
+    at that context with the same steps and tokens per step."""
+    if args.sft_seq_len == args.seq_len:
+        return work / f"{name}-teacher{args.teacher_suffix}", work / f"{name}-plain"
+    batch = max(1, args.batch * args.seq_len // args.sft_seq_len)
+    common = ["--data", str(shards), "--seq-len", str(args.sft_seq_len), "--micro-batch-size", str(batch),
+              "--seed", "0", "--eval-every", "0", "--eval-tokens", "4096", "--no-progress", "--no-tensorboard",
+              "--device", args.device, "--log-every", "5", "--sample-tokens", "1"]
+    out = []
+    for role, preset, steps in (("teacher", args.teacher_preset, args.teacher_steps),
+                                ("plain", args.student_preset, args.steps)):
+        run = work / f"{name}-{role}{args.teacher_suffix if role == 'teacher' else ''}-ctx{args.sft_seq_len}"
+        if not (run / "summary.json").is_file():
+            xiaolm(["pretrain", *common, "--preset", preset, "--max-steps", str(steps), "--out", str(run)], log,
+                   commands)
+        out.append(run)
+    return out[0], out[1]
+
+
+def run_sft(name: str, shards: Path, work: Path, cache: Path, args, log: Path, commands: list[str]) -> list[dict]:
     """SFT rows: the pretraining teacher and the plain student each fine-tuned on the stories' instructions for the
     same steps; then the student again, taught online by the SFT teacher on the assistant tokens; all three scored
     by ``eval instruct`` on the held-out instructions (greedy)."""
+    t_base, s_base = sft_bases(name, shards, work, args, log, commands)
     instruct = cache / f"stories-{args.stories}-instruct"
     if not (instruct / "heldout.jsonl").is_file():
         xiaolm(["data", "instruct", str(cache / "stories.jsonl"), "--out", str(instruct), "--heldout-fraction",
                 "0.1", "--seed", "0"], log, commands)
     common = ["--data", str(instruct / "train.jsonl"), "--max-steps", str(args.sft_steps), "--micro-batch-size",
-              str(args.batch), "--lr", str(args.sft_lr), "--warmup-steps", str(max(1, args.sft_steps // 10)),
+              str(max(1, args.batch * args.seq_len // args.sft_seq_len)), "--lr", str(args.sft_lr), "--warmup-steps", str(max(1, args.sft_steps // 10)),
               "--eval-every", "0", "--eval-conversations", "32", "--sample-prompts", "1", "--sample-tokens", "16",
               "--seed", "0", "--no-progress", "--no-tensorboard", "--device", args.device, "--log-every", "5"]
     distil = ["--distill-alpha", str(args.alpha), "--distill-temperature", str(args.temperature)]
-    teacher = work / f"{name}-sft-teacher{args.teacher_suffix}"
-    runs = {"sft teacher": (work / f"{name}-teacher{args.teacher_suffix}", teacher, []),
-            "sft plain": (work / f"{name}-plain", work / f"{name}-sft-plain", []),
-            "sft distilled": (work / f"{name}-plain", work / f"{name}-sft-distilled{args.run_suffix}",
+    teacher = work / f"{t_base.name}-sft"
+    runs = {"sft teacher": (t_base, teacher, []),
+            "sft plain": (s_base, work / f"{s_base.name}-sft", []),
+            "sft distilled": (s_base, work / f"{s_base.name}-sft-distilled{args.run_suffix}",
                               ["--teacher", str(teacher), *distil])}
     rows = []
     for variant, (base, out, flags) in runs.items():
@@ -250,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
                                                               "fine-tuned this many steps, the student also distilled "
                                                               "from the SFT teacher (0: no SFT rows)")
     ap.add_argument("--sft-lr", type=float, default=1e-3)
+    ap.add_argument("--sft-seq-len", type=int, default=512, help="context of the SFT rows' models (their bases are "
+                                                                 "pretrained again at it when it is not --seq-len)")
     ap.add_argument("--instruct-limit", type=int, default=150, help="held-out instructions scored by eval instruct")
     ap.add_argument("--instruct-tokens", type=int, default=96, help="eval instruct's --max-new-tokens")
     ap.add_argument("--device", default="cpu")
@@ -282,7 +306,7 @@ def main(argv=None) -> int:
             shards, heldout = (stories_shards if name == "stories" else novels_shards)(cache, args, log, commands)
             rows += run_corpus(name, shards, heldout, work, args, log, commands)
             if name == "stories" and args.sft_steps:
-                sft_rows += run_sft(name, work, cache, args, log, commands)
+                sft_rows += run_sft(name, shards, work, cache, args, log, commands)
     except BenchError as e:
         print(f"distill_table: {e}", file=sys.stderr)
         return 1
