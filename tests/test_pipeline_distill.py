@@ -55,3 +55,17 @@ def test_distillation_stage_reports_both_students_and_a_rerun_skips_it(tmp_path)
     assert changed["distill"]["action"] == "rerun" and changed["pretrain"]["action"] == "skip"
     retrained = _plan(argv + ["--pretrain.train.max-steps", "21"])  # a new teacher: the students follow
     assert retrained["pretrain"]["action"] == "rerun" and retrained["distill"]["action"] == "rerun"
+
+    # Interrupted after both students finished (before the scores were written): the rerun resumes the stage,
+    # trains neither student again and writes the same scores.
+    state_file = work / "state" / "distill.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "status": "running"}))
+    (work / "distill" / "distill.json").unlink()
+    trained = {n: (work / "distill" / n / "summary.json").stat().st_mtime_ns for n in ("plain", "student")}
+    assert _plan(argv)["distill"]["action"] == "resume"
+    assert main(["pipeline", *argv]) == 0
+    again = json.loads((work / "distill" / "distill.json").read_text())
+    assert {n: (work / "distill" / n / "summary.json").stat().st_mtime_ns for n in trained} == trained
+    assert {n: r["bits_per_char"] for n, r in again["models"].items()} == \
+        {n: r["bits_per_char"] for n, r in models.items()}

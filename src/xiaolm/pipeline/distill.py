@@ -11,6 +11,7 @@ distinct-2 of the greedy stories each run samples at its end, into WORKDIR/disti
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -85,6 +86,10 @@ def run_distill(cfg, resume: bool) -> dict:
     runs = student_configs(cfg)
     summaries = {}
     for name, c in runs.items():
+        done = Path(c.out) / "summary.json"
+        if resume and done.is_file():  # the stage was interrupted after this student had finished
+            summaries[name] = json.loads(done.read_text(encoding="utf-8"))
+            continue
         log(f"-- distill: the {name} {'(taught by ' + c.distill.teacher + ')' if c.distill.teacher else '(no teacher)'}")
         c.train.resume, c.train.progress = resume, False
         summaries[name] = pretrain(c)
