@@ -104,11 +104,12 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
     t_score = score(teacher, shards, heldout, args, log, commands)
     print(f"  {name}: teacher {args.teacher_preset} {args.teacher_steps} steps: {t_score}", flush=True)
     logits = work / f"{name}-teacher{args.teacher_suffix}-logits{'' if args.top_k == 8 else f'-k{args.top_k}'}"
-    if not (logits / "teacher_logits.json").is_file():
+    offline = "offline" in args.variants.split(",")
+    if offline and not (logits / "teacher_logits.json").is_file():
         xiaolm(["data", "teacher-logits", "--shards", str(shards), "--teacher", str(teacher), "--seq-len",
                 str(args.seq_len), "--top-k", str(args.top_k), "--device", args.device, "--out", str(logits)],
                log, commands)
-    lmeta = json.loads((logits / "teacher_logits.json").read_text())
+    lmeta = json.loads((logits / "teacher_logits.json").read_text()) if offline else {}
     distil = ["--distill-alpha", str(args.alpha), "--distill-temperature", str(args.temperature)]
     variants = {"plain": [], "online": ["--teacher", str(teacher), *distil],
                 "offline": ["--teacher-logits", str(logits), *distil]}
@@ -148,7 +149,7 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
         at = interpolate(cost[1:], bpc, plain["cost_s"])
         r["bpc_at_plain_wall"] = round(at, 4) if at is not None else (bpc[-1] if cost[-1] <= plain["cost_s"] else None)
         r["teacher"] = {"preset": args.teacher_preset, "steps": args.teacher_steps, **t_score}
-        r["logits"] = {k: lmeta[k] for k in ("k", "bytes_per_token", "bytes", "wall_s", "s_per_million_tokens")}
+        r["logits"] = {k: lmeta.get(k) for k in ("k", "bytes_per_token", "bytes", "wall_s", "s_per_million_tokens")}
     return rows
 
 
