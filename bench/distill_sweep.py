@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         f"start, {load_end[0]:.1f} at end): seconds are indicative only; sweep wall {total_s:.0f} s.", "",
         "'tokens to plain's final': student tokens a distilled run needs to reach the plain student's final val "
         f"bits/char (linear between {args.points} checkpoints; goal <= 0.7x). 'bpc at plain's seconds': the "
-        "distilled run's bits/char at the plain run's training seconds (online: teacher forward included; offline: logits' "
-        "writing added once; '-': it had not got there).", "", *lines, ""]), encoding="utf-8")
+        "distilled run's bits/char at the plain run's training seconds (online: teacher forward included; offline: "
+        "logits' writing added once; '-': it had not got there).", "", *lines, ""]), encoding="utf-8")
     print(f"wrote {out / stem}.json and .md ({total_s:.0f} s)")
     return 0
 

@@ -195,7 +195,8 @@ def run_sft(name: str, shards: Path, work: Path, cache: Path, args, log: Path, c
         xiaolm(["data", "instruct", str(cache / "stories.jsonl"), "--out", str(instruct), "--heldout-fraction",
                 "0.1", "--seed", "0"], log, commands)
     common = ["--data", str(instruct / "train.jsonl"), "--max-steps", str(args.sft_steps), "--micro-batch-size",
-              str(max(1, args.batch * args.seq_len // args.sft_seq_len)), "--lr", str(args.sft_lr), "--warmup-steps", str(max(1, args.sft_steps // 10)),
+              str(max(1, args.batch * args.seq_len // args.sft_seq_len)), "--lr", str(args.sft_lr),
+              "--warmup-steps", str(max(1, args.sft_steps // 10)),
               "--eval-every", "0", "--eval-conversations", "32", "--sample-prompts", "1", "--sample-tokens", "16",
               "--seed", "0", "--no-progress", "--no-tensorboard", "--device", args.device, "--log-every", "5"]
     distil = ["--distill-alpha", str(args.alpha), "--distill-temperature", str(args.temperature)]
@@ -325,7 +326,8 @@ def main(argv=None) -> int:
     stem = f"distill-table-{stamp}{'-' + args.tag if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps({
         "date_utc": stamp, "commit": commit_id(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
-        "spec": vars(args), "rows": rows, "sft_rows": sft_rows, "commands": commands}, ensure_ascii=False, indent=1), encoding="utf-8")
+        "spec": vars(args), "rows": rows, "sft_rows": sft_rows, "commands": commands}, ensure_ascii=False, indent=1),
+        encoding="utf-8")
     (out / f"{stem}.md").write_text("\n".join([
         f"# Distillation table, {stamp} UTC (commit {commit_id()}) - loaded machine", "",
         f"Command: `python bench/distill_table.py {' '.join(sys.argv[1:])}`. Teacher {args.teacher_preset} "

@@ -90,7 +90,7 @@ def run_distill(cfg, resume: bool) -> dict:
         if resume and done.is_file():  # the stage was interrupted after this student had finished
             summaries[name] = json.loads(done.read_text(encoding="utf-8"))
             continue
-        log(f"-- distill: the {name} {'(taught by ' + c.distill.teacher + ')' if c.distill.teacher else '(no teacher)'}")
+        log(f"-- distill: the {name}, " + (f"taught by {c.distill.teacher}" if c.distill.teacher else "no teacher"))
         c.train.resume, c.train.progress = resume, False
         summaries[name] = pretrain(c)
         if summaries[name].get("interrupted"):
