@@ -6,10 +6,11 @@ Asserted: DPO on on-policy pairs raises the rate of the rule-checked constraint 
 move (对话, quoted speech) by at least 10 points on the 40 held-out instructions that ask for it (the one-sided
 Fisher exact p of the two counts is printed beside it); the all-constraints-met rate does not fall; repetition does
 not rise. At this budget the words, sentence and opening constraints stay near zero for every model, so "all
-constraints met" is mostly the 对话-only instructions. Measured 2026-12-07 on the recipe in configs/dpo-stories.yaml (pairs with the greedy answer
-as a candidate; DPO lr 2e-4, beta 0.05, SFT weight 1.0, 3 epochs), loaded 2-core machine: 对话 24/40 -> 37/40
-(p = 0.001), all constraints 7.2% -> 8.4% of 166, rep-4 0.058 -> 0.043; the same recipe with pairs sampled at seed 1:
-对话 24/40 -> 30/40 (p = 0.12), all constraints 7.2% -> 7.8%, rep-4 0.058 -> 0.042.
+constraints met" is mostly the 对话-only instructions. Measured 2026-12-07 on the recipe in
+configs/dpo-stories.yaml (pairs with the greedy answer as a candidate; DPO lr 2e-4, beta 0.05, SFT weight 1.0,
+3 epochs), loaded 2-core machine: 对话 24/40 -> 37/40 (p = 0.001), all constraints 7.2% -> 8.4% of 166, rep-4
+0.058 -> 0.043; the same recipe with pairs sampled at seed 1: 对话 24/40 -> 30/40 (p = 0.12), all constraints
+7.2% -> 7.8%, rep-4 0.058 -> 0.042.
 The old recipe (no greedy candidate; lr 1e-4, beta 0.3, 2 epochs) gave 24/40 -> 25/40 on the same SFT model.
 
 GRPO: a short run (12 steps) must not collapse into repetition or empty answers (fast). The ``slow`` test trains
