@@ -259,7 +259,7 @@ def test_eval_tools_scores_a_perfect_tool_user_at_100_percent(tmp_path, tokenize
                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096))
     for schemas in ("full", "brief", "names"):
         data = tmp_path / schemas / thinking
-        assert main(["data", "tools", "--out", str(data), "--train", "0", "--heldout", str(2 * len(KINDS)),
+        assert main(["data", "tools", "--out", str(data), "--train", "0", "--heldout", str(len(KINDS)),
                      "--schemas", schemas, "--thinking", thinking]) == 0
         records = list(read_jsonl(data / "heldout.jsonl"))
         prompts, _ = load_tool_prompts([str(data / "heldout.jsonl")], refuse_heldout=False)
