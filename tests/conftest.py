@@ -201,3 +201,36 @@ def stop_process(proc) -> str:
         out, _ = proc.communicate()
     return out.decode(errors="replace")
 
+
+
+@pytest.fixture
+def two_ranks_like_one():
+    """``check(one, two, common, steps, loss_tol)``: pretrain with ``common`` flags in two processes (torchrun on a
+    free port, one thread each) into ``two`` and compare with the one-process run already in ``one``: the same
+    ``steps`` logged losses within ``loss_tol``, and final weights within 1e-4."""
+    import json
+    import subprocess
+    import sys
+
+    from xiaolm.model.io import load_model
+
+    def losses(run: Path) -> list[float]:
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if r["kind"] == "train"]
+
+    def check(one: Path, two: Path, common: list[str], steps: int, loss_tol: float) -> None:
+        res = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",  # a free port
+             "-m", "xiaolm", "pretrain", "--out", str(two), "--grad-accum-steps", "1", *common],
+            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        a, b = losses(one), losses(two)
+        assert len(a) == len(b) == steps
+        assert max(abs(x - y) for x, y in zip(a, b)) < loss_tol
+        wa, _, _ = load_model(one, with_tokenizer=False)
+        wb, _, _ = load_model(two, with_tokenizer=False)
+        for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
+            assert (pa - pb).abs().max() < 1e-4, name
+
+    return check

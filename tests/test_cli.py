@@ -166,3 +166,8 @@ def test_every_recipe_in_configs_loads_with_its_verb():
     for path in recipes:
         cls = kinds[path.stem.split("-")[0]]
         config_from_dict(cls, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+
+
+def test_a_repeated_list_flag_adds_its_values():
+    cfg, _ = parse_config(_Outer, ["--rates", "1e-4", "--rates", "3e-4,5e-4"], "t", "d")
+    assert cfg.rates == [1e-4, 3e-4, 5e-4]

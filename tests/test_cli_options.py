@@ -62,7 +62,8 @@ def _short_flags(p: argparse.ArgumentParser) -> dict[str, str]:
 
 
 # A verb's short flags, as `--help` lists them. A change here is a change of the command line people type: made on
-# purpose, visible in review. (dpo and grpo gained --seed for train.seed; pipeline gained --inputs for prepare.inputs.)
+# purpose, visible in review. (dpo and grpo gained --seed for train.seed; pipeline gained --inputs for prepare.inputs;
+# pipeline's agent sections took the short forms of the leaves they share with sft and grpo, and added their own.)
 SHORT_FLAGS = {
     "quickstart": "",
     "data synth": "",
@@ -79,25 +80,21 @@ SHORT_FLAGS = {
     "data tools": "",
     "tokenizer train": "",
     "pipeline": (
-        "--attn-impl --beta --center-coef --chapter-regex --clip-eps --converter --csv-delimiter --data-weights "
-        "--doc-mask --dtype --enable-thinking --encoding --eval-conversations --eval-tokens --exact "
-        "--false-negative-weight --fold-fullwidth-alnum --format --gen-batch-size --gguf --gguf-type "
-        "--global-batch-tokens --group-by-length --group-size --heldout-prompts --hf --hf-cache-dir "
-        "--hf-config --hf-split --hidden-size --init-from --inputs --instruct-limit --intermediate-size "
-        "--joiner --json-key --judge-endpoint --judge-model --judge-samples --keep-prob --kl-beta "
-        "--kto-desirable-weight --kto-undesirable-weight --label-smoothing --loss --loss-agg --lr-sweep "
-        "--max-blank-lines --max-chars --max-chunk-chars --max-dup-line-fraction --max-eval-chars "
-        "--max-heldout --max-malformed-listed --max-sentence-chars --max-token-length "
-        "--max-top-ngram-fraction --max-train-mb --max-turns --mc-data --mc-limit --mc-shots --mc-split "
-        "--mc-subjects --merge --min-chars --min-cjk-fraction --min-frequency --min-sentence-chars --name "
-        "--near --near-dedup --ngram --num-attention-heads --num-hidden-layers --num-key-value-heads "
-        "--num-perm --overlong --packing --policy --ppl-tokens --preset --prompts-per-step --questions "
-        "--quiet --ref-batch-size --rope-factor --rope-scaling --rope-theta --round-reference --rounds "
-        "--sample-prompts "
-        "--sample-temperature --samples-per-story --scale-rewards --sft-weight --shard-tokens --simpo-gamma "
-        "--sources --stories --strip-indent --task --threshold --tie-word-embeddings --to-simplified "
-        "--too-long --top-ngram-size --train-eval-pairs --txt-mode --updates-per-batch --val-fraction "
-        "--vocab-size --windows --zero-init-residual"
+        "--attn-impl --beta --center-coef --chapter-regex --contrast --converter --csv-delimiter --data-weights "
+        "--distractors --doc-mask --dtype --encoding --eval-tokens --exact --false-negative-weight "
+        "--fold-fullwidth-alnum --gguf --gguf-type --glaive --global-batch-tokens --heldout-prompts --hf "
+        "--hf-cache-dir --hf-config --hf-split --hidden-size --init-from --inputs --instruct-limit "
+        "--intermediate-size --joiner --json-key --judge-endpoint --judge-model --judge-samples --keep-prob "
+        "--kinds --kto-desirable-weight --kto-undesirable-weight --label-smoothing --loss --lr-sweep "
+        "--max-blank-lines --max-chars --max-chunk-chars --max-dup-line-fraction --max-eval-chars --max-heldout "
+        "--max-malformed-listed --max-sentence-chars --max-token-length --max-top-ngram-fraction --max-train-mb "
+        "--mc-data --mc-limit --mc-shots --mc-split --mc-subjects --min-chars --min-cjk-fraction --min-frequency "
+        "--min-sentence-chars --name --near --near-dedup --ngram --num-attention-heads --num-hidden-layers "
+        "--num-key-value-heads --num-perm --policy --ppl-tokens --preset --questions --quiet --ref-batch-size "
+        "--rope-factor --rope-scaling --rope-theta --round-reference --rounds --sample-temperature "
+        "--samples-per-story --schemas --sft-weight --shard-tokens --simpo-gamma --sources --stories "
+        "--strip-indent --thinking --threshold --tie-word-embeddings --to-simplified --too-long --top-ngram-size "
+        "--train --train-eval-pairs --txt-mode --val-fraction --vocab-size --windows --zero-init-residual"
     ),
     "pretrain": (
         "--adam-lr --attn-impl --beta1 --beta2 --compile --decay-fraction --device --distill-alpha "

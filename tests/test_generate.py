@@ -264,6 +264,9 @@ def test_prompts_come_from_stdin_with_a_dash_or_piped_without_prompt(tiny_run, m
     monkeypatch.setattr("sys.stdin", _Stdin("小猫\n\n有一天\n".encode()))
     assert main(["generate", str(tiny_run), "--prompts-file", "-", *greedy]) == 0
     assert capsys.readouterr().out == expected
+    # a repeated flag adds prompts, as one flag with two values does (it used to keep only the last)
+    assert main(["generate", str(tiny_run), "--prompt", "小猫", "--prompt", "有一天", *greedy]) == 0
+    assert capsys.readouterr().out == expected
     assert main(["generate", str(tiny_run), "--prompt", "小猫", *greedy]) == 0
     one = capsys.readouterr().out
     monkeypatch.setattr("sys.stdin", _Stdin("小猫\n".encode()))

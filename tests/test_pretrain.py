@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -166,7 +165,7 @@ def test_max_tokens_sets_the_horizon(shards_dir, tmp_path):
     assert summary["steps"] == 5 and summary["total_steps"] == 5
 
 
-def test_two_processes_train_like_one(shards_dir, tmp_path):
+def test_two_processes_train_like_one(shards_dir, tmp_path, two_ranks_like_one):
     # the engine's DDP against accumulation, on the old recipe: Muon's bf16 orthogonalisation has its own test
     # (tests/test_recipe.py), and zero-initialised down_proj leaves up/gate with near-zero first gradients whose
     # rounding noise AdamW would normalise into real updates
@@ -174,21 +173,7 @@ def test_two_processes_train_like_one(shards_dir, tmp_path):
               "--micro-batch-size", "4", "--sample-tokens", "0", "--optimizer", "adamw", "--no-zero-init-residual"]
     one = tmp_path / "one"
     assert main(["pretrain", "--out", str(one), "--grad-accum-steps", "2", *common]) == 0
-    two = tmp_path / "two"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",  # a free port
-         "-m", "xiaolm", "pretrain", "--out", str(two), "--grad-accum-steps", "1", *common],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    a, b = _train_losses(one), _train_losses(two)
-    assert len(a) == len(b) == 5
-    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
-    wa, _, _ = load_model(one, with_tokenizer=False)
-    wb, _, _ = load_model(two, with_tokenizer=False)
-    for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
-        assert (pa - pb).abs().max() < 1e-4, name
+    two_ranks_like_one(one, tmp_path / "two", common, steps=5, loss_tol=1e-5)
 
 
 @pytest.mark.parametrize("verb", ["sweep", "pretrain"])  # `xiaolm pretrain --lr-sweep` runs the same sweep

@@ -24,7 +24,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from xiaolm.infer.generate import SamplingConfig, generate, generate_ids  # noqa: E402
 from serve_harness import BackgroundServer  # noqa: E402
 from xiaolm.serve.app import create_app  # noqa: E402
-from xiaolm.serve.engine import Engine, GenerationRequest, QueueFull, SamplingParams  # noqa: E402
+from xiaolm.serve.engine import Engine  # noqa: E402
+from xiaolm.serve.request import GenerationRequest, QueueFull, SamplingParams  # noqa: E402
 
 from conftest import stop_process  # noqa: E402
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from xiaolm.infer.generate import SamplingConfig, generate, generate_ids
-from xiaolm.serve.engine import (GENERATION_FAILED, Engine, GenerationRequest, SamplingParams, derive_seed)
+from xiaolm.serve.engine import Engine
+from xiaolm.serve.errors import GENERATION_FAILED
+from xiaolm.serve.request import GenerationRequest, SamplingParams, derive_seed
 
 SCHEDULERS = ["continuous", "static"]
 
@@ -496,7 +498,7 @@ def _poison_beside_two_streams(model, tokenizer, poisoned: bool):
         engine.start()
         texts = [(r.result(timeout=60)[0].text, r.sequences[0].finish_reason) for r in normal]
         for r in bad:
-            with pytest.raises(RuntimeError, match="error while generating"):
+            with pytest.raises(RuntimeError, match="Generation failed on the server"):
                 r.result(timeout=60)
             assert r.sequences[0].finish_reason == "error"
         return texts, engine.stats.errors

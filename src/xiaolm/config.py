@@ -339,6 +339,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, positionals: dict[str,
         else:
             if get_origin(inner) in (list, tuple):
                 kwargs["nargs"] = "+"
+                kwargs["action"] = "extend"  # `--prompt a --prompt b` is both, as `--prompt a b` is
                 if "choices" not in kwargs:
                     kwargs["metavar"] = name.rsplit(".", 1)[-1].upper()  # not the dest's PAIRS__SAMPLING__STOP
             metavar = {int: "N", float: "X", str: "S"}.get(inner, None)

@@ -60,6 +60,49 @@ def check_parent(path: Path, what: str) -> None:
         raise fail(f"{what} {path}: {parent} is not writable")
 
 
+def prepare_model_dir(out: str | Path, source: str | Path, overwrite: bool, *, what: str, noun: str,
+                      source_noun: str, earlier_noun: str, earlier, earlier_files) -> Path:
+    """Where a verb that writes a model directory (``export hf``, ``quantize``) may write, created; returns it.
+
+    Never a file, the source itself or (inside) a run directory; a non-empty directory only when ``earlier(out)``
+    describes an earlier output of this verb there (a string; None: someone else's, refused), and then only with
+    ``overwrite``, which removes ``earlier_files(out)`` (names directly in ``out``) and nothing else. ``what`` opens
+    each refusal (``"export hf:"``), ``noun`` names what is written (``"the export"``), ``source_noun`` what is read
+    (``"the directory being exported"``), ``earlier_noun`` what
+    this verb leaves (``"an earlier xiaolm export"``)."""
+    out, src = Path(out), Path(source).resolve()
+    if out.exists() and not out.is_dir():
+        raise fail(f"{what} {out} is a file; give a directory to write {noun} into")
+    if out.resolve() == src:
+        raise fail(f"{what} {out} is {source_noun}; write {noun} somewhere else")
+    if inside_run(out):
+        raise fail(f"{what} {out} is (inside) a run directory; writing there would replace the run's config.yaml "
+                   f"and tokenizer. Write {noun} somewhere else")
+    check_parent(out, what)
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        found = earlier(out)
+        if found is None:
+            raise fail(f"{what} {out} is not empty and is not {earlier_noun}; choose an empty or new directory "
+                       f"(nothing was written)")
+        if not overwrite:
+            raise fail(f"{what} {out} holds {found}; pass --overwrite to replace it")
+        for name in earlier_files(out):
+            p = out / str(name)
+            if p.resolve().parent != out.resolve():  # a name pointing elsewhere is not trusted
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"{what} cannot create {out}: {exc.strerror}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise fail(f"{what} {out} is not writable")
+    return out
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

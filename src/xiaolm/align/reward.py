@@ -64,11 +64,9 @@ def collate_scored(rows: list[list[int]], pad_id: int) -> dict:
 
 
 @torch.no_grad()
-def score_texts(model: RewardModel, tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 32,
-                seq_len: Optional[int] = None) -> list[float]:
-    """Scores of ``(prompt messages, response)`` items, in length-sorted batches."""
-    seq_len = seq_len or model.config.max_position_embeddings
-    encoded = [encode_scored(tokenizer, p, r, seq_len)[0] for p, r in items]
+def score_texts(model: RewardModel, tokenizer, items: list[tuple[list[dict], str]], batch_size: int = 32) -> list[float]:
+    """Scores of ``(prompt messages, response)`` items, in length-sorted batches, each cut to the model's context."""
+    encoded = [encode_scored(tokenizer, p, r, model.config.max_position_embeddings)[0] for p, r in items]
     return score_ids(model, encoded, tokenizer.pad_id, batch_size)
 
 

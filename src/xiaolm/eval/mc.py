@@ -243,12 +243,11 @@ def score_letters(model, prompts: list[list[int]], continuations: list[list[int]
     return scores, mass
 
 
-def evaluate_mc(model, tokenizer, data: MCData, shots: int = 0, batch_size: int = 16,
-                max_len: Optional[int] = None) -> dict:
+def evaluate_mc(model, tokenizer, data: MCData, shots: int = 0, batch_size: int = 16) -> dict:
     """Accuracy per subject and overall; see the module docstring for the protocol."""
     if not data.questions:
         raise fail("no questions to evaluate")
-    max_len = max_len or model.config.max_position_embeddings
+    max_len = model.config.max_position_embeddings  # a prompt and its answer letter fit the model's context
     conts = letter_continuations(tokenizer)
     max_prompt = max_len - max(len(c) for c in conts) + 1
     prompts, fewer, truncated = encode_prompts(data.questions, data.dev, tokenizer, shots, max_prompt)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
-from xiaolm.rundir import check_parent, inside_run
+from xiaolm.rundir import check_parent, prepare_model_dir
 from xiaolm.utils import fail
 
 MARKER = "xiaolm_export.json"
@@ -33,39 +32,14 @@ def read_marker(out: Path) -> Optional[dict]:
 def prepare_hf_target(out: str | Path, overwrite: bool, source: str | Path) -> Path:
     """Check ``out`` for ``export hf`` and create it; returns it. Removes an earlier export's files with
     ``overwrite``. Exits with one line when ``out`` must not be written."""
-    out = Path(out)
-    src = Path(source).resolve()
-    if out.exists() and not out.is_dir():
-        raise fail(f"export hf: {out} is a file; give a directory to write the model into")
-    if out.resolve() == src:
-        raise fail(f"export hf: {out} is the directory being exported; write the export somewhere else")
-    if inside_run(out):
-        raise fail(f"export hf: {out} is (inside) a run directory; exporting there would replace the run's "
-                   f"config.yaml and tokenizer. Write the export somewhere else")
-    check_parent(out, "export hf:")
-    if out.is_dir() and any(out.iterdir()):
-        marker = read_marker(out)
-        if marker is None:
-            raise fail(f"export hf: {out} is not empty and is not an earlier xiaolm export; choose an empty or new "
-                       f"directory (nothing was written)")
-        if not overwrite:
-            raise fail(f"export hf: {out} holds an earlier export ({marker.get('source', '?')}); "
-                       f"pass --overwrite to replace it")
-        for name in marker.get("files") or []:
-            p = out / str(name)
-            if p.resolve().parent != out.resolve():  # a marker naming files elsewhere is not trusted
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise fail(f"export hf: cannot create {out}: {exc.strerror}")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise fail(f"export hf: {out} is not writable")
-    return out
+    def earlier(path: Path) -> Optional[str]:
+        marker = read_marker(path)
+        return None if marker is None else f"an earlier export ({marker.get('source', '?')})"
+
+    return prepare_model_dir(out, source, overwrite, what="export hf:", noun="the export",
+                             source_noun="the directory being exported",
+                             earlier_noun="an earlier xiaolm export", earlier=earlier,
+                             earlier_files=lambda path: (read_marker(path) or {}).get("files") or [])
 
 
 def is_our_gguf(path: Path) -> bool:

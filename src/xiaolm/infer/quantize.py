@@ -3,7 +3,6 @@ are described in ``xiaolm.model.quant``; ``xiaolm.model.io.load_model`` reads a 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch.nn as nn
 from xiaolm.config import opt, parse_config, save_config
 from xiaolm.model.llama import Llama
 from xiaolm.model.quant import FORMAT, FORMAT_VERSION, GROUP_SIZES, QUANT_FILE, quantize_int4, quantize_int8
-from xiaolm.rundir import LOCK_NAME, check_parent, inside_run, lock_run_dir
+from xiaolm.rundir import lock_run_dir, prepare_model_dir
 from xiaolm.utils import atomic_output, atomic_write_json, fail, log
 
 # ================================================================================================== quantise
@@ -70,30 +69,13 @@ QDIR_FILES = ("model.safetensors", "model_config.json", "tokenizer", QUANT_FILE,
 
 
 def prepare_qdir_target(out: str | Path, overwrite: bool, source: str | Path) -> Path:
-    """The rules ``export hf`` follows (``xiaolm.export.target``): never the source or a run directory, never a
-    non-empty directory that is not an earlier QDIR, and an earlier QDIR only with ``overwrite``."""
-    out, src = Path(out), Path(source).resolve()
-    if out.exists() and not out.is_dir():
-        raise fail(f"quantize: {out} is a file; give a directory to write the quantised model into")
-    if out.resolve() == src:
-        raise fail(f"quantize: --out {out} is the run being quantised; write the QDIR somewhere else")
-    if inside_run(out):
-        raise fail(f"quantize: --out {out} is (inside) a run directory; writing there would replace the run's "
-                   f"config.yaml and tokenizer. Write the QDIR somewhere else")
-    check_parent(out, "quantize: --out")
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        if not (out / QUANT_FILE).is_file():
-            raise fail(f"quantize: --out {out} is not empty and is not an earlier quantised directory; choose an "
-                       f"empty or new directory (nothing was written)")
-        if not overwrite:
-            raise fail(f"quantize: --out {out} holds an earlier quantised model; pass --overwrite to replace it")
-        for name in QDIR_FILES:
-            p = out / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
-    return out
+    """The rules ``export hf`` follows (``xiaolm.rundir.prepare_model_dir``): never the source or a run directory,
+    never a non-empty directory that is not an earlier QDIR, and an earlier QDIR only with ``overwrite``."""
+    return prepare_model_dir(out, source, overwrite, what="quantize: --out", noun="the QDIR",
+                             source_noun="the run being quantised",
+                             earlier_noun="an earlier quantised directory",
+                             earlier=lambda p: "an earlier quantised model" if (p / QUANT_FILE).is_file() else None,
+                             earlier_files=lambda p: QDIR_FILES)
 
 
 def quantize_run(run: str | Path, out: str | Path, bits: int, group_size: int = 64, embedding_bits: int = 8,

@@ -2,7 +2,8 @@
 
 Per stage: what it did this time (ran, resumed, skipped), wall time, tokens, device, peak memory, its key figures
 and the command that replays it; then the evaluation (bits per character, instruction following, multiple choice
-beside chance), the final model's answers, samples, loss curves and the exported files.
+beside chance), tool use of the agent stage's models, the final model's answers, samples, loss curves and the
+exported files.
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def key_figures(name: str, r: dict) -> dict:
     """The few numbers that say how a stage went."""
     if not r:
         return {}
+    if name.startswith("agent_"):
+        from xiaolm.pipeline.agent import key_figures as agent_figures
+
+        return agent_figures(name, r)
     pick = {
         "prepare": ("documents_in", "documents_kept", "train_documents", "duplicates_exact", "duplicates_near"),
         "tokenizer": ("vocab_size", "chars_per_token"),
@@ -85,6 +90,9 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
     """REPORT.md and report.json for a route; ``command_for(cfg, stage)`` is the command that replays a stage
     (``route.command_for``, passed in: it needs route's stage table)."""
     from xiaolm.eval.instruct import format_table
+    from xiaolm.pipeline.agent import eval_dir as agent_eval_dir
+    from xiaolm.pipeline.agent import headline_rows as agent_headline
+    from xiaolm.pipeline.agent import report_section as agent_section
     from xiaolm.pipeline.paths import final_run
     from xiaolm.pipeline.state import StageState
 
@@ -112,7 +120,8 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
               "eval": {k: v for k, v in full_eval.items() if k != "instruct"},
               "instruct": {m: {k: v for k, v in r.items() if k != "generations"}
                            for m, r in (full_eval.get("instruct") or {}).items()},
-              "export": (StageState(work, "export").read() or {}).get("result")}
+              "export": (StageState(work, "export").read() or {}).get("result"),
+              "agent": _read(agent_eval_dir(cfg) / "eval.json") if cfg.agent != "none" else None}
     atomic_write_json(work / "report.json", report)
 
     L: list[str] = [f"# xiaolm route report: `{work.name}`", ""]
@@ -153,6 +162,7 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
         met = f"all constraints {_pct(a.get('rate'))} of {a.get('n')}, " if a.get("n") else ""
         L.append(f"| instruction following, {name} ({r.get('samples')} held-out prompts) | {met}"
                  f"rep-4 {_f(rep.get('rep4'), 3)}, mean length {_f(rep.get('mean_chars'), 0)} chars{extra} |")
+    L += agent_headline(cfg)
 
     L += ["", "## Stages", "",
           "| stage | this run | status | wall s | tokens (chars for prepare) | device | peak RSS MB | key figures |",
@@ -180,6 +190,7 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
             L.append(f"| {name} | {_pct(m['accuracy'])} | {_pct(m['accuracy_stderr'])} | {_pct(m['chance'])} | "
                      f"{_pct(m['macro_accuracy'])} | {m['questions']} | {_pct(m.get('letter_mass'))} |")
         L.append("\nAccuracy within about two standard errors of chance means the model does not know the answers.")
+    L += agent_section(cfg)
     qs = full_eval.get("questions") or []
     if qs:
         L += ["", f"## The final model answers ({full_eval.get('final')}, greedy, repetition penalty "

@@ -1,9 +1,10 @@
 """``xiaolm pipeline --config RECIPE.yaml``: the whole route, from raw text to an exported chat model and a report.
 
-prepare -> tokenizer -> tokenize -> pretrain -> instruct -> sft -> (pairs -> reward -> align: DPO or GRPO) -> eval
--> export -> report. A recipe holds one section per stage with exactly the options of that stage's own verb, plus
-a ``workdir``; outputs are wired together unless the recipe names them. Each stage writes its resolved options to
-``WORKDIR/configs/STAGE.yaml`` and the report names the command that replays it alone.
+prepare -> tokenizer -> tokenize -> pretrain -> instruct -> sft -> (pairs -> reward -> align: DPO or GRPO) -> (agent:
+tool data -> tool SFT -> GRPO with tools -> eval tools, see ``agent.py``) -> eval -> export -> report. A recipe
+holds one section per stage with exactly the options of that stage's own verb, plus a ``workdir``; outputs are
+wired together unless the recipe names them. Each stage writes its resolved options to ``WORKDIR/configs/STAGE.yaml``
+and the report names the command that replays it alone.
 
 Resumable by stage: a rerun skips a stage whose fingerprint (options + upstream fingerprints + external inputs, see
 ``state.py``) is unchanged and whose outputs exist; resumes an interrupted training stage from its last checkpoint
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import shutil
 import sys
 import time
@@ -34,17 +34,20 @@ from xiaolm.config import opt, parse_config, save_config
 from xiaolm.data.prepare import PrepareConfig
 from xiaolm.data.shards import TokenizeConfig
 from xiaolm.data.vocab import TokenizerTrainConfig
+from xiaolm.eval.tools import EvalToolsConfig
+import xiaolm.pipeline.agent as agent_stage
 from xiaolm.pipeline.mix import CorpusSource, InstructMixConfig
 from xiaolm.pipeline.paths import final_run, instruct_dir
-from xiaolm.pipeline.state import StageState, fingerprint
+from xiaolm.pipeline.state import StageState, compact, fingerprint, peak_memory
+from xiaolm.tasks.agent import ToolDataConfig
 from xiaolm.tasks.instruct import InstructConfig
 from xiaolm.train.pretrain import PretrainConfig
 from xiaolm.train.sft import SFTConfig
 from xiaolm.rundir import lock_run_dir
 from xiaolm.utils import atomic_write_json, fail, log
 
-STAGES = ("prepare", "tokenizer", "tokenize", "pretrain", "instruct", "sft", "pairs", "reward", "align", "eval",
-          "export", "report")
+STAGES = ("prepare", "tokenizer", "tokenize", "pretrain", "instruct", "sft", "pairs", "reward", "align",
+          *agent_stage.AGENT_STAGES, "eval", "export", "report")
 
 QUESTIONS = ["中国的首都是哪里？", "请介绍一下长城。", "怎样才能睡得更好？", "什么是光合作用？", "给我讲一个关于小猫的故事。"]
 
@@ -103,6 +106,12 @@ whose options or inputs changed."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    agent: Literal["none", "sft", "base"] = opt("none", "agent stages: tool data, tool SFT from the route's sft "
+                                                         "(or base) model, GRPO with tools, eval tools (none: off)")
+    agent_data: ToolDataConfig = field(default_factory=ToolDataConfig)
+    agent_sft: SFTConfig = field(default_factory=SFTConfig)
+    agent_grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(task="tools"))
+    agent_eval: EvalToolsConfig = field(default_factory=EvalToolsConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     export: ExportSection = field(default_factory=ExportSection)
 
@@ -161,6 +170,7 @@ def wire(cfg: PipelineConfig) -> PipelineConfig:
         cfg.dpo.eval_prompts = [heldout]
     if cfg.align == "grpo" and not cfg.grpo.eval_prompts and not cfg.instruct_mix.sources:
         cfg.grpo.eval_prompts = [heldout]
+    agent_stage.wire_agent(cfg)
     return cfg
 
 
@@ -386,6 +396,18 @@ STAGE_TABLE: dict[str, Stage] = {s.name: s for s in [
           + (["reward"] if c.reward_model and c.align == "grpo" else []), lambda c: [],
           lambda c: _sum(final_run(c)), lambda c: [Path(final_run(c))], _run_align,
           applies=lambda c: c.align != "none", training=True, positionals=lambda c: [_align_section(c).run]),
+    Stage("agent_data", "data tools", lambda c: c.agent_data, lambda c: [], lambda c: [],
+          lambda c: [Path(c.agent_data.out) / "report.json"], lambda c: [Path(c.agent_data.out)],
+          agent_stage.run_agent_data, applies=agent_stage.agent_on),
+    Stage("agent_sft", "sft", lambda c: c.agent_sft, agent_stage.sft_upstream, lambda c: [],
+          lambda c: _sum(c.agent_sft.out), lambda c: [Path(c.agent_sft.out)], agent_stage.run_agent_sft,
+          applies=agent_stage.agent_on, training=True, positionals=lambda c: [c.agent_sft.run]),
+    Stage("agent_grpo", "grpo", lambda c: c.agent_grpo, lambda c: ["agent_data", "agent_sft"], lambda c: [],
+          lambda c: _sum(c.agent_grpo.out), lambda c: [Path(c.agent_grpo.out)], agent_stage.run_agent_grpo,
+          applies=agent_stage.agent_on, training=True, positionals=lambda c: [c.agent_grpo.run]),
+    Stage("agent_eval", "pipeline", lambda c: c.agent_eval, lambda c: ["agent_data", "agent_sft", "agent_grpo"],
+          lambda c: [], lambda c: [agent_stage.eval_dir(c) / "eval.json"], lambda c: [agent_stage.eval_dir(c)],
+          agent_stage.run_agent_eval, applies=agent_stage.agent_on),
     Stage("eval", "pipeline", lambda c: c.eval,
           lambda c: ["tokenize", "pretrain", "instruct", "sft"] + (["align"] if c.align != "none" else []),
           _mc_inputs, lambda c: [_workdir(c, "eval", "eval.json")], lambda c: [_workdir(c, "eval")], _run_eval),
@@ -404,7 +426,8 @@ def stage_options(cfg: PipelineConfig, name: str):
 def command_for(cfg: PipelineConfig, name: str) -> str:
     """The command that replays one stage alone (its resolved options are in WORKDIR/configs/STAGE.yaml)."""
     conf = Path(cfg.workdir) / "configs" / f"{name}.yaml"
-    if name in ("eval", "report") or (name == "prepare" and cfg.mix) or (name == "instruct" and cfg.instruct_mix.sources):
+    if (name in ("eval", "agent_eval", "report") or (name == "prepare" and cfg.mix)
+            or (name == "instruct" and cfg.instruct_mix.sources)):
         return f"xiaolm pipeline --config {Path(cfg.workdir) / 'pipeline.yaml'} --from {name} --stages {name}"
     if name == "export":
         e, run = cfg.export, final_run(cfg)
@@ -418,19 +441,6 @@ def command_for(cfg: PipelineConfig, name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- planning
-
-
-def _peak_memory() -> dict:
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            torch.cuda.reset_peak_memory_stats()
-    except Exception:  # noqa: BLE001 - memory figures are informative only
-        pass
-    return out
 
 
 def plan(cfg: PipelineConfig, from_stage: Optional[str] = None, force: bool = False) -> list[dict]:
@@ -510,7 +520,7 @@ def _inside(path: Path, root: Path) -> bool:
 def _quiet(cfg: PipelineConfig) -> None:
     """Progress bars off: the pipeline's log is read from files and CI logs more often than watched."""
     cfg.tokenizer.progress = cfg.tokenize.progress = False
-    for section in (cfg.pretrain, cfg.sft, cfg.reward, cfg.dpo, cfg.grpo):
+    for section in (cfg.pretrain, cfg.sft, cfg.reward, cfg.dpo, cfg.grpo, cfg.agent_sft, cfg.agent_grpo):
         section.train.progress = False
 
 
@@ -550,8 +560,8 @@ def run_pipeline(cfg: PipelineConfig, from_stage: Optional[str] = None, dry_run:
             code = int(result.get("exit_code") or 130)
             log(f"pipeline: {name} was interrupted; rerun the same command to resume it")
             break
-        state.finished(row["fingerprint"], {"wall_s": wall, "command": command, "memory": _peak_memory(),
-                                            "result": _compact(result)})
+        state.finished(row["fingerprint"], {"wall_s": wall, "command": command, "memory": peak_memory(),
+                                            "result": compact(result)})
     if "report" in cfg.stages:
         from xiaolm.pipeline.report import write_report
 
@@ -570,15 +580,6 @@ def _save_stage_config(options: Any, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(_plain(options), allow_unicode=True, sort_keys=False))
-
-
-def _compact(result: Any) -> Any:
-    """A stage's result without the bulky parts (every generation, every problem), for its state file."""
-    if isinstance(result, dict):
-        return {k: _compact(v) for k, v in result.items() if k not in ("generations", "problems", "letter_tokens")}
-    if isinstance(result, list) and len(result) > 50:
-        return result[:50]
-    return result
 
 
 def main(argv: list[str]) -> int:

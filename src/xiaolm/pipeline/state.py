@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -88,3 +89,26 @@ class StageState:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def peak_memory() -> dict:
+    """The process's peak memory so far (and CUDA's since the last call), for a stage's state file."""
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:  # noqa: BLE001 - memory figures are informative only
+        pass
+    return out
+
+
+def compact(result: Any) -> Any:
+    """A stage's result without the bulky parts (every generation, every problem), for its state file."""
+    if isinstance(result, dict):
+        return {k: compact(v) for k, v in result.items() if k not in ("generations", "problems", "letter_tokens")}
+    if isinstance(result, list) and len(result) > 50:
+        return result[:50]
+    return result

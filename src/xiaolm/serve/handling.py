@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from xiaolm.serve.body import DEFAULT_MAX_BODY_MB
-from xiaolm.serve.engine import Engine, EngineClosed, GenerationRequest, QueueFull, SamplingParams, Sequence
+from xiaolm.serve.engine import Engine
+from xiaolm.serve.request import EngineClosed, GenerationRequest, QueueFull, SamplingParams, Sequence
 from xiaolm.serve.errors import GENERATION_FAILED, LOG, APIError
 from xiaolm.serve.logprobs import TextOffsets, completion_logprobs
 from xiaolm.serve.schemas import CompletionRequest

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from xiaolm.serve.engine import TokenLogprob
+from xiaolm.serve.request import TokenLogprob
 from xiaolm.tokenizer.core import SPECIAL_TOKENS
 from xiaolm.tokenizer.detok import Detokenizer, token_bytes
 

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
-from xiaolm.serve.engine import GenerationRequest
+from xiaolm.serve.request import GenerationRequest
 from xiaolm.serve.errors import GENERATION_FAILED, LOG, APIError
 from xiaolm.serve.handling import ResponseMeta, Served, log_disconnect, usage_body
 from xiaolm.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
@@ -46,9 +46,6 @@ async def events_with_keepalive(gen: GenerationRequest, served: Served) -> Async
         if event.kind == "done":
             return
         yield event
-
-
-GENERATION_FAILED = "Generation failed on the server (see the server log); the server goes on serving."
 
 
 def _stream_error(message: str, code: str) -> str:

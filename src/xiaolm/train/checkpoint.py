@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -172,3 +174,60 @@ def load_trainer_state(ckpt: Path) -> Optional[dict]:
     return torch.load(f, map_location="cpu", weights_only=False)
 
 
+# ---------------------------------------------------------------------------------- trainer state for an exact resume
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_model_state(raw_model: torch.nn.Module, fsdp: bool) -> dict:
+    """The whole model's weights as one state dict (under FSDP gathered to CPU on every rank)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(raw_model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        return {k: v.contiguous() for k, v in sd.items()}
+    return state_dict_for_save(raw_model)
+
+
+def full_optimizer_state(raw_model: torch.nn.Module, optimizer, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_model_and_optimizer(raw_model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict,
+                             fsdp: bool) -> None:
+    """The inverse of ``full_model_state`` + ``full_optimizer_state``."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(raw_model, model_state, options=opts)
+        set_optimizer_state_dict(raw_model, optimizer, optimizer_state, options=opts)
+    else:
+        raw_model.load_state_dict(model_state, strict=False)
+        if hasattr(raw_model, "tie_weights"):
+            raw_model.tie_weights()
+        optimizer.load_state_dict(optimizer_state)

@@ -22,20 +22,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-import numpy as np
 import torch
 
 from xiaolm.config import opt, save_config
 from xiaolm.model.io import MODEL_CONFIG, CheckpointError, find_checkpoint, step_checkpoints, verify_checkpoint
 from xiaolm.rundir import claim_run_dir
-from xiaolm.train.checkpoint import resolve_checkpoint_choice, load_trainer_state, save_checkpoint, state_dict_for_save
+from xiaolm.train.checkpoint import (full_model_state, full_optimizer_state, load_model_and_optimizer, load_trainer_state,
+                                     resolve_checkpoint_choice, rng_state, save_checkpoint, set_rng_state)
 from xiaolm.train.dist import (DistEnv, auto_help, autocast_for, configure_device, device_peak_flops,
                                resolve_device_defaults, resolve_precision, setup_distributed, teardown_distributed)
 from xiaolm.train.memory import OOM_FALLBACK_STEPS, MemoryCreep, memory_stats, split_rows
@@ -141,21 +140,6 @@ def threading_main() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -271,28 +255,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- state
 
-    def _full_state_dict(self) -> dict:
-        if self.cfg.fsdp and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            sd = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if getattr(self.raw_model.config, "tie_word_embeddings", False):
-                sd.pop("lm_head.weight", None)
-            return {k: v.contiguous() for k, v in sd.items()}
-        return state_dict_for_save(self.raw_model)
-
-    def _optimizer_state(self) -> dict:
-        if self.cfg.fsdp and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(
-                self.raw_model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return self.optimizer.state_dict()
+    def model_state(self) -> dict:
+        """The weights each checkpoint holds (``LoraTrainer``: the peft model's)."""
+        return full_model_state(self.raw_model, self.cfg.fsdp and self.env.distributed)
 
     def save(self, step: int, tokens: int, elapsed: float, best: bool, best_val: Optional[float], last_eval: dict):
-        sd = self._full_state_dict()
-        opt_state = self._optimizer_state()
+        sd = self.model_state()
+        opt_state = full_optimizer_state(self.raw_model, self.optimizer, self.cfg.fsdp and self.env.distributed)
         if not self.env.is_main:
             return None
         trainer_state = {
@@ -301,7 +270,7 @@ class Trainer:
             "elapsed": elapsed,
             "optimizer": opt_state,
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "best_val_loss": best_val,
             "world_size": self.env.world_size,
             "extra": self.extra_state(),
@@ -408,26 +377,12 @@ class Trainer:
             raise CheckpointError(f"{ckpt}: holds weights only (no trainer.pt); cannot resume training from it")
         from safetensors.torch import load_file
 
-        sd = load_file(str(ckpt / "model.safetensors"))
-        if self.cfg.fsdp and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(self.raw_model, sd, options=opts)
-            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=opts)
-        else:
-            self.raw_model.load_state_dict(sd, strict=False)
-            if hasattr(self.raw_model, "tie_weights"):
-                self.raw_model.tie_weights()
-            self.optimizer.load_state_dict(state["optimizer"])
+        load_model_and_optimizer(self.raw_model, self.optimizer, load_file(str(ckpt / "model.safetensors")),
+                                 state["optimizer"], self.cfg.fsdp and self.env.distributed)
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if state.get("world_size", 1) == self.env.world_size:
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         self.load_extra_state(state.get("extra") or {})
         log(f"resumed from {ckpt} (step {state['step']}, {human(state['tokens'])} tokens)")
         return state

@@ -99,7 +99,7 @@ class LoraTrainer(Trainer):
     """The shared Trainer for a peft-wrapped model: checkpoints hold its state dict and, written atomically with it,
     the adapter directory (``adapter_files``)."""
 
-    def _full_state_dict(self) -> dict:
+    def model_state(self) -> dict:
         return peft_state_dict(self.raw_model)
 
     def checkpoint_files(self) -> dict[str, bytes]:

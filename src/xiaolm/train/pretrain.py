@@ -22,7 +22,7 @@ from xiaolm.train.dist import DistEnv, setup_distributed
 from xiaolm.train.distill import DistillSection
 from xiaolm.train.engine import TrainConfig, Trainer, run_training
 from xiaolm.train.schedule import resolve_steps
-from xiaolm.utils import count_params, fail, human, log, seed_everything
+from xiaolm.utils import fail, human, log, seed_everything
 
 DEFAULT_PROMPTS = ["从前，有一个小女孩叫莉莉。", "小明和他的狗", "有一天，小猫"]
 

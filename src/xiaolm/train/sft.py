@@ -184,8 +184,11 @@ def add_chat_markers(model, tokenizer) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- batching
 
 
-def pack_rows(lengths: list[int], order: np.ndarray, seq_len: int, open_rows: int = 64) -> list[list[int]]:
-    """First-fit packing in the given order: each conversation goes into the first of the last ``open_rows``
+PACK_OPEN_ROWS = 64  # how many unfinished rows first-fit packing looks back over
+
+
+def pack_rows(lengths: list[int], order: np.ndarray, seq_len: int) -> list[list[int]]:
+    """First-fit packing in the given order: each conversation goes into the first of the last ``PACK_OPEN_ROWS``
     unfinished rows with room for it, else starts a new row. (Going to the next row only, when conversations are
     most of a row long, leaves a row per conversation; looking back a little fills the gaps.)"""
     rows: list[list[int]] = []
@@ -201,7 +204,7 @@ def pack_rows(lengths: list[int], order: np.ndarray, seq_len: int, open_rows: in
         else:
             rows.append([i])
             room.append(seq_len - n)
-            first_open = max(first_open, len(rows) - open_rows)
+            first_open = max(first_open, len(rows) - PACK_OPEN_ROWS)
     return rows
 
 

@@ -1,6 +1,8 @@
 // 小LM chat page: talks to this server's /v1/chat/completions with stream: true and renders the SSE deltas as they
 // arrive (fetch + ReadableStream; TextDecoder in streaming mode, so a character split across network packets is
-// never shown broken). Plain text only (textContent), no external resources.
+// never shown broken). The model's thinking (reasoning_content) streams into a dimmed, collapsible block above the
+// answer, tool calls show as name + arguments; stream.js folds the deltas. Plain text only (textContent), no external
+// resources.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,7 +10,8 @@ const els = {
   messages: $("messages"), empty: $("empty"), input: $("input"), send: $("send"), stop: $("stop"),
   clear: $("clear"), system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
   topP: $("top-p"), topPValue: $("top-p-value"), maxTokens: $("max-tokens"), modelName: $("model-name"),
-  modelContext: $("model-context"), dot: $("status-dot"), composer: $("composer"),
+  modelContext: $("model-context"), dot: $("status-dot"), composer: $("composer"), thinking: $("thinking"),
+  tools: $("tools"),
 };
 
 const state = {
@@ -51,6 +54,8 @@ function loadSettings() {
     if (saved.temperature != null) els.temperature.value = saved.temperature;
     if (saved.topP != null) els.topP.value = saved.topP;
     if (saved.maxTokens != null) els.maxTokens.value = saved.maxTokens;
+    if (typeof saved.thinking === "boolean") els.thinking.checked = saved.thinking;
+    if (typeof saved.tools === "string") els.tools.value = saved.tools;
   } catch (_) { /* private mode or corrupt value: keep the defaults */ }
   showSliderValues();
 }
@@ -59,7 +64,7 @@ function saveSettings() {
   try {
     localStorage.setItem(SETTINGS_KEY, JSON.stringify({
       system: els.system.value, temperature: els.temperature.value, topP: els.topP.value,
-      maxTokens: els.maxTokens.value,
+      maxTokens: els.maxTokens.value, thinking: els.thinking.checked, tools: els.tools.value,
     }));
   } catch (_) { /* storage unavailable: settings last for this page only */ }
 }
@@ -114,7 +119,7 @@ function fallbackCopy(text) {
   return ok;
 }
 
-// A message bubble: {root, body, foot, text()}.
+// A message bubble: {root, body, foot}; an assistant's also gets its thinking block and tool calls as they come.
 function addMessage(role, text) {
   els.empty.hidden = true;
   const root = document.createElement("div");
@@ -143,6 +148,60 @@ function addMessage(role, text) {
   return { root, body, foot };
 }
 
+// The thinking block (dimmed, collapsible): made when the first reasoning arrives, open while the model thinks,
+// folded once the answer or a call begins (a click opens it again).
+function showReasoning(view, text) {
+  if (!view.reasoning) {
+    const box = document.createElement("details");
+    box.className = "reasoning";
+    box.open = true;
+    const summary = document.createElement("summary");
+    summary.textContent = "思考过程 Thinking";
+    const inner = document.createElement("div");
+    inner.className = "reasoning-body";
+    box.append(summary, inner);
+    view.root.insertBefore(box, view.body);
+    view.reasoning = { box, inner };
+  }
+  view.reasoning.inner.textContent = text.trim();
+}
+
+// Tool calls: one line each, the function's name and its arguments (JSON), below the answer.
+function showToolCalls(view, calls) {
+  if (!view.calls) {
+    view.calls = document.createElement("div");
+    view.calls.className = "tool-calls";
+    view.root.insertBefore(view.calls, view.foot);
+  }
+  view.calls.replaceChildren(...calls.filter(Boolean).map((call) => {
+    const row = document.createElement("div");
+    row.className = "tool-call";
+    const label = document.createElement("span");
+    label.className = "tool-label";
+    label.textContent = "调用工具";
+    const name = document.createElement("span");
+    name.className = "tool-name";
+    name.textContent = call.name;
+    const args = document.createElement("code");
+    args.className = "tool-args";
+    args.textContent = formatArguments(call.arguments);
+    row.append(label, name, args);
+    return row;
+  }));
+}
+
+function render(view, reply, streaming) {
+  if (reply.reasoning) showReasoning(view, reply.reasoning);
+  const answering = reply.content.trim() || reply.toolCalls.length;
+  if (view.reasoning && answering && streaming && !view.folded) {
+    view.reasoning.box.open = false;   // the thinking is done: make room for the answer
+    view.folded = true;
+  }
+  // small models like to open with blank lines
+  view.body.textContent = streaming ? reply.content.trimStart() : reply.content.trim();
+  if (reply.toolCalls.length) showToolCalls(view, reply.toolCalls);
+}
+
 function setBusy(busy) {
   els.send.disabled = busy;
   els.send.hidden = busy;
@@ -150,20 +209,6 @@ function setBusy(busy) {
 }
 
 // ------------------------------------------------------------------------------------------ streaming
-
-// Parse SSE text into events; returns the unparsed remainder (an event not yet complete).
-function takeEvents(buffer, onData) {
-  const parts = buffer.split(/\r?\n\r?\n/);
-  const rest = parts.pop();
-  for (const part of parts) {
-    const data = part.split(/\r?\n/)
-      .filter((line) => line.startsWith("data:"))
-      .map((line) => line.slice(5).replace(/^ /, ""))
-      .join("\n");
-    if (data) onData(data);   // comment lines (": keep-alive") carry no data
-  }
-  return rest;
-}
 
 async function readError(response) {
   try {
@@ -178,8 +223,22 @@ async function readError(response) {
 // POST the conversation. Old turns are dropped only when the conversation itself no longer fits the context
 // window (the server names "messages"); a Max tokens that does not fit beside it is instead left to the server,
 // which then allows what the window has left. Returns {response, dropped, clamped}.
+// The tools box: OpenAI function schemas (a list, or one schema), sent as `tools`; empty: no tools.
+function toolSchemas() {
+  const text = els.tools.value.trim();
+  if (!text) return null;
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new Error(`工具定义不是合法的 JSON（tools: ${err.message}）`);
+  }
+  return Array.isArray(value) ? value : [value];
+}
+
 async function postChat(turn, signal) {
   const system = els.system.value.trim();
+  const tools = toolSchemas();
   let history = state.history.slice();
   let dropped = 0;
   let limit = maxTokens();
@@ -191,7 +250,9 @@ async function postChat(turn, signal) {
     const request = {
       model: state.model, messages, stream: true, stream_options: { include_usage: true },
       temperature: Number(els.temperature.value), top_p: Number(els.topP.value),
+      chat_template_kwargs: { enable_thinking: els.thinking.checked },
     };
+    if (tools) request.tools = tools;
     if (limit !== null) request.max_tokens = limit;
     const response = await apiFetch("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request), signal,
@@ -232,7 +293,7 @@ async function send() {
   setBusy(true);
   const started = performance.now();
   let firstTokenAt = null;
-  let content = "";
+  const answer = newReply();
   let finish = null;
   let usage = null;
   let failure = null;
@@ -259,11 +320,11 @@ async function send() {
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices || []) {
           if (choice.index !== 0) continue;
-          const delta = (choice.delta && choice.delta.content) || "";
-          if (delta) {
+          const delta = choice.delta || {};
+          if (delta.content || delta.reasoning_content || delta.tool_calls) {
             if (firstTokenAt === null) firstTokenAt = performance.now();
-            content += delta;
-            reply.body.textContent = content.trimStart();   // small models like to open with blank lines
+            applyDelta(answer, delta);
+            render(reply, answer, true);
             scrollDown(false);
           }
           if (choice.finish_reason) finish = choice.finish_reason;
@@ -279,12 +340,13 @@ async function send() {
   }
 
   const seconds = (performance.now() - started) / 1000;
-  content = content.trim();
-  reply.body.textContent = content;
+  render(reply, answer, false);
+  const content = answer.content.trim();
+  const said = content || answer.toolCalls.length;
   if (failure && failure.name === "AbortError") {
     reply.root.dataset.state = "stopped";
     reply.foot.textContent = "已停止 (stopped)";
-    if (content) state.history.push(turn, { role: "assistant", content });
+    if (said) state.history.push(turn, historyTurn(answer));
   } else if (failure) {
     reply.root.dataset.state = "error";
     reply.root.classList.add("error");
@@ -295,7 +357,7 @@ async function send() {
     if (!els.input.value) els.input.value = text;   // give the message back so it can be re-sent
   } else {
     reply.root.dataset.state = "done";
-    state.history.push(turn, { role: "assistant", content });
+    state.history.push(turn, historyTurn(answer));
     const parts = [];
     if (usage) {
       parts.push(`${usage.completion_tokens} tokens`);
@@ -303,8 +365,9 @@ async function send() {
     }
     if (firstTokenAt !== null) parts.push(`首字 ${((firstTokenAt - started) / 1000).toFixed(2)} s`);
     if (finish === "length") parts.push("达到长度上限 (length)");
+    if (finish === "tool_calls") parts.push("模型调用了工具 (tool_calls)");
     if (clamped) parts.push("最大生成长度已按上下文剩余空间缩短");
-    if (!content) parts.push("（模型没有生成文字）");
+    if (!said) parts.push("（模型没有生成文字）");
     reply.foot.textContent = parts.join(" · ");
   }
   scrollDown(false);
@@ -373,7 +436,9 @@ els.input.addEventListener("input", autosize);
 els.stop.addEventListener("click", stop);
 els.clear.addEventListener("click", clearChat);
 for (const el of [els.temperature, els.topP]) el.addEventListener("input", showSliderValues);
-for (const el of [els.system, els.temperature, els.topP, els.maxTokens]) el.addEventListener("change", saveSettings);
+for (const el of [els.system, els.temperature, els.topP, els.maxTokens, els.thinking, els.tools]) {
+  el.addEventListener("change", saveSettings);
+}
 
 loadSettings();
 loadModel();
