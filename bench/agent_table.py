@@ -4,10 +4,12 @@
     python bench/agent_table.py --base runs/base --out /tmp/agent_bench      # any pretrained RUNDIR
 
 Steps, each a normal xiaolm command, timed: (base: ``xiaolm quickstart`` at ``--base-seq-len`` positions, since tool
-conversations need more than its default 256), ``xiaolm data tools`` (``--schemas brief``: the tools listed in the
-system prompt, which fits a small context), ``xiaolm sft`` on it, ``xiaolm eval tools`` of the SFT model with
+conversations need more than its default 256), ``xiaolm data tools`` (``--schemas names``: only the tools' names and
+arguments in a short system prompt, so every kind with reasoning fits 512 positions; ``--thinking mix``),
+``xiaolm sft`` on it (Muon), ``xiaolm eval tools`` of the SFT model with
 thinking off and on (the contrast without tools included), ``xiaolm grpo --task tools`` from the SFT model, and
-``xiaolm eval tools`` of the GRPO policy. The table prints the measured rates beside the issue's goals (valid calls
+``xiaolm eval tools`` of the GRPO policy. Every generated turn may be as long as the longest reference turn of the
+data plus 16 tokens. The table prints the measured rates beside the issue's goals (valid calls
 >= 95%, right function >= 90%, exact arguments >= 70%, answers >= 60% with tools and at most a third of that
 without, GRPO +10 points over SFT), and the CPU seconds each stage took. OUT/agent_table.json and .md hold it.
 """
