@@ -160,7 +160,8 @@ def test_empty_think_block_is_context_not_label(tok):
     """A "thinking off" turn renders the empty block that the enable_thinking=False prompt ends with; it carries no
     label (a model that learnt to emit it would skip thinking on its own, and enable_thinking=True would not make it
     think), while a non-empty block, its answer and its <|im_end|> are learnt."""
-    for name, learnt in (("thinking off", "7<|im_end|>"), ("thinking", "<think>\n3 加 4 等于 7。\n</think>\n\n7<|im_end|>")):
+    for name, learnt in (("thinking off", "7<|im_end|>"),
+                         ("thinking", "<think>\n3 加 4 等于 7。\n</think>\n\n7<|im_end|>")):
         messages, _ = TABLE[name]
         ids, mask = encode_conversation(tok, messages)
         assert tok.decode([i for i, m in zip(ids, mask) if m]) == learnt, name

@@ -310,8 +310,8 @@ def encode_conversation(tokenizer, messages: list[dict], content_ids: Optional[l
                         ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendering of ``messages`` and, per token, whether it carries a label: True exactly on what
     an assistant turn says (its think block unless empty, content, tool calls) and its closing ``<|im_end|>``;
-    never on system turns, tool schemas or tool responses. The final newline after the last ``<|im_end|>`` is left off (it would be
-    an input with nothing to predict).
+    never on system turns, tool schemas or tool responses. The final newline after the last ``<|im_end|>`` is left
+    off (it would be an input with nothing to predict).
 
     Literal texts are encoded with ``allow_special=False``, so text that spells a marker stays text.
     ``content_ids`` (each message's content already encoded) is accepted for plain conversations."""
