@@ -62,6 +62,9 @@ def score(model: Path, shards: Path, heldout: Path | None, args, log: Path, comm
     for key, data in (("val", ["--data", str(shards), "--split", "val"]),
                       *((("heldout", ["--data", str(heldout), "--split", "train"]),) if heldout else ())):
         f = model / f"eval-{key}.json"
+        if f.is_file():  # scored by an earlier run in this --work (a sweep reuses the teacher and the plain student)
+            out[key] = round(json.loads(f.read_text())["bits_per_char"], 4)
+            continue
         xiaolm(["eval", "ppl", str(model), *data, "--max-tokens", str(args.eval_tokens), "--batch-size", "16",
                 "--out", str(f)], log, commands)
         out[key] = round(json.loads(f.read_text())["bits_per_char"], 4)
@@ -94,18 +97,19 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
     common = ["--data", str(shards), "--seq-len", str(args.seq_len), "--micro-batch-size", str(args.batch),
               "--seed", "0", "--eval-every", "0", "--eval-tokens", "4096", "--no-progress", "--no-tensorboard",
               "--device", args.device, "--log-every", "5"]
-    teacher = work / f"{name}-teacher"
+    teacher = work / f"{name}-teacher{args.teacher_suffix}"
     if not (teacher / "summary.json").is_file():  # --work of an earlier run: its teacher (and logits) are reused
         xiaolm(["pretrain", *common, "--preset", args.teacher_preset, "--max-steps", str(args.teacher_steps),
                 "--sample-tokens", "1", "--out", str(teacher)], log, commands)
     t_score = score(teacher, shards, heldout, args, log, commands)
     print(f"  {name}: teacher {args.teacher_preset} {args.teacher_steps} steps: {t_score}", flush=True)
-    logits = work / f"{name}-teacher-logits"
-    if not (logits / "teacher_logits.json").is_file():
+    logits = work / f"{name}-teacher{args.teacher_suffix}-logits{'' if args.top_k == 8 else f'-k{args.top_k}'}"
+    offline = "offline" in args.variants.split(",")
+    if offline and not (logits / "teacher_logits.json").is_file():
         xiaolm(["data", "teacher-logits", "--shards", str(shards), "--teacher", str(teacher), "--seq-len",
                 str(args.seq_len), "--top-k", str(args.top_k), "--device", args.device, "--out", str(logits)],
                log, commands)
-    lmeta = json.loads((logits / "teacher_logits.json").read_text())
+    lmeta = json.loads((logits / "teacher_logits.json").read_text()) if offline else {}
     distil = ["--distill-alpha", str(args.alpha), "--distill-temperature", str(args.temperature)]
     variants = {"plain": [], "online": ["--teacher", str(teacher), *distil],
                 "offline": ["--teacher-logits", str(logits), *distil]}
@@ -115,7 +119,7 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
     rows = []
     for vname, flags in variants.items():
         run = work / f"{name}-{vname}{'' if vname == 'plain' else args.run_suffix}"
-        if vname == "plain" and (run / "summary.json").is_file():  # reused from an earlier run in --work
+        if (run / "summary.json").is_file():  # reused from an earlier run in --work (a sweep; a rerun)
             flags = None
         if flags is not None:
             xiaolm(["pretrain", *common, "--preset", args.student_preset, "--max-steps", str(args.steps),
@@ -145,8 +149,89 @@ def run_corpus(name: str, shards: Path, heldout: Path | None, work: Path, args, 
         at = interpolate(cost[1:], bpc, plain["cost_s"])
         r["bpc_at_plain_wall"] = round(at, 4) if at is not None else (bpc[-1] if cost[-1] <= plain["cost_s"] else None)
         r["teacher"] = {"preset": args.teacher_preset, "steps": args.teacher_steps, **t_score}
-        r["logits"] = {k: lmeta[k] for k in ("k", "bytes_per_token", "bytes", "wall_s", "s_per_million_tokens")}
+        r["logits"] = {k: lmeta.get(k) for k in ("k", "bytes_per_token", "bytes", "wall_s", "s_per_million_tokens")}
     return rows
+
+
+def instruct_headline(res: dict) -> dict:
+    """The instruction headline of an ``eval instruct`` result: the share of constraints met (all kinds pooled), the
+    share of answers meeting all their constraints, and rep-4."""
+    cons = res.get("constraints") or {}
+    n, met = sum(c["n"] for c in cons.values()), sum(c["met"] for c in cons.values())
+    return {"constraints_met": round(met / n, 4) if n else None, "constraints_n": n,
+            "all_constraints": res["all_constraints"]["rate"], "answers": res["all_constraints"]["n"],
+            "rep4": res["repetition"]["rep4"], "mean_chars": res["repetition"]["mean_chars"],
+            "per_constraint": {k: round(c["rate"], 4) for k, c in cons.items()}}
+
+
+def sft_bases(name: str, shards: Path, work: Path, args, log: Path, commands: list[str]) -> tuple[Path, Path]:
+    """The teacher and the plain student as the pretraining rows have them, or, with a longer --sft-seq-len (an
+    instruction and its story do not fit in 128 tokens: generation would have no room left), both pretrained again
+    at that context with the same steps and tokens per step."""
+    if args.sft_seq_len == args.seq_len:
+        return work / f"{name}-teacher{args.teacher_suffix}", work / f"{name}-plain"
+    batch = max(1, args.batch * args.seq_len // args.sft_seq_len)
+    common = ["--data", str(shards), "--seq-len", str(args.sft_seq_len), "--micro-batch-size", str(batch),
+              "--seed", "0", "--eval-every", "0", "--eval-tokens", "4096", "--no-progress", "--no-tensorboard",
+              "--device", args.device, "--log-every", "5", "--sample-tokens", "1"]
+    out = []
+    for role, preset, steps in (("teacher", args.teacher_preset, args.teacher_steps),
+                                ("plain", args.student_preset, args.steps)):
+        run = work / f"{name}-{role}{args.teacher_suffix if role == 'teacher' else ''}-ctx{args.sft_seq_len}"
+        if not (run / "summary.json").is_file():
+            xiaolm(["pretrain", *common, "--preset", preset, "--max-steps", str(steps), "--out", str(run)], log,
+                   commands)
+        out.append(run)
+    return out[0], out[1]
+
+
+def run_sft(name: str, shards: Path, work: Path, cache: Path, args, log: Path, commands: list[str]) -> list[dict]:
+    """SFT rows: the pretraining teacher and the plain student each fine-tuned on the stories' instructions for the
+    same steps; then the student again, taught online by the SFT teacher on the assistant tokens; all three scored
+    by ``eval instruct`` on the held-out instructions (greedy)."""
+    t_base, s_base = sft_bases(name, shards, work, args, log, commands)
+    instruct = cache / f"stories-{args.stories}-instruct"
+    if not (instruct / "heldout.jsonl").is_file():
+        xiaolm(["data", "instruct", str(cache / "stories.jsonl"), "--out", str(instruct), "--heldout-fraction",
+                "0.1", "--seed", "0"], log, commands)
+    common = ["--data", str(instruct / "train.jsonl"), "--max-steps", str(args.sft_steps), "--micro-batch-size",
+              str(max(1, args.batch * args.seq_len // args.sft_seq_len)), "--lr", str(args.sft_lr),
+              "--warmup-steps", str(max(1, args.sft_steps // 10)),
+              "--eval-every", "0", "--eval-conversations", "32", "--sample-prompts", "1", "--sample-tokens", "16",
+              "--seed", "0", "--no-progress", "--no-tensorboard", "--device", args.device, "--log-every", "5"]
+    distil = ["--distill-alpha", str(args.alpha), "--distill-temperature", str(args.temperature)]
+    teacher = work / f"{t_base.name}-sft"
+    runs = {"sft teacher": (t_base, teacher, []),
+            "sft plain": (s_base, work / f"{s_base.name}-sft", []),
+            "sft distilled": (s_base, work / f"{s_base.name}-sft-distilled{args.run_suffix}",
+                              ["--teacher", str(teacher), *distil])}
+    rows = []
+    for variant, (base, out, flags) in runs.items():
+        if not (out / "summary.json").is_file():
+            xiaolm(["sft", str(base), *common, *flags, "--out", str(out)], log, commands)
+        f = out / "eval-instruct.json"
+        if not f.is_file():
+            xiaolm(["eval", "instruct", str(out), "--data", str(instruct / "heldout.jsonl"), "--limit",
+                    str(args.instruct_limit), "--max-new-tokens", str(args.instruct_tokens), "--batch-size", "32",
+                    "--device", args.device, "--out", str(f)], log, commands)
+        summary = json.loads((out / "summary.json").read_text())
+        rows.append({"corpus": name, "variant": variant, "base": str(base), "steps": summary.get("steps"),
+                     "tokens": summary.get("tokens"), "wall_s": summary.get("wall_s"),
+                     "val_loss": summary.get("val_loss"), "distill": summary.get("distill"),
+                     **instruct_headline(json.loads(f.read_text()))})
+        print(f"  {name}: {variant:<13} {rows[-1]['constraints_met']} met, all {rows[-1]['all_constraints']}, "
+              f"rep-4 {rows[-1]['rep4']}", flush=True)
+    return rows
+
+
+def sft_table(rows: list[dict]) -> list[str]:
+    lines = ["| corpus | variant | base model | SFT steps | wall s | held-out SFT loss | constraints met | "
+             "all constraints met | rep-4 | mean chars |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['corpus']} | {r['variant']} | {Path(r['base']).name} | {r['steps']} | "
+                     f"{r['wall_s']:.1f} | {r['val_loss']:.4f} | {r['constraints_met']:.3f} ({r['constraints_n']}) | "
+                     f"{r['all_constraints']:.3f} ({r['answers']}) | {r['rep4']:.3f} | {r['mean_chars']:.0f} |")
+    return lines
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -162,7 +247,7 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="stories,novels", help="stories, novels, or both (comma-separated)")
     ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
@@ -183,13 +268,27 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="plain,online,offline")
     ap.add_argument("--run-suffix", default="", help="appended to the distilled runs' directories (a sweep in one "
                                                      "--work reuses its teacher, logits and plain student)")
+    ap.add_argument("--teacher-suffix", default="", help="appended to the teacher's (and its logits') directory: "
+                                                         "a second teacher in one --work")
+    ap.add_argument("--sft-steps", type=int, default=0, help="SFT rows (stories): the teacher and the plain student "
+                                                              "fine-tuned this many steps, the student also distilled "
+                                                              "from the SFT teacher (0: no SFT rows)")
+    ap.add_argument("--sft-lr", type=float, default=1e-3)
+    ap.add_argument("--sft-seq-len", type=int, default=512, help="context of the SFT rows' models (their bases are "
+                                                                 "pretrained again at it when it is not --seq-len)")
+    ap.add_argument("--instruct-limit", type=int, default=150, help="held-out instructions scored by eval instruct")
+    ap.add_argument("--instruct-tokens", type=int, default=96, help="eval instruct's --max-new-tokens")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="/tmp/xiaolm-distill-cache")
     ap.add_argument("--novels-cache", default="/tmp/xiaolm-heldout-cache", help="bench/heldout_by_work.py's cache")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tag", default="")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     cache, work = Path(args.cache), Path(args.work or f"/tmp/xiaolm-distill-{stamp}")
@@ -200,7 +299,7 @@ def main(argv=None) -> int:
     print(f"distill_table: teacher {args.teacher_preset} x {args.teacher_steps} steps, student {args.student_preset} "
           f"x {args.steps} steps, alpha {args.alpha}, T {args.temperature}, top-{args.top_k}; load "
           f"{load_start[0]:.1f}, commit {commit_id()}; log {log}", flush=True)
-    rows = []
+    rows, sft_rows = [], []
     try:
         for name in [c.strip() for c in args.corpus.split(",") if c.strip()]:
             if name == "novels" and not (Path(args.shared) / "classic_novels").is_dir():
@@ -208,11 +307,16 @@ def main(argv=None) -> int:
                 continue
             shards, heldout = (stories_shards if name == "stories" else novels_shards)(cache, args, log, commands)
             rows += run_corpus(name, shards, heldout, work, args, log, commands)
+            if name == "stories" and args.sft_steps:
+                sft_rows += run_sft(name, shards, work, cache, args, log, commands)
     except BenchError as e:
         print(f"distill_table: {e}", file=sys.stderr)
         return 1
     load_end = os.getloadavg()
     lines = table(rows)
+    if sft_rows:
+        lines += ["", "SFT (stories' instructions; the distilled student taught online by the SFT teacher):", "",
+                  *sft_table(sft_rows)]
     print("\n" + "\n".join(lines))
     total_s = round(time.perf_counter() - t0, 1)
     machine = {"nproc": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
@@ -222,7 +326,8 @@ def main(argv=None) -> int:
     stem = f"distill-table-{stamp}{'-' + args.tag if args.tag else ''}"
     (out / f"{stem}.json").write_text(json.dumps({
         "date_utc": stamp, "commit": commit_id(), "machine": machine, "bench_wall_s": total_s, "argv": sys.argv[1:],
-        "spec": vars(args), "rows": rows, "commands": commands}, ensure_ascii=False, indent=1), encoding="utf-8")
+        "spec": vars(args), "rows": rows, "sft_rows": sft_rows, "commands": commands}, ensure_ascii=False, indent=1),
+        encoding="utf-8")
     (out / f"{stem}.md").write_text("\n".join([
         f"# Distillation table, {stamp} UTC (commit {commit_id()}) - loaded machine", "",
         f"Command: `python bench/distill_table.py {' '.join(sys.argv[1:])}`. Teacher {args.teacher_preset} "

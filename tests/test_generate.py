@@ -275,3 +275,19 @@ def test_prompts_come_from_stdin_with_a_dash_or_piped_without_prompt(tiny_run, m
     monkeypatch.setattr("sys.stdin", _Stdin(b""))
     assert main(["generate", str(tiny_run), "--prompts-file", "-", *greedy]) == 2
     assert "--prompts-file stdin: no prompts" in capsys.readouterr().err
+
+
+def test_a_prompt_that_fills_the_context_does_not_cut_the_other_rows_short(loaded):
+    """A batch shares the positions of its longest prompt: one prompt near the end of the context used to leave
+    every row of its batch (eval instruct's, generate's) with what was left to it, silently empty answers."""
+    from xiaolm.infer.generate import SamplingConfig, generate_samples, plain_prompt_ids
+
+    model, tok = loaded
+    context = model.config.max_position_embeddings
+    short = plain_prompt_ids(tok, "小猫")
+    long = (short * context)[: context - 3]
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    both = generate_samples(model, tok, ["", ""], greedy, prompt_ids=[long, short], eos_ids=())
+    alone = generate_samples(model, tok, [""], greedy, prompt_ids=[short], eos_ids=())
+    assert both[1].tokens == 12 and both[1].text == alone[0].text
+    assert both[0].tokens == 3  # the long prompt gets what the context leaves it

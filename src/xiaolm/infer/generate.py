@@ -399,6 +399,14 @@ class Generated:
     dropped_bytes: int = 0
 
 
+def _budget_groups(ids: list[list[int]], max_new_tokens: int, context: int) -> list[list[int]]:
+    """Rows that can be generated together without one taking another's budget: a batch shares the positions of
+    its longest prompt, so a prompt that leaves less than ``max_new_tokens`` of the context runs alone (with what is
+    left to it) instead of cutting every other row of the batch short."""
+    fits = [r for r, p in enumerate(ids) if len(p) + max_new_tokens <= context]
+    return ([fits] if fits else []) + [[r] for r, p in enumerate(ids) if len(p) + max_new_tokens > context]
+
+
 def generate_samples(
     model,
     tokenizer,
@@ -430,14 +438,18 @@ def generate_samples(
         if stream is not None and delta:
             stream(row, delta)
 
-    outputs = generate_ids(
-        model, ids, s.max_new_tokens, pad_id=tokenizer.pad_id,
-        eos_ids=_eos_ids(tokenizer) if eos_ids is None else eos_ids,
-        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-        generator=generator, use_cache=use_cache, on_token=on_token,
-        should_stop=(lambda row, _ids: decoders[row].stopped) if s.stop else None,
-        on_eos=lambda row, _tok: at_eos.__setitem__(row, True),
-    )
+    outputs: list[list[int]] = [[] for _ in ids]
+    for rows in _budget_groups(ids, s.max_new_tokens, model.config.max_position_embeddings):
+        group = generate_ids(
+            model, [ids[r] for r in rows], s.max_new_tokens, pad_id=tokenizer.pad_id,
+            eos_ids=_eos_ids(tokenizer) if eos_ids is None else eos_ids,
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+            generator=generator, use_cache=use_cache, on_token=lambda i, tok, rows=rows: on_token(rows[i], tok),
+            should_stop=(lambda i, _ids, rows=rows: decoders[rows[i]].stopped) if s.stop else None,
+            on_eos=lambda i, _tok, rows=rows: at_eos.__setitem__(rows[i], True),
+        )
+        for r, out in zip(rows, group):
+            outputs[r] = out
     results = []
     for row, dec in enumerate(decoders):
         tail = dec.finish()

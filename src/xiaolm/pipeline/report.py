@@ -49,6 +49,7 @@ def key_figures(name: str, r: dict) -> dict:
         "tokenizer": ("vocab_size", "chars_per_token"),
         "tokenize": ("tokens", "chars_per_token"),
         "pretrain": ("params", "steps", "tokens", "val_loss", "val_bpc", "unigram_entropy", "tokens_per_s"),
+        "distill": ("teacher_bpc", "plain_bpc", "student_bpc"),
         "instruct": ("train_samples", "heldout_samples", "stories"),
         "sft": ("steps", "tokens", "val_loss", "best_val_loss", "final_train_loss"),
         "pairs": ("pairs", "labelled", "prompts", "skipped", "dropped_below_margin"),
@@ -182,6 +183,9 @@ def write_report(cfg, rows: list[dict], command_for: Callable[[Any, str], str]) 
             L += ["", "Examples (held-out prompts, greedy):", ""]
             for g in gens[:3]:
                 L.append(f"- **{_one_line(g['prompt'])}** → {_one_line(g['response'])}")
+    from xiaolm.pipeline.distill import report_lines
+
+    L += report_lines(_read(work / "distill" / "distill.json") if cfg.distill.enabled else None)
     mc = full_eval.get("mc") or {}
     if mc:
         L += ["", "## Multiple choice", "", "| model | accuracy | ± | chance | macro | questions | letter mass |",

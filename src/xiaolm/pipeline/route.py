@@ -36,6 +36,7 @@ from xiaolm.data.shards import TokenizeConfig
 from xiaolm.data.vocab import TokenizerTrainConfig
 from xiaolm.eval.tools import EvalToolsConfig
 import xiaolm.pipeline.agent as agent_stage
+from xiaolm.pipeline.distill import DistillStage, run_distill, student_configs
 from xiaolm.pipeline.mix import CorpusSource, InstructMixConfig
 from xiaolm.pipeline.paths import final_run, instruct_dir
 from xiaolm.pipeline.state import StageState, compact, fingerprint, peak_memory
@@ -46,7 +47,7 @@ from xiaolm.train.sft import SFTConfig
 from xiaolm.rundir import lock_run_dir
 from xiaolm.utils import atomic_write_json, fail, log
 
-STAGES = ("prepare", "tokenizer", "tokenize", "pretrain", "instruct", "sft", "pairs", "reward", "align",
+STAGES = ("prepare", "tokenizer", "tokenize", "pretrain", "distill", "instruct", "sft", "pairs", "reward", "align",
           *agent_stage.AGENT_STAGES, "eval", "export", "report")
 
 QUESTIONS = ["中国的首都是哪里？", "请介绍一下长城。", "怎样才能睡得更好？", "什么是光合作用？", "给我讲一个关于小猫的故事。"]
@@ -97,6 +98,7 @@ whose options or inputs changed."""
     tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillStage = field(default_factory=DistillStage)
     instruct: InstructConfig = field(default_factory=InstructConfig)
     instruct_mix: InstructMixConfig = field(default_factory=InstructMixConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -375,6 +377,11 @@ STAGE_TABLE: dict[str, Stage] = {s.name: s for s in [
           positionals=lambda c: list(c.tokenize.inputs)),
     Stage("pretrain", "pretrain", lambda c: c.pretrain, lambda c: ["tokenizer", "tokenize"], lambda c: [],
           lambda c: _sum(c.pretrain.out), lambda c: [Path(c.pretrain.out)], _run_pretrain, training=True),
+    Stage("distill", "pipeline", lambda c: {"distill": c.distill, "students": student_configs(c)},
+          lambda c: ["tokenize"] + (["pretrain"] if c.distill.teacher == "route" else []),
+          lambda c: [] if c.distill.teacher == "route" else [c.distill.teacher],
+          lambda c: [_workdir(c, "distill", "distill.json")], lambda c: [_workdir(c, "distill")], run_distill,
+          applies=lambda c: c.distill.enabled, training=True),
     Stage("instruct", "data instruct", lambda c: c.instruct_mix if c.instruct_mix.sources else c.instruct,
           lambda c: ["prepare"] if not c.instruct_mix.sources and any(Path(s).parent == Path(c.prepare.out)
                                                                        for s in c.instruct.stories) else [],
@@ -426,7 +433,7 @@ def stage_options(cfg: PipelineConfig, name: str):
 def command_for(cfg: PipelineConfig, name: str) -> str:
     """The command that replays one stage alone (its resolved options are in WORKDIR/configs/STAGE.yaml)."""
     conf = Path(cfg.workdir) / "configs" / f"{name}.yaml"
-    if (name in ("eval", "agent_eval", "report") or (name == "prepare" and cfg.mix)
+    if (name in ("distill", "eval", "agent_eval", "report") or (name == "prepare" and cfg.mix)
             or (name == "instruct" and cfg.instruct_mix.sources)):
         return f"xiaolm pipeline --config {Path(cfg.workdir) / 'pipeline.yaml'} --from {name} --stages {name}"
     if name == "export":
