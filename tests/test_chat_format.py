@@ -156,6 +156,21 @@ def test_masks_token_by_token(tok):
         assert tok.token_to_id(marker) in ids
 
 
+def test_empty_think_block_is_context_not_label(tok):
+    """A "thinking off" turn renders the empty block that the enable_thinking=False prompt ends with; it carries no
+    label (a model that learnt to emit it would skip thinking on its own, and enable_thinking=True would not make it
+    think), while a non-empty block, its answer and its <|im_end|> are learnt."""
+    for name, learnt in (("thinking off", "7<|im_end|>"),
+                         ("thinking", "<think>\n3 加 4 等于 7。\n</think>\n\n7<|im_end|>")):
+        messages, _ = TABLE[name]
+        ids, mask = encode_conversation(tok, messages)
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == learnt, name
+    off, _ = TABLE["thinking off"]
+    ids, mask = encode_conversation(tok, off)
+    prompt = prompt_ids(tok, off[:1], enable_thinking=False)
+    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])  # the off prompt is exactly the context
+
+
 def test_plain_conversations_encode_as_before(tok):
     messages = TABLE["system"][0]
     bodies = [tok.encode(m["content"], allow_special=False) for m in messages]

@@ -63,7 +63,8 @@ def _short_flags(p: argparse.ArgumentParser) -> dict[str, str]:
 
 # A verb's short flags, as `--help` lists them. A change here is a change of the command line people type: made on
 # purpose, visible in review. (dpo and grpo gained --seed for train.seed; pipeline gained --inputs for prepare.inputs;
-# pipeline's agent sections took the short forms of the leaves they share with sft and grpo, and added their own.)
+# pipeline's agent sections took the short forms of the leaves they share with sft and grpo; the tool data's own
+# leaves (train, heldout, kinds, thinking, schemas, distractors) stay long there: `--agent-data.train`.)
 SHORT_FLAGS = {
     "quickstart": "",
     "data synth": "",
@@ -81,20 +82,20 @@ SHORT_FLAGS = {
     "tokenizer train": "",
     "pipeline": (
         "--attn-impl --beta --center-coef --chapter-regex --contrast --converter --csv-delimiter --data-weights "
-        "--distractors --doc-mask --dtype --encoding --eval-tokens --exact --false-negative-weight "
+        "--doc-mask --dtype --encoding --eval-tokens --exact --false-negative-weight "
         "--fold-fullwidth-alnum --gguf --gguf-type --glaive --global-batch-tokens --heldout-prompts --hf "
         "--hf-cache-dir --hf-config --hf-split --hidden-size --init-from --inputs --instruct-limit "
         "--intermediate-size --joiner --json-key --judge-endpoint --judge-model --judge-samples --keep-prob "
-        "--kinds --kto-desirable-weight --kto-undesirable-weight --label-smoothing --loss --lr-sweep "
+        "--kto-desirable-weight --kto-undesirable-weight --label-smoothing --loss --lr-sweep "
         "--max-blank-lines --max-chars --max-chunk-chars --max-dup-line-fraction --max-eval-chars --max-heldout "
         "--max-malformed-listed --max-sentence-chars --max-token-length --max-top-ngram-fraction --max-train-mb "
         "--mc-data --mc-limit --mc-shots --mc-split --mc-subjects --min-chars --min-cjk-fraction --min-frequency "
         "--min-sentence-chars --name --near --near-dedup --ngram --num-attention-heads --num-hidden-layers "
         "--num-key-value-heads --num-perm --policy --ppl-tokens --preset --questions --quiet --ref-batch-size "
         "--rope-factor --rope-scaling --rope-theta --round-reference --rounds --sample-temperature "
-        "--samples-per-story --schemas --sft-weight --shard-tokens --simpo-gamma --sources --stories "
-        "--strip-indent --thinking --threshold --tie-word-embeddings --to-simplified --too-long --top-ngram-size "
-        "--train --train-eval-pairs --txt-mode --val-fraction --vocab-size --windows --zero-init-residual"
+        "--samples-per-story --sft-weight --shard-tokens --simpo-gamma --sources --stories "
+        "--strip-indent --threshold --tie-word-embeddings --to-simplified --too-long --top-ngram-size "
+        "--train-eval-pairs --txt-mode --val-fraction --vocab-size --windows --zero-init-residual"
     ),
     "pretrain": (
         "--adam-lr --attn-impl --beta1 --beta2 --compile --decay-fraction --device --distill-alpha "

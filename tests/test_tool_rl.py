@@ -214,3 +214,59 @@ def test_grpo_with_tools_raises_heldout_reward(tmp_path, shards_dir):
     noise = 2 * (p * (1 - p) / 100) ** 0.5  # two standard errors of a rate over 100 questions
     assert after["valid_call_rate"] > p + max(noise, 0.05), (before, after)
     assert after["reward"] > before["reward"], (before["reward"], after["reward"])
+
+
+class _Oracle:
+    """Stands in for generate_ids: continues each prompt with the reference assistant turn of its task (the
+    rendering of the reference conversation after the prompt), as a perfect tool user would."""
+
+    def __init__(self, tok, records, enable_thinking):
+        self.tok, self.enable_thinking = tok, enable_thinking
+        self.by_question = {r["task"]["question"]: r for r in records}
+
+    def __call__(self, model, prompts, max_new, **kw):
+        out = []
+        for ids in prompts:
+            text = self.tok.decode(ids, skip_special_tokens=False)
+            rec = next((r for q, r in self.by_question.items() if q in text), None)
+            assert rec is not None, text
+            msgs = rec["messages"]
+            done = text.count("<|im_start|>assistant") - 1  # assistant turns already in the prompt
+            k = [i for i, m in enumerate(msgs) if m["role"] == "assistant"][done]
+            prompt = render_conversation(msgs[:k], rec["tools"] or None, self.enable_thinking, True)
+            full = render_conversation(msgs[:k + 1], rec["tools"] or None, self.enable_thinking)
+            assert full.startswith(prompt)
+            turn = full[len(prompt):].removesuffix("<|im_end|>\n")
+            ids = self.tok.encode(turn, allow_special=True) + [self.tok.im_end_id]
+            assert len(ids) <= max_new, (len(ids), max_new, turn)  # the turn fits the token budget it was given
+            out.append(ids)
+        return out
+
+
+@pytest.mark.parametrize("thinking,enable", [("off", False), ("on", None), ("on", True)])
+def test_eval_tools_scores_a_perfect_tool_user_at_100_percent(tmp_path, tokenizer_dir, monkeypatch, thinking,
+                                                              enable):
+    """Every kind, with and without reasoning, each schema layout: the reference turns parse into the reference
+    calls, the tools run and the final answers check, so eval tools gives 100% on every rate; and the longest
+    reference turn fits ``reference_turn_tokens`` (what the benchmark gives generation)."""
+    import xiaolm.infer.generate as generate
+    from xiaolm.eval.tools import tool_metrics
+    from xiaolm.model.llama import Llama, LlamaConfig
+    from xiaolm.tasks.agent import KINDS, load_tool_prompts, reference_turn_tokens
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096))
+    for schemas in ("full", "brief", "names"):
+        data = tmp_path / schemas / thinking
+        assert main(["data", "tools", "--out", str(data), "--train", "0", "--heldout", str(len(KINDS)),
+                     "--schemas", schemas, "--thinking", thinking]) == 0
+        records = list(read_jsonl(data / "heldout.jsonl"))
+        prompts, _ = load_tool_prompts([str(data / "heldout.jsonl")], refuse_heldout=False)
+        budget = reference_turn_tokens(tok, records)
+        monkeypatch.setattr(generate, "generate_ids", _Oracle(tok, records, enable))
+        m = tool_metrics(model, tok, prompts, max_new_tokens=budget, max_turns=3, enable_thinking=enable,
+                         contrast=False)
+        for key in ("valid_call_rate", "right_function_rate", "exact_argument_rate", "accuracy"):
+            assert m[key] == 1.0, (schemas, key, m)
+        assert m["ended"]["answered"] == len(records)

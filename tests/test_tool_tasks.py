@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from xiaolm.errors import XiaolmError
 from xiaolm.tasks.agent import KINDS, ToolDataConfig, build_tool_data, check_answer, make_problem, reward, solve
 from xiaolm.tasks.sandbox import run_tool
 from xiaolm.tasks.toolbox import TOOLS, calculator, call_tool, city_info, convert_unit, date_add, weekday
@@ -156,3 +157,19 @@ def test_bad_options_fail_cleanly(tmp_path):
         build_tool_data(ToolDataConfig(out=str(tmp_path / "x"), kinds=["nope"]))
     with pytest.raises(XiaolmError, match="--thinking"):
         build_tool_data(ToolDataConfig(out=str(tmp_path / "x"), thinking="maybe"))
+
+
+def test_schema_layouts_list_the_offered_tools_and_names_is_shortest():
+    """``--schemas full`` renders JSON schemas (an empty system list), ``brief`` one described line per tool,
+    ``names`` only the names and arguments: each names exactly the offered tools, and ``names`` is the shortest."""
+    problem = make_problem("calc", random.Random(0), heldout=False)
+    offered = ["weekday", "calculator"]
+    full, brief, names = (solve(problem, False, offered, mode) for mode in ("full", "brief", "names"))
+    assert [t["function"]["name"] for t in full["tools"]] == offered and brief["tools"] == names["tools"] == []
+    systems = {mode: r["messages"][0]["content"] for mode, r in (("full", full), ("brief", brief), ("names", names))}
+    assert "weekday(date)" in systems["names"] and "calculator(expression)" in systems["names"]
+    assert "convert_unit" not in systems["names"] and "星期几" not in systems["names"]  # no descriptions
+    assert "星期几" in systems["brief"] and "weekday" not in systems["full"]
+    assert len(systems["names"]) < len(systems["brief"]) / 2
+    with pytest.raises(XiaolmError, match="--schemas must be one of full, brief, names"):
+        build_tool_data(ToolDataConfig(out="/nonexistent/x", schemas="json"))

@@ -32,6 +32,8 @@ from xiaolm.utils import atomic_write_json, fail, write_jsonl
 
 KINDS = ("calc", "weekday", "date_add", "unit", "lookup", "date_weekday", "lookup_calc", "compare")
 SYSTEM_PROMPT = "你是一个会使用工具的助手。需要精确计算、日期或资料时，先调用工具，再根据工具的结果回答。"
+SYSTEM_PROMPT_SHORT = "先调用工具，再回答。"  # with --schemas names: small models, small contexts
+SCHEMA_MODES = ("full", "brief", "names")
 FORMAT_BONUS = 0.1  # the reward's format term, beside the checker's 1.0
 
 
@@ -170,21 +172,35 @@ def run_builtin(name: str, arguments: dict) -> str:
         return f"error: ToolError: {exc}"
 
 
-def brief_tools(tool_names: list[str]) -> str:
-    """One line per tool, ``name(arg, ...): description``: the system prompt's tool list with ``--schemas brief``."""
+def brief_tools(tool_names: list[str], describe: bool = True) -> str:
+    """One line per tool, ``name(arg, ...): description``: the system prompt's tool list with ``--schemas brief``;
+    without ``describe`` (``--schemas names``) only ``name(arg, ...)``, on one line."""
     import inspect
 
     lines = []
     for name in tool_names:
         fn = TOOLS[name][0]
-        lines.append(f"- {name}({', '.join(inspect.signature(fn).parameters)}): {fn.__doc__.strip()}")
-    return "可用工具：\n" + "\n".join(lines)
+        head = f"{name}({', '.join(inspect.signature(fn).parameters)})"
+        lines.append(f"- {head}: {fn.__doc__.strip()}" if describe else head)
+    return "可用工具：\n" + "\n".join(lines) if describe else "可用工具：" + "、".join(lines)
+
+
+def system_prompt(tool_names: list[str], schemas_mode: str = "full") -> str:
+    """The system turn's text: the instruction, plus the tool list when the schemas are not rendered (``brief``,
+    ``names``); ``names`` is short enough (about 80 tokens with a 4k vocabulary, against 230 for ``brief``) that a
+    tool conversation fits a 512-token context with room for two calls and the reasoning."""
+    if schemas_mode == "full":
+        return SYSTEM_PROMPT
+    if schemas_mode == "names":
+        return SYSTEM_PROMPT_SHORT + brief_tools(tool_names, describe=False)
+    return SYSTEM_PROMPT + "\n" + brief_tools(tool_names)
 
 
 def solve(problem: Problem, thinking: bool, tool_names: list[str], schemas_mode: str = "full") -> dict:
     """The record for ``problem``: messages with the calls executed by the real tools, the answer, the task.
-    ``schemas_mode`` ``brief`` lists the tools in the system prompt instead of rendering their JSON schemas."""
-    system = SYSTEM_PROMPT if schemas_mode == "full" else SYSTEM_PROMPT + "\n" + brief_tools(tool_names)
+    ``schemas_mode`` ``brief`` / ``names`` list the tools in the system prompt instead of rendering their JSON
+    schemas (``system_prompt``)."""
+    system = system_prompt(tool_names, schemas_mode)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": problem.question}]
     results: list[str] = []
     calls_made = []
@@ -302,6 +318,24 @@ def load_tool_prompts(paths: list[str], heldout: Optional[list[str]] = None, lim
     return prompts, refused
 
 
+def reference_turn_tokens(tokenizer, records: list[dict]) -> int:
+    """The longest reference assistant turn of ``records`` in tokens (its think block, calls or answer and the
+    closing ``<|im_end|>``): the least ``max_new_tokens`` with which a model that says exactly the references is
+    never cut off."""
+    from xiaolm.tokenizer.chat import encode_conversation
+
+    longest = 0
+    for rec in records:
+        _ids, mask = encode_conversation(tokenizer, rec["messages"], tools=rec.get("tools") or None)
+        run = 0
+        for labelled in mask + [False]:
+            if labelled:
+                run += 1
+            else:
+                longest, run = max(longest, run), 0
+    return longest
+
+
 # ---------------------------------------------------------------------------------------------------- the verb
 
 
@@ -311,13 +345,15 @@ class ToolDataConfig:
 two calls; train and held-out splits share no numbers or cities."""
 
     out: str = opt("data/tools", "output directory: train.jsonl, heldout.jsonl, report.json, config.yaml")
-    train: int = opt(4000, "training samples")
-    heldout: int = opt(400, "held-out samples")
-    kinds: list[str] = opt(list(KINDS), f"task kinds, from {', '.join(KINDS)}")
-    thinking: str = opt("mix", "reasoning traces: on (every sample), off (empty think blocks), mix (half each)")
-    distractors: int = opt(1, "tools offered beyond those a problem needs (the model must pick the right one)")
+    train: int = opt(4000, "training samples", short=False)
+    heldout: int = opt(400, "held-out samples", short=False)
+    kinds: list[str] = opt(list(KINDS), f"task kinds, from {', '.join(KINDS)}", short=False)
+    thinking: str = opt("mix", "reasoning traces: on (every sample), off (empty think blocks), mix (half each)", short=False)
+    distractors: int = opt(1, "tools offered beyond those a problem needs (the model must pick the right one)", short=False)
     schemas: str = opt("full", "full: the tools' JSON schemas in the system turn (Qwen3's layout; 500+ tokens with a "
-                               "small vocabulary); brief: one line per tool in the system prompt, for small contexts")
+                               "small vocabulary); brief: one line per tool with its description in the system "
+                               "prompt (about 230 tokens); names: only the tools' names and arguments (about 80), "
+                               "for small models and 512-token contexts", short=False)
     seed: int = opt(0, "seed")
 
 
@@ -328,8 +364,8 @@ def build_tool_data(cfg: ToolDataConfig) -> dict:
         raise fail(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if cfg.thinking not in ("on", "off", "mix"):
         raise fail(f"--thinking must be on, off or mix, not {cfg.thinking!r}")
-    if cfg.schemas not in ("full", "brief"):
-        raise fail(f"--schemas must be full or brief, not {cfg.schemas!r}")
+    if cfg.schemas not in SCHEMA_MODES:
+        raise fail(f"--schemas must be one of {', '.join(SCHEMA_MODES)}, not {cfg.schemas!r}")
     if cfg.train < 0 or cfg.heldout < 0:
         raise fail("--train and --heldout must be >= 0")
     rng = random.Random(cfg.seed)

@@ -16,7 +16,9 @@ Conventions (Qwen3's template, ``Qwen/Qwen3-8B`` tokenizer_config.json):
 One departure from Qwen3: a final assistant turn with no reasoning renders no empty think block (Qwen3 always adds
 one), so conversations without thinking render as plain ChatML, as every model trained before this format did
 (SkyRL's ``qwen3_acc_thinking`` template makes the same change). Training data for "thinking off" carries
-``reasoning_content: ""`` and so learns the empty block the ``enable_thinking=False`` prompt ends with.
+``reasoning_content: ""``: its empty block renders as the ``enable_thinking=False`` prompt ends, and is not learnt
+(no label), so a model trained on a mix thinks whenever the prompt leaves the block open and ``enable_thinking``
+is a real switch.
 """
 from __future__ import annotations
 
@@ -213,9 +215,12 @@ def conversation_segments(messages: Iterable[Mapping[str, object]], tools: Optio
             reasoning, content = split_reasoning(m)
             segs.append(Segment(IM_START + "assistant\n"))
             if k > last_query and reasoning is not None:
-                segs += [Segment(THINK_START + "\n", label=True),
-                         Segment(reasoning.strip("\n"), literal=True, label=True),
-                         Segment("\n" + THINK_END + "\n\n", label=True)]
+                # an empty block is what the enable_thinking=False prompt supplies, so it is context, not a label:
+                # a model that learnt to emit it would skip thinking on its own and the switch would mean nothing
+                thinks = bool(reasoning.strip())
+                segs += [Segment(THINK_START + "\n", label=thinks),
+                         Segment(reasoning.strip("\n"), literal=True, label=thinks),
+                         Segment("\n" + THINK_END + "\n\n", label=thinks)]
                 content = content.lstrip("\n")
             segs.append(Segment(content, literal=True, label=True))
             for j, call in enumerate(m.get("tool_calls") or []):
@@ -304,9 +309,9 @@ def encode_conversation(tokenizer, messages: list[dict], content_ids: Optional[l
                         tools: Optional[list] = None, enable_thinking: Optional[bool] = None,
                         ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendering of ``messages`` and, per token, whether it carries a label: True exactly on what
-    an assistant turn says (its think block, content, tool calls) and its closing ``<|im_end|>``; never on system
-    turns, tool schemas or tool responses. The final newline after the last ``<|im_end|>`` is left off (it would be
-    an input with nothing to predict).
+    an assistant turn says (its think block unless empty, content, tool calls) and its closing ``<|im_end|>``;
+    never on system turns, tool schemas or tool responses. The final newline after the last ``<|im_end|>`` is left
+    off (it would be an input with nothing to predict).
 
     Literal texts are encoded with ``allow_special=False``, so text that spells a marker stays text.
     ``content_ids`` (each message's content already encoded) is accepted for plain conversations."""
