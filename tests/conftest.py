@@ -234,3 +234,16 @@ def two_ranks_like_one():
             assert (pa - pb).abs().max() < 1e-4, name
 
     return check
+
+
+@pytest.fixture(scope="session")
+def tool_run(tmp_path_factory, shards_dir) -> Path:
+    """A tiny model with a 2048-token context, room for tool schemas (two pretraining steps: a real RUNDIR,
+    quickly), for the tool-serving tests."""
+    from xiaolm.cli import main
+
+    out = tmp_path_factory.mktemp("tool_run")
+    assert main(["pretrain", "--data", str(shards_dir), "--out", str(out), "--preset", "tiny", "--seq-len", "2048",
+                 "--micro-batch-size", "1", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "0",
+                 "--sample-tokens", "0", "--no-progress", "--no-tensorboard"]) == 0
+    return out

@@ -69,16 +69,11 @@ class ScriptedModel(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def agent_model(tmp_path_factory, shards_dir):
-    """A tiny model with room for tool schemas (1024 positions; two pretraining steps) and its tokenizer."""
-    from xiaolm.cli import main
+def agent_model(tool_run):
+    """The tiny tool-serving model (conftest's ``tool_run``: 2048 positions, room for schemas) and its tokenizer."""
     from xiaolm.model.io import load_model
 
-    out = tmp_path_factory.mktemp("page_agent_run")
-    assert main(["pretrain", "--data", str(shards_dir), "--out", str(out), "--preset", "tiny", "--seq-len", "1024",
-                 "--micro-batch-size", "1", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "0",
-                 "--sample-tokens", "0", "--no-progress", "--no-tensorboard"]) == 0
-    model, tokenizer, _ = load_model(out, device="cpu")
+    model, tokenizer, _ = load_model(tool_run, device="cpu")
     model.eval()
     return model, tokenizer
 

@@ -39,18 +39,6 @@ QUESTION = [{"role": "user", "content": "北京明天天气怎么样？"}]
 
 
 @pytest.fixture(scope="module")
-def tool_run(tmp_path_factory, shards_dir):
-    """A tiny model with a 2048-token context (two pretraining steps: a real RUNDIR, quickly)."""
-    from xiaolm.cli import main
-
-    out = tmp_path_factory.mktemp("tool_run")
-    assert main(["pretrain", "--data", str(shards_dir), "--out", str(out), "--preset", "tiny", "--seq-len", "2048",
-                 "--micro-batch-size", "1", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "0",
-                 "--sample-tokens", "0", "--no-progress", "--no-tensorboard"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def server(tool_run):
     """``xiaolm serve`` as a process on a free loopback port; yields its base URL."""
     with socket.socket() as s:
