@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from xiaolm.pipeline.figures import pct as _pct, read_json
 from xiaolm.utils import atomic_write_json, log
 
 AGENT_STAGES = ("agent_data", "agent_sft", "agent_grpo", "agent_eval")
@@ -126,21 +127,12 @@ ROWS = (("valid calls", "valid_call_rate"), ("right function", "right_function_r
         ("final answers without tools", "accuracy_without_tools"), ("mean reward", "reward"))
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
 def _points(a, b) -> str:
     return "-" if a is None or b is None else f"{100 * (b - a):+.1f}"
 
 
 def _eval(cfg):
-    import json
-
-    try:
-        return json.loads((eval_dir(cfg) / "eval.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_json(eval_dir(cfg) / "eval.json")
 
 
 def headline_rows(cfg) -> list[str]:

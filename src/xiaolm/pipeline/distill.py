@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from xiaolm.config import opt
+from xiaolm.pipeline.figures import fmt as _f
 from xiaolm.utils import atomic_write_json, log, pick_device
 
 ROUTE = "route"
@@ -98,11 +99,13 @@ def run_distill(cfg, resume: bool) -> dict:
     device = pick_device(cfg.eval.device)
     models = {"teacher": teacher_path(cfg), **{n: c.out for n, c in runs.items()}}
     result: dict = {"teacher": models["teacher"], "student_preset": cfg.distill.student_preset, "models": {}}
+    tokens = where = None  # one read of the val tokens: teacher and students share the route's tokenizer
     for name, run in models.items():
         model, tokenizer, _ = load_model(run, device=device)
         model.eval()
-        with torch.no_grad():
+        if tokens is None:
             tokens, where = token_stream([cfg.tokenize.out], tokenizer, "val", "text", cfg.eval.ppl_tokens)
+        with torch.no_grad():
             r = evaluate_ppl(model, tokenizer, tokens, model.config.max_position_embeddings, cfg.eval.batch_size,
                              cfg.pretrain.model.doc_mask)
         row = {"run": run, "bits_per_char": r["val_bpc"], "loss": r["val_loss"], "tokens": r["val_tokens"],
@@ -122,14 +125,6 @@ def run_distill(cfg, resume: bool) -> dict:
                    "teacher_bpc": m["teacher"]["bits_per_char"]})
     atomic_write_json(stage_dir(cfg) / "distill.json", result)
     return result
-
-
-def _f(v, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
 
 
 def report_lines(result: Optional[dict]) -> list[str]:

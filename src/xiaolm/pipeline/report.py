@@ -12,28 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from xiaolm.pipeline.figures import fmt as _f, pct as _pct, read_json as _read
 from xiaolm.utils import atomic_write_json, atomic_write_text
-
-
-def _read(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _f(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def _pct(v: Optional[float]) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def key_figures(name: str, r: dict) -> dict:
