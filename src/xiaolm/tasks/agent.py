@@ -348,8 +348,10 @@ two calls; train and held-out splits share no numbers or cities."""
     train: int = opt(4000, "training samples", short=False)
     heldout: int = opt(400, "held-out samples", short=False)
     kinds: list[str] = opt(list(KINDS), f"task kinds, from {', '.join(KINDS)}", short=False)
-    thinking: str = opt("mix", "reasoning traces: on (every sample), off (empty think blocks), mix (half each)", short=False)
-    distractors: int = opt(1, "tools offered beyond those a problem needs (the model must pick the right one)", short=False)
+    thinking: str = opt("mix", "reasoning traces: on (every sample), off (empty think blocks), mix (half each)",
+                        short=False)
+    distractors: int = opt(1, "tools offered beyond those a problem needs (the model must pick the right one)",
+                           short=False)
     schemas: str = opt("full", "full: the tools' JSON schemas in the system turn (Qwen3's layout; 500+ tokens with a "
                                "small vocabulary); brief: one line per tool with its description in the system "
                                "prompt (about 230 tokens); names: only the tools' names and arguments (about 80), "
