@@ -220,9 +220,6 @@ async function readError(response) {
   return { message: `HTTP ${response.status}`, code: null, param: null };
 }
 
-// POST the conversation. Old turns are dropped only when the conversation itself no longer fits the context
-// window (the server names "messages"); a Max tokens that does not fit beside it is instead left to the server,
-// which then allows what the window has left. Returns {response, dropped, clamped}.
 // The tools box: OpenAI function schemas (a list, or one schema), sent as `tools`; empty: no tools.
 function toolSchemas() {
   const text = els.tools.value.trim();
@@ -236,6 +233,9 @@ function toolSchemas() {
   return Array.isArray(value) ? value : [value];
 }
 
+// POST the conversation. Old turns are dropped only when the conversation itself no longer fits the context
+// window (the server names "messages"); a Max tokens that does not fit beside it is instead left to the server,
+// which then allows what the window has left. Returns {response, dropped, clamped}.
 async function postChat(turn, signal) {
   const system = els.system.value.trim();
   const tools = toolSchemas();
