@@ -439,10 +439,10 @@ def generate_samples(
             stream(row, delta)
 
     outputs: list[list[int]] = [[] for _ in ids]
+    eos = list(_eos_ids(tokenizer) if eos_ids is None else eos_ids)  # an iterator would be spent by the first group
     for rows in _budget_groups(ids, s.max_new_tokens, model.config.max_position_embeddings):
         group = generate_ids(
-            model, [ids[r] for r in rows], s.max_new_tokens, pad_id=tokenizer.pad_id,
-            eos_ids=_eos_ids(tokenizer) if eos_ids is None else eos_ids,
+            model, [ids[r] for r in rows], s.max_new_tokens, pad_id=tokenizer.pad_id, eos_ids=eos,
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
             generator=generator, use_cache=use_cache, on_token=lambda i, tok, rows=rows: on_token(rows[i], tok),
             should_stop=(lambda i, _ids, rows=rows: decoders[rows[i]].stopped) if s.stop else None,
